@@ -1,0 +1,105 @@
+//! What travels from a local unit to its remote unit, and what comes back.
+
+use crate::types::{Offset, PairId, Seq, Stamp, SystemId, Timestamp};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What a data packet does to the remote unit when applied. Applying is idempotent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// Write `data` at `offset`.
+    Write { offset: Offset, data: Bytes },
+    /// Write `len` zero bytes at `offset` (write-zeroes and trim are replicated as this).
+    Zero { offset: Offset, len: u64 },
+}
+
+impl Payload {
+    /// Bytes of the unit this payload touches.
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Write { data, .. } => data.len() as u64,
+            Payload::Zero { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn offset(&self) -> Offset {
+        match self {
+            Payload::Write { offset, .. } | Payload::Zero { offset, .. } => *offset,
+        }
+    }
+
+    /// Bytes this payload occupies in memory and on the wire (roughly).
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Payload::Write { data, .. } => data.len() + 16,
+            Payload::Zero { .. } => 24,
+        }
+    }
+}
+
+/// A stamped write of one pair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packet {
+    pub pair: PairId,
+    pub stamp: Stamp,
+    pub payload: Payload,
+}
+
+/// A stamp with no data: "as of `stamp.ts`, the last packet of this pair is `stamp.seq`".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub pair: PairId,
+    pub stamp: Stamp,
+}
+
+/// An inclusive range of sequence numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRange {
+    pub first: Seq,
+    pub last: Seq,
+}
+
+impl SeqRange {
+    pub fn contains(&self, seq: Seq) -> bool {
+        self.first <= seq && seq <= self.last
+    }
+}
+
+/// The remote unit's acknowledgement: every packet up to `cum` is held (or applied), and
+/// so are the packets in `sack` (ranges above `cum`, ascending).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub pair: PairId,
+    pub cum: Seq,
+    pub sack: Vec<SeqRange>,
+}
+
+/// A remote unit's run head, reported to the orderer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadReport {
+    pub pair: PairId,
+    pub head: Stamp,
+}
+
+/// Everything that crosses a link between two systems.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Local unit -> remote unit.
+    Data(Vec<Packet>),
+    /// Local unit -> remote unit.
+    Heartbeats(Vec<Heartbeat>),
+    /// Remote unit -> local unit.
+    Acks(Vec<Ack>),
+    /// Remote unit -> orderer.
+    Heads(Vec<HeadReport>),
+    /// Orderer -> remote systems: make `limit` durable and say so.
+    Announce { limit: Timestamp },
+    /// Remote system -> orderer: `limit` is durable here.
+    Durable { system: SystemId, limit: Timestamp },
+    /// Orderer -> remote systems: everything with `ts <= limit` may be applied.
+    Release { limit: Timestamp },
+}

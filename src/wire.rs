@@ -1,0 +1,178 @@
+//! The frame format: one or more [`Message`]s between two systems.
+//!
+//! ```text
+//! +---------+------------------------------+-----------------+
+//! | version | postcard(Frame)              | crc32c, LE u32  |
+//! |  1 byte | variable                     | over all before |
+//! +---------+------------------------------+-----------------+
+//! ```
+//!
+//! Decoding checks the length, the version and the checksum before it parses anything,
+//! and never panics on any input.
+
+use crate::packet::Message;
+use crate::types::SystemId;
+use serde::{Deserialize, Serialize};
+
+/// The only frame version this build speaks.
+pub const VERSION: u8 = 1;
+
+/// Smallest possible frame: version + checksum.
+const MIN_FRAME: usize = 1 + 4;
+
+/// Messages from one system to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub from: SystemId,
+    pub to: SystemId,
+    pub messages: Vec<Message>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {0} bytes is too short")]
+    TooShort(usize),
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("unsupported frame version {0}")]
+    Version(u8),
+    #[error("frame checksum mismatch")]
+    Checksum,
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Serialises `frame` with version byte and checksum.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    // Serialising our own types into a Vec has no failure mode (no I/O, no size limit).
+    let mut out = postcard::to_extend(frame, vec![VERSION])
+        .expect("postcard serialisation into a Vec cannot fail");
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Parses a frame; any input that is not exactly a frame this build wrote is an error.
+pub fn decode(bytes: &[u8], max_len: usize) -> Result<Frame, WireError> {
+    if bytes.len() < MIN_FRAME {
+        return Err(WireError::TooShort(bytes.len()));
+    }
+    if bytes.len() > max_len {
+        return Err(WireError::TooLong {
+            len: bytes.len(),
+            max: max_len,
+        });
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let want = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32c::crc32c(body) != want {
+        return Err(WireError::Checksum);
+    }
+    if body[0] != VERSION {
+        return Err(WireError::Version(body[0]));
+    }
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(&body[1..])
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes after the frame",
+            rest.len()
+        )));
+    }
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::*;
+    use crate::types::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn sample() -> Frame {
+        Frame {
+            from: SystemId(1),
+            to: SystemId(2),
+            messages: vec![
+                Message::Data(vec![Packet {
+                    pair: PairId(3),
+                    stamp: Stamp::new(Timestamp(1_000_000), Seq(7)),
+                    payload: Payload::Write {
+                        offset: Offset(4096),
+                        data: Bytes::from_static(b"hello"),
+                    },
+                }]),
+                Message::Heartbeats(vec![Heartbeat {
+                    pair: PairId(4),
+                    stamp: Stamp::new(Timestamp(1_000_001), Seq(0)),
+                }]),
+                Message::Acks(vec![Ack {
+                    pair: PairId(3),
+                    cum: Seq(5),
+                    sack: vec![SeqRange {
+                        first: Seq(7),
+                        last: Seq(9),
+                    }],
+                }]),
+                Message::Release {
+                    limit: Timestamp(99),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = sample();
+        let bytes = encode(&f);
+        assert_eq!(decode(&bytes, 1 << 20), Ok(f));
+    }
+
+    #[test]
+    fn rejects_short_long_version_checksum() {
+        let bytes = encode(&sample());
+        assert_eq!(decode(&bytes[..3], 1 << 20), Err(WireError::TooShort(3)));
+        assert!(matches!(decode(&bytes, 10), Err(WireError::TooLong { .. })));
+        let mut flipped = bytes.clone();
+        flipped[5] ^= 0x10;
+        assert_eq!(decode(&flipped, 1 << 20), Err(WireError::Checksum));
+        let mut v2 = bytes.clone();
+        v2[0] = 2;
+        let n = v2.len();
+        let crc = crc32c::crc32c(&v2[..n - 4]).to_le_bytes();
+        v2[n - 4..].copy_from_slice(&crc);
+        assert_eq!(decode(&v2, 1 << 20), Err(WireError::Version(2)));
+    }
+
+    #[test]
+    fn rejects_trailing_bytes_with_valid_checksum() {
+        let mut body = encode(&sample());
+        body.truncate(body.len() - 4);
+        body.push(0);
+        let crc = crc32c::crc32c(&body).to_le_bytes();
+        body.extend_from_slice(&crc);
+        assert!(matches!(
+            decode(&body, 1 << 20),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        /// Any byte string either decodes or is an error; never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes, 1 << 20);
+        }
+
+        /// A frame with a valid checksum over garbage is still rejected cleanly.
+        #[test]
+        fn garbage_with_valid_checksum_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut bytes = vec![VERSION];
+            bytes.extend_from_slice(&body);
+            let crc = crc32c::crc32c(&bytes).to_le_bytes();
+            bytes.extend_from_slice(&crc);
+            let _ = decode(&bytes, 1 << 20);
+        }
+    }
+}
