@@ -1,1 +1,31 @@
+//! tidemark's actor layer: `LocalUnit`, `Link`, `RemoteUnit`, `RemoteSite` and
+//! `OrdererActor` wire the runtime-free core (crate `tidemark`) to threads, disks and the
+//! network; [`EngineBuilder`] starts a consistency group.
 
+pub mod demo;
+pub mod disk;
+pub mod engine;
+pub mod error;
+pub mod impair;
+pub mod link;
+pub mod local;
+pub mod msg;
+pub mod orderer;
+pub mod remote;
+pub mod site;
+
+pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
+pub use error::EngineError;
+pub use impair::Impairment;
+pub use remote::{Applied, ApplyHook};
+
+/// Asks any actor to stop.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// The actors' "now": tokio's clock, so that a simulation with paused time is
+/// deterministic.
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}

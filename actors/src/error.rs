@@ -1,0 +1,23 @@
+//! Errors of the actor layer and the library start-up.
+
+use tidemark::{PairId, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid topology: {0}")]
+    Topology(String),
+    #[error("invalid impairment: {0}")]
+    Impairment(String),
+    #[error("unknown pair {0}")]
+    NoSuchPair(PairId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl From<actix::MailboxError> for EngineError {
+    fn from(_: actix::MailboxError) -> Self {
+        EngineError::Stopped
+    }
+}

@@ -1,0 +1,142 @@
+//! The messages actors exchange inside one process.
+
+use crate::error::EngineError;
+use actix::prelude::*;
+use tidemark::{Ack, HeadReport, Heartbeat, Message as WireMessage, Packet, Payload};
+use tidemark::{PairId, Seq, Stamp, SystemId, Timestamp};
+
+// ---- to a LocalUnit ----
+
+/// Client writes for one pair, completed (and stamped) in the order given.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Stamp>, EngineError>")]
+pub struct Write(pub Vec<Payload>);
+
+/// Make everything written so far durable on the local unit.
+#[derive(Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct Flush;
+
+/// Acknowledgements from the remote unit.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AcksIn(pub Vec<Ack>);
+
+/// What a local unit reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalStats {
+    pub last: Stamp,
+    pub acked: Seq,
+    pub unacked: usize,
+    pub packets: u64,
+    pub retransmits: u64,
+    pub heartbeats: u64,
+    pub bytes: u64,
+    pub srtt_us: Option<u64>,
+}
+
+#[derive(Message)]
+#[rtype(result = "LocalStats")]
+pub struct GetLocalStats;
+
+// ---- to a RemoteUnit ----
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PacketsIn(pub Vec<Packet>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HeartbeatsIn(pub Vec<Heartbeat>);
+
+/// The released commit limit.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct LimitIn(pub Timestamp);
+
+/// Resolves once everything up to `seq` is applied.
+#[derive(Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct WaitApplied(pub Seq);
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RemoteStats {
+    pub head: Stamp,
+    pub applied: Stamp,
+    pub limit: Timestamp,
+    pub held: usize,
+    pub duplicates: u64,
+    pub stale: u64,
+    pub applies: u64,
+    pub limit_violations: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "RemoteStats")]
+pub struct GetRemoteStats;
+
+// ---- to an Orderer ----
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HeadsIn(pub Vec<HeadReport>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DurableIn {
+    pub system: SystemId,
+    pub limit: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OrdererStats {
+    pub candidate: Timestamp,
+    pub released: Timestamp,
+    pub releases: u64,
+    pub laggard: Option<PairId>,
+}
+
+#[derive(Message)]
+#[rtype(result = "OrdererStats")]
+pub struct GetOrdererStats;
+
+// ---- to a RemoteSite ----
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AnnounceIn(pub Timestamp);
+
+// ---- to a Link ----
+
+/// Send `msg` to system `to` (or deliver it here, if `to` is this system).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Outbound {
+    pub to: SystemId,
+    pub msg: WireMessage,
+}
+
+/// Messages arriving from another system.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    pub from: SystemId,
+    pub msgs: Vec<WireMessage>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkStats {
+    pub items_sent: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub delayed: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "LinkStats")]
+pub struct GetLinkStats;
+
+/// Self-addressed: flush what was queued.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct FlushQueued;

@@ -1,0 +1,242 @@
+//! `RemoteUnit`: receives one pair's packets in any order, tracks the run head, reports it
+//! to the orderer whenever it moves, acknowledges what it holds, and applies what the
+//! released commit limit allows, in `seq` order, off the actor thread.
+//!
+//! I1 on this unit: after applying under limit `L` the unit holds exactly the pair's
+//! writes with `ts <= L` (the run from the applied point, cut at the first `ts > L`).
+
+use crate::disk::Disk;
+use crate::error::EngineError;
+use crate::link::Link;
+use crate::msg::*;
+use crate::Stop;
+use actix::prelude::*;
+use std::sync::Arc;
+use tidemark::run::RunTracker;
+use tidemark::{BlockStore, HeadReport, Message as WireMessage, Packet, PairId, Seq, Stamp};
+use tidemark::{SystemId, Timestamp};
+use tokio::sync::oneshot;
+
+/// What a remote unit tells an observer after applying under a limit.
+pub struct Applied<'a> {
+    pub pair: PairId,
+    /// The limit the selection was made under.
+    pub limit: Timestamp,
+    /// The last packet applied (the unit holds exactly the writes up to it).
+    pub applied: Stamp,
+    pub store: &'a dyn BlockStore,
+}
+
+/// Called on the remote unit's thread after every application of a limit; tests use it
+/// to check each unit against the write history (I1), the demo to count.
+pub type ApplyHook = Arc<dyn Fn(&Applied<'_>) + Send + Sync>;
+
+pub struct RemoteUnit {
+    pair: PairId,
+    local_system: SystemId,
+    orderer_system: SystemId,
+    tracker: RunTracker,
+    store: Arc<dyn BlockStore>,
+    disk: Disk,
+    link: Addr<Link>,
+    limit: Timestamp,
+    /// The limit the unit last finished applying under.
+    applied_limit: Timestamp,
+    applying: bool,
+    reported: Stamp,
+    waiters: Vec<(Seq, oneshot::Sender<Result<(), EngineError>>)>,
+    hook: Option<ApplyHook>,
+    applies: u64,
+    limit_violations: u64,
+    failed: bool,
+}
+
+impl RemoteUnit {
+    pub fn new(
+        pair: PairId,
+        local_system: SystemId,
+        orderer_system: SystemId,
+        store: Arc<dyn BlockStore>,
+        disk: Disk,
+        link: Addr<Link>,
+        hook: Option<ApplyHook>,
+    ) -> Self {
+        RemoteUnit {
+            pair,
+            local_system,
+            orderer_system,
+            tracker: RunTracker::new(pair, Stamp::ZERO),
+            store,
+            disk,
+            link,
+            limit: Timestamp::ZERO,
+            applied_limit: Timestamp::ZERO,
+            applying: false,
+            reported: Stamp::ZERO,
+            waiters: Vec::new(),
+            hook,
+            applies: 0,
+            limit_violations: 0,
+            failed: false,
+        }
+    }
+
+    /// Acknowledge what is held, and report the head if it moved.
+    fn answer(&mut self) {
+        self.link.do_send(Outbound {
+            to: self.local_system,
+            msg: WireMessage::Acks(vec![self.tracker.ack()]),
+        });
+        let head = self.tracker.head();
+        if head != self.reported {
+            self.reported = head;
+            self.link.do_send(Outbound {
+                to: self.orderer_system,
+                msg: WireMessage::Heads(vec![HeadReport {
+                    pair: self.pair,
+                    head,
+                }]),
+            });
+        }
+    }
+
+    /// Applies what the limit allows, one batch in flight.
+    fn apply(&mut self, ctx: &mut Context<Self>) {
+        if self.applying || self.failed || self.limit <= self.applied_limit {
+            return;
+        }
+        let limit = self.limit;
+        if self.tracker.limit_violated(limit) {
+            // The orderer released a limit beyond this unit's head: I1 would break.
+            self.limit_violations += 1;
+            tracing::error!(pair = %self.pair, %limit, head = %self.tracker.head(),
+                "commit limit beyond this unit's run head; applying only the run");
+        }
+        let batch: Vec<Packet> = self.tracker.select(limit).cloned().collect();
+        if batch.is_empty() {
+            self.finish(limit, None);
+            return;
+        }
+        self.applying = true;
+        let store = self.store.clone();
+        let job = self.disk.run(move || {
+            let mut last = None;
+            for p in &batch {
+                if let Err(e) = store.apply(&p.payload) {
+                    return (last, Some(e));
+                }
+                last = Some(p.stamp.seq);
+            }
+            (last, None)
+        });
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.applying = false;
+            match res {
+                Some((last, None)) => act.finish(limit, last),
+                Some((last, Some(e))) => {
+                    act.failed = true;
+                    tracing::error!(pair = %act.pair, error = %e, "remote apply failed; unit stopped applying");
+                    if let Some(seq) = last {
+                        act.tracker.mark_applied(seq);
+                    }
+                }
+                None => act.failed = true,
+            }
+            act.apply(ctx);
+        }));
+    }
+
+    fn finish(&mut self, limit: Timestamp, last: Option<Seq>) {
+        if let Some(seq) = last {
+            self.tracker.mark_applied(seq);
+        }
+        self.applied_limit = limit;
+        self.applies += 1;
+        if let Some(hook) = &self.hook {
+            hook(&Applied {
+                pair: self.pair,
+                limit,
+                applied: self.tracker.applied(),
+                store: self.store.as_ref(),
+            });
+        }
+        let applied = self.tracker.applied().seq;
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            self.waiters.drain(..).partition(|(seq, _)| *seq <= applied);
+        self.waiters = waiting;
+        for (_, tx) in done {
+            let _ = tx.send(Ok(()));
+        }
+    }
+}
+
+impl Actor for RemoteUnit {
+    type Context = Context<Self>;
+}
+
+impl Handler<PacketsIn> for RemoteUnit {
+    type Result = ();
+    fn handle(&mut self, msg: PacketsIn, ctx: &mut Context<Self>) {
+        for p in msg.0 {
+            self.tracker.handle_packet(p);
+        }
+        self.answer();
+        self.apply(ctx);
+    }
+}
+
+impl Handler<HeartbeatsIn> for RemoteUnit {
+    type Result = ();
+    fn handle(&mut self, msg: HeartbeatsIn, _: &mut Context<Self>) {
+        for hb in msg.0 {
+            self.tracker.handle_heartbeat(hb);
+        }
+        self.answer();
+    }
+}
+
+impl Handler<LimitIn> for RemoteUnit {
+    type Result = ();
+    fn handle(&mut self, msg: LimitIn, ctx: &mut Context<Self>) {
+        if msg.0 > self.limit {
+            self.limit = msg.0;
+            self.apply(ctx);
+        }
+    }
+}
+
+impl Handler<WaitApplied> for RemoteUnit {
+    type Result = ResponseFuture<Result<(), EngineError>>;
+    fn handle(&mut self, msg: WaitApplied, _: &mut Context<Self>) -> Self::Result {
+        if self.tracker.applied().seq >= msg.0 {
+            return Box::pin(async { Ok(()) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push((msg.0, tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<GetRemoteStats> for RemoteUnit {
+    type Result = MessageResult<GetRemoteStats>;
+    fn handle(&mut self, _: GetRemoteStats, _: &mut Context<Self>) -> Self::Result {
+        let s = self.tracker.stats();
+        MessageResult(RemoteStats {
+            head: self.tracker.head(),
+            applied: self.tracker.applied(),
+            limit: self.limit,
+            held: self.tracker.held(),
+            duplicates: s.duplicates,
+            stale: s.stale,
+            applies: self.applies,
+            limit_violations: self.limit_violations,
+        })
+    }
+}
+
+impl Handler<Stop> for RemoteUnit {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
