@@ -52,6 +52,17 @@ impl Rtt {
         }
     }
 
+    /// The path delivers again (an acknowledgement moved forward): stop backing off.
+    pub fn reset_backoff(&mut self) {
+        self.backoff = 0;
+    }
+
+    /// How long a packet may trail one sent after it before it counts as lost.
+    pub fn reorder_window(&self) -> Duration {
+        let srtt = self.srtt.unwrap_or(self.initial);
+        srtt + (srtt / 4).max(Duration::from_millis(1))
+    }
+
     /// A retransmission timer fired: back off.
     pub fn on_timeout(&mut self) {
         self.backoff = (self.backoff + 1).min(16);
@@ -89,6 +100,8 @@ struct InFlight {
     transmissions: u32,
     /// The receiver holds it (selectively acknowledged): no retransmission.
     sacked: bool,
+    /// Deemed lost (a later packet arrived long enough ago): retransmit at once.
+    lost: bool,
 }
 
 /// Counters of the send side.
@@ -115,6 +128,8 @@ pub struct Sender {
     last_tx: Option<Instant>,
     /// No retransmission is due before this (a lower bound; `None`: nothing in flight).
     retransmit_at: Option<Instant>,
+    /// Some packet is marked lost.
+    lost_pending: bool,
     stats: SendStats,
 }
 
@@ -133,6 +148,7 @@ impl Sender {
             heartbeat_every,
             last_tx: None,
             retransmit_at: None,
+            lost_pending: false,
             stats: SendStats::default(),
         }
     }
@@ -183,6 +199,7 @@ impl Sender {
             sent: None,
             transmissions: 0,
             sacked: false,
+            lost: false,
         });
         self.stats.packets += 1;
         stamp
@@ -202,6 +219,7 @@ impl Sender {
             sent: None,
             transmissions: 0,
             sacked: false,
+            lost: false,
         });
     }
 
@@ -209,6 +227,20 @@ impl Sender {
     /// retransmissions whose timeout has passed. Returns how many were retransmissions.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Packet>) -> usize {
         let mut retransmits = 0;
+        if self.lost_pending {
+            // Fast retransmission of what selective acknowledgements showed missing.
+            self.lost_pending = false;
+            for f in self.unacked.iter_mut().take(self.unsent) {
+                if f.lost {
+                    f.lost = false;
+                    f.sent = Some(now);
+                    f.transmissions += 1;
+                    out.push(f.packet.clone());
+                    retransmits += 1;
+                }
+            }
+        }
+        let fast = retransmits;
         if self.retransmit_at.is_some_and(|t| now >= t) {
             let rto = self.rtt.rto();
             for f in self.unacked.iter_mut().take(self.unsent) {
@@ -222,7 +254,7 @@ impl Sender {
                     _ => {}
                 }
             }
-            if retransmits > 0 {
+            if retransmits > fast {
                 self.rtt.on_timeout();
             }
             self.retransmit_at = self.oldest_unsacked().map(|s| s + self.rtt.rto());
@@ -260,14 +292,24 @@ impl Sender {
             return 0; // not ours, or acknowledges what we never sent: ignore
         }
         let mut freed = 0;
-        let mut sample = None;
+        // Round-trip sample: the newest packet this acknowledgement newly covers, if it
+        // was sent once (Karn). Packets held behind a hole and only now acknowledged
+        // cumulatively were covered earlier by a SACK, so they give no (inflated) sample.
+        let mut sample: Option<(Seq, Instant)> = None;
+        let mut consider = |f: &InFlight| {
+            if f.transmissions == 1 && !f.sacked {
+                if let Some(sent) = f.sent {
+                    if sample.is_none_or(|(s, _)| f.packet.stamp.seq > s) {
+                        sample = Some((f.packet.stamp.seq, sent));
+                    }
+                }
+            }
+        };
         while let Some(f) = self.unacked.front() {
             if f.packet.stamp.seq > ack.cum {
                 break;
             }
-            if f.transmissions == 1 {
-                sample = f.sent.map(|s| now.saturating_duration_since(s));
-            }
+            consider(f);
             freed += f.packet.payload.wire_len();
             self.unacked.pop_front();
             self.unsent = self.unsent.saturating_sub(1);
@@ -275,6 +317,7 @@ impl Sender {
         }
         if ack.cum > self.acked {
             self.acked = ack.cum;
+            self.rtt.reset_backoff();
         }
         if !ack.sack.is_empty() {
             let mut ranges = ack.sack.iter().peekable();
@@ -284,14 +327,34 @@ impl Sender {
                     ranges.next();
                 }
                 match ranges.peek() {
-                    Some(r) if r.contains(seq) => f.sacked = true,
+                    Some(r) if r.contains(seq) => {
+                        consider(f);
+                        f.sacked = true;
+                        f.lost = false;
+                    }
                     Some(_) => {}
                     None => break,
                 }
             }
+            // A packet below the highest selectively acknowledged one, sent more than a
+            // reordering window ago, is lost: the receiver holds later ones.
+            let highest = ack.sack.iter().map(|r| r.last).max().unwrap_or(Seq::ZERO);
+            let window = self.rtt.reorder_window();
+            for f in self.unacked.iter_mut().take(self.unsent) {
+                if f.packet.stamp.seq >= highest {
+                    break;
+                }
+                let old = f
+                    .sent
+                    .is_some_and(|s| now.saturating_duration_since(s) >= window);
+                if !f.sacked && !f.lost && old {
+                    f.lost = true;
+                    self.lost_pending = true;
+                }
+            }
         }
-        if let Some(rtt) = sample {
-            self.rtt.sample(rtt);
+        if let Some((_, sent)) = sample {
+            self.rtt.sample(now.saturating_duration_since(sent));
         }
         self.unacked_bytes -= freed;
         freed
@@ -439,6 +502,58 @@ mod tests {
         assert_eq!(hb.stamp, Stamp::new(Timestamp(50), Seq(1)));
         let next = s.push(Timestamp(60), w(2));
         assert!(next.ts > hb.stamp.ts);
+    }
+
+    #[test]
+    fn sack_hole_is_retransmitted_without_waiting_for_the_rto() {
+        let t0 = Instant::now();
+        let mut s = sender();
+        for i in 0..4 {
+            s.push(Timestamp(10 + i), w(i as u8));
+        }
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        // Right away, a hole is just reordering: no retransmission yet.
+        s.handle_ack(t0 + Duration::from_micros(100), &ack(1, &[(3, 4)]));
+        out.clear();
+        assert_eq!(
+            s.poll_transmit(t0 + Duration::from_micros(200), &mut out),
+            0
+        );
+        // Well past the reordering window but before the rto: seq 2 is resent.
+        let later = t0 + s.rtt().reorder_window() + Duration::from_micros(200);
+        s.handle_ack(later, &ack(1, &[(3, 4)]));
+        assert!(
+            later < t0 + s.rtt().rto(),
+            "test assumes the rto has not fired"
+        );
+        out.clear();
+        assert_eq!(s.poll_transmit(later, &mut out), 1);
+        assert_eq!(seqs(&out), vec![2]);
+    }
+
+    #[test]
+    fn packets_held_behind_a_hole_give_no_inflated_rtt_sample() {
+        let t0 = Instant::now();
+        let mut s = sender();
+        for i in 0..3 {
+            s.push(Timestamp(10 + i), w(i as u8));
+        }
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        // 2 and 3 arrive at once (sample 1 ms); 1 is lost and resent much later.
+        s.handle_ack(t0 + Duration::from_millis(1), &ack(0, &[(2, 3)]));
+        assert_eq!(s.rtt().srtt(), Some(Duration::from_millis(1)));
+        out.clear();
+        s.poll_transmit(t0 + Duration::from_millis(500), &mut out);
+        assert_eq!(seqs(&out), vec![1]);
+        s.handle_ack(t0 + Duration::from_millis(501), &ack(3, &[]));
+        assert_eq!(
+            s.rtt().srtt(),
+            Some(Duration::from_millis(1)),
+            "no 500 ms sample"
+        );
+        assert_eq!(s.unacked_len(), 0);
     }
 
     #[test]

@@ -158,7 +158,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Disk threads; 0 runs disk work inline on the actor threads (in-memory units).
+    /// Disk threads per system; 0 runs disk work inline on the actor threads (in-memory units).
     pub fn disk_threads(&mut self, n: usize) -> &mut Self {
         self.disk_threads = n;
         self
@@ -295,7 +295,12 @@ impl EngineBuilder {
         let place = |s: SystemId| -> Option<ArbiterHandle> {
             (!arbiters.is_empty()).then(|| arbiters[s.0 as usize % arbiters.len()].handle())
         };
-        let disk = Disk::new(self.disk_threads);
+        // One pool per system, as separate hosts would have: a remote system's applies
+        // never queue in front of a primary's client writes.
+        let disks: Vec<Disk> = (0..self.systems.len())
+            .map(|_| Disk::new(self.disk_threads))
+            .collect();
+        let disk = |s: SystemId| disks[s.0 as usize].clone();
         let wall: Wall = self.wall.clone().unwrap_or_else(|| {
             Arc::new(|| {
                 std::time::SystemTime::now()
@@ -340,7 +345,7 @@ impl EngineBuilder {
                     p.local,
                     orderer_system,
                     rs.clone(),
-                    disk.clone(),
+                    disk(p.remote),
                     link(p.remote),
                     self.hook.clone(),
                 ),
@@ -352,7 +357,7 @@ impl EngineBuilder {
                     p.remote,
                     clock.clone(),
                     ls.clone(),
-                    disk.clone(),
+                    disk(p.local),
                     link(p.local),
                     local_cfg,
                 ),
@@ -401,7 +406,7 @@ impl EngineBuilder {
             links,
             sites,
             arbiters,
-            disk,
+            disks,
             counters,
         })
     }
@@ -473,7 +478,7 @@ pub struct Engine {
     links: Vec<Addr<Link>>,
     sites: Vec<Addr<RemoteSite>>,
     arbiters: Vec<Arbiter>,
-    disk: Disk,
+    disks: Vec<Disk>,
     counters: Arc<[PairCounters]>,
 }
 
@@ -620,7 +625,9 @@ impl Engine {
             a.stop();
             let _ = a.join();
         }
-        self.disk.shutdown();
+        for d in &self.disks {
+            d.shutdown();
+        }
         result
     }
 }

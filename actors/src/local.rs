@@ -163,7 +163,11 @@ impl LocalUnit {
 
     fn transmit(&mut self) {
         let mut out = Vec::new();
-        self.sender.poll_transmit(now(), &mut out);
+        let re = self.sender.poll_transmit(now(), &mut out);
+        if re > 0 {
+            tracing::debug!(pair = %self.pair, retransmits = re, rto_us = self.sender.rtt().rto().as_micros() as u64,
+                unacked = self.sender.unacked_len(), acked = %self.sender.acked(), "retransmit");
+        }
         if !out.is_empty() {
             self.link.do_send(Outbound {
                 to: self.remote_system,

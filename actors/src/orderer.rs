@@ -105,6 +105,7 @@ impl Handler<FlushQueued> for OrdererActor {
             }
         }
         if let Some(r) = release {
+            tracing::debug!(?r, laggard = ?self.core.laggard(), "release");
             self.broadcast(r);
         }
     }
