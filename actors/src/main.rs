@@ -35,13 +35,13 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     idle: usize,
     /// Probability that the network drops an item, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     loss: f64,
     /// Probability that the network duplicates an item, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     dup: f64,
     /// Probability that the network holds an item back (reordering), in [0, 1].
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     reorder: f64,
     /// One-way network delay in milliseconds.
     #[arg(long = "delay-ms", default_value_t = 0)]
