@@ -10,6 +10,7 @@ pub mod clock;
 pub mod order;
 pub mod packet;
 pub mod run;
+pub mod seal;
 pub mod ship;
 pub mod storage;
 pub mod types;
