@@ -7,6 +7,7 @@
 //! of them they keep.
 
 pub mod clock;
+pub mod link;
 pub mod order;
 pub mod packet;
 pub mod run;

@@ -102,4 +102,19 @@ pub enum Message {
     Durable { system: SystemId, limit: Timestamp },
     /// Orderer -> remote systems: everything with `ts <= limit` may be applied.
     Release { limit: Timestamp },
+    /// A piece of a write packet too large for one datagram; the receiving link
+    /// reassembles the packet from its parts.
+    Part(Part),
+}
+
+/// Bytes `at .. at + data.len()` of the data of the write packet `(pair, stamp)`, which
+/// writes `total` bytes at `offset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub pair: PairId,
+    pub stamp: Stamp,
+    pub offset: Offset,
+    pub total: u32,
+    pub at: u32,
+    pub data: Bytes,
 }

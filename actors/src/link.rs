@@ -190,6 +190,8 @@ impl Link {
                     Some(s) => s.do_send(LimitIn(limit)),
                     None => self.misrouted(from, "release"),
                 },
+                // The in-process link never splits packets.
+                WireMessage::Part(_) => self.misrouted(from, "part"),
                 WireMessage::Durable { system, limit } => match &self.routes.orderer {
                     Some(o) => o.do_send(DurableIn { system, limit }),
                     None => self.misrouted(from, "durable"),
