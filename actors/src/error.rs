@@ -4,6 +4,8 @@ use tidemark::{PairId, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    #[error("config: {0}")]
+    Config(String),
     #[error("invalid topology: {0}")]
     Topology(String),
     #[error("invalid impairment: {0}")]

@@ -2,6 +2,7 @@
 //! `OrdererActor` wire the runtime-free core (crate `tidemark`) to threads, disks and the
 //! network; [`EngineBuilder`] starts a consistency group.
 
+pub mod config;
 pub mod demo;
 pub mod disk;
 pub mod engine;
