@@ -5,19 +5,22 @@
 use crate::disk::Disk;
 use crate::error::EngineError;
 use crate::impair::Impairment;
-use crate::link::{Link, PairCounters, Routes, SetRoutes};
+use crate::link::{Link, PairCounters, SetPeers};
 use crate::local::{LocalConfig, LocalUnit};
 use crate::msg::*;
 use crate::orderer::OrdererActor;
 use crate::remote::{ApplyHook, RemoteUnit};
+use crate::route::{Routes, SetRoutes};
 use crate::site::RemoteSite;
+use crate::udp::{UdpLink, UdpStatus};
 use crate::Stop;
 use actix::prelude::*;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidemark::{BlockStore, FileStore, HybridClock, MemStore, Offset, Orderer, PairId, Payload};
 use tidemark::{Seq, Stamp, SystemId, Timestamp};
@@ -64,6 +67,8 @@ pub struct EngineBuilder {
     hook: Option<ApplyHook>,
     wall: Option<Wall>,
     rtt: (Duration, Duration, Duration),
+    run: Option<BTreeSet<SystemId>>,
+    udp: Option<UdpTransport>,
 }
 
 impl Default for EngineBuilder {
@@ -93,7 +98,22 @@ impl EngineBuilder {
                 Duration::from_millis(2),
                 Duration::from_secs(1),
             ),
+            run: None,
+            udp: None,
         }
+    }
+
+    /// Runs only these systems in this process (the others run elsewhere and are
+    /// reached over UDP). Default: all of them.
+    pub fn run_only(&mut self, systems: &[SystemId]) -> &mut Self {
+        self.run = Some(systems.iter().copied().collect());
+        self
+    }
+
+    /// Connects the systems over UDP instead of the in-process link.
+    pub fn udp(&mut self, transport: UdpTransport) -> &mut Self {
+        self.udp = Some(transport);
+        self
     }
 
     /// Adds a primary system (holds local units).
@@ -283,12 +303,41 @@ impl EngineBuilder {
                 "heartbeat interval must be above 0".into(),
             ));
         }
+        let runs = |s: SystemId| self.run.as_ref().is_none_or(|r| r.contains(&s));
+        if self.udp.is_none() && self.run.is_some() {
+            return Err(EngineError::Topology(
+                "the in-process link needs every system in this process".into(),
+            ));
+        }
+        // Open what runs here first: a unit that cannot be opened starts nothing.
         let mut stores = Vec::new();
         for p in &self.pairs {
-            stores.push((
-                Self::open(&p.local_store, p.size)?,
-                Self::open(&p.remote_store, p.size)?,
-            ));
+            let l = if runs(p.local) {
+                Some(Self::open(&p.local_store, p.size)?)
+            } else {
+                None
+            };
+            let r = if runs(p.remote) {
+                Some(Self::open(&p.remote_store, p.size)?)
+            } else {
+                None
+            };
+            stores.push((l, r));
+        }
+        let mut sockets = BTreeMap::new();
+        if let Some(udp) = &self.udp {
+            for i in 0..self.systems.len() {
+                let s = SystemId(i as u32);
+                if runs(s) {
+                    let addr = udp.listen.get(&s).copied().ok_or_else(|| {
+                        EngineError::Topology(format!(
+                            "system {} has no listen address",
+                            self.systems[i].0
+                        ))
+                    })?;
+                    sockets.insert(s, bind_udp(addr)?);
+                }
+            }
         }
 
         let arbiters: Vec<Arbiter> = (0..self.threads).map(|_| Arbiter::new()).collect();
@@ -297,10 +346,12 @@ impl EngineBuilder {
         };
         // One pool per system, as separate hosts would have: a remote system's applies
         // never queue in front of a primary's client writes.
-        let disks: Vec<Disk> = (0..self.systems.len())
-            .map(|_| Disk::new(self.disk_threads))
+        let disks: BTreeMap<SystemId, Disk> = (0..self.systems.len() as u32)
+            .map(SystemId)
+            .filter(|s| runs(*s))
+            .map(|s| (s, Disk::new(self.disk_threads)))
             .collect();
-        let disk = |s: SystemId| disks[s.0 as usize].clone();
+        let disk = |s: SystemId| disks.get(&s).cloned().unwrap_or_else(|| Disk::new(0));
         let wall: Wall = self.wall.clone().unwrap_or_else(|| {
             Arc::new(|| {
                 std::time::SystemTime::now()
@@ -313,22 +364,52 @@ impl EngineBuilder {
         let counters: Arc<[PairCounters]> =
             self.pairs.iter().map(|_| PairCounters::default()).collect();
 
-        let links: Vec<Addr<Link>> = (0..self.systems.len())
-            .map(|i| {
-                let l = Link::new(SystemId(i as u32), self.impair, self.seed, counters.clone());
-                spawn(place(SystemId(i as u32)), l)
-            })
-            .collect();
-        let link = |s: SystemId| links[s.0 as usize].clone();
-
-        let mut routes: Vec<Routes> = (0..self.systems.len()).map(|_| Routes::default()).collect();
-        for r in routes.iter_mut() {
-            r.peers = links
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (SystemId(i as u32), a.clone()))
-                .collect();
+        let mut links: BTreeMap<SystemId, LinkAddr> = BTreeMap::new();
+        let mut link_status = BTreeMap::new();
+        for i in 0..self.systems.len() {
+            let s = SystemId(i as u32);
+            if !runs(s) {
+                continue;
+            }
+            let addr = match (&self.udp, sockets.remove(&s)) {
+                (Some(udp), Some(socket)) => {
+                    let ids: Vec<SystemId> = (0..self.systems.len() as u32).map(SystemId).collect();
+                    let session = tidemark::seal::Session {
+                        epoch: udp.epoch,
+                        nonce: random_nonce(),
+                    };
+                    let core = tidemark::link::LinkCore::new(s, &ids, &udp.key, session, udp.link);
+                    let status = Arc::new(Mutex::new(UdpStatus::default()));
+                    link_status.insert(s, status.clone());
+                    let names = self
+                        .systems
+                        .iter()
+                        .enumerate()
+                        .map(|(j, (n, _))| (SystemId(j as u32), n.clone()))
+                        .collect();
+                    let tick = (udp.link.peer_timeout / 4)
+                        .clamp(Duration::from_millis(1), Duration::from_millis(250));
+                    LinkAddr::Udp(spawn(
+                        place(s),
+                        UdpLink::new(s, core, socket, udp.advertise.clone(), names, status, tick),
+                    ))
+                }
+                _ => LinkAddr::InProcess(spawn(
+                    place(s),
+                    Link::new(s, self.impair, self.seed, counters.clone()),
+                )),
+            };
+            links.insert(s, addr);
         }
+        let link = |s: SystemId| -> Recipient<Outbound> {
+            match &links[&s] {
+                LinkAddr::InProcess(a) => a.clone().recipient(),
+                LinkAddr::Udp(a) => a.clone().recipient(),
+            }
+        };
+
+        let mut routes: BTreeMap<SystemId, Routes> =
+            links.keys().map(|s| (*s, Routes::default())).collect();
         let local_cfg = LocalConfig {
             heartbeat: self.heartbeat,
             window_bytes: self.window_bytes,
@@ -336,39 +417,45 @@ impl EngineBuilder {
         };
         let mut pairs = Vec::new();
         let mut site_units: BTreeMap<SystemId, Vec<Addr<RemoteUnit>>> = BTreeMap::new();
+        let mut remote_systems = BTreeSet::new();
         for (i, (p, (ls, rs))) in self.pairs.iter().zip(stores).enumerate() {
             let id = PairId(i as u32);
-            let remote = spawn(
-                place(p.remote),
-                RemoteUnit::new(
-                    id,
-                    p.local,
-                    orderer_system,
-                    rs.clone(),
-                    disk(p.remote),
-                    link(p.remote),
-                    self.hook.clone(),
-                ),
-            );
-            let local = spawn(
-                place(p.local),
-                LocalUnit::new(
-                    id,
-                    p.remote,
-                    clock.clone(),
-                    ls.clone(),
-                    disk(p.local),
-                    link(p.local),
-                    local_cfg,
-                ),
-            );
-            routes[p.local.0 as usize]
-                .local_units
-                .insert(id, local.clone());
-            routes[p.remote.0 as usize]
-                .remote_units
-                .insert(id, remote.clone());
-            site_units.entry(p.remote).or_default().push(remote.clone());
+            remote_systems.insert(p.remote);
+            let remote = rs.as_ref().map(|rs| {
+                spawn(
+                    place(p.remote),
+                    RemoteUnit::new(
+                        id,
+                        p.local,
+                        orderer_system,
+                        rs.clone(),
+                        disk(p.remote),
+                        link(p.remote),
+                        self.hook.clone(),
+                    ),
+                )
+            });
+            let local = ls.as_ref().map(|ls| {
+                spawn(
+                    place(p.local),
+                    LocalUnit::new(
+                        id,
+                        p.remote,
+                        clock.clone(),
+                        ls.clone(),
+                        disk(p.local),
+                        link(p.local),
+                        local_cfg,
+                    ),
+                )
+            });
+            if let (Some(l), Some(r)) = (&local, routes.get_mut(&p.local)) {
+                r.local_units.insert(id, l.clone());
+            }
+            if let (Some(u), Some(r)) = (&remote, routes.get_mut(&p.remote)) {
+                r.remote_units.insert(id, u.clone());
+                site_units.entry(p.remote).or_default().push(u.clone());
+            }
             pairs.push(PairHandle {
                 id,
                 name: p.name.clone(),
@@ -379,37 +466,102 @@ impl EngineBuilder {
                 remote_store: rs,
             });
         }
-        let remote_systems: Vec<SystemId> = site_units.keys().copied().collect();
+        let remote_systems: Vec<SystemId> = remote_systems.into_iter().collect();
         let mut sites = Vec::new();
         for (sys, units) in site_units {
             let site = spawn(
                 place(sys),
                 RemoteSite::new(sys, orderer_system, units, link(sys)),
             );
-            routes[sys.0 as usize].site = Some(site.clone());
+            if let Some(r) = routes.get_mut(&sys) {
+                r.site = Some(site.clone());
+            }
             sites.push(site);
         }
-        let ids: Vec<PairId> = pairs.iter().map(|p| p.id).collect();
-        let core = Orderer::new(&ids, &remote_systems, Timestamp::ZERO)
-            .map_err(|e| EngineError::Topology(e.to_string()))?;
-        let orderer = spawn(
-            place(orderer_system),
-            OrdererActor::new(core, remote_systems, link(orderer_system), self.heartbeat),
-        );
-        routes[orderer_system.0 as usize].orderer = Some(orderer.clone());
-        for (l, r) in links.iter().zip(routes) {
-            l.do_send(SetRoutes(r));
+        let orderer = if runs(orderer_system) {
+            let ids: Vec<PairId> = pairs.iter().map(|p| p.id).collect();
+            let core = Orderer::new(&ids, &remote_systems, Timestamp::ZERO)
+                .map_err(|e| EngineError::Topology(e.to_string()))?;
+            let o = spawn(
+                place(orderer_system),
+                OrdererActor::new(core, remote_systems, link(orderer_system), self.heartbeat),
+            );
+            if let Some(r) = routes.get_mut(&orderer_system) {
+                r.orderer = Some(o.clone());
+            }
+            Some(o)
+        } else {
+            None
+        };
+        let peers: BTreeMap<SystemId, Addr<Link>> = links
+            .iter()
+            .filter_map(|(s, l)| match l {
+                LinkAddr::InProcess(a) => Some((*s, a.clone())),
+                LinkAddr::Udp(_) => None,
+            })
+            .collect();
+        for (s, l) in &links {
+            let r = routes.remove(s).unwrap_or_default();
+            match l {
+                LinkAddr::InProcess(a) => {
+                    a.do_send(SetPeers(peers.clone()));
+                    a.do_send(SetRoutes(r));
+                }
+                LinkAddr::Udp(a) => a.do_send(SetRoutes(r)),
+            }
         }
         Ok(Engine {
             pairs,
             orderer,
-            links,
+            links: links.into_values().collect(),
+            link_status,
             sites,
             arbiters,
-            disks,
+            disks: disks.into_values().collect(),
             counters,
         })
     }
+}
+
+/// Binds a UDP socket with generous buffers (bursts of datagrams arrive together).
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, EngineError> {
+    let err =
+        |e: std::io::Error| EngineError::Topology(format!("cannot listen on udp {addr}: {e}"));
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(err)?;
+    // Best effort: the kernel caps these at its own maximum.
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.bind(&addr.into()).map_err(err)?;
+    s.set_nonblocking(true).map_err(err)?;
+    Ok(s.into())
+}
+
+fn random_nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut n[..]);
+    n
+}
+
+/// A system's link actor, of either kind.
+#[derive(Clone)]
+enum LinkAddr {
+    InProcess(Addr<Link>),
+    Udp(Addr<UdpLink>),
+}
+
+/// How the systems of a group reach each other over UDP.
+#[derive(Clone)]
+pub struct UdpTransport {
+    pub key: [u8; 32],
+    /// Where each system of this process listens.
+    pub listen: BTreeMap<SystemId, SocketAddr>,
+    /// Where each system is sent to.
+    pub advertise: BTreeMap<SystemId, SocketAddr>,
+    pub link: tidemark::link::LinkConfig,
+    /// This process's session epoch: must grow across restarts (start-up wall clock).
+    pub epoch: u64,
 }
 
 fn spawn<A>(arbiter: Option<ArbiterHandle>, actor: A) -> Addr<A>
@@ -427,10 +579,30 @@ pub struct PairHandle {
     pub id: PairId,
     pub name: String,
     pub size: u64,
-    local: Addr<LocalUnit>,
-    remote: Addr<RemoteUnit>,
-    local_store: Arc<dyn BlockStore>,
-    remote_store: Arc<dyn BlockStore>,
+    local: Option<Addr<LocalUnit>>,
+    remote: Option<Addr<RemoteUnit>>,
+    local_store: Option<Arc<dyn BlockStore>>,
+    remote_store: Option<Arc<dyn BlockStore>>,
+}
+
+impl PairHandle {
+    /// Whether this process runs the pair's local unit.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Whether this process runs the pair's remote unit.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    fn local(&self) -> Result<&Addr<LocalUnit>, EngineError> {
+        self.local.as_ref().ok_or(EngineError::NotHere(self.id))
+    }
+
+    fn remote(&self) -> Result<&Addr<RemoteUnit>, EngineError> {
+        self.remote.as_ref().ok_or(EngineError::NotHere(self.id))
+    }
 }
 
 /// Per-pair figures.
@@ -474,8 +646,9 @@ impl Stats {
 /// A running consistency group.
 pub struct Engine {
     pairs: Vec<PairHandle>,
-    orderer: Addr<OrdererActor>,
-    links: Vec<Addr<Link>>,
+    orderer: Option<Addr<OrdererActor>>,
+    links: Vec<LinkAddr>,
+    link_status: BTreeMap<SystemId, Arc<Mutex<UdpStatus>>>,
     sites: Vec<Addr<RemoteSite>>,
     arbiters: Vec<Arbiter>,
     disks: Vec<Disk>,
@@ -520,44 +693,66 @@ impl Engine {
         pair: PairId,
         payloads: Vec<Payload>,
     ) -> Result<Vec<Stamp>, EngineError> {
-        self.pair(pair)?.local.send(Write(payloads)).await?
+        self.pair(pair)?.local()?.send(Write(payloads)).await?
     }
 
     /// Makes everything written to `pair` so far durable on its local unit.
     pub async fn flush(&self, pair: PairId) -> Result<(), EngineError> {
-        self.pair(pair)?.local.send(Flush).await?
+        self.pair(pair)?.local()?.send(Flush).await?
     }
 
     /// Waits until the remote units have applied everything written before this call.
+    /// Pairs whose two units are not both in this process are skipped.
     pub async fn drain(&self) -> Result<(), EngineError> {
         let mut targets = Vec::new();
-        for p in &self.pairs {
-            let s = p.local.send(GetLocalStats).await?;
-            targets.push(s.last.seq);
+        for p in self.pairs.iter().filter(|p| p.is_local() && p.is_remote()) {
+            let s = p.local()?.send(GetLocalStats).await?;
+            targets.push((p, s.last.seq));
         }
-        for (p, seq) in self.pairs.iter().zip(targets) {
+        for (p, seq) in targets {
             if seq > Seq::ZERO {
-                p.remote.send(WaitApplied(seq)).await??;
+                p.remote()?.send(WaitApplied(seq)).await??;
             }
         }
         Ok(())
     }
 
+    /// Waits until the remote unit of `pair` (in this process) has applied `seq`.
+    pub async fn wait_applied(&self, pair: PairId, seq: Seq) -> Result<(), EngineError> {
+        self.pair(pair)?.remote()?.send(WaitApplied(seq)).await?
+    }
+
+    /// The UDP links' counters and peer states, by system name.
+    pub fn link_status(&self) -> BTreeMap<SystemId, UdpStatus> {
+        self.link_status
+            .iter()
+            .map(|(s, st)| (*s, st.lock().map(|g| g.clone()).unwrap_or_default()))
+            .collect()
+    }
+
     /// A unit's bytes, for verification: the local (`remote == false`) or remote unit.
     pub fn store(&self, pair: PairId, remote: bool) -> Result<Arc<dyn BlockStore>, EngineError> {
         let p = self.pair(pair)?;
-        Ok(if remote {
-            p.remote_store.clone()
+        let s = if remote {
+            &p.remote_store
         } else {
-            p.local_store.clone()
-        })
+            &p.local_store
+        };
+        s.clone().ok_or(EngineError::NotHere(pair))
     }
 
+    /// Figures of the units, orderer and links that run in this process.
     pub async fn stats(&self) -> Result<Stats, EngineError> {
         let mut out = Stats::default();
         for p in &self.pairs {
-            let l = p.local.send(GetLocalStats).await?;
-            let r = p.remote.send(GetRemoteStats).await?;
+            let l = match &p.local {
+                Some(a) => a.send(GetLocalStats).await?,
+                None => LocalStats::default(),
+            };
+            let r = match &p.remote {
+                Some(a) => a.send(GetRemoteStats).await?,
+                None => RemoteStats::default(),
+            };
             let c = &self.counters[p.id.0 as usize];
             out.pairs.push(PairStats {
                 name: p.name.clone(),
@@ -577,15 +772,20 @@ impl Engine {
                 srtt_us: l.srtt_us,
             });
         }
-        let o = self.orderer.send(GetOrdererStats).await?;
-        out.commit_limit = o.released.0;
-        out.commits = o.releases;
-        out.laggard = o
-            .laggard
-            .and_then(|p| self.pairs.get(p.0 as usize))
-            .map(|p| p.name.clone());
+        if let Some(o) = &self.orderer {
+            let o = o.send(GetOrdererStats).await?;
+            out.commit_limit = o.released.0;
+            out.commits = o.releases;
+            out.laggard = o
+                .laggard
+                .and_then(|p| self.pairs.get(p.0 as usize))
+                .map(|p| p.name.clone());
+        }
         for l in &self.links {
-            let s = l.send(GetLinkStats).await?;
+            let s = match l {
+                LinkAddr::InProcess(a) => a.send(GetLinkStats).await?,
+                LinkAddr::Udp(a) => a.send(GetLinkStats).await?,
+            };
             out.items_sent += s.items_sent;
             out.items_dropped += s.dropped;
             out.items_duplicated += s.duplicated;
@@ -597,29 +797,41 @@ impl Engine {
     pub async fn shutdown(self) -> Result<(), EngineError> {
         let mut result = Ok(());
         for p in &self.pairs {
-            if let Err(e) = p
-                .local
-                .send(Flush)
-                .await
-                .map_err(EngineError::from)
-                .and_then(|r| r)
-            {
-                result = Err(e);
+            if let Some(l) = &p.local {
+                if let Err(e) = l
+                    .send(Flush)
+                    .await
+                    .map_err(EngineError::from)
+                    .and_then(|r| r)
+                {
+                    result = Err(e);
+                }
             }
-            if let Err(e) = p.remote_store.flush() {
-                result = Err(e.into());
+            if let Some(r) = &p.remote_store {
+                if let Err(e) = r.flush() {
+                    result = Err(e.into());
+                }
             }
         }
         for p in &self.pairs {
-            p.local.do_send(Stop);
-            p.remote.do_send(Stop);
+            if let Some(a) = &p.local {
+                a.do_send(Stop);
+            }
+            if let Some(a) = &p.remote {
+                a.do_send(Stop);
+            }
         }
         for s in &self.sites {
             s.do_send(Stop);
         }
-        self.orderer.do_send(Stop);
+        if let Some(o) = &self.orderer {
+            o.do_send(Stop);
+        }
         for l in &self.links {
-            l.do_send(Stop);
+            match l {
+                LinkAddr::InProcess(a) => a.do_send(Stop),
+                LinkAddr::Udp(a) => a.do_send(Stop),
+            }
         }
         for a in self.arbiters {
             a.stop();

@@ -10,6 +10,8 @@ pub enum EngineError {
     Topology(String),
     #[error("invalid impairment: {0}")]
     Impairment(String),
+    #[error("{0} has no unit in this process")]
+    NotHere(PairId),
     #[error("unknown pair {0}")]
     NoSuchPair(PairId),
     #[error(transparent)]

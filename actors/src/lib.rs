@@ -13,7 +13,9 @@ pub mod local;
 pub mod msg;
 pub mod orderer;
 pub mod remote;
+pub mod route;
 pub mod site;
+pub mod udp;
 
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;

@@ -3,19 +3,14 @@
 //!
 //! Outbound messages from the system's actors are queued per destination and flushed
 //! together (one actix message per destination per flush: many units' packets share a
-//! "datagram"). Inbound messages are demultiplexed: data and heartbeats to remote units
-//! by pair, acknowledgements to local units, head reports and durable acknowledgements
-//! to the orderer, announcements and releases to the remote site.
+//! "datagram"). Arriving messages go to this system's actors through [`Routes`].
 //!
 //! Reliability is end to end, not here: local units retransmit until acknowledged, and
 //! heads, announcements and releases are state that is re-sent until superseded.
 
 use crate::impair::Impairment;
-use crate::local::LocalUnit;
 use crate::msg::*;
-use crate::orderer::OrdererActor;
-use crate::remote::RemoteUnit;
-use crate::site::RemoteSite;
+use crate::route::{Routes, SetRoutes};
 use crate::Stop;
 use actix::prelude::*;
 use rand::SeedableRng;
@@ -33,23 +28,15 @@ pub struct PairCounters {
     pub duplicated: AtomicU64,
 }
 
-/// Where a link delivers what arrives, and where it sends to.
-#[derive(Clone, Default)]
-pub struct Routes {
-    pub peers: BTreeMap<SystemId, Addr<Link>>,
-    pub local_units: BTreeMap<PairId, Addr<LocalUnit>>,
-    pub remote_units: BTreeMap<PairId, Addr<RemoteUnit>>,
-    pub orderer: Option<Addr<OrdererActor>>,
-    pub site: Option<Addr<RemoteSite>>,
-}
-
+/// The in-process links of the other systems.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetRoutes(pub Routes);
+pub struct SetPeers(pub BTreeMap<SystemId, Addr<Link>>);
 
 pub struct Link {
     me: SystemId,
     routes: Routes,
+    peers: BTreeMap<SystemId, Addr<Link>>,
     impair: Impairment,
     rng: Pcg64Mcg,
     queued: BTreeMap<SystemId, Vec<WireMessage>>,
@@ -67,6 +54,7 @@ impl Link {
         Link {
             me,
             routes: Routes::default(),
+            peers: BTreeMap::new(),
             impair,
             rng: Pcg64Mcg::seed_from_u64(
                 seed ^ (u64::from(me.0) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -101,7 +89,7 @@ impl Link {
     }
 
     fn send_impaired(&mut self, to: SystemId, msgs: Vec<WireMessage>, ctx: &mut Context<Self>) {
-        let Some(peer) = self.routes.peers.get(&to).cloned() else {
+        let Some(peer) = self.peers.get(&to).cloned() else {
             self.stats.dropped += msgs.len() as u64;
             return;
         };
@@ -122,8 +110,7 @@ impl Link {
         for (pair, item) in items {
             self.stats.items_sent += 1;
             self.impair.fate(&mut self.rng, &mut fates);
-            let counters = self.counters.clone();
-            let counter = pair.and_then(|p| counters.get(p.0 as usize));
+            let counter = pair.and_then(|p| self.counters.get(p.0 as usize));
             match fates.len() {
                 0 => {
                     self.stats.dropped += 1;
@@ -157,77 +144,6 @@ impl Link {
             }
         }
     }
-
-    /// Hands arriving messages to this system's actors.
-    fn route(&mut self, from: SystemId, msgs: Vec<WireMessage>) {
-        let mut data: BTreeMap<PairId, Vec<_>> = BTreeMap::new();
-        let mut hbs: BTreeMap<PairId, Vec<_>> = BTreeMap::new();
-        let mut acks: BTreeMap<PairId, Vec<_>> = BTreeMap::new();
-        let mut heads = Vec::new();
-        for m in msgs {
-            match m {
-                WireMessage::Data(ps) => {
-                    for p in ps {
-                        data.entry(p.pair).or_default().push(p);
-                    }
-                }
-                WireMessage::Heartbeats(hs) => {
-                    for h in hs {
-                        hbs.entry(h.pair).or_default().push(h);
-                    }
-                }
-                WireMessage::Acks(a) => {
-                    for a in a {
-                        acks.entry(a.pair).or_default().push(a);
-                    }
-                }
-                WireMessage::Heads(h) => heads.extend(h),
-                WireMessage::Announce { limit } => match &self.routes.site {
-                    Some(s) => s.do_send(AnnounceIn(limit)),
-                    None => self.misrouted(from, "announce"),
-                },
-                WireMessage::Release { limit } => match &self.routes.site {
-                    Some(s) => s.do_send(LimitIn(limit)),
-                    None => self.misrouted(from, "release"),
-                },
-                // The in-process link never splits packets.
-                WireMessage::Part(_) => self.misrouted(from, "part"),
-                WireMessage::Durable { system, limit } => match &self.routes.orderer {
-                    Some(o) => o.do_send(DurableIn { system, limit }),
-                    None => self.misrouted(from, "durable"),
-                },
-            }
-        }
-        for (pair, ps) in data {
-            match self.routes.remote_units.get(&pair) {
-                Some(u) => u.do_send(PacketsIn(ps)),
-                None => self.misrouted(from, "data"),
-            }
-        }
-        for (pair, hs) in hbs {
-            match self.routes.remote_units.get(&pair) {
-                Some(u) => u.do_send(HeartbeatsIn(hs)),
-                None => self.misrouted(from, "heartbeat"),
-            }
-        }
-        for (pair, a) in acks {
-            match self.routes.local_units.get(&pair) {
-                Some(u) => u.do_send(AcksIn(a)),
-                None => self.misrouted(from, "ack"),
-            }
-        }
-        if !heads.is_empty() {
-            match &self.routes.orderer {
-                Some(o) => o.do_send(HeadsIn(heads)),
-                None => self.misrouted(from, "head report"),
-            }
-        }
-    }
-
-    fn misrouted(&mut self, from: SystemId, what: &str) {
-        self.stats.dropped += 1;
-        tracing::warn!(system = %self.me, %from, what, "no recipient here; dropped");
-    }
 }
 
 impl Actor for Link {
@@ -241,11 +157,18 @@ impl Handler<SetRoutes> for Link {
     }
 }
 
+impl Handler<SetPeers> for Link {
+    type Result = ();
+    fn handle(&mut self, msg: SetPeers, _: &mut Context<Self>) {
+        self.peers = msg.0;
+    }
+}
+
 impl Handler<Outbound> for Link {
     type Result = ();
     fn handle(&mut self, msg: Outbound, ctx: &mut Context<Self>) {
         if msg.to == self.me {
-            self.route(self.me, vec![msg.msg]);
+            self.stats.dropped += self.routes.deliver(self.me, self.me, vec![msg.msg]);
             return;
         }
         self.queued.entry(msg.to).or_default().push(msg.msg);
@@ -269,7 +192,7 @@ impl Handler<FlushQueued> for Link {
 impl Handler<Deliver> for Link {
     type Result = ();
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        self.route(msg.from, msg.msgs);
+        self.stats.dropped += self.routes.deliver(self.me, msg.from, msg.msgs);
     }
 }
 

@@ -10,7 +10,7 @@
 
 use crate::disk::Disk;
 use crate::error::EngineError;
-use crate::link::Link;
+use crate::msg::Outbound;
 use crate::msg::*;
 use crate::{now, Stop};
 use actix::prelude::*;
@@ -40,7 +40,7 @@ pub struct LocalUnit {
     clock: Arc<HybridClock>,
     store: Arc<dyn BlockStore>,
     disk: Disk,
-    link: Addr<Link>,
+    link: Recipient<Outbound>,
     queue: Vec<Op>,
     busy: bool,
     window_bytes: usize,
@@ -64,7 +64,7 @@ impl LocalUnit {
         clock: Arc<HybridClock>,
         store: Arc<dyn BlockStore>,
         disk: Disk,
-        link: Addr<Link>,
+        link: Recipient<Outbound>,
         cfg: LocalConfig,
     ) -> Self {
         let (initial, min, max) = cfg.rtt;

@@ -3,7 +3,7 @@
 //! per flush (head reports that arrive together coalesce), and the pending announcement
 //! and released limit again every heartbeat interval, since the network may lose them.
 
-use crate::link::Link;
+use crate::msg::Outbound;
 use crate::msg::*;
 use crate::Stop;
 use actix::prelude::*;
@@ -13,7 +13,7 @@ use tidemark::{Message as WireMessage, OrderAction, Orderer, SystemId};
 pub struct OrdererActor {
     core: Orderer,
     systems: Vec<SystemId>,
-    link: Addr<Link>,
+    link: Recipient<Outbound>,
     resend_every: Duration,
     flush_scheduled: bool,
 }
@@ -22,7 +22,7 @@ impl OrdererActor {
     pub fn new(
         core: Orderer,
         systems: Vec<SystemId>,
-        link: Addr<Link>,
+        link: Recipient<Outbound>,
         resend_every: Duration,
     ) -> Self {
         OrdererActor {

@@ -7,7 +7,7 @@
 
 use crate::disk::Disk;
 use crate::error::EngineError;
-use crate::link::Link;
+use crate::msg::Outbound;
 use crate::msg::*;
 use crate::Stop;
 use actix::prelude::*;
@@ -38,7 +38,7 @@ pub struct RemoteUnit {
     tracker: RunTracker,
     store: Arc<dyn BlockStore>,
     disk: Disk,
-    link: Addr<Link>,
+    link: Recipient<Outbound>,
     limit: Timestamp,
     /// The limit the unit last finished applying under.
     applied_limit: Timestamp,
@@ -58,7 +58,7 @@ impl RemoteUnit {
         orderer_system: SystemId,
         store: Arc<dyn BlockStore>,
         disk: Disk,
-        link: Addr<Link>,
+        link: Recipient<Outbound>,
         hook: Option<ApplyHook>,
     ) -> Self {
         RemoteUnit {

@@ -5,7 +5,7 @@
 //! I4 on this system: the durable limit is at least every limit its units apply under.
 //! In this in-process engine "durable" is memory; the journal makes it real.
 
-use crate::link::Link;
+use crate::msg::Outbound;
 use crate::msg::*;
 use crate::remote::RemoteUnit;
 use crate::Stop;
@@ -16,7 +16,7 @@ pub struct RemoteSite {
     me: SystemId,
     orderer_system: SystemId,
     units: Vec<Addr<RemoteUnit>>,
-    link: Addr<Link>,
+    link: Recipient<Outbound>,
     durable: Timestamp,
     released: Timestamp,
 }
@@ -26,7 +26,7 @@ impl RemoteSite {
         me: SystemId,
         orderer_system: SystemId,
         units: Vec<Addr<RemoteUnit>>,
-        link: Addr<Link>,
+        link: Recipient<Outbound>,
     ) -> Self {
         RemoteSite {
             me,
