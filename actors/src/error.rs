@@ -4,6 +4,8 @@ use tidemark::{PairId, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    #[error("system {0} is running (its journal_dir is locked)")]
+    Running(String),
     #[error("config: {0}")]
     Config(String),
     #[error("invalid topology: {0}")]
@@ -16,6 +18,8 @@ pub enum EngineError {
     NoSuchPair(PairId),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("timed out: {0}")]
+    Timeout(String),
     #[error("the engine has stopped")]
     Stopped,
 }

@@ -3,6 +3,7 @@
 //! network; [`EngineBuilder`] starts a consistency group.
 
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod disk;
 pub mod engine;
@@ -16,6 +17,8 @@ pub mod remote;
 pub mod route;
 pub mod site;
 pub mod udp;
+pub mod wansim;
+pub mod workload;
 
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;

@@ -1,10 +1,15 @@
 //! The `tidemark` binary.
 
 use clap::{Parser, Subcommand};
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tidemark::StoreError;
+use tidemark_actors::config::Config;
+use tidemark_actors::daemon;
 use tidemark_actors::demo::{self, DemoConfig};
-use tidemark_actors::Impairment;
+use tidemark_actors::wansim::{WanCounters, WanSim};
+use tidemark_actors::{EngineError, Impairment};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +26,70 @@ struct Cli {
 enum Command {
     /// Run a two-site topology in one process, write, drain, and check the remote copies.
     Demo(DemoArgs),
+    /// Write a new random 32-byte group key (hex, mode 0600).
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the primary system(s) of the config until SIGINT/SIGTERM.
+    Primary(SystemArgs),
+    /// Run the secondary system(s) of the config until SIGINT/SIGTERM.
+    Secondary(SystemArgs),
+    /// Run a primary system with a deterministic workload of dependent writes, wait until
+    /// the remote holds them, and exit.
+    Load(LoadArgs),
+    /// A one-direction UDP impairment proxy.
+    WanSim(WanSimArgs),
+}
+
+#[derive(clap::Args)]
+struct SystemArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Run only this system (default: every system of the role).
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    system: String,
+    #[arg(long, default_value_t = 1000)]
+    writes: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Largest write in bytes.
+    #[arg(long = "max-write", default_value_t = 65536)]
+    max_write: u64,
+    /// Give up waiting for the remote after this many seconds.
+    #[arg(long = "timeout-s", default_value_t = 120)]
+    timeout_s: u64,
+}
+
+#[derive(clap::Args)]
+struct WanSimArgs {
+    #[arg(long)]
+    listen: String,
+    #[arg(long)]
+    forward: String,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    loss: f64,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    dup: f64,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    reorder: f64,
+    #[arg(long = "delay-ms", default_value_t = 0)]
+    delay_ms: u64,
+    #[arg(long = "jitter-ms", default_value_t = 0)]
+    jitter_ms: u64,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    corrupt: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -71,7 +140,114 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => run_demo(args),
+        Command::Keygen { out } => exit(keygen(&out)),
+        Command::Primary(a) => exit(run_system(a, true)),
+        Command::Secondary(a) => exit(run_system(a, false)),
+        Command::Load(a) => exit(load(a)),
+        Command::WanSim(a) => exit(wan_sim(a)),
     }
+}
+
+/// Exit codes: 0 success, 2 bad usage or config, 1 runtime failure.
+fn exit(r: Result<(), EngineError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e}");
+            let usage = matches!(
+                e,
+                EngineError::Config(_)
+                    | EngineError::Topology(_)
+                    | EngineError::Impairment(_)
+                    | EngineError::Store(StoreError::SizeMismatch { .. })
+            );
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+fn keygen(out: &Path) -> Result<(), EngineError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut key[..]);
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| EngineError::Config(format!("--out {}: {e}", out.display())))?;
+    f.write_all(format!("{hex}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| EngineError::Config(format!("--out {}: {e}", out.display())))?;
+    Ok(())
+}
+
+fn run_system(a: SystemArgs, primary: bool) -> Result<(), EngineError> {
+    let cfg = Config::load(&a.config)?;
+    let here = cfg.select(a.system.as_deref(), primary)?;
+    if here.is_empty() {
+        return Err(EngineError::Config(format!(
+            "no {} system in {}",
+            if primary { "primary" } else { "secondary" },
+            a.config.display()
+        )));
+    }
+    actix_rt::System::new().block_on(daemon::run_until_signal(&cfg, &here))
+}
+
+fn load(a: LoadArgs) -> Result<(), EngineError> {
+    let cfg = Config::load(&a.config)?;
+    let here = cfg.select(Some(&a.system), true)?;
+    let report = actix_rt::System::new().block_on(daemon::load(
+        &cfg,
+        here[0],
+        a.writes,
+        a.seed,
+        a.max_write,
+        std::time::Duration::from_secs(a.timeout_s),
+    ))?;
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
+}
+
+fn wan_sim(a: WanSimArgs) -> Result<(), EngineError> {
+    let addr = |k: &str, s: &str| -> Result<std::net::SocketAddr, EngineError> {
+        s.parse()
+            .map_err(|e| EngineError::Config(format!("--{k}: {s:?} is not an address ({e})")))
+    };
+    let sim = WanSim {
+        listen: addr("listen", &a.listen)?,
+        forward: addr("forward", &a.forward)?,
+        impair: Impairment {
+            loss: a.loss,
+            dup: a.dup,
+            reorder: a.reorder,
+            delay: demo::ms(a.delay_ms),
+            jitter: demo::ms(a.jitter_ms),
+        },
+        corrupt: a.corrupt,
+        seed: a.seed,
+    };
+    sim.validate()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| EngineError::Config(format!("runtime: {e}")))?;
+    rt.block_on(async move {
+        let (inbound, outbound) = sim
+            .bind()
+            .await
+            .map_err(|e| EngineError::Config(format!("--listen {}: {e}", sim.listen)))?;
+        let counters = std::sync::Arc::new(WanCounters::default());
+        tokio::select! {
+            _ = sim.run(inbound, outbound, counters.clone()) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("wan-sim: {counters:?}");
+        Ok(())
+    })
 }
 
 fn run_demo(a: DemoArgs) -> ExitCode {

@@ -1,0 +1,235 @@
+//! Running systems of a config as a process: `tidemark primary`, `secondary`, `load`.
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineBuilder, PairSpec, Stats, StoreSpec, UdpTransport};
+use crate::error::EngineError;
+use crate::udp::UdpStatus;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+use tidemark::link::LinkConfig;
+use tidemark::SystemId;
+
+/// Held while a system runs: an exclusive lock on `journal_dir/LOCK`. The kernel drops
+/// it when the process dies, even by `kill -9`.
+pub struct SystemLock {
+    _file: File,
+}
+
+/// Takes the lock of a system's journal directory, creating the directory.
+pub fn lock_system(cfg: &Config, system: usize) -> Result<SystemLock, EngineError> {
+    let s = &cfg.systems[system];
+    std::fs::create_dir_all(&s.journal_dir).map_err(|e| {
+        EngineError::Config(format!(
+            "{} journal_dir {}: {e}",
+            s.name,
+            s.journal_dir.display()
+        ))
+    })?;
+    let path = s.journal_dir.join("LOCK");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(SystemLock { _file: file }),
+        Err(_) => Err(EngineError::Running(s.name.clone())),
+    }
+}
+
+/// The engine description for the systems `here` of `cfg`, over UDP.
+pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineError> {
+    let key = cfg.read_key()?;
+    let mut b = EngineBuilder::new();
+    for s in &cfg.systems {
+        if s.primary {
+            b.primary(&s.name);
+        } else {
+            b.secondary(&s.name);
+        }
+    }
+    for p in &cfg.pairs {
+        for path in [&p.local_path, &p.remote_path] {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+        }
+        b.pair(PairSpec {
+            name: p.name.clone(),
+            local: SystemId(p.local as u32),
+            remote: SystemId(p.remote as u32),
+            size: p.size,
+            local_store: StoreSpec::File(p.local_path.clone()),
+            remote_store: StoreSpec::File(p.remote_path.clone()),
+        });
+    }
+    let ids: Vec<SystemId> = here.iter().map(|&i| SystemId(i as u32)).collect();
+    let listen = here
+        .iter()
+        .map(|&i| (SystemId(i as u32), cfg.systems[i].listen))
+        .collect();
+    let advertise = cfg
+        .systems
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (SystemId(i as u32), s.advertise))
+        .collect();
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    b.orderer(SystemId(cfg.orderer as u32))
+        .heartbeat(cfg.heartbeat)
+        .window_bytes(cfg.window as usize)
+        .run_only(&ids)
+        .udp(UdpTransport {
+            key,
+            listen,
+            advertise,
+            link: LinkConfig {
+                mtu: cfg.mtu,
+                rate: cfg.rate,
+                peer_timeout: cfg.peer_timeout,
+                ..LinkConfig::default()
+            },
+            epoch,
+        });
+    Ok(b)
+}
+
+/// What a running process reports in `journal_dir/status.json`.
+#[derive(serde::Serialize)]
+struct Status<'a> {
+    system: &'a str,
+    pid: u32,
+    stats: &'a Stats,
+    link: Option<&'a UdpStatus>,
+}
+
+/// Writes each running system's status file (atomically: write, then rename).
+pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
+    let Ok(stats) = engine.stats().await else {
+        return;
+    };
+    let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
+    for &i in here {
+        let s = &cfg.systems[i];
+        let status = Status {
+            system: &s.name,
+            pid: std::process::id(),
+            stats: &stats,
+            link: links.get(&SystemId(i as u32)),
+        };
+        let Ok(text) = serde_json::to_string_pretty(&status) else {
+            continue;
+        };
+        let tmp = s.journal_dir.join("status.json.tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, s.journal_dir.join("status.json"));
+        }
+    }
+}
+
+/// Runs the systems `here` until SIGINT or SIGTERM, then shuts down cleanly.
+pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), EngineError> {
+    let _locks: Vec<SystemLock> = here
+        .iter()
+        .map(|&i| lock_system(cfg, i))
+        .collect::<Result<_, _>>()?;
+    let engine = builder(cfg, here)?.start()?;
+    let names: Vec<&str> = here.iter().map(|&i| cfg.systems[i].name.as_str()).collect();
+    tracing::info!(systems = ?names, "running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| EngineError::Config(format!("cannot watch SIGTERM: {e}")))?;
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = every.tick() => write_status(cfg, here, &engine).await,
+        }
+    }
+    tracing::info!(systems = ?names, "stopping");
+    write_status(cfg, here, &engine).await;
+    engine.shutdown().await
+}
+
+/// Reads a status file written by a running (or stopped) system.
+pub fn read_status(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("status.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// What `tidemark load` reports.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct LoadReport {
+    pub writes: usize,
+    pub bytes: u64,
+    /// From the first write until the last was acknowledged to the writer.
+    pub write_ms: u64,
+    /// From the first write until the remote acknowledged everything as held.
+    pub replicated_ms: u64,
+    pub mb_per_s: f64,
+    pub retransmits: u64,
+}
+
+/// Runs primary `system` with `writes` dependent writes of the workload `seed`, waits
+/// until the remote holds all of them (or `timeout`), then shuts down.
+pub async fn load(
+    cfg: &Config,
+    system: usize,
+    writes: usize,
+    seed: u64,
+    max_write: u64,
+    timeout: Duration,
+) -> Result<LoadReport, EngineError> {
+    let _lock = lock_system(cfg, system)?;
+    let engine = builder(cfg, &[system])?.start()?;
+    let pairs: Vec<(tidemark::PairId, u64)> = engine
+        .pairs()
+        .iter()
+        .filter(|p| p.is_local())
+        .map(|p| (p.id, p.size))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut bytes = 0;
+    for w in crate::workload::Workload::new(seed, &pairs, max_write).take(writes) {
+        bytes += w.data.len() as u64;
+        engine.write(w.pair, w.offset, w.data).await?;
+    }
+    let write_ms = started.elapsed().as_millis() as u64;
+    let deadline = started + timeout;
+    let stats = loop {
+        let s = engine.stats().await?;
+        let done = s
+            .pairs
+            .iter()
+            .zip(engine.pairs())
+            .filter(|(_, p)| p.is_local())
+            .all(|(s, _)| s.acked_seq >= s.written_seq);
+        if done {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            engine.shutdown().await?;
+            return Err(EngineError::Timeout(
+                "the remote did not acknowledge every write".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let replicated = started.elapsed();
+    write_status(cfg, &[system], &engine).await;
+    engine.shutdown().await?;
+    Ok(LoadReport {
+        writes,
+        bytes,
+        write_ms,
+        replicated_ms: replicated.as_millis() as u64,
+        mb_per_s: bytes as f64 / 1e6 / replicated.as_secs_f64().max(1e-9),
+        retransmits: stats.retransmits(),
+    })
+}
