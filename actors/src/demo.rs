@@ -64,6 +64,9 @@ pub struct DemoReport {
     pub elapsed_ms: u64,
     /// Of `elapsed_ms`, the time the drain took after the last write completed.
     pub drain_ms: u64,
+    /// Commit lag, a write's stamp to its application at the remote (recent samples).
+    pub lag_p50_us: u64,
+    pub lag_p99_us: u64,
     pub dir: String,
 }
 
@@ -210,6 +213,8 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         problems,
         elapsed_ms: elapsed.as_millis() as u64,
         drain_ms: (elapsed - writes_done).as_millis() as u64,
+        lag_p50_us: stats.lag_p50_us,
+        lag_p99_us: stats.lag_p99_us,
         dir: cfg
             .dir
             .as_ref()

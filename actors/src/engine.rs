@@ -5,6 +5,7 @@
 use crate::disk::Disk;
 use crate::error::EngineError;
 use crate::impair::Impairment;
+use crate::lag::percentile;
 use crate::link::{Link, PairCounters, SetPeers};
 use crate::local::{LocalConfig, LocalUnit};
 use crate::msg::*;
@@ -51,7 +52,8 @@ pub struct PairSpec {
     pub remote_store: StoreSpec,
 }
 
-type Wall = Arc<dyn Fn() -> u64 + Send + Sync>;
+/// A wall clock in nanoseconds.
+pub type Wall = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Describes a consistency group and how to run it.
 pub struct EngineBuilder {
@@ -360,7 +362,8 @@ impl EngineBuilder {
                     .unwrap_or(0)
             })
         });
-        let clock: Arc<HybridClock> = Arc::new(HybridClock::new(move || wall()));
+        let wall2 = wall.clone();
+        let clock: Arc<HybridClock> = Arc::new(HybridClock::new(move || wall2()));
         let counters: Arc<[PairCounters]> =
             self.pairs.iter().map(|_| PairCounters::default()).collect();
 
@@ -432,6 +435,7 @@ impl EngineBuilder {
                         disk(p.remote),
                         link(p.remote),
                         self.hook.clone(),
+                        wall.clone(),
                     ),
                 )
             });
@@ -623,6 +627,8 @@ pub struct PairStats {
     pub duplicates_received: u64,
     pub limit_violations: u64,
     pub srtt_us: Option<u64>,
+    pub lag_p50_us: u64,
+    pub lag_p99_us: u64,
 }
 
 /// The engine's figures.
@@ -635,6 +641,10 @@ pub struct Stats {
     pub items_sent: u64,
     pub items_dropped: u64,
     pub items_duplicated: u64,
+    /// Commit lag over every remote unit here (recent samples): stamp to applied.
+    pub lag_p50_us: u64,
+    pub lag_p99_us: u64,
+    pub lag_samples: usize,
 }
 
 impl Stats {
@@ -744,6 +754,7 @@ impl Engine {
     /// Figures of the units, orderer and links that run in this process.
     pub async fn stats(&self) -> Result<Stats, EngineError> {
         let mut out = Stats::default();
+        let mut all_lags = Vec::new();
         for p in &self.pairs {
             let l = match &p.local {
                 Some(a) => a.send(GetLocalStats).await?,
@@ -770,8 +781,14 @@ impl Engine {
                 duplicates_received: r.duplicates,
                 limit_violations: r.limit_violations,
                 srtt_us: l.srtt_us,
+                lag_p50_us: percentile(&mut r.lag_ns.clone(), 50.0) / 1000,
+                lag_p99_us: percentile(&mut r.lag_ns.clone(), 99.0) / 1000,
             });
+            all_lags.extend_from_slice(&r.lag_ns);
         }
+        out.lag_samples = all_lags.len();
+        out.lag_p50_us = percentile(&mut all_lags, 50.0) / 1000;
+        out.lag_p99_us = percentile(&mut all_lags, 99.0) / 1000;
         if let Some(o) = &self.orderer {
             let o = o.send(GetOrdererStats).await?;
             out.commit_limit = o.released.0;

@@ -301,6 +301,10 @@ fn run_demo(a: DemoArgs) -> ExitCode {
         );
         println!("  drain after the last write: {} ms", report.drain_ms);
         println!(
+            "  commit lag (write stamped -> applied at the remote): p50 {} us, p99 {} us",
+            report.lag_p50_us, report.lag_p99_us
+        );
+        println!(
             "  network: {} dropped, {} duplicated; {} retransmissions",
             report.dropped, report.duplicated, report.retransmits
         );

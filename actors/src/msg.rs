@@ -59,7 +59,7 @@ pub struct LimitIn(pub Timestamp);
 #[rtype(result = "Result<(), EngineError>")]
 pub struct WaitApplied(pub Seq);
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RemoteStats {
     pub head: Stamp,
     pub applied: Stamp,
@@ -69,6 +69,8 @@ pub struct RemoteStats {
     pub stale: u64,
     pub applies: u64,
     pub limit_violations: u64,
+    /// Recent commit lags (stamp to applied), nanoseconds.
+    pub lag_ns: Vec<u64>,
 }
 
 #[derive(Message)]

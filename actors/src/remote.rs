@@ -7,6 +7,7 @@
 
 use crate::disk::Disk;
 use crate::error::EngineError;
+use crate::lag::LagSamples;
 use crate::msg::Outbound;
 use crate::msg::*;
 use crate::Stop;
@@ -46,6 +47,9 @@ pub struct RemoteUnit {
     reported: Stamp,
     waiters: Vec<(Seq, oneshot::Sender<Result<(), EngineError>>)>,
     hook: Option<ApplyHook>,
+    wall: crate::engine::Wall,
+    lag: LagSamples,
+    applying_ts: Vec<Timestamp>,
     applies: u64,
     limit_violations: u64,
     failed: bool,
@@ -60,6 +64,7 @@ impl RemoteUnit {
         disk: Disk,
         link: Recipient<Outbound>,
         hook: Option<ApplyHook>,
+        wall: crate::engine::Wall,
     ) -> Self {
         RemoteUnit {
             pair,
@@ -75,6 +80,9 @@ impl RemoteUnit {
             reported: Stamp::ZERO,
             waiters: Vec::new(),
             hook,
+            wall,
+            lag: LagSamples::default(),
+            applying_ts: Vec::new(),
             applies: 0,
             limit_violations: 0,
             failed: false,
@@ -113,6 +121,7 @@ impl RemoteUnit {
                 "commit limit beyond this unit's run head; applying only the run");
         }
         let batch: Vec<Packet> = self.tracker.select(limit).cloned().collect();
+        self.applying_ts = batch.iter().map(|p| p.stamp.ts).collect();
         if batch.is_empty() {
             self.finish(limit, None);
             return;
@@ -147,6 +156,10 @@ impl RemoteUnit {
     }
 
     fn finish(&mut self, limit: Timestamp, last: Option<Seq>) {
+        let now = (self.wall)();
+        for ts in std::mem::take(&mut self.applying_ts) {
+            self.lag.record(now.saturating_sub(ts.0));
+        }
         if let Some(seq) = last {
             self.tracker.mark_applied(seq);
         }
@@ -230,6 +243,7 @@ impl Handler<GetRemoteStats> for RemoteUnit {
             stale: s.stale,
             applies: self.applies,
             limit_violations: self.limit_violations,
+            lag_ns: self.lag.samples().to_vec(),
         })
     }
 }

@@ -1,0 +1,78 @@
+//! Commit lag: from a write's stamp (taken when the primary completed it, just before its
+//! client was told) to its application at the remote under a released limit. Both ends
+//! read the same kind of wall clock; on one host (or with synchronised clocks) the
+//! difference is the lag.
+
+/// The most recent samples of one unit, in nanoseconds.
+#[derive(Clone, Debug)]
+pub struct LagSamples {
+    ring: Vec<u64>,
+    next: usize,
+    count: u64,
+}
+
+/// Samples kept per unit.
+pub const KEEP: usize = 8192;
+
+impl Default for LagSamples {
+    fn default() -> Self {
+        LagSamples {
+            ring: Vec::new(),
+            next: 0,
+            count: 0,
+        }
+    }
+}
+
+impl LagSamples {
+    pub fn record(&mut self, ns: u64) {
+        self.count += 1;
+        if self.ring.len() < KEEP {
+            self.ring.push(ns);
+        } else {
+            self.ring[self.next] = ns;
+            self.next = (self.next + 1) % KEEP;
+        }
+    }
+
+    pub fn samples(&self) -> &[u64] {
+        &self.ring
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `samples`, or 0 if there are none.
+pub fn percentile(samples: &mut [u64], p: f64) -> u64 {
+    if samples.is_empty() {
+        return 0;
+    }
+    samples.sort_unstable();
+    let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
+    samples[rank.min(samples.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_ring() {
+        let mut l = LagSamples::default();
+        for i in 1..=100 {
+            l.record(i);
+        }
+        let mut s = l.samples().to_vec();
+        assert_eq!(percentile(&mut s, 50.0), 51);
+        assert_eq!(percentile(&mut s, 99.0), 99);
+        assert_eq!(percentile(&mut [], 50.0), 0);
+        for i in 0..KEEP as u64 * 2 {
+            l.record(1000 + i);
+        }
+        assert_eq!(l.samples().len(), KEEP);
+        assert!(l.samples().iter().all(|&x| x >= 1000 + KEEP as u64));
+        assert_eq!(l.count(), 100 + 2 * KEEP as u64);
+    }
+}
