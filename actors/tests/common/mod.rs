@@ -1,0 +1,200 @@
+//! Helpers for tests that run `tidemark` processes on loopback.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tidemark::PairId;
+use tidemark_actors::workload::Workload;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tidemark")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("tidemark runs")
+}
+
+/// A UDP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A two-site set-up in a temporary directory.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub a_port: u16,
+    pub b_port: u16,
+    /// Where each side sends to (a wan-sim may sit there).
+    pub a_advertise: u16,
+    pub b_advertise: u16,
+    pub sizes: Vec<u64>,
+}
+
+impl Site {
+    /// Two pairs ("log" 4 MiB, "data" 8 MiB) from site-a to site-b; `proxied` puts the
+    /// advertise addresses on other ports for wan-sims.
+    pub fn new(proxied: bool) -> Site {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("cluster.key");
+        let out = run(&["keygen", "--out", key.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "keygen: {out:?}");
+        let (a_port, b_port) = (free_port(), free_port());
+        let (a_adv, b_adv) = if proxied {
+            (free_port(), free_port())
+        } else {
+            (a_port, b_port)
+        };
+        let text = format!(
+            r#"key_file = "cluster.key"
+orderer = "site-b"
+heartbeat_ms = 10
+peer_timeout_ms = 1000
+
+[[system]]
+name = "site-a"
+role = "primary"
+listen = "127.0.0.1:{a_port}"
+advertise = "127.0.0.1:{a_adv}"
+journal_dir = "run/site-a/journal"
+journal_size = "64MiB"
+
+[[system]]
+name = "site-b"
+role = "secondary"
+listen = "127.0.0.1:{b_port}"
+advertise = "127.0.0.1:{b_adv}"
+journal_dir = "run/site-b/journal"
+journal_size = "64MiB"
+
+[[pair]]
+name = "log"
+size = "4MiB"
+local  = {{ system = "site-a", path = "run/site-a/log.img" }}
+remote = {{ system = "site-b", path = "run/site-b/log.img" }}
+
+[[pair]]
+name = "data"
+size = "8MiB"
+local  = {{ system = "site-a", path = "run/site-a/data.img" }}
+remote = {{ system = "site-b", path = "run/site-b/data.img" }}
+"#
+        );
+        let config = dir.path().join("tidemark.toml");
+        std::fs::write(&config, text).expect("config");
+        Site {
+            dir,
+            config,
+            a_port,
+            b_port,
+            a_advertise: a_adv,
+            b_advertise: b_adv,
+            sizes: vec![4 << 20, 8 << 20],
+        }
+    }
+
+    pub fn cfg(&self) -> &str {
+        self.config.to_str().expect("utf-8")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new(bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tidemark")
+    }
+
+    pub fn secondary(&self) -> Child {
+        self.spawn(&["secondary", "--config", self.cfg()])
+    }
+
+    pub fn primary(&self) -> Child {
+        self.spawn(&["primary", "--config", self.cfg()])
+    }
+
+    /// Writes per pair of the first `n` writes of workload `seed`.
+    pub fn counts(&self, seed: u64, n: usize, max_write: u64) -> BTreeMap<PairId, u64> {
+        let pairs: Vec<(PairId, u64)> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PairId(i as u32), *s))
+            .collect();
+        let mut c = BTreeMap::new();
+        for w in Workload::new(seed, &pairs, max_write).take(n) {
+            *c.entry(w.pair).or_insert(0) += 1;
+        }
+        c
+    }
+
+    /// The status a system wrote last.
+    pub fn status(&self, system: &str) -> Option<serde_json::Value> {
+        tidemark_actors::daemon::read_status(&self.path(&format!("run/{system}/journal")))
+    }
+
+    /// Waits (polling the status file, bounded) until `system`'s remote units have applied
+    /// at least `want[pair]`; returns the last status seen.
+    pub fn wait_applied(
+        &self,
+        system: &str,
+        want: &BTreeMap<PairId, u64>,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.status(system) {
+                let ok = want.iter().all(|(p, n)| {
+                    s["stats"]["pairs"][p.0 as usize]["applied_seq"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        >= *n
+                });
+                if ok {
+                    return s;
+                }
+                if Instant::now() > deadline {
+                    panic!("{system} did not apply {want:?} in {limit:?}; status: {s}");
+                }
+            } else if Instant::now() > deadline {
+                panic!("{system} wrote no status in {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Stops a child with SIGTERM and waits for it; returns its output.
+pub fn stop(child: Child) -> Output {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait_with_output().expect("wait")
+}
+
+/// Kills a child with SIGKILL and waits for it.
+pub fn kill9(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

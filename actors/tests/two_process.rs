@@ -1,0 +1,161 @@
+//! Two real processes over UDP on loopback: replication, a lossy WAN through wan-sim,
+//! forged datagrams, bad configs.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn two_processes_replicate_byte_for_byte() {
+    let site = Site::new(false);
+    let sec = site.secondary();
+    let out = run(&[
+        "load",
+        "--config",
+        site.cfg(),
+        "--system",
+        "site-a",
+        "--writes",
+        "800",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("load prints JSON");
+    assert_eq!(report["writes"], 800);
+    let want = site.counts(3, 800, 65536);
+    site.wait_applied("site-b", &want, Duration::from_secs(60));
+    let out = stop(sec);
+    assert!(out.status.success(), "secondary exit: {out:?}");
+    for name in ["log", "data"] {
+        assert!(
+            same_file(
+                &site.path(&format!("run/site-a/{name}.img")),
+                &site.path(&format!("run/site-b/{name}.img"))
+            ),
+            "{name} differs"
+        );
+    }
+}
+
+#[test]
+fn through_a_lossy_wan_sim() {
+    let site = Site::new(true);
+    let sim = |listen: u16, forward: u16, seed: &str| {
+        site.spawn(&[
+            "wan-sim",
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+            "--forward",
+            &format!("127.0.0.1:{forward}"),
+            "--loss",
+            "0.05",
+            "--dup",
+            "0.05",
+            "--reorder",
+            "0.2",
+            "--delay-ms",
+            "1",
+            "--jitter-ms",
+            "1",
+            "--corrupt",
+            "0.01",
+            "--seed",
+            seed,
+        ])
+    };
+    let to_b = sim(site.b_advertise, site.b_port, "1");
+    let to_a = sim(site.a_advertise, site.a_port, "2");
+    let sec = site.secondary();
+    let out = run(&[
+        "load",
+        "--config",
+        site.cfg(),
+        "--system",
+        "site-a",
+        "--writes",
+        "500",
+        "--seed",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = site.counts(4, 500, 65536);
+    let status = site.wait_applied("site-b", &want, Duration::from_secs(60));
+    let link = &status["link"]["counters"];
+    assert!(
+        link["dropped_unauthenticated"].as_u64() > Some(0),
+        "corruption was seen and dropped: {link}"
+    );
+    stop(sec);
+    kill9(to_b);
+    kill9(to_a);
+    for name in ["log", "data"] {
+        assert!(
+            same_file(
+                &site.path(&format!("run/site-a/{name}.img")),
+                &site.path(&format!("run/site-b/{name}.img"))
+            ),
+            "{name} differs"
+        );
+    }
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_problem() {
+    let site = Site::new(false);
+    let text = std::fs::read_to_string(&site.config).expect("config");
+    let cases: &[(&str, &str, &str)] = &[
+        ("key_file = \"cluster.key\"\n", "", "key_file"),
+        ("orderer = \"site-b\"", "orderer = \"site-x\"", "site-x"),
+        ("name = \"data\"", "name = \"log\"", "used twice"),
+        (
+            "path = \"run/site-b/data.img\"",
+            "path = \"run/site-b/log.img\"",
+            "also used by pair",
+        ),
+        (
+            "remote = { system = \"site-b\", path = \"run/site-b/data.img\" }",
+            "remote = { system = \"site-c\", path = \"run/site-b/data.img\" }",
+            "site-c",
+        ),
+    ];
+    for (i, (from, to, needle)) in cases.iter().enumerate() {
+        assert!(text.contains(from), "case {i} does not apply");
+        let bad = site.path(&format!("bad{i}.toml"));
+        std::fs::write(&bad, text.replacen(from, to, 1)).expect("write");
+        let out = run(&["secondary", "--config", bad.to_str().expect("utf-8")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(err.contains(needle), "case {i}: {err:?} lacks {needle:?}");
+    }
+    // A unit file of the wrong size is refused and left alone.
+    std::fs::create_dir_all(site.path("run/site-b")).expect("mkdir");
+    std::fs::write(site.path("run/site-b/log.img"), vec![1u8; 4096]).expect("write");
+    let out = run(&["secondary", "--config", site.cfg()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("size is 4096"));
+    assert_eq!(
+        std::fs::read(site.path("run/site-b/log.img"))
+            .expect("read")
+            .len(),
+        4096
+    );
+    // An unknown --system, and a missing config file.
+    let out = run(&["secondary", "--config", site.cfg(), "--system", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["primary", "--config", "/nonexistent/tidemark.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+}
