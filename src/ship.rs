@@ -119,6 +119,10 @@ pub struct Sender {
     pair: PairId,
     last: Stamp,
     acked: Seq,
+    /// The stamp of the last packet acknowledged cumulatively.
+    acked_stamp: Stamp,
+    /// Packets above this seq are stamped but not yet written locally: held off the wire.
+    writable: Seq,
     unacked: VecDeque<InFlight>,
     /// Index into `unacked` of the first packet never sent.
     unsent: usize,
@@ -141,6 +145,8 @@ impl Sender {
             pair,
             last,
             acked: last.seq,
+            acked_stamp: last,
+            writable: last.seq,
             unacked: VecDeque::new(),
             unsent: 0,
             unacked_bytes: 0,
@@ -155,6 +161,12 @@ impl Sender {
 
     pub fn pair(&self) -> PairId {
         self.pair
+    }
+
+    /// The stamp of the last packet acknowledged cumulatively (what a primary's journal
+    /// may release).
+    pub fn acked_stamp(&self) -> Stamp {
+        self.acked_stamp
     }
 
     /// The last stamp handed out (data) or promised (heartbeat).
@@ -184,8 +196,18 @@ impl Sender {
     }
 
     /// Stamps a payload with the next sequence number and the time stamp `ts`, which must
-    /// come from the hybrid clock after every earlier stamp of this pair.
+    /// come from the hybrid clock after every earlier stamp of this pair; it may go on the
+    /// wire at once.
     pub fn push(&mut self, ts: Timestamp, payload: Payload) -> Stamp {
+        let stamp = self.push_held(ts, payload);
+        self.writable = stamp.seq;
+        stamp
+    }
+
+    /// As [`Sender::push`], but the packet stays off the wire until
+    /// [`Sender::mark_written`] covers it (the remote never gets a write the primary has
+    /// not finished writing).
+    pub fn push_held(&mut self, ts: Timestamp, payload: Payload) -> Stamp {
         debug_assert!(ts > self.last.ts, "time stamps must increase within a pair");
         let stamp = Stamp::new(ts.max(Timestamp(self.last.ts.0 + 1)), self.last.seq.next());
         self.last = stamp;
@@ -205,14 +227,25 @@ impl Sender {
         stamp
     }
 
-    /// Re-queues a packet recovered from the journal after a restart (already stamped).
+    /// Lets held packets up to `seq` go on the wire.
+    pub fn mark_written(&mut self, seq: Seq) {
+        self.writable = self.writable.max(seq.min(self.last.seq));
+    }
+
+    /// Re-queues a packet recovered from the journal after a restart (already stamped and
+    /// written); packets must come in `seq` order, above the released point.
     pub fn push_recovered(&mut self, packet: Packet) {
-        if packet.stamp.seq <= self.acked {
-            return;
+        let newest = self
+            .unacked
+            .back()
+            .map_or(self.acked, |f| f.packet.stamp.seq);
+        if packet.stamp.seq <= newest {
+            return; // released already, or a duplicate
         }
         if packet.stamp > self.last {
             self.last = packet.stamp;
         }
+        self.writable = self.writable.max(packet.stamp.seq);
         self.unacked_bytes += packet.payload.wire_len();
         self.unacked.push_back(InFlight {
             packet,
@@ -259,13 +292,17 @@ impl Sender {
             }
             self.retransmit_at = self.oldest_unsacked().map(|s| s + self.rtt.rto());
         }
-        let fresh = self.unacked.len() - self.unsent;
+        let mut fresh = 0;
         for f in self.unacked.iter_mut().skip(self.unsent) {
+            if f.packet.stamp.seq > self.writable {
+                break;
+            }
             f.sent = Some(now);
             f.transmissions += 1;
             out.push(f.packet.clone());
+            fresh += 1;
         }
-        self.unsent = self.unacked.len();
+        self.unsent += fresh;
         if fresh > 0 && self.retransmit_at.is_none() {
             self.retransmit_at = Some(now + self.rtt.rto());
         }
@@ -311,6 +348,7 @@ impl Sender {
             }
             consider(f);
             freed += f.packet.payload.wire_len();
+            self.acked_stamp = f.packet.stamp;
             self.unacked.pop_front();
             self.unsent = self.unsent.saturating_sub(1);
             self.stats.acked += 1;
@@ -554,6 +592,50 @@ mod tests {
             "no 500 ms sample"
         );
         assert_eq!(s.unacked_len(), 0);
+    }
+
+    #[test]
+    fn held_packets_wait_until_written() {
+        let t0 = Instant::now();
+        let mut s = sender();
+        s.push_held(Timestamp(10), w(1));
+        s.push_held(Timestamp(11), w(2));
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        assert!(out.is_empty());
+        s.mark_written(Seq(1));
+        s.poll_transmit(t0, &mut out);
+        assert_eq!(seqs(&out), vec![1]);
+        s.mark_written(Seq(9));
+        out.clear();
+        s.poll_transmit(t0, &mut out);
+        assert_eq!(seqs(&out), vec![2]);
+        s.handle_ack(t0, &ack(2, &[]));
+        assert_eq!(s.acked_stamp(), Stamp::new(Timestamp(11), Seq(2)));
+    }
+
+    #[test]
+    fn resume_after_restart_resends_live_packets() {
+        let released = Stamp::new(Timestamp(50), Seq(5));
+        let mut s = Sender::new(
+            PairId(1),
+            released,
+            Duration::from_millis(10),
+            Rtt::default(),
+        );
+        for seq in [4, 6, 7] {
+            s.push_recovered(Packet {
+                pair: PairId(1),
+                stamp: Stamp::new(Timestamp(10 * seq), Seq(seq)),
+                payload: w(seq as u8),
+            });
+        }
+        let mut out = vec![];
+        s.poll_transmit(Instant::now(), &mut out);
+        assert_eq!(seqs(&out), vec![6, 7], "released packets are not resent");
+        assert_eq!(s.last(), Stamp::new(Timestamp(70), Seq(7)));
+        let next = s.push(Timestamp(80), w(8));
+        assert_eq!(next.seq, Seq(8));
     }
 
     #[test]
