@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod link;
+pub mod nbd;
 pub mod order;
 pub mod packet;
 pub mod run;
