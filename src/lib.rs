@@ -7,8 +7,9 @@
 //! of them they keep.
 
 pub mod clock;
-pub mod link;
+pub mod journal;
 pub mod nbd;
+pub mod link;
 pub mod order;
 pub mod packet;
 pub mod run;

@@ -5,12 +5,13 @@
 use crate::disk::Disk;
 use crate::error::EngineError;
 use crate::impair::Impairment;
+use crate::journaling::SharedJournal;
 use crate::lag::percentile;
 use crate::link::{Link, PairCounters, SetPeers};
-use crate::local::{LocalConfig, LocalUnit};
+use crate::local::{LocalConfig, LocalResume, LocalUnit};
 use crate::msg::*;
 use crate::orderer::OrdererActor;
-use crate::remote::{ApplyHook, RemoteUnit};
+use crate::remote::{ApplyHook, RemoteResume, RemoteUnit, RemoteWiring};
 use crate::route::{Routes, SetRoutes};
 use crate::site::RemoteSite;
 use crate::udp::{UdpLink, UdpStatus};
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tidemark::journal::Recovered;
 use tidemark::{BlockStore, FileStore, HybridClock, MemStore, Offset, Orderer, PairId, Payload};
 use tidemark::{Seq, Stamp, SystemId, Timestamp};
 
@@ -71,6 +73,7 @@ pub struct EngineBuilder {
     rtt: (Duration, Duration, Duration),
     run: Option<BTreeSet<SystemId>>,
     udp: Option<UdpTransport>,
+    journals: BTreeMap<SystemId, (PathBuf, u64)>,
 }
 
 impl Default for EngineBuilder {
@@ -102,7 +105,15 @@ impl EngineBuilder {
             ),
             run: None,
             udp: None,
+            journals: BTreeMap::new(),
         }
+    }
+
+    /// Gives `system` a durable journal of `capacity` bytes in `dir`; it is recovered at
+    /// start.
+    pub fn journal(&mut self, system: SystemId, dir: PathBuf, capacity: u64) -> &mut Self {
+        self.journals.insert(system, (dir, capacity));
+        self
     }
 
     /// Runs only these systems in this process (the others run elsewhere and are
@@ -326,6 +337,25 @@ impl EngineBuilder {
             };
             stores.push((l, r));
         }
+        // Journals of the systems here; a primary redoes what its journal holds but its
+        // local units may have missed (a crash between journal and disk write).
+        let mut journals: BTreeMap<SystemId, (SharedJournal, Recovered)> = BTreeMap::new();
+        for (s, (dir, capacity)) in &self.journals {
+            if runs(*s) {
+                journals.insert(*s, SharedJournal::open(dir, *capacity)?);
+            }
+        }
+        for (i, (p, (ls, _))) in self.pairs.iter().zip(&stores).enumerate() {
+            let live = journals
+                .get(&p.local)
+                .and_then(|(_, r)| r.pairs.get(&PairId(i as u32)));
+            if let (Some(store), Some(rp)) = (ls, live) {
+                for pkt in &rp.live {
+                    store.apply(&pkt.payload)?;
+                }
+                store.flush()?;
+            }
+        }
         let mut sockets = BTreeMap::new();
         if let Some(udp) = &self.udp {
             for i in 0..self.systems.len() {
@@ -364,6 +394,10 @@ impl EngineBuilder {
         });
         let wall2 = wall.clone();
         let clock: Arc<HybridClock> = Arc::new(HybridClock::new(move || wall2()));
+        for (_, r) in journals.values() {
+            // Stamps after a restart stay above every stamp handed out before it.
+            clock.observe(r.max_ts);
+        }
         let counters: Arc<[PairCounters]> =
             self.pairs.iter().map(|_| PairCounters::default()).collect();
 
@@ -424,22 +458,33 @@ impl EngineBuilder {
         for (i, (p, (ls, rs))) in self.pairs.iter().zip(stores).enumerate() {
             let id = PairId(i as u32);
             remote_systems.insert(p.remote);
+            let recovered = |s: SystemId| journals.get(&s).and_then(|(_, r)| r.pairs.get(&id));
+            let journal = |s: SystemId| journals.get(&s).map(|(j, _)| j.clone());
             let remote = rs.as_ref().map(|rs| {
-                spawn(
-                    place(p.remote),
-                    RemoteUnit::new(
-                        id,
-                        p.local,
-                        orderer_system,
-                        rs.clone(),
-                        disk(p.remote),
-                        link(p.remote),
-                        self.hook.clone(),
-                        wall.clone(),
-                    ),
-                )
+                let resume = RemoteResume {
+                    applied: recovered(p.remote).map_or(Stamp::ZERO, |r| r.applied),
+                    live: recovered(p.remote).map_or(Vec::new(), |r| r.live.clone()),
+                    limit: journals
+                        .get(&p.remote)
+                        .map_or(Timestamp::ZERO, |(_, r)| r.limit),
+                };
+                let wiring = RemoteWiring {
+                    local_system: p.local,
+                    orderer_system,
+                    store: rs.clone(),
+                    journal: journal(p.remote),
+                    disk: disk(p.remote),
+                    link: link(p.remote),
+                    hook: self.hook.clone(),
+                    wall: wall.clone(),
+                };
+                spawn(place(p.remote), RemoteUnit::new(id, wiring, resume))
             });
             let local = ls.as_ref().map(|ls| {
+                let resume = LocalResume {
+                    released: recovered(p.local).map_or(Stamp::ZERO, |r| r.released),
+                    live: recovered(p.local).map_or(Vec::new(), |r| r.live.clone()),
+                };
                 spawn(
                     place(p.local),
                     LocalUnit::new(
@@ -447,6 +492,8 @@ impl EngineBuilder {
                         p.remote,
                         clock.clone(),
                         ls.clone(),
+                        journal(p.local),
+                        resume,
                         disk(p.local),
                         link(p.local),
                         local_cfg,
@@ -473,9 +520,22 @@ impl EngineBuilder {
         let remote_systems: Vec<SystemId> = remote_systems.into_iter().collect();
         let mut sites = Vec::new();
         for (sys, units) in site_units {
+            let (journal, prepared, released) = match journals.get(&sys) {
+                Some((j, r)) => (Some(j.clone()), r.prepared.max(r.limit), r.limit),
+                None => (None, Timestamp::ZERO, Timestamp::ZERO),
+            };
             let site = spawn(
                 place(sys),
-                RemoteSite::new(sys, orderer_system, units, link(sys)),
+                RemoteSite::new(
+                    sys,
+                    orderer_system,
+                    units,
+                    link(sys),
+                    journal,
+                    disk(sys),
+                    prepared,
+                    released,
+                ),
             );
             if let Some(r) = routes.get_mut(&sys) {
                 r.site = Some(site.clone());
@@ -484,7 +544,10 @@ impl EngineBuilder {
         }
         let orderer = if runs(orderer_system) {
             let ids: Vec<PairId> = pairs.iter().map(|p| p.id).collect();
-            let core = Orderer::new(&ids, &remote_systems, Timestamp::ZERO)
+            let released = journals
+                .get(&orderer_system)
+                .map_or(Timestamp::ZERO, |(_, r)| r.limit);
+            let core = Orderer::new(&ids, &remote_systems, released)
                 .map_err(|e| EngineError::Topology(e.to_string()))?;
             let o = spawn(
                 place(orderer_system),

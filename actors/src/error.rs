@@ -18,6 +18,10 @@ pub enum EngineError {
     NoSuchPair(PairId),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("unit failed: {0}")]
+    Unit(String),
+    #[error("journal: {0}")]
+    Journal(String),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("the engine has stopped")]

@@ -9,6 +9,7 @@ pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod impair;
+pub mod journaling;
 pub mod lag;
 pub mod link;
 pub mod local;

@@ -1,25 +1,30 @@
-//! `LocalUnit`: owns one local disk. Takes client writes, writes them locally (off the
-//! actor thread, one batch in flight so the disk sees them in order), stamps them in the
-//! order they completed, hands the packets to the link, retransmits what the remote has
-//! not acknowledged, and sends heartbeats when idle.
+//! `LocalUnit`: owns one local disk. Takes client writes, stamps them, journals them and
+//! writes them locally (off the actor thread, one batch in flight so the disk and the
+//! journal see them in stamp order), tells the clients, hands the packets to the link,
+//! retransmits what the remote has not acknowledged, and sends heartbeats when idle.
 //!
-//! I2: a write is stamped when its local write completed and before its client is told,
-//! from the process-wide hybrid clock, so a write issued after another completed gets a
-//! later stamp. The local disk applies writes in stamp order (one batch in flight), so
-//! the remote, applying in stamp order, ends up with the same bytes.
+//! I2: a write is stamped from the process-wide hybrid clock after its client issued it
+//! and before its client is told it completed, so a write issued after another completed
+//! gets a later stamp.
+//! I3: a write is told complete only after its packet is in the journal (written to the
+//! operating system; synced too on flush/FUA), so a restarted primary ships it; the
+//! packet leaves for the remote only after the local write finished; the journal forgets
+//! it only once the remote acknowledged it as durable.
 
 use crate::disk::Disk;
 use crate::error::EngineError;
+use crate::journaling::{Durability, SharedJournal};
 use crate::msg::Outbound;
 use crate::msg::*;
 use crate::{now, Stop};
 use actix::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark::journal::{JournalError, Record};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
-use tidemark::{BlockStore, HybridClock, Message as WireMessage, PairId, Payload, Stamp};
-use tidemark::{Rtt, SystemId};
+use tidemark::{BlockStore, HybridClock, Message as WireMessage, Packet, PairId, Payload};
+use tidemark::{Rtt, Seq, Stamp, SystemId};
 use tokio::sync::oneshot;
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -29,9 +34,22 @@ enum Op {
     Flush(Reply<()>),
 }
 
-/// What the disk thread did with one op: how many payloads were written, and the error
-/// that stopped it, if any.
-type OpResult = (usize, Option<tidemark::StoreError>);
+/// A batch of ops, stamped, on its way through the journal and the local disk. Kept
+/// whole so that a full journal can be retried with the same stamps.
+struct Batch {
+    ops: Vec<Op>,
+    stamps: Vec<Vec<Stamp>>,
+    records: Arc<Vec<Record>>,
+    last: Seq,
+}
+
+/// How the disk job ended.
+enum Outcome {
+    Done,
+    /// The journal has no room: nothing was appended; retry later.
+    Full,
+    Failed(String),
+}
 
 pub struct LocalUnit {
     pair: PairId,
@@ -39,10 +57,13 @@ pub struct LocalUnit {
     sender: Sender,
     clock: Arc<HybridClock>,
     store: Arc<dyn BlockStore>,
+    journal: Option<SharedJournal>,
     disk: Disk,
     link: Recipient<Outbound>,
     queue: Vec<Op>,
     busy: bool,
+    failed: Option<String>,
+    released: Stamp,
     window_bytes: usize,
     tick: Duration,
     bytes: u64,
@@ -57,108 +78,193 @@ pub struct LocalConfig {
     pub rtt: (Duration, Duration, Duration),
 }
 
+/// Where a restarted local unit stands, from its system's journal.
+#[derive(Clone, Debug, Default)]
+pub struct LocalResume {
+    /// The remote holds everything up to here.
+    pub released: Stamp,
+    /// Journaled, not yet released: resent.
+    pub live: Vec<Packet>,
+}
+
 impl LocalUnit {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pair: PairId,
         remote_system: SystemId,
         clock: Arc<HybridClock>,
         store: Arc<dyn BlockStore>,
+        journal: Option<SharedJournal>,
+        resume: LocalResume,
         disk: Disk,
         link: Recipient<Outbound>,
         cfg: LocalConfig,
     ) -> Self {
         let (initial, min, max) = cfg.rtt;
+        let mut sender = Sender::new(
+            pair,
+            resume.released,
+            cfg.heartbeat,
+            Rtt::new(initial, min, max),
+        );
+        for p in resume.live {
+            sender.push_recovered(p);
+        }
         LocalUnit {
             pair,
             remote_system,
-            sender: Sender::new(
-                pair,
-                Stamp::ZERO,
-                cfg.heartbeat,
-                Rtt::new(initial, min, max),
-            ),
+            sender,
             clock,
             store,
+            journal,
             disk,
             link,
             queue: Vec::new(),
             busy: false,
+            failed: None,
+            released: resume.released,
             window_bytes: cfg.window_bytes,
             tick: (cfg.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_millis(5)),
             bytes: 0,
         }
     }
 
-    /// Starts the next disk batch if the disk is idle and the window has room.
+    /// Starts the next batch if none is in flight and the window has room: stamps it,
+    /// then journals and writes it on a disk thread.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.busy || self.queue.is_empty() || self.sender.unacked_bytes() > self.window_bytes {
             return;
         }
-        self.busy = true;
-        let ops = std::mem::take(&mut self.queue);
-        let work: Vec<Option<Vec<Payload>>> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Write(ps, _) => Some(ps.clone()),
-                Op::Flush(_) => None,
-            })
-            .collect();
-        let store = self.store.clone();
-        let job = self.disk.run(move || {
-            work.iter()
-                .map(|w| match w {
-                    Some(ps) => {
-                        for (i, p) in ps.iter().enumerate() {
-                            if let Err(e) = store.apply(p) {
-                                return (i, Some(e));
-                            }
-                        }
-                        (ps.len(), None)
-                    }
-                    None => (0, store.flush().err()),
-                })
-                .collect::<Vec<OpResult>>()
-        });
-        ctx.spawn(
-            job.into_actor(self)
-                .map(move |res, act, ctx| act.completed(ops, res, ctx)),
-        );
-    }
-
-    /// The disk finished a batch: stamp what was written, tell the clients, ship.
-    fn completed(&mut self, ops: Vec<Op>, res: Option<Vec<OpResult>>, ctx: &mut Context<Self>) {
-        self.busy = false;
-        let results = res.unwrap_or_default();
-        for (i, op) in ops.into_iter().enumerate() {
-            let (done, err) = match results.get(i) {
-                Some((n, e)) => (*n, e.as_ref().map(|e| e.to_string())),
-                None => (0, Some("disk pool stopped".to_string())),
-            };
-            match op {
-                Op::Write(payloads, reply) => {
-                    let mut stamps = Vec::with_capacity(done);
-                    for p in payloads.into_iter().take(done) {
-                        self.bytes += p.len();
-                        stamps.push(self.sender.push(self.clock.now(), p));
-                    }
-                    let _ = reply.send(match err {
-                        None => Ok(stamps),
-                        Some(e) => {
-                            tracing::error!(pair = %self.pair, error = %e, "local write failed");
-                            Err(EngineError::Topology(format!("local write failed: {e}")))
-                        }
-                    });
-                }
-                Op::Flush(reply) => {
-                    let _ = reply.send(match err {
-                        None => Ok(()),
-                        Some(e) => Err(EngineError::Topology(format!("flush failed: {e}"))),
-                    });
+        if let Some(e) = &self.failed {
+            let e = e.clone();
+            for op in self.queue.drain(..) {
+                let err = EngineError::Unit(format!("{}: {e}", self.pair));
+                match op {
+                    Op::Write(_, r) => drop(r.send(Err(err))),
+                    Op::Flush(r) => drop(r.send(Err(err))),
                 }
             }
+            return;
         }
-        self.transmit();
-        self.pump(ctx);
+        let ops = std::mem::take(&mut self.queue);
+        let mut records = Vec::new();
+        let mut stamps = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let mut v = Vec::new();
+            if let Op::Write(payloads, _) = op {
+                for p in payloads {
+                    let stamp = self.sender.push_held(self.clock.now(), p.clone());
+                    v.push(stamp);
+                    records.push(Record::Packet(Packet {
+                        pair: self.pair,
+                        stamp,
+                        payload: p.clone(),
+                    }));
+                }
+            }
+            stamps.push(v);
+        }
+        let batch = Batch {
+            ops,
+            stamps,
+            records: Arc::new(records),
+            last: self.sender.last().seq,
+        };
+        self.busy = true;
+        self.submit(batch, ctx);
+    }
+
+    fn submit(&mut self, batch: Batch, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let journal = self.journal.clone();
+        let mut records = (*batch.records).clone();
+        let acked = self.sender.acked_stamp();
+        if acked.seq > self.released.seq {
+            records.push(Record::Released {
+                pair: self.pair,
+                stamp: acked,
+            });
+        }
+        let flush = batch.ops.iter().any(|o| matches!(o, Op::Flush(_)));
+        let job = self.disk.run(move || {
+            if let Some(j) = &journal {
+                let durability = if flush {
+                    Durability::Synced
+                } else {
+                    Durability::Written
+                };
+                match j.append(&records, durability) {
+                    Ok(()) => {}
+                    Err(JournalError::Full { .. }) => return Outcome::Full,
+                    Err(e) => return Outcome::Failed(format!("journal: {e}")),
+                }
+            }
+            for r in &records {
+                if let Record::Packet(p) = r {
+                    if let Err(e) = store.apply(&p.payload) {
+                        return Outcome::Failed(format!("local write: {e}"));
+                    }
+                }
+            }
+            if flush {
+                if let Err(e) = store.flush() {
+                    return Outcome::Failed(format!("local flush: {e}"));
+                }
+            }
+            Outcome::Done
+        });
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.completed(
+                batch,
+                acked,
+                res.unwrap_or(Outcome::Failed("disk pool stopped".into())),
+                ctx,
+            )
+        }));
+    }
+
+    /// The disk finished a batch: tell the clients, let the packets go.
+    fn completed(&mut self, batch: Batch, acked: Stamp, outcome: Outcome, ctx: &mut Context<Self>) {
+        match outcome {
+            Outcome::Done => {
+                self.released = self.released.max(acked);
+                self.sender.mark_written(batch.last);
+                for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
+                    match op {
+                        Op::Write(payloads, reply) => {
+                            self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
+                            let _ = reply.send(Ok(stamps));
+                        }
+                        Op::Flush(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                self.busy = false;
+                self.transmit();
+                self.pump(ctx);
+            }
+            Outcome::Full => {
+                // Back-pressure: writers wait until acknowledgements free journal space.
+                tracing::debug!(pair = %self.pair, "journal full; retrying");
+                ctx.run_later(Duration::from_millis(5), move |act, ctx| {
+                    act.submit(batch, ctx)
+                });
+            }
+            Outcome::Failed(e) => {
+                tracing::error!(pair = %self.pair, error = %e, "local unit failed");
+                for op in batch.ops {
+                    let err = EngineError::Unit(format!("{}: {e}", self.pair));
+                    match op {
+                        Op::Write(_, r) => drop(r.send(Err(err))),
+                        Op::Flush(r) => drop(r.send(Err(err))),
+                    }
+                }
+                self.failed = Some(e);
+                self.busy = false;
+                self.pump(ctx);
+            }
+        }
     }
 
     fn transmit(&mut self) {

@@ -7,12 +7,14 @@
 
 use crate::disk::Disk;
 use crate::error::EngineError;
+use crate::journaling::{Durability, SharedJournal};
 use crate::lag::LagSamples;
 use crate::msg::Outbound;
 use crate::msg::*;
 use crate::Stop;
 use actix::prelude::*;
 use std::sync::Arc;
+use tidemark::journal::Record;
 use tidemark::run::RunTracker;
 use tidemark::{BlockStore, HeadReport, Message as WireMessage, Packet, PairId, Seq, Stamp};
 use tidemark::{SystemId, Timestamp};
@@ -32,12 +34,39 @@ pub struct Applied<'a> {
 /// to check each unit against the write history (I1), the demo to count.
 pub type ApplyHook = Arc<dyn Fn(&Applied<'_>) + Send + Sync>;
 
+/// Where a restarted remote unit stands, from its system's journal.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteResume {
+    /// Applied (and flushed) up to here.
+    pub applied: Stamp,
+    /// Journaled, not yet applied.
+    pub live: Vec<Packet>,
+    /// The durable commit limit: applied at once (I4: recovery re-applies up to it).
+    pub limit: Timestamp,
+}
+
+/// Settings and wiring of a remote unit.
+pub struct RemoteWiring {
+    pub local_system: SystemId,
+    pub orderer_system: SystemId,
+    pub store: Arc<dyn BlockStore>,
+    pub journal: Option<SharedJournal>,
+    pub disk: Disk,
+    pub link: Recipient<Outbound>,
+    pub hook: Option<ApplyHook>,
+    pub wall: crate::engine::Wall,
+}
+
 pub struct RemoteUnit {
     pair: PairId,
     local_system: SystemId,
     orderer_system: SystemId,
     tracker: RunTracker,
     store: Arc<dyn BlockStore>,
+    journal: Option<SharedJournal>,
+    /// Received, waiting to be made durable before they count.
+    incoming: Vec<Packet>,
+    journaling: bool,
     disk: Disk,
     link: Recipient<Outbound>,
     limit: Timestamp,
@@ -56,37 +85,68 @@ pub struct RemoteUnit {
 }
 
 impl RemoteUnit {
-    pub fn new(
-        pair: PairId,
-        local_system: SystemId,
-        orderer_system: SystemId,
-        store: Arc<dyn BlockStore>,
-        disk: Disk,
-        link: Recipient<Outbound>,
-        hook: Option<ApplyHook>,
-        wall: crate::engine::Wall,
-    ) -> Self {
+    pub fn new(pair: PairId, w: RemoteWiring, resume: RemoteResume) -> Self {
+        let mut tracker = RunTracker::new(pair, resume.applied);
+        for p in resume.live {
+            tracker.handle_packet(p);
+        }
         RemoteUnit {
             pair,
-            local_system,
-            orderer_system,
-            tracker: RunTracker::new(pair, Stamp::ZERO),
-            store,
-            disk,
-            link,
-            limit: Timestamp::ZERO,
+            local_system: w.local_system,
+            orderer_system: w.orderer_system,
+            tracker,
+            store: w.store,
+            journal: w.journal,
+            incoming: Vec::new(),
+            journaling: false,
+            disk: w.disk,
+            link: w.link,
+            limit: resume.limit,
             applied_limit: Timestamp::ZERO,
             applying: false,
             reported: Stamp::ZERO,
             waiters: Vec::new(),
-            hook,
-            wall,
+            hook: w.hook,
+            wall: w.wall,
             lag: LagSamples::default(),
             applying_ts: Vec::new(),
             applies: 0,
             limit_violations: 0,
             failed: false,
         }
+    }
+
+    /// Makes received packets durable in the journal (one batch in flight); only then do
+    /// they count in the head and get acknowledged (I3).
+    fn journal_incoming(&mut self, ctx: &mut Context<Self>) {
+        if self.journaling || self.incoming.is_empty() {
+            return;
+        }
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        self.journaling = true;
+        let batch = std::mem::take(&mut self.incoming);
+        let records: Vec<Record> = batch.iter().cloned().map(Record::Packet).collect();
+        let job = self
+            .disk
+            .run(move || journal.append(&records, Durability::Synced));
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.journaling = false;
+            match res {
+                Some(Ok(())) => {
+                    for p in batch {
+                        act.tracker.handle_packet(p);
+                    }
+                    act.answer();
+                    act.apply(ctx);
+                }
+                // Not durable: not acknowledged either; the primary resends them.
+                Some(Err(e)) => tracing::warn!(pair = %act.pair, error = %e, "journal append failed; packets dropped"),
+                None => {}
+            }
+            act.journal_incoming(ctx);
+        }));
     }
 
     /// Acknowledge what is held, and report the head if it moved.
@@ -128,13 +188,29 @@ impl RemoteUnit {
         }
         self.applying = true;
         let store = self.store.clone();
+        let journal = self.journal.clone();
+        let pair = self.pair;
         let job = self.disk.run(move || {
             let mut last = None;
             for p in &batch {
                 if let Err(e) = store.apply(&p.payload) {
-                    return (last, Some(e));
+                    return (last, Some(e.to_string()));
                 }
                 last = Some(p.stamp.seq);
+            }
+            // The applied point is recorded only once the unit holds the writes durably:
+            // then the journal may forget their packets.
+            if let (Some(j), Some(p)) = (&journal, batch.last()) {
+                if let Err(e) = store.flush() {
+                    return (None, Some(e.to_string()));
+                }
+                let rec = Record::Applied {
+                    pair,
+                    stamp: p.stamp,
+                };
+                if let Err(e) = j.append(&[rec], Durability::Written) {
+                    tracing::warn!(%pair, error = %e, "journal: applied point not recorded");
+                }
             }
             (last, None)
         });
@@ -185,11 +261,26 @@ impl RemoteUnit {
 
 impl Actor for RemoteUnit {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // After a restart: report the recovered head, apply up to the durable limit.
+        self.answer();
+        self.apply(ctx);
+    }
 }
 
 impl Handler<PacketsIn> for RemoteUnit {
     type Result = ();
     fn handle(&mut self, msg: PacketsIn, ctx: &mut Context<Self>) {
+        if self.journal.is_some() {
+            let applied = self.tracker.applied().seq;
+            self.incoming
+                .extend(msg.0.into_iter().filter(|p| p.stamp.seq > applied));
+            // Acknowledge what is durable already (the sender may be retransmitting it).
+            self.answer();
+            self.journal_incoming(ctx);
+            return;
+        }
         for p in msg.0 {
             self.tracker.handle_packet(p);
         }

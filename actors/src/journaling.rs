@@ -1,0 +1,78 @@
+//! A system's journal as its actors use it: shared by the units and the site of one
+//! system, and only ever touched from disk jobs (never on an actor thread).
+//!
+//! Durability policy:
+//! - primary: a write's packet is appended and *written* (to the operating system)
+//!   before its client is told: a crash of the process loses nothing acknowledged. Flush
+//!   and FUA *sync* the journal (fdatasync) as well as the local unit: then a power loss
+//!   loses nothing either (block-device write-cache semantics).
+//! - remote: a received packet is synced before it is acknowledged or counted in the run
+//!   head (I3); a limit is synced before anything below it is applied (I4).
+
+use crate::error::EngineError;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tidemark::journal::{Journal, JournalError, JournalOptions, Record, Recovered};
+
+/// How far an append must get before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Written to the operating system (survives a process crash).
+    Written,
+    /// Synced to the device (survives a power loss).
+    Synced,
+}
+
+#[derive(Clone)]
+pub struct SharedJournal {
+    inner: Arc<Mutex<Journal>>,
+}
+
+impl SharedJournal {
+    /// Opens (recovering) the journal in `dir` of `capacity` bytes.
+    pub fn open(dir: &Path, capacity: u64) -> Result<(SharedJournal, Recovered), EngineError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EngineError::Journal(format!("{}: {e}", dir.display())))?;
+        let (j, r) = Journal::open(dir, JournalOptions::with_capacity(capacity))
+            .map_err(|e| EngineError::Journal(e.to_string()))?;
+        if let Some(t) = &r.tail {
+            tracing::warn!(segment = t.segment, offset = t.offset, dropped = t.dropped, reason = %t.reason,
+                "journal: cut a torn tail on recovery");
+        }
+        Ok((
+            SharedJournal {
+                inner: Arc::new(Mutex::new(j)),
+            },
+            r,
+        ))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Journal> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `records` (all or none) and makes them as durable as asked. Blocking.
+    pub fn append(&self, records: &[Record], durability: Durability) -> Result<(), JournalError> {
+        let mut j = self.lock();
+        if let Err(JournalError::Full { .. }) = j.append(records) {
+            // Space comes back only when a sync makes the release watermarks durable and
+            // lets covered segments go: try that once.
+            j.sync()?;
+            j.append(records)?;
+        }
+        match durability {
+            Durability::Written => j.write(),
+            Durability::Synced => j.sync(),
+        }
+    }
+
+    /// Syncs everything appended so far (and lets the journal reclaim space). Blocking.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        self.lock().sync()
+    }
+
+    /// Bytes in use, for status.
+    pub fn used(&self) -> u64 {
+        self.lock().used()
+    }
+}

@@ -1,0 +1,284 @@
+//! The on-disk format of a journal segment: a fixed header, then framed entries.
+//!
+//! ```text
+//! segment file NNNNNNNNNNNNNNNNNNNN.seg (segment number, 20 decimal digits)
+//! +--------------------------------------------------------------------------+
+//! | header, 32 bytes                                                         |
+//! |   magic "TDMKJRNL" (8) | version u32 LE (4) | flags u32 LE = 0 (4)        |
+//! |   segment number u64 LE (8) | reserved u32 = 0 (4) | crc32c u32 LE (4)    |
+//! |   (the crc covers the 28 bytes before it)                                |
+//! +--------------------------------------------------------------------------+
+//! | frame: body length u32 LE | crc32c u32 LE | body (postcard of an Entry)   |
+//! |   the crc covers the 4 length bytes and the body; length 0 is invalid    |
+//! +--------------------------------------------------------------------------+
+//! | frame ... (the first frame of every segment is a checkpoint: the length  |
+//! |   of the segment before it, then watermarks and limits)                  |
+//! +--------------------------------------------------------------------------+
+//! ```
+//!
+//! Decoding checks bounds, length and checksum before it parses anything and never
+//! panics on any input.
+
+use super::state::{Record, State};
+use serde::{Deserialize, Serialize};
+
+/// The first frame of every segment.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Checkpoint {
+    /// Length of the segment before this one when this one was started (0 if none): a
+    /// sealed segment that lost whole frames at its end is still detected.
+    pub prev_len: u64,
+    /// The state that must survive the segments before this one.
+    pub state: State,
+}
+
+/// The borrowed twin of [`Checkpoint`] (same wire format).
+#[derive(Serialize)]
+pub(crate) struct CheckpointRef<'a> {
+    pub prev_len: u64,
+    pub state: &'a State,
+}
+
+/// The first 8 bytes of every segment.
+pub const MAGIC: [u8; 8] = *b"TDMKJRNL";
+
+/// The only segment format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Bytes of a segment header.
+pub const HEADER_LEN: usize = 32;
+
+/// Bytes of a frame header (length + checksum).
+pub const FRAME_HEADER_LEN: usize = 8;
+
+/// What one frame holds.
+#[derive(Debug, Deserialize)]
+pub(crate) enum Entry {
+    /// First frame only.
+    Checkpoint(Checkpoint),
+    Record(Record),
+}
+
+/// The borrowed twin of [`Entry`]: serde encodes a reference exactly as the value, so
+/// both have one wire format (pinned by a test).
+#[derive(Serialize)]
+pub(crate) enum EntryRef<'a> {
+    Checkpoint(CheckpointRef<'a>),
+    Record(&'a Record),
+}
+
+/// File name of segment `segno`.
+pub(crate) fn segment_name(segno: u64) -> String {
+    format!("{segno:020}.seg")
+}
+
+/// File name under which segment `segno` is written before it is renamed into place.
+pub(crate) fn temp_name(segno: u64) -> String {
+    format!("{segno:020}.seg.tmp")
+}
+
+/// What a directory entry is to the journal.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    Segment(u64),
+    Temp(u64),
+    Other,
+}
+
+pub(crate) fn classify(name: &str) -> FileKind {
+    let digits = |s: &str| {
+        (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    if let Some(n) = name.strip_suffix(".seg.tmp").and_then(digits) {
+        FileKind::Temp(n)
+    } else if let Some(n) = name.strip_suffix(".seg").and_then(digits) {
+        FileKind::Segment(n)
+    } else {
+        FileKind::Other
+    }
+}
+
+pub(crate) fn encode_header(segno: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // 12..16 flags, 24..28 reserved: zero.
+    h[16..24].copy_from_slice(&segno.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Why a header was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeaderError {
+    Short(usize),
+    Magic,
+    Checksum,
+    Version(u32),
+    Flags,
+    Segment(u64),
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Short(n) => write!(f, "file of {n} bytes is shorter than a header"),
+            HeaderError::Magic => write!(f, "not a tidemark journal segment (bad magic)"),
+            HeaderError::Checksum => write!(f, "header checksum mismatch"),
+            HeaderError::Version(v) => write!(f, "unsupported format version {v}"),
+            HeaderError::Flags => write!(f, "unknown header flags"),
+            HeaderError::Segment(n) => write!(f, "header names segment {n}"),
+        }
+    }
+}
+
+/// Checks that `bytes` starts with the header of segment `segno`.
+pub(crate) fn check_header(bytes: &[u8], segno: u64) -> Result<(), HeaderError> {
+    let Some(h) = bytes.get(..HEADER_LEN) else {
+        return Err(HeaderError::Short(bytes.len()));
+    };
+    if h[0..8] != MAGIC {
+        return Err(HeaderError::Magic);
+    }
+    if crc32c::crc32c(&h[..28]) != le32(&h[28..32]) {
+        return Err(HeaderError::Checksum);
+    }
+    let version = le32(&h[8..12]);
+    if version != FORMAT_VERSION {
+        return Err(HeaderError::Version(version));
+    }
+    if le32(&h[12..16]) != 0 || le32(&h[24..28]) != 0 {
+        return Err(HeaderError::Flags);
+    }
+    let found = u64::from_le_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]);
+    if found != segno {
+        return Err(HeaderError::Segment(found));
+    }
+    Ok(())
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// A postcard output that appends to a borrowed `Vec` (one memcpy per byte string).
+struct VecFlavor<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for VecFlavor<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Appends one frame holding `entry` to `out` and returns the frame's length, or `None`
+/// (with `out` unchanged) if the body does not fit the 32-bit length field.
+pub(crate) fn encode_frame(out: &mut Vec<u8>, entry: &EntryRef<'_>) -> Option<usize> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    // Serialising our own types into a Vec has no failure mode (no I/O, no size limit,
+    // every sequence has a known length).
+    postcard::serialize_with_flavor(entry, VecFlavor(out))
+        .expect("postcard serialisation into a Vec cannot fail");
+    let body_len = out.len() - start - FRAME_HEADER_LEN;
+    let Ok(len) = u32::try_from(body_len) else {
+        out.truncate(start);
+        return None;
+    };
+    let len = len.to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &out[start + FRAME_HEADER_LEN..]);
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Some(out.len() - start)
+}
+
+/// Decodes the frame at the start of `bytes`: the entry and the frame's length, or why
+/// these bytes are not a frame this build wrote.
+pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Entry, usize), String> {
+    let Some(head) = bytes.get(..FRAME_HEADER_LEN) else {
+        return Err(format!(
+            "{} bytes left, shorter than a frame header",
+            bytes.len()
+        ));
+    };
+    let len = le32(&head[0..4]) as usize;
+    if len == 0 {
+        return Err("frame of length zero".into());
+    }
+    let Some(body) = bytes.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN.saturating_add(len)) else {
+        return Err(format!(
+            "frame of {len} bytes runs past the end ({} bytes left)",
+            bytes.len() - FRAME_HEADER_LEN
+        ));
+    };
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[0..4]), body);
+    if crc != le32(&head[4..8]) {
+        return Err("frame checksum mismatch".into());
+    }
+    let (entry, rest) =
+        postcard::take_from_bytes::<Entry>(body).map_err(|e| format!("malformed frame: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{} trailing bytes in frame", rest.len()));
+    }
+    Ok((entry, FRAME_HEADER_LEN + len))
+}
+
+/// The frames of one segment after its header, in order. Stops after the first bad
+/// frame, which it yields as `Err((offset, reason))`.
+pub(crate) struct Frames<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    done: bool,
+}
+
+impl<'a> Frames<'a> {
+    /// Frames of a whole segment file whose header was checked.
+    pub(crate) fn new(segment: &'a [u8]) -> Self {
+        Frames {
+            bytes: segment,
+            pos: HEADER_LEN.min(segment.len()),
+            done: false,
+        }
+    }
+
+    /// Offset just past the last good frame yielded so far.
+    pub(crate) fn pos(&self) -> u64 {
+        self.pos as u64
+    }
+}
+
+impl Iterator for Frames<'_> {
+    /// `(offset, entry)` of a good frame, or `(offset, reason)` of the first bad one.
+    type Item = Result<(u64, Entry), (u64, String)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.pos >= self.bytes.len() {
+            return None;
+        }
+        let at = self.pos;
+        match decode_frame(&self.bytes[at..]) {
+            Ok((entry, len)) => {
+                self.pos += len;
+                Some(Ok((at as u64, entry)))
+            }
+            Err(reason) => {
+                self.done = true;
+                Some(Err((at as u64, reason)))
+            }
+        }
+    }
+}

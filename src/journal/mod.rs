@@ -1,0 +1,856 @@
+//! The durable journal: an append-only log of [`Record`]s in segment files of one
+//! directory, used on both sides of a pair.
+//!
+//! - **Primary**: every stamped [`Packet`](crate::Packet) goes in before its write is
+//!   acknowledged to the client; [`Record::Released`] says the remote holds a pair's
+//!   packets up to a seq durably, so they may be forgotten (I3).
+//! - **Remote**: every received packet goes in before it is acknowledged;
+//!   [`Record::Limit`] (and [`Record::Prepared`] when several remote systems must agree)
+//!   goes in and is synced before anything below it is applied (I4);
+//!   [`Record::Applied`] records the applied point.
+//!
+//! # Use
+//!
+//! ```no_run
+//! # use tidemark::journal::*;
+//! # use tidemark::*;
+//! # fn main() -> Result<(), JournalError> {
+//! let dir = std::path::Path::new("run/journal");
+//! let (mut journal, recovered) = Journal::open(dir, JournalOptions::default())?;
+//! for (pair, state) in &recovered.pairs {
+//!     // primary: Sender::new(*pair, state.last(), ..) then push_recovered(state.live..)
+//!     // remote:  RunTracker::new(*pair, state.applied) then handle_packet(state.live..)
+//! }
+//! journal.append(&[Record::Limit { ts: Timestamp(42) }])?; // a memcpy, nothing on disk
+//! journal.sync()?; // one write + one fdatasync: now durable
+//! # Ok(()) }
+//! ```
+//!
+//! [`Journal::append`] takes a batch atomically: every record of it is buffered, or none
+//! is ([`JournalError::Full`], [`JournalError::TooLarge`]). Group commit is the caller's:
+//! many appends, one [`Journal::sync`], then acknowledge everything appended before it.
+//!
+//! # Fsync policy (what is durable when)
+//!
+//! - `append` copies into memory only. Nothing appended is on disk, nor visible to a
+//!   reopen, before `write` or `sync`. Dropping a journal drops what was not written.
+//! - `sync` writes the active segment's pending bytes with one positional `write` and
+//!   then `fdatasync`s it. When `sync` returns `Ok`, every record appended before it is
+//!   durable (on a device that honours cache flushes) and recovery returns it, in order.
+//! - `write` does the `write` without the `fdatasync`: the records survive a crash of the
+//!   process (the page cache keeps them; `open` syncs them), not a power loss. The next
+//!   `sync` fdatasyncs them. Creating and deleting segments always goes through `sync`.
+//! - A new segment is written (header, checkpoint, records) to `N.seg.tmp`, fdatasync'd,
+//!   renamed to `N.seg`, and then the directory is fsync'd, inside the `sync` that first
+//!   needs it, after the segment before it was fdatasync'd. So a segment exists under its
+//!   final name only complete from its header through its checkpoint, and only once every
+//!   segment before it is complete and durable.
+//! - A segment is deleted only once the checkpoint at the start of the newest segment
+//!   (durable, see above) covers every packet in it; the oldest goes first, then the
+//!   directory is fsync'd. A crash in between can leave a gap in the numbering; recovery
+//!   accepts a gap only if the newest checkpoint covers every segment before it (and
+//!   finishes deleting them), otherwise it reports [`JournalError::Missing`].
+//! - If a write or an fsync fails, the journal is failed: every later call returns
+//!   [`JournalError::Failed`] (after a failed fsync the kernel may have dropped the dirty
+//!   pages, so retrying could report success for lost data). Drop it and reopen; recovery
+//!   decides what survived.
+//! - `open` makes what it recovered durable before returning: it cuts a torn tail off
+//!   the last segment, fdatasyncs that segment (after a process crash its last records may
+//!   still be only in the page cache), removes `*.seg.tmp` leftovers and fsyncs the
+//!   directory. Only then does it delete covered segments, and only then may a caller
+//!   acknowledge the recovered records.
+//!
+//! # Recovery
+//!
+//! `open` reads every segment in order. Each starts with a header (magic, format version,
+//! segment number) and a checkpoint (with the length the previous segment had when this
+//! one started); every frame carries its length and a CRC32C over length and body (see
+//! [`format`](mod@format)). In the **last** segment the first bad frame (short, checksum
+//! mismatch, malformed) and everything after it is a torn tail: dropped, cut off,
+//! reported in [`Recovered::tail`], never returned. A write torn by a crash can leave good frames
+//! after a bad one, but those were never synced, so dropping them loses nothing
+//! acknowledged; the price is that media corruption in the middle of the last segment is
+//! also treated as a tail. Because deletions go by the last segment's checkpoint, never
+//! by records after it, cutting the last segment anywhere after its checkpoint loses
+//! exactly the records cut, never a packet of a deleted segment. In an earlier (sealed)
+//! segment, and in the header or checkpoint of the last one (durable before the segment
+//! got its name), any bad byte, or a length other than its successor's checkpoint says,
+//! is [`JournalError::Corrupt`] with segment and offset, and `open` changes nothing.
+//!
+//! # Space
+//!
+//! A segment is sealed when the next record would take it past
+//! [`JournalOptions::segment_size`] (a segment holds at least one record, so one larger
+//! than the rest of a segment gets a segment of its own). Every new segment starts with a
+//! checkpoint of the watermarks and limits, so no older segment is needed for them. The
+//! oldest sealed segments are deleted (by `sync` and `open`) while the newest checkpoint
+//! covers every packet in them by its pair's `Released` or `Applied` watermark, so space
+//! comes back up to one segment later than the watermarks allow. When space is short
+//! (less than a segment left, or an append was refused), a `sync` whose watermarks would
+//! free a segment starts a new segment at once instead of waiting for the active one to
+//! fill. [`JournalOptions::capacity`] bounds the bytes of all segments, synced or not; a
+//! batch with a packet that would pass it is refused with [`JournalError::Full`] and
+//! nothing changes (the caller applies back-pressure). A batch without packets may use
+//! [`JournalOptions::reserve`] bytes more, so a full journal can always take the
+//! watermarks that free it.
+
+pub mod format;
+mod state;
+
+#[cfg(test)]
+mod tests;
+
+pub use format::FORMAT_VERSION;
+pub use state::{Record, Recovered, RecoveredPair, TailRepair};
+
+use crate::types::{PairId, Seq, Stamp, Timestamp};
+use format::{CheckpointRef, Entry, EntryRef, FileKind, Frames};
+use state::{Rebuild, State};
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("journal segment {segment} ({path}) is corrupt at offset {offset}: {reason}")]
+    Corrupt {
+        segment: u64,
+        offset: u64,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("journal segment {segment} is missing from {dir} and later segments exist")]
+    Missing { segment: u64, dir: PathBuf },
+    #[error("journal full: {needed} more bytes with {used} used exceeds the limit of {limit}")]
+    Full { needed: u64, used: u64, limit: u64 },
+    #[error("journal record of {len} bytes exceeds the segment size {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("invalid journal options: {0}")]
+    Options(String),
+    #[error("journal failed on an earlier I/O error; reopen it to recover")]
+    Failed,
+}
+
+/// Sizes of a journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// A segment is sealed when the next record would take it past this many bytes.
+    /// Between 4 KiB and 1 GiB. Also the largest record.
+    pub segment_size: u64,
+    /// Bytes all segments together may take (at least two segments).
+    pub capacity: u64,
+    /// Extra bytes beyond `capacity` that a batch without packets (watermarks, limits)
+    /// may take, so a full journal can still record what frees it.
+    pub reserve: u64,
+}
+
+impl Default for JournalOptions {
+    /// 256 MiB in 16 MiB segments, 1 MiB reserve.
+    fn default() -> Self {
+        JournalOptions::with_capacity(256 << 20)
+    }
+}
+
+impl JournalOptions {
+    /// `capacity` bytes in segments of a sixteenth of it (between 64 KiB and 64 MiB, and
+    /// at most half the capacity), with a reserve of 1 MiB or one segment, whichever is
+    /// smaller.
+    pub fn with_capacity(capacity: u64) -> Self {
+        let segment_size = (capacity / 16).clamp(64 << 10, 64 << 20).min(capacity / 2);
+        JournalOptions {
+            segment_size,
+            capacity,
+            reserve: segment_size.min(1 << 20),
+        }
+    }
+
+    fn validate(&self) -> Result<(), JournalError> {
+        let bad = |m: String| Err(JournalError::Options(m));
+        if !(4096..=1 << 30).contains(&self.segment_size) {
+            return bad(format!(
+                "segment_size {} is not between 4 KiB and 1 GiB",
+                self.segment_size
+            ));
+        }
+        if self.capacity / 2 < self.segment_size {
+            return bad(format!(
+                "capacity {} is less than two segments of {}",
+                self.capacity, self.segment_size
+            ));
+        }
+        if self.capacity.checked_add(self.reserve).is_none() {
+            return bad("capacity + reserve overflows".into());
+        }
+        Ok(())
+    }
+}
+
+/// Counters since open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    pub records: u64,
+    /// `sync` calls that wrote something.
+    pub syncs: u64,
+    pub bytes_written: u64,
+    pub segments_created: u64,
+    pub segments_deleted: u64,
+    /// Appends refused with `Full`.
+    pub full: u64,
+    /// New segments started before the active one was full, to free space.
+    pub early_rotations: u64,
+}
+
+/// A segment's bookkeeping: its length on disk and, per pair, its highest packet seq
+/// (the segment may be deleted once the pair's watermark reaches it).
+#[derive(Debug)]
+struct SegmentInfo {
+    segno: u64,
+    len: u64,
+    max_seq: BTreeMap<PairId, Seq>,
+}
+
+/// A segment that may still have bytes to write.
+#[derive(Debug)]
+struct OpenSegment {
+    info: SegmentInfo,
+    /// `None` until the segment is first synced (created under its temporary name).
+    file: Option<File>,
+    /// Bytes appended but not written; they go at `info.len`.
+    buf: Vec<u8>,
+    /// Holds a record after its checkpoint.
+    has_records: bool,
+    /// Written by [`Journal::write`] and not fdatasync'd since.
+    unsynced: bool,
+}
+
+impl OpenSegment {
+    fn new(segno: u64, first_bytes: Vec<u8>) -> Self {
+        OpenSegment {
+            info: SegmentInfo {
+                segno,
+                len: 0,
+                max_seq: BTreeMap::new(),
+            },
+            file: None,
+            buf: first_bytes,
+            has_records: false,
+            unsynced: false,
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.info.len + self.buf.len() as u64
+    }
+}
+
+/// A durable append-only journal in one directory. See the module documentation.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    options: JournalOptions,
+    /// Complete and durable, oldest first.
+    sealed: VecDeque<SegmentInfo>,
+    /// Sealed by an append since the last sync, oldest first; bytes may be pending.
+    rotated: Vec<OpenSegment>,
+    /// Where appends go.
+    active: OpenSegment,
+    /// The state in the active segment's checkpoint: what reclamation goes by.
+    active_cp: State,
+    /// State after every appended record (synced or not).
+    state: State,
+    /// Bytes of all segments, on disk and pending.
+    used: u64,
+    /// Scratch space for encoding a batch.
+    staging: Vec<u8>,
+    frame_ends: Vec<usize>,
+    failed: bool,
+    /// An append was refused since the last new segment.
+    pressure: bool,
+    stats: JournalStats,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// The first bytes of segment `segno`: its header and a checkpoint of `state`, naming
+/// the length of the segment before it.
+fn segment_start(segno: u64, prev_len: u64, state: &State) -> Vec<u8> {
+    let mut bytes = format::encode_header(segno).to_vec();
+    // A checkpoint is a few dozen bytes per pair: far below the 4 GiB frame limit.
+    format::encode_frame(
+        &mut bytes,
+        &EntryRef::Checkpoint(CheckpointRef { prev_len, state }),
+    )
+    .expect("a checkpoint fits in a frame");
+    bytes
+}
+
+/// One segment as read by `open`.
+struct Scanned {
+    info: SegmentInfo,
+    has_records: bool,
+    /// The last segment's torn tail, to cut off.
+    tail: Option<TailRepair>,
+    /// What the checkpoint says the previous segment's length was.
+    prev_len: u64,
+    /// The state the checkpoint holds.
+    cp: State,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `dir`, recovers it, and returns it with
+    /// what it holds. See the module documentation for what recovery does.
+    pub fn open(dir: &Path, options: JournalOptions) -> Result<(Journal, Recovered), JournalError> {
+        options.validate()?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsync_dir(parent)?;
+            }
+        }
+        let mut segnos = Vec::new();
+        let mut temps = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            match format::classify(&name.to_string_lossy()) {
+                FileKind::Segment(n) => segnos.push(n),
+                FileKind::Temp(_) => temps.push(entry.path()),
+                FileKind::Other => {}
+            }
+        }
+        segnos.sort_unstable();
+
+        // Read everything first; nothing on disk changes unless all of it is acceptable.
+        let mut rebuild = Rebuild::default();
+        let mut scanned = Vec::with_capacity(segnos.len());
+        for (i, &segno) in segnos.iter().enumerate() {
+            let last = i + 1 == segnos.len();
+            let s = Self::scan(dir, segno, last, &mut rebuild)?;
+            // A sealed segment cut at a frame boundary reads clean; its successor's
+            // checkpoint knows how long it was.
+            if let Some(prev) = scanned
+                .last()
+                .filter(|p: &&Scanned| p.info.segno + 1 == segno)
+            {
+                if prev.info.len != s.prev_len {
+                    let segment = prev.info.segno;
+                    return Err(JournalError::Corrupt {
+                        segment,
+                        offset: prev.info.len.min(s.prev_len),
+                        path: dir.join(format::segment_name(segment)),
+                        reason: format!(
+                            "segment is {} bytes long, segment {segno} says it ended at {}",
+                            prev.info.len, s.prev_len
+                        ),
+                    });
+                }
+            }
+            scanned.push(s);
+        }
+        // A gap is only acceptable as an interrupted reclamation: everything before the
+        // last gap must be covered by the newest checkpoint, as reclamation requires.
+        if let Some(gap) = segnos.windows(2).rposition(|w| w[1] != w[0] + 1) {
+            let newest = &scanned[scanned.len() - 1].cp;
+            if scanned[..=gap]
+                .iter()
+                .any(|s| !newest.covers(&s.info.max_seq))
+            {
+                return Err(JournalError::Missing {
+                    segment: segnos[gap] + 1,
+                    dir: dir.to_path_buf(),
+                });
+            }
+        }
+
+        // Segments that never got their name: their records were never synced.
+        for t in &temps {
+            match fs::remove_file(t) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(t)(e)),
+            }
+        }
+        let mut stats = JournalStats::default();
+        let state = rebuild.state.clone();
+        let mut recovered = rebuild.finish();
+        let mut sealed = VecDeque::new();
+        let mut active_cp = State::default();
+        let active = match scanned.pop() {
+            Some(last) => {
+                let path = dir.join(format::segment_name(last.info.segno));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                if let Some(tail) = &last.tail {
+                    file.set_len(tail.offset).map_err(io_err(&path))?;
+                    file.sync_all().map_err(io_err(&path))?;
+                } else {
+                    file.sync_data().map_err(io_err(&path))?;
+                }
+                recovered.tail = last.tail;
+                active_cp = last.cp;
+                sealed.extend(scanned.into_iter().map(|s| s.info));
+                OpenSegment {
+                    info: last.info,
+                    file: Some(file),
+                    buf: Vec::new(),
+                    has_records: last.has_records,
+                    unsynced: false,
+                }
+            }
+            None => {
+                let mut seg = OpenSegment::new(1, segment_start(1, 0, &state));
+                Self::write_segment(dir, &mut seg, &mut stats, true)?;
+                seg
+            }
+        };
+        fsync_dir(dir)?;
+
+        let used = sealed.iter().map(|s| s.len).sum::<u64>() + active.info.len;
+        let mut journal = Journal {
+            dir: dir.to_path_buf(),
+            options,
+            sealed,
+            rotated: Vec::new(),
+            active,
+            active_cp,
+            state,
+            used,
+            staging: Vec::new(),
+            frame_ends: Vec::new(),
+            failed: false,
+            pressure: false,
+            stats,
+        };
+        journal.reclaim()?;
+        recovered.segments = journal.segments();
+        Ok((journal, recovered))
+    }
+
+    /// Reads segment `segno` into `rebuild`. Only the last segment may have a torn tail.
+    fn scan(
+        dir: &Path,
+        segno: u64,
+        last: bool,
+        rebuild: &mut Rebuild,
+    ) -> Result<Scanned, JournalError> {
+        let path = dir.join(format::segment_name(segno));
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let corrupt = |offset: u64, reason: String| JournalError::Corrupt {
+            segment: segno,
+            offset,
+            path: path.clone(),
+            reason,
+        };
+        format::check_header(&bytes, segno).map_err(|e| corrupt(0, e.to_string()))?;
+        let mut info = SegmentInfo {
+            segno,
+            len: bytes.len() as u64,
+            max_seq: BTreeMap::new(),
+        };
+        let mut frames = Frames::new(&bytes);
+        let mut first = true;
+        let mut has_records = false;
+        let mut tail = None;
+        let mut prev_len = 0;
+        let mut checkpoint = State::default();
+        for frame in frames.by_ref() {
+            match frame {
+                Ok((_, Entry::Checkpoint(cp))) if first => {
+                    prev_len = cp.prev_len;
+                    rebuild.checkpoint(&cp.state);
+                    checkpoint = cp.state;
+                }
+                Ok((offset, Entry::Checkpoint(_))) => {
+                    return Err(corrupt(offset, "checkpoint after the first frame".into()));
+                }
+                Ok((offset, Entry::Record(_))) if first => {
+                    return Err(corrupt(
+                        offset,
+                        "segment does not start with a checkpoint".into(),
+                    ));
+                }
+                Ok((_, Entry::Record(record))) => {
+                    if let Record::Packet(p) = &record {
+                        let max = info.max_seq.entry(p.pair).or_default();
+                        *max = (*max).max(p.stamp.seq);
+                    }
+                    has_records = true;
+                    rebuild.record(record);
+                }
+                Err((offset, reason)) if last && !first => {
+                    tail = Some(TailRepair {
+                        segment: segno,
+                        offset,
+                        dropped: bytes.len() as u64 - offset,
+                        reason,
+                    });
+                    info.len = offset;
+                }
+                Err((offset, reason)) => return Err(corrupt(offset, reason)),
+            }
+            first = false;
+        }
+        if first {
+            return Err(corrupt(frames.pos(), "segment has no checkpoint".into()));
+        }
+        Ok(Scanned {
+            info,
+            has_records,
+            tail,
+            prev_len,
+            cp: checkpoint,
+        })
+    }
+
+    /// Buffers `records`, all or none. Nothing is written before [`Journal::sync`].
+    ///
+    /// Errors: [`JournalError::TooLarge`] if one record's frame exceeds the segment size;
+    /// [`JournalError::Full`] if the batch would take the journal past its capacity (plus
+    /// the reserve, for a batch without packets); [`JournalError::Failed`] after an I/O
+    /// error. On any error the journal is as before the call.
+    pub fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        self.check()?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let segment_size = self.options.segment_size;
+        self.staging.clear();
+        self.frame_ends.clear();
+        for record in records {
+            let start = self.staging.len();
+            match format::encode_frame(&mut self.staging, &EntryRef::Record(record)) {
+                Some(len) if len as u64 <= segment_size => {}
+                other => {
+                    let len = other.map_or(u64::MAX, |l| l as u64);
+                    self.staging.truncate(start);
+                    return Err(JournalError::TooLarge {
+                        len,
+                        max: segment_size,
+                    });
+                }
+            }
+            self.frame_ends.push(self.staging.len());
+        }
+
+        // Plan: where the batch seals segments, what their successors start with, and how
+        // many bytes it takes in all. Nothing changes yet.
+        let mut rotations: Vec<(usize, Vec<u8>, State)> = Vec::new();
+        let mut end = self.active.end();
+        let mut has_records = self.active.has_records;
+        let mut segno = self.active.info.segno;
+        let mut sim: Option<State> = None;
+        let mut sim_upto = 0;
+        let mut needed = 0u64;
+        let mut start = 0;
+        for (i, &frame_end) in self.frame_ends.iter().enumerate() {
+            let len = (frame_end - start) as u64;
+            if has_records && end + len > segment_size {
+                let st = sim.get_or_insert_with(|| self.state.clone());
+                for r in &records[sim_upto..i] {
+                    st.apply(r);
+                }
+                sim_upto = i;
+                segno += 1;
+                let first = segment_start(segno, end, st);
+                end = first.len() as u64;
+                needed += end;
+                rotations.push((i, first, st.clone()));
+            }
+            end += len;
+            needed += len;
+            has_records = true;
+            start = frame_end;
+        }
+        let has_packet = records.iter().any(|r| matches!(r, Record::Packet(_)));
+        let limit = if has_packet {
+            self.options.capacity
+        } else {
+            self.options.capacity + self.options.reserve
+        };
+        if self.used + needed > limit {
+            self.stats.full += 1;
+            self.pressure = true;
+            return Err(JournalError::Full {
+                needed,
+                used: self.used,
+                limit,
+            });
+        }
+
+        // Commit: cannot fail from here on.
+        let mut rotations = rotations.into_iter().peekable();
+        let mut start = 0;
+        for (i, record) in records.iter().enumerate() {
+            if let Some((_, first, cp)) = rotations.next_if(|(at, _, _)| *at == i) {
+                let next = OpenSegment::new(self.active.info.segno + 1, first);
+                let old = std::mem::replace(&mut self.active, next);
+                self.rotated.push(old);
+                self.active_cp = cp;
+                self.pressure = false;
+            }
+            let frame_end = self.frame_ends[i];
+            self.active
+                .buf
+                .extend_from_slice(&self.staging[start..frame_end]);
+            self.active.has_records = true;
+            if let Record::Packet(p) = record {
+                let max = self.active.info.max_seq.entry(p.pair).or_default();
+                *max = (*max).max(p.stamp.seq);
+            }
+            self.state.apply(record);
+            start = frame_end;
+        }
+        self.used += needed;
+        self.stats.records += records.len() as u64;
+        Ok(())
+    }
+
+    /// Writes and fdatasyncs everything appended (and anything [`Journal::write`] left
+    /// unsynced); then deletes the oldest segments the newest checkpoint covers. When it
+    /// returns `Ok`, every record appended before it is durable. On `Err` the journal is
+    /// failed (see the module documentation).
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.check()?;
+        if self.rotated.is_empty() && self.active.buf.is_empty() && !self.active.unsynced {
+            return Ok(());
+        }
+        let result = self.sync_inner();
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    /// Writes everything appended to the operating system without waiting for the
+    /// device: once it returns `Ok` the records survive a crash of the process (a reopen
+    /// finds them, and makes them durable), but not of the machine. A later
+    /// [`Journal::sync`] makes them durable. When the records start a new segment, or
+    /// space is short and a new segment would free some, it does a full `sync` instead
+    /// (segments are only ever created and deleted durably).
+    pub fn write(&mut self) -> Result<(), JournalError> {
+        self.check()?;
+        if !self.rotated.is_empty() || self.early_rotation_due() {
+            return self.sync();
+        }
+        if self.active.buf.is_empty() {
+            return Ok(());
+        }
+        let result = Self::write_segment(&self.dir, &mut self.active, &mut self.stats, false);
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    /// Space is short, and the state covers the oldest segment but the active segment's
+    /// checkpoint does not: a new segment now (rather than when the active one fills)
+    /// would let it go.
+    fn early_rotation_due(&self) -> bool {
+        let short = self.pressure || self.used + self.options.segment_size > self.options.capacity;
+        short
+            && self.sealed.front().is_some_and(|oldest| {
+                self.state.covers(&oldest.max_seq) && !self.active_cp.covers(&oldest.max_seq)
+            })
+    }
+
+    fn sync_inner(&mut self) -> Result<(), JournalError> {
+        self.stats.syncs += 1;
+        for mut seg in std::mem::take(&mut self.rotated) {
+            Self::write_segment(&self.dir, &mut seg, &mut self.stats, true)?;
+            self.sealed.push_back(seg.info);
+        }
+        Self::write_segment(&self.dir, &mut self.active, &mut self.stats, true)?;
+        // Everything is durable now, so the state may go into a checkpoint.
+        if self.early_rotation_due() {
+            let segno = self.active.info.segno + 1;
+            let first = segment_start(segno, self.active.end(), &self.state);
+            let mut next = OpenSegment::new(segno, first);
+            Self::write_segment(&self.dir, &mut next, &mut self.stats, true)?;
+            self.used += next.info.len;
+            let old = std::mem::replace(&mut self.active, next);
+            self.sealed.push_back(old.info);
+            self.active_cp = self.state.clone();
+            self.pressure = false;
+            self.stats.early_rotations += 1;
+        }
+        self.reclaim()
+    }
+
+    /// Writes a segment's pending bytes and, if `sync`, makes everything written to it
+    /// durable. A segment that does not exist yet is created durably whatever `sync` says
+    /// (temporary name, fdatasync, rename, directory fsync).
+    fn write_segment(
+        dir: &Path,
+        seg: &mut OpenSegment,
+        stats: &mut JournalStats,
+        sync: bool,
+    ) -> Result<(), JournalError> {
+        let segno = seg.info.segno;
+        let path = dir.join(format::segment_name(segno));
+        match &seg.file {
+            Some(file) => {
+                if !seg.buf.is_empty() {
+                    file.write_all_at(&seg.buf, seg.info.len)
+                        .map_err(io_err(&path))?;
+                    seg.unsynced = true;
+                }
+                if sync && seg.unsynced {
+                    file.sync_data().map_err(io_err(&path))?;
+                    seg.unsynced = false;
+                }
+            }
+            None => {
+                let temp = dir.join(format::temp_name(segno));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&temp)
+                    .map_err(io_err(&temp))?;
+                file.write_all_at(&seg.buf, 0)
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_err(&temp))?;
+                fs::rename(&temp, &path).map_err(io_err(&path))?;
+                fsync_dir(dir)?;
+                seg.file = Some(file);
+                stats.segments_created += 1;
+            }
+        }
+        seg.info.len += seg.buf.len() as u64;
+        stats.bytes_written += seg.buf.len() as u64;
+        seg.buf.clear();
+        Ok(())
+    }
+
+    /// Deletes the oldest sealed segments while the active segment's checkpoint covers
+    /// all their packets. Only called when that checkpoint is durable.
+    fn reclaim(&mut self) -> Result<(), JournalError> {
+        let mut deleted = false;
+        while let Some(oldest) = self.sealed.front() {
+            if !self.active_cp.covers(&oldest.max_seq) {
+                break;
+            }
+            let path = self.dir.join(format::segment_name(oldest.segno));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+            self.used -= oldest.len;
+            self.sealed.pop_front();
+            self.stats.segments_deleted += 1;
+            deleted = true;
+        }
+        if deleted {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), JournalError> {
+        if self.failed {
+            Err(JournalError::Failed)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn options(&self) -> JournalOptions {
+        self.options
+    }
+
+    /// Bytes all segments take, including what is appended but not synced.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Bytes appended but not yet synced.
+    pub fn pending(&self) -> u64 {
+        self.rotated.iter().map(|s| s.buf.len() as u64).sum::<u64>() + self.active.buf.len() as u64
+    }
+
+    /// Segments, on disk or pending.
+    pub fn segments(&self) -> usize {
+        self.sealed.len() + self.rotated.len() + 1
+    }
+
+    /// Numbers of the oldest and the newest segment.
+    pub fn segment_range(&self) -> (u64, u64) {
+        let first = self
+            .sealed
+            .front()
+            .map(|s| s.segno)
+            .or(self.rotated.first().map(|s| s.info.segno))
+            .unwrap_or(self.active.info.segno);
+        (first, self.active.info.segno)
+    }
+
+    /// Where the next record goes: segment number and offset (counting pending bytes).
+    pub fn position(&self) -> (u64, u64) {
+        (self.active.info.segno, self.active.end())
+    }
+
+    /// Whether an earlier I/O error failed the journal.
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    pub fn stats(&self) -> JournalStats {
+        self.stats
+    }
+
+    /// Latest `Released` stamp of `pair` appended (synced or not).
+    pub fn released(&self, pair: PairId) -> Stamp {
+        self.state
+            .released
+            .get(&pair)
+            .copied()
+            .unwrap_or(Stamp::ZERO)
+    }
+
+    /// Latest `Applied` stamp of `pair` appended (synced or not).
+    pub fn applied(&self, pair: PairId) -> Stamp {
+        self.state
+            .applied
+            .get(&pair)
+            .copied()
+            .unwrap_or(Stamp::ZERO)
+    }
+
+    /// Latest `Limit` appended (synced or not).
+    pub fn limit(&self) -> Timestamp {
+        self.state.limit
+    }
+
+    /// Latest `Prepared` appended (synced or not).
+    pub fn prepared(&self) -> Timestamp {
+        self.state.prepared
+    }
+}

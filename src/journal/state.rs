@@ -1,0 +1,272 @@
+//! What the journal records, the state every checkpoint carries, and the view recovery
+//! hands to its caller.
+
+use crate::packet::Packet;
+use crate::types::{PairId, Seq, Stamp, Timestamp};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One journal record. The order of the variants is part of the on-disk format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// A stamped packet. Primary: written locally, not yet durable at the remote.
+    /// Remote: received, not yet applied.
+    Packet(Packet),
+    /// Primary: the remote holds every packet of `pair` up to `stamp.seq` durably, so
+    /// those may be forgotten. `stamp` is the stamp of that last packet, so a restarted
+    /// primary knows where the pair's sequence numbers and time stamps stand even after
+    /// every packet was released.
+    Released { pair: PairId, stamp: Stamp },
+    /// Remote: every packet of `pair` up to `stamp.seq` is applied to the remote unit (and
+    /// the unit flushed); `stamp` is the last applied packet's stamp.
+    Applied { pair: PairId, stamp: Stamp },
+    /// Remote: the commit limit this system may apply up to (I4: synced before anything
+    /// below it is applied).
+    Limit { ts: Timestamp },
+    /// Remote, with several remote systems in the group: a limit the orderer announced and
+    /// this system made durable (and acknowledged), not necessarily released yet.
+    Prepared { ts: Timestamp },
+}
+
+impl Record {
+    /// The largest time stamp this record mentions.
+    pub fn max_ts(&self) -> Timestamp {
+        match self {
+            Record::Packet(p) => p.stamp.ts,
+            Record::Released { stamp, .. } | Record::Applied { stamp, .. } => stamp.ts,
+            Record::Limit { ts } | Record::Prepared { ts } => *ts,
+        }
+    }
+}
+
+/// Moves `map[pair]` forward to `stamp` (by `seq`, then `ts`); true if it moved.
+fn advance(map: &mut BTreeMap<PairId, Stamp>, pair: PairId, stamp: Stamp) -> bool {
+    let key = |s: &Stamp| (s.seq, s.ts);
+    match map.get_mut(&pair) {
+        Some(old) if key(old) >= key(&stamp) => false,
+        Some(old) => {
+            *old = stamp;
+            true
+        }
+        None => {
+            map.insert(pair, stamp);
+            true
+        }
+    }
+}
+
+/// Everything besides the packets: per-pair watermarks and the latest limits. Every
+/// value only moves forward (a record that would move one back changes nothing). This
+/// is what a checkpoint at the start of each segment holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct State {
+    pub released: BTreeMap<PairId, Stamp>,
+    pub applied: BTreeMap<PairId, Stamp>,
+    pub limit: Timestamp,
+    pub prepared: Timestamp,
+}
+
+impl State {
+    /// Folds in one record; returns the pair whose watermark moved, if any.
+    pub fn apply(&mut self, record: &Record) -> Option<PairId> {
+        match record {
+            Record::Packet(_) => None,
+            Record::Released { pair, stamp } => {
+                advance(&mut self.released, *pair, *stamp).then_some(*pair)
+            }
+            Record::Applied { pair, stamp } => {
+                advance(&mut self.applied, *pair, *stamp).then_some(*pair)
+            }
+            Record::Limit { ts } => {
+                self.limit = self.limit.max(*ts);
+                None
+            }
+            Record::Prepared { ts } => {
+                self.prepared = self.prepared.max(*ts);
+                None
+            }
+        }
+    }
+
+    /// Folds in a checkpoint; calls `moved` for every pair whose watermark moved.
+    pub fn merge(&mut self, other: &State, mut moved: impl FnMut(PairId)) {
+        for (&pair, &stamp) in &other.released {
+            if advance(&mut self.released, pair, stamp) {
+                moved(pair);
+            }
+        }
+        for (&pair, &stamp) in &other.applied {
+            if advance(&mut self.applied, pair, stamp) {
+                moved(pair);
+            }
+        }
+        self.limit = self.limit.max(other.limit);
+        self.prepared = self.prepared.max(other.prepared);
+    }
+
+    /// Every packet of `pair` at or below this seq may be forgotten.
+    pub fn watermark(&self, pair: PairId) -> Seq {
+        let r = self.released.get(&pair).map_or(Seq::ZERO, |s| s.seq);
+        let a = self.applied.get(&pair).map_or(Seq::ZERO, |s| s.seq);
+        r.max(a)
+    }
+
+    /// Whether every packet summarised by `max_seq` (pair -> highest seq) is covered.
+    pub fn covers(&self, max_seq: &BTreeMap<PairId, Seq>) -> bool {
+        max_seq
+            .iter()
+            .all(|(&pair, &seq)| seq <= self.watermark(pair))
+    }
+
+    pub fn max_ts(&self) -> Timestamp {
+        self.released
+            .values()
+            .chain(self.applied.values())
+            .map(|s| s.ts)
+            .fold(self.limit.max(self.prepared), Timestamp::max)
+    }
+}
+
+/// One pair as recovered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveredPair {
+    /// Latest `Released` stamp (`Stamp::ZERO` if none).
+    pub released: Stamp,
+    /// Latest `Applied` stamp (`Stamp::ZERO` if none).
+    pub applied: Stamp,
+    /// The packets not covered by either watermark, in `seq` order, one per `seq` (the
+    /// last one journaled wins). On a remote there may be gaps between them.
+    pub live: Vec<Packet>,
+}
+
+impl RecoveredPair {
+    /// Every packet at or below this seq is covered (released or applied).
+    pub fn watermark(&self) -> Seq {
+        self.released.seq.max(self.applied.seq)
+    }
+
+    /// The highest stamp known for the pair: the last live packet's, or the watermark's.
+    /// On a primary this is the last stamp handed out for data (`Sender::new`).
+    pub fn last(&self) -> Stamp {
+        let wm = if self.released.seq >= self.applied.seq {
+            self.released
+        } else {
+            self.applied
+        };
+        match self.live.last() {
+            Some(p) if p.stamp.seq > wm.seq => p.stamp,
+            _ => wm,
+        }
+    }
+}
+
+/// The torn or corrupt tail recovery dropped from the last segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailRepair {
+    pub segment: u64,
+    /// Where the first bad frame started; the segment now ends here.
+    pub offset: u64,
+    /// Bytes cut off.
+    pub dropped: u64,
+    /// What was wrong with the first bad frame.
+    pub reason: String,
+}
+
+/// What [`Journal::open`](super::Journal::open) found: the reduced state of every record
+/// durable in the journal.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Every pair with a watermark or a live packet.
+    pub pairs: BTreeMap<PairId, RecoveredPair>,
+    /// Latest `Limit` (`Timestamp::ZERO` if none).
+    pub limit: Timestamp,
+    /// Latest `Prepared` (`Timestamp::ZERO` if none).
+    pub prepared: Timestamp,
+    /// The largest time stamp in any record read (a floor for a restarted primary's
+    /// clock: `HybridClock::observe`).
+    pub max_ts: Timestamp,
+    /// Set if a torn or corrupt tail was cut off the last segment.
+    pub tail: Option<TailRepair>,
+    /// Segments on disk after recovery (and its reclamation).
+    pub segments: usize,
+}
+
+impl Recovered {
+    pub fn pair(&self, pair: PairId) -> Option<&RecoveredPair> {
+        self.pairs.get(&pair)
+    }
+
+    /// Live packets over all pairs.
+    pub fn live_packets(&self) -> usize {
+        self.pairs.values().map(|p| p.live.len()).sum()
+    }
+}
+
+/// Folds records, in journal order, into a [`Recovered`], dropping covered packets as
+/// soon as a watermark covers them so memory stays near the live set.
+#[derive(Default)]
+pub(crate) struct Rebuild {
+    pub state: State,
+    packets: BTreeMap<PairId, BTreeMap<Seq, Packet>>,
+    max_ts: Timestamp,
+}
+
+impl Rebuild {
+    fn prune(&mut self, pair: PairId) {
+        let wm = self.state.watermark(pair);
+        if let Some(held) = self.packets.get_mut(&pair) {
+            *held = held.split_off(&wm.next());
+        }
+    }
+
+    pub fn checkpoint(&mut self, cp: &State) {
+        self.max_ts = self.max_ts.max(cp.max_ts());
+        let mut moved = Vec::new();
+        self.state.merge(cp, |p| moved.push(p));
+        for pair in moved {
+            self.prune(pair);
+        }
+    }
+
+    pub fn record(&mut self, record: Record) {
+        self.max_ts = self.max_ts.max(record.max_ts());
+        match record {
+            Record::Packet(p) => {
+                if p.stamp.seq > self.state.watermark(p.pair) {
+                    self.packets
+                        .entry(p.pair)
+                        .or_default()
+                        .insert(p.stamp.seq, p);
+                }
+            }
+            other => {
+                if let Some(pair) = self.state.apply(&other) {
+                    self.prune(pair);
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) -> Recovered {
+        let mut pairs: BTreeMap<PairId, RecoveredPair> = BTreeMap::new();
+        for (&pair, &s) in &self.state.released {
+            pairs.entry(pair).or_default().released = s;
+        }
+        for (&pair, &s) in &self.state.applied {
+            pairs.entry(pair).or_default().applied = s;
+        }
+        for (pair, held) in self.packets {
+            if !held.is_empty() {
+                pairs.entry(pair).or_default().live = held.into_values().collect();
+            }
+        }
+        Recovered {
+            pairs,
+            limit: self.state.limit,
+            prepared: self.state.prepared,
+            max_ts: self.max_ts,
+            tail: None,
+            segments: 0,
+        }
+    }
+}

@@ -1,0 +1,1434 @@
+//! Journal tests. Randomised tests are seeded; every failure message names its seed.
+//! `TIDEMARK_JOURNAL_SEED=<n>` runs one extra seed.
+//!
+//! The loops that reopen a journal thousands of times run in /dev/shm when it exists:
+//! the code paths are the same, only the fsyncs are free there.
+
+use super::format::{self, Frames, HEADER_LEN};
+use super::*;
+use crate::packet::{Packet, Payload};
+use crate::types::{Offset, PairId, Seq, Stamp, Timestamp};
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use std::collections::BTreeMap;
+use tempfile::TempDir;
+
+fn seeds(fixed: &[u64]) -> Vec<u64> {
+    let mut v = fixed.to_vec();
+    if let Some(s) = std::env::var("TIDEMARK_JOURNAL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        v.push(s);
+    }
+    v
+}
+
+fn tempdir() -> TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// A temp dir on tmpfs if there is one (for loops of many reopens).
+fn fast_tempdir() -> TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("tidemark-journal")
+            .tempdir_in(shm)
+        {
+            return d;
+        }
+    }
+    tempdir()
+}
+
+fn opts(segment_size: u64, capacity: u64) -> JournalOptions {
+    JournalOptions {
+        segment_size,
+        capacity,
+        reserve: 4096,
+    }
+}
+
+fn open(dir: &Path, o: JournalOptions) -> (Journal, Recovered) {
+    Journal::open(dir, o).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+}
+
+fn seg_path(dir: &Path, segno: u64) -> PathBuf {
+    dir.join(format::segment_name(segno))
+}
+
+/// Every file in `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn restore(dir: &Path, snap: &BTreeMap<String, Vec<u8>>) {
+    for e in fs::read_dir(dir).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    for (name, bytes) in snap {
+        fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+fn segment_files(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(
+            |e| match format::classify(&e.unwrap().file_name().to_string_lossy()) {
+                format::FileKind::Segment(n) => Some(n),
+                _ => None,
+            },
+        )
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// `(offset, frame length)` of every good frame of a segment file (checkpoint first).
+fn frames_of(bytes: &[u8]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut frames = Frames::new(bytes);
+    while let Some(Ok((at, _))) = frames.next() {
+        out.push((at, frames.pos() - at));
+    }
+    out
+}
+
+/// Generates plausible records: per pair, seqs 1, 2, 3, ... with increasing time stamps;
+/// watermarks name real stamps (sometimes behind the current one); limits mostly grow.
+struct Gen {
+    rng: Pcg64,
+    pairs: u32,
+    max_data: usize,
+    ts: u64,
+    /// Per pair, the stamp of every seq handed out (index = seq - 1).
+    history: BTreeMap<PairId, Vec<Stamp>>,
+}
+
+impl Gen {
+    fn new(seed: u64, pairs: u32, max_data: usize) -> Self {
+        Gen {
+            rng: Pcg64::seed_from_u64(seed),
+            pairs,
+            max_data,
+            ts: 1_000,
+            history: BTreeMap::new(),
+        }
+    }
+
+    fn pair(&mut self) -> PairId {
+        PairId(self.rng.random_range(0..self.pairs))
+    }
+
+    fn packet_for(&mut self, pair: PairId, len: usize) -> Record {
+        self.ts += self.rng.random_range(1..1_000);
+        let h = self.history.entry(pair).or_default();
+        let stamp = Stamp::new(Timestamp(self.ts), Seq(h.len() as u64 + 1));
+        h.push(stamp);
+        let offset = Offset(self.rng.random_range(0..1u64 << 20) * 512);
+        let mut data = vec![0u8; len];
+        self.rng.fill(&mut data[..]);
+        Record::Packet(Packet {
+            pair,
+            stamp,
+            payload: Payload::Write {
+                offset,
+                data: Bytes::from(data),
+            },
+        })
+    }
+
+    /// A packet of a random pair: a write of up to `max_data` bytes, or a zero range.
+    fn packet(&mut self) -> Record {
+        let pair = self.pair();
+        let len = self.rng.random_range(0..=self.max_data);
+        let mut r = self.packet_for(pair, len);
+        if self.rng.random_bool(0.1) {
+            if let Record::Packet(p) = &mut r {
+                p.payload = Payload::Zero {
+                    offset: p.payload.offset(),
+                    len: self.rng.random_range(1..1u64 << 20),
+                };
+            }
+        }
+        r
+    }
+
+    /// The stamp of `seq` of `pair` (`Stamp::ZERO` for seq 0).
+    fn stamp_of(&self, pair: PairId, seq: u64) -> Stamp {
+        match seq {
+            0 => Stamp::ZERO,
+            s => self.history[&pair][s as usize - 1],
+        }
+    }
+
+    fn watermark(&mut self) -> (PairId, Stamp) {
+        let pair = self.pair();
+        let last = self.history.get(&pair).map_or(0, |h| h.len() as u64);
+        let seq = self.rng.random_range(0..=last);
+        (pair, self.stamp_of(pair, seq))
+    }
+
+    fn record(&mut self) -> Record {
+        match self.rng.random_range(0..20) {
+            0..=12 => self.packet(),
+            13..=14 => {
+                let (pair, stamp) = self.watermark();
+                Record::Released { pair, stamp }
+            }
+            15..=16 => {
+                let (pair, stamp) = self.watermark();
+                Record::Applied { pair, stamp }
+            }
+            17..=18 => Record::Limit {
+                ts: Timestamp(self.ts.saturating_sub(self.rng.random_range(0..3_000))),
+            },
+            _ => Record::Prepared {
+                ts: Timestamp(self.ts.saturating_sub(self.rng.random_range(0..3_000))),
+            },
+        }
+    }
+}
+
+/// An independent reduction of a record sequence: what recovery must return.
+#[derive(Default)]
+struct Model {
+    released: BTreeMap<PairId, Stamp>,
+    applied: BTreeMap<PairId, Stamp>,
+    limit: Timestamp,
+    prepared: Timestamp,
+    packets: BTreeMap<PairId, BTreeMap<Seq, Packet>>,
+    max_ts: Timestamp,
+}
+
+impl Model {
+    fn of(records: &[Record]) -> Model {
+        let mut m = Model::default();
+        for r in records {
+            m.apply(r);
+        }
+        m
+    }
+
+    fn apply(&mut self, r: &Record) {
+        let later =
+            |old: Option<&Stamp>, new: Stamp| old.is_none_or(|o| (new.seq, new.ts) > (o.seq, o.ts));
+        match r {
+            Record::Packet(p) => {
+                self.max_ts = self.max_ts.max(p.stamp.ts);
+                self.packets
+                    .entry(p.pair)
+                    .or_default()
+                    .insert(p.stamp.seq, p.clone());
+            }
+            Record::Released { pair, stamp } => {
+                self.max_ts = self.max_ts.max(stamp.ts);
+                if later(self.released.get(pair), *stamp) {
+                    self.released.insert(*pair, *stamp);
+                }
+            }
+            Record::Applied { pair, stamp } => {
+                self.max_ts = self.max_ts.max(stamp.ts);
+                if later(self.applied.get(pair), *stamp) {
+                    self.applied.insert(*pair, *stamp);
+                }
+            }
+            Record::Limit { ts } => {
+                self.max_ts = self.max_ts.max(*ts);
+                self.limit = self.limit.max(*ts);
+            }
+            Record::Prepared { ts } => {
+                self.max_ts = self.max_ts.max(*ts);
+                self.prepared = self.prepared.max(*ts);
+            }
+        }
+    }
+
+    fn expected(&self) -> Recovered {
+        let mut pairs: BTreeMap<PairId, RecoveredPair> = BTreeMap::new();
+        for (&p, &s) in &self.released {
+            pairs.entry(p).or_default().released = s;
+        }
+        for (&p, &s) in &self.applied {
+            pairs.entry(p).or_default().applied = s;
+        }
+        for (&p, held) in &self.packets {
+            let wm = pairs.get(&p).map_or(Seq::ZERO, |x| x.watermark());
+            let live: Vec<Packet> = held.range(wm.next()..).map(|(_, p)| p.clone()).collect();
+            if !live.is_empty() {
+                pairs.entry(p).or_default().live = live;
+            }
+        }
+        Recovered {
+            pairs,
+            limit: self.limit,
+            prepared: self.prepared,
+            max_ts: self.max_ts,
+            tail: None,
+            segments: 0,
+        }
+    }
+}
+
+/// Asserts that `got` is exactly the reduction of `records`, with a readable message.
+fn check(got: &Recovered, records: &[Record], ctx: &str) {
+    let want = Model::of(records).expected();
+    let summary = |r: &Recovered| -> Vec<(PairId, Stamp, Stamp, Vec<u64>)> {
+        r.pairs
+            .iter()
+            .map(|(p, s)| {
+                (
+                    *p,
+                    s.released,
+                    s.applied,
+                    s.live.iter().map(|p| p.stamp.seq.0).collect(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        summary(got),
+        summary(&want),
+        "{ctx}: pairs (released, applied, live seqs) after {} records",
+        records.len()
+    );
+    assert_eq!(
+        (got.limit, got.prepared, got.max_ts),
+        (want.limit, want.prepared, want.max_ts),
+        "{ctx}: limit, prepared, max_ts"
+    );
+    let mut g = got.clone();
+    g.tail = None;
+    g.segments = 0;
+    assert!(g == want, "{ctx}: packet contents differ");
+}
+
+#[test]
+fn round_trip_and_unsynced_appends_are_not_recovered() {
+    for seed in seeds(&[1, 2, 3]) {
+        let ctx = format!("seed {seed}");
+        let dir = tempdir();
+        let o = JournalOptions::default();
+        let (mut j, rec) = open(dir.path(), o);
+        check(&rec, &[], &ctx);
+        assert_eq!(rec.segments, 1, "{ctx}");
+        let mut g = Gen::new(seed, 4, 300);
+        let mut records = Vec::new();
+        while records.len() < 400 {
+            let n = g.rng.random_range(1..20);
+            let batch: Vec<Record> = (0..n).map(|_| g.record()).collect();
+            j.append(&batch).unwrap();
+            records.extend(batch);
+            if g.rng.random_bool(0.3) {
+                j.sync().unwrap();
+            }
+        }
+        j.sync().unwrap();
+        assert_eq!(j.pending(), 0, "{ctx}");
+        // Appended but never synced: gone after a restart.
+        j.append(&[
+            g.record(),
+            g.packet(),
+            Record::Limit {
+                ts: Timestamp(u64::MAX),
+            },
+        ])
+        .unwrap();
+        assert!(j.pending() > 0, "{ctx}");
+        drop(j);
+        let (mut j, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+        assert_eq!(rec.tail, None, "{ctx}");
+        // And the reopened journal takes more.
+        let more: Vec<Record> = (0..50).map(|_| g.record()).collect();
+        j.append(&more).unwrap();
+        j.sync().unwrap();
+        records.extend(more);
+        drop(j);
+        let (_, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+    }
+}
+
+#[test]
+fn write_survives_a_process_restart_and_sync_makes_it_durable() {
+    let ctx = "seed 101";
+    let dir = tempdir();
+    let o = opts(4096, 1 << 20);
+    let (mut j, _) = open(dir.path(), o);
+    let mut g = Gen::new(101, 2, 100);
+    let mut records = Vec::new();
+    for _ in 0..10 {
+        let r = g.record();
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+        j.write().unwrap();
+        assert_eq!(j.pending(), 0, "{ctx}");
+    }
+    assert_eq!(j.stats().syncs, 0, "{ctx}: write must not fdatasync");
+    // Dropped without a sync, as if the process died: the page cache has the records.
+    drop(j);
+    let (mut j, rec) = open(dir.path(), o);
+    check(&rec, &records, ctx);
+
+    // A sync after a write fdatasyncs even with nothing pending; then it is a no-op.
+    let r = g.record();
+    j.append(std::slice::from_ref(&r)).unwrap();
+    records.push(r);
+    j.write().unwrap();
+    j.sync().unwrap();
+    assert_eq!(j.stats().syncs, 1, "{ctx}");
+    j.sync().unwrap();
+    assert_eq!(j.stats().syncs, 1, "{ctx}");
+
+    // A write that starts a segment creates it durably: a full sync.
+    let start = j.position().0;
+    while j.position().0 == start {
+        let r = g.packet();
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+    }
+    j.write().unwrap();
+    assert_eq!(j.stats().syncs, 2, "{ctx}");
+    assert_eq!(
+        segment_files(dir.path()).last(),
+        Some(&(start + 1)),
+        "{ctx}"
+    );
+    drop(j);
+    let (_, rec) = open(dir.path(), o);
+    check(&rec, &records, ctx);
+}
+
+#[test]
+fn duplicate_seq_last_journaled_wins_and_empty_append_is_a_no_op() {
+    let dir = tempdir();
+    let (mut j, _) = open(dir.path(), JournalOptions::default());
+    let p = |data: &'static [u8]| {
+        Record::Packet(Packet {
+            pair: PairId(1),
+            stamp: Stamp::new(Timestamp(10), Seq(1)),
+            payload: Payload::Write {
+                offset: Offset(0),
+                data: Bytes::from_static(data),
+            },
+        })
+    };
+    j.append(&[]).unwrap();
+    assert_eq!(j.pending(), 0);
+    j.append(&[p(b"old"), p(b"new")]).unwrap();
+    j.sync().unwrap();
+    drop(j);
+    let (_, rec) = open(dir.path(), JournalOptions::default());
+    let live = &rec.pair(PairId(1)).unwrap().live;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].payload.len(), 3);
+    assert_eq!(
+        live[0].payload,
+        Payload::Write {
+            offset: Offset(0),
+            data: Bytes::from_static(b"new")
+        }
+    );
+}
+
+#[test]
+fn many_records_across_rotation_with_reopens() {
+    for seed in seeds(&[11, 12]) {
+        let ctx = format!("seed {seed}");
+        let dir = tempdir();
+        let o = opts(4096, 4 << 20);
+        let (mut j, _) = open(dir.path(), o);
+        let mut g = Gen::new(seed, 3, 200);
+        let mut records = Vec::new();
+        let mut reopens = 0;
+        while records.len() < 3_000 {
+            let n = g.rng.random_range(1..40);
+            let batch: Vec<Record> = (0..n).map(|_| g.record()).collect();
+            j.append(&batch).unwrap();
+            records.extend(batch);
+            if g.rng.random_bool(0.2) {
+                // Written or synced, the bytes are in the files.
+                if g.rng.random_bool(0.5) {
+                    j.write().unwrap();
+                } else {
+                    j.sync().unwrap();
+                }
+                assert_eq!(j.pending(), 0, "{ctx}");
+                // Segments on disk are contiguous and match the journal's view.
+                let files = segment_files(dir.path());
+                let (first, last) = j.segment_range();
+                assert_eq!(files, (first..=last).collect::<Vec<_>>(), "{ctx}");
+                assert_eq!(j.segments(), files.len(), "{ctx}");
+                let on_disk: u64 = files
+                    .iter()
+                    .map(|&n| fs::metadata(seg_path(dir.path(), n)).unwrap().len())
+                    .sum();
+                assert_eq!(on_disk, j.used(), "{ctx}: used() counts the bytes on disk");
+            }
+            if g.rng.random_bool(0.02) {
+                // Written is enough for a reopen by the next process.
+                j.write().unwrap();
+                drop(j);
+                let (j2, rec) = open(dir.path(), o);
+                check(&rec, &records, &format!("{ctx} reopen {reopens}"));
+                j = j2;
+                reopens += 1;
+            }
+        }
+        j.sync().unwrap();
+        // Segments stay near their size: a record only goes past it at the start.
+        for n in segment_files(dir.path()) {
+            let len = fs::metadata(seg_path(dir.path(), n)).unwrap().len();
+            assert!(len <= 4096 + 512, "{ctx}: segment {n} has {len} bytes");
+        }
+        let last = j.position().0;
+        assert!(last > 20, "{ctx}: only {last} segments");
+        drop(j);
+        let (_, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+    }
+}
+
+/// Appends records that change nothing (the current watermark of pair 0 again) until a
+/// new segment starts, and syncs.
+fn rotate(j: &mut Journal, records: &mut Vec<Record>) {
+    let start = j.position().0;
+    while j.position().0 == start {
+        let r = Record::Released {
+            pair: PairId(0),
+            stamp: j.released(PairId(0)),
+        };
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+    }
+    j.sync().unwrap();
+}
+
+/// Builds a journal of several segments from small records with syncs in between, and
+/// returns the records and where each ended: `(segment, offset)`. Its last segment holds
+/// a watermark for every pair up to its last packet (covering every sealed segment:
+/// deleting them on the strength of it would be wrong, as a cut before it takes it back),
+/// then a tail of packets and limits; the last sync writes it all.
+fn build(dir: &Path, o: JournalOptions, g: &mut Gen, n: usize) -> (Vec<Record>, Vec<(u64, u64)>) {
+    let (mut j, _) = open(dir, o);
+    let mut records = Vec::new();
+    let mut ends = Vec::new();
+    let mut push = |j: &mut Journal, r: Record| {
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+        ends.push(j.position());
+    };
+    for _ in 0..n {
+        push(&mut j, g.record());
+        if g.rng.random_bool(0.1) {
+            j.sync().unwrap();
+        }
+    }
+    j.sync().unwrap();
+    let start = j.position().0;
+    while j.position().0 == start {
+        push(&mut j, g.packet());
+    }
+    let pairs: Vec<(PairId, Stamp)> = g
+        .history
+        .iter()
+        .map(|(&p, h)| (p, *h.last().unwrap()))
+        .collect();
+    for (i, (pair, stamp)) in pairs.into_iter().enumerate() {
+        if i % 2 == 0 {
+            push(&mut j, Record::Released { pair, stamp });
+        } else {
+            push(&mut j, Record::Applied { pair, stamp });
+        }
+    }
+    for _ in 0..30 {
+        let r = if g.rng.random_bool(0.8) {
+            g.packet()
+        } else {
+            Record::Limit {
+                ts: Timestamp(g.ts),
+            }
+        };
+        push(&mut j, r);
+    }
+    j.sync().unwrap();
+    let last = ends.last().unwrap().0;
+    assert_eq!(last, start + 1);
+    assert_eq!(segment_files(dir).last(), Some(&last));
+    (records, ends)
+}
+
+#[test]
+fn torn_tail_at_every_truncation_point_recovers_exactly_the_prefix() {
+    // Reclamation must not depend on anything after the last segment's checkpoint, or a
+    // cut there would lose packets of deleted segments: make sure some seed deletes.
+    let mut reclaimed = false;
+    for seed in seeds(&[21, 22, 23]) {
+        let ctx = format!("seed {seed}");
+        let dir = fast_tempdir();
+        let o = opts(4096, 1 << 20);
+        let mut g = Gen::new(seed, 3, 40);
+        // Enough for a few segments; the last one partly filled.
+        let (records, ends) = build(dir.path(), o, &mut g, 250);
+        let last = ends.last().unwrap().0;
+        assert!(last >= 3, "{ctx}: only {last} segments");
+        reclaimed |= segment_files(dir.path())[0] > 1;
+        let path = seg_path(dir.path(), last);
+        let full = fs::read(&path).unwrap();
+        let cp_end = frames_of(&full)[0].0 + frames_of(&full)[0].1;
+        let mut others = snapshot(dir.path());
+        others.remove(&format::segment_name(last));
+        let boundaries: Vec<u64> = std::iter::once(cp_end)
+            .chain(ends.iter().filter(|e| e.0 == last).map(|e| e.1))
+            .collect();
+        assert_eq!(*boundaries.last().unwrap(), full.len() as u64, "{ctx}");
+        for cut in 0..=full.len() {
+            let ctx = format!("{ctx} cut {cut} of {}", full.len());
+            fs::write(&path, &full[..cut]).unwrap();
+            let res = Journal::open(dir.path(), o);
+            if (cut as u64) < cp_end {
+                // Header and checkpoint were durable before the segment got its name.
+                match res {
+                    Err(JournalError::Corrupt { segment, .. }) => {
+                        assert_eq!(segment, last, "{ctx}")
+                    }
+                    other => panic!("{ctx}: {other:?}"),
+                }
+                assert_eq!(
+                    fs::read(&path).unwrap(),
+                    &full[..cut],
+                    "{ctx}: file changed"
+                );
+                continue;
+            }
+            let (j, rec) = res.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            let k = ends
+                .iter()
+                .filter(|(s, e)| *s < last || *e <= cut as u64)
+                .count();
+            check(&rec, &records[..k], &ctx);
+            let clean = *boundaries.iter().rfind(|&&b| b <= cut as u64).unwrap();
+            match &rec.tail {
+                None => assert_eq!(clean, cut as u64, "{ctx}"),
+                Some(t) => {
+                    assert_eq!((t.segment, t.offset), (last, clean), "{ctx}");
+                    assert_eq!(t.dropped, cut as u64 - clean, "{ctx}");
+                }
+            }
+            assert_eq!(
+                fs::metadata(&path).unwrap().len(),
+                clean,
+                "{ctx}: tail cut off"
+            );
+            assert_eq!(j.position(), (last, clean), "{ctx}");
+            drop(j);
+        }
+        let mut now = snapshot(dir.path());
+        now.remove(&format::segment_name(last));
+        assert!(now == others, "{ctx}: other segments changed");
+
+        // After a repair, more appends and a reopen work.
+        for _ in 0..5 {
+            let cut = g.rng.random_range(cp_end as usize..=full.len());
+            let ctx = format!("{ctx} append after cut {cut}");
+            fs::write(&path, &full[..cut]).unwrap();
+            let (mut j, _) = open(dir.path(), o);
+            let k = ends
+                .iter()
+                .filter(|(s, e)| *s < last || *e <= cut as u64)
+                .count();
+            let mut expect = records[..k].to_vec();
+            let more: Vec<Record> = (0..100).map(|_| g.record()).collect();
+            j.append(&more).unwrap();
+            j.sync().unwrap();
+            expect.extend(more);
+            drop(j);
+            let (_, rec) = open(dir.path(), o);
+            check(&rec, &expect, &ctx);
+            assert_eq!(rec.tail, None, "{ctx}");
+            restore(dir.path(), &others);
+        }
+    }
+    assert!(reclaimed, "no seed reclaimed a segment");
+}
+
+#[test]
+fn bit_flip_in_the_last_segment_drops_that_record_and_everything_after() {
+    for seed in seeds(&[31, 32]) {
+        let ctx = format!("seed {seed}");
+        let dir = fast_tempdir();
+        let o = opts(4096, 1 << 20);
+        let mut g = Gen::new(seed, 3, 60);
+        let (mut records, _) = build(dir.path(), o, &mut g, 150);
+        // End with a packet that has some data, so flips hit header, stamp and data.
+        let tail_packet = g.packet_for(PairId(1), 64);
+        {
+            let (mut j, _) = open(dir.path(), o);
+            j.append(std::slice::from_ref(&tail_packet)).unwrap();
+            j.sync().unwrap();
+        }
+        records.push(tail_packet);
+        let snap = snapshot(dir.path());
+        let last = *segment_files(dir.path()).last().unwrap();
+        let path = seg_path(dir.path(), last);
+        let full = fs::read(&path).unwrap();
+        let frames = frames_of(&full);
+        let in_last = frames.len() - 1; // records in the last segment (minus checkpoint)
+        assert!(in_last >= 2, "{ctx}");
+
+        // Every bit of the last record.
+        let (at, len) = *frames.last().unwrap();
+        for bit in 0..len * 8 {
+            let ctx = format!("{ctx} flip bit {bit} of the last record at {at}");
+            let mut bytes = full.clone();
+            bytes[(at + bit / 8) as usize] ^= 1 << (bit % 8);
+            fs::write(&path, &bytes).unwrap();
+            let (_, rec) = Journal::open(dir.path(), o).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            check(&rec, &records[..records.len() - 1], &ctx);
+            assert_eq!(rec.tail.as_ref().map(|t| t.offset), Some(at), "{ctx}");
+            assert_eq!(fs::metadata(&path).unwrap().len(), at, "{ctx}");
+        }
+
+        // A flip in an earlier record of the last segment drops it and all after it.
+        for _ in 0..40 {
+            let i = g.rng.random_range(1..frames.len());
+            let (at, len) = frames[i];
+            let byte = at + g.rng.random_range(0..len);
+            let ctx = format!("{ctx} flip in record {i} of the last segment at byte {byte}");
+            let mut bytes = full.clone();
+            bytes[byte as usize] ^= 1 << g.rng.random_range(0..8);
+            fs::write(&path, &bytes).unwrap();
+            let (_, rec) = Journal::open(dir.path(), o).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            let kept = records.len() - (frames.len() - i);
+            check(&rec, &records[..kept], &ctx);
+            assert_eq!(rec.tail.as_ref().map(|t| t.offset), Some(at), "{ctx}");
+        }
+
+        // A flip in the last segment's header or checkpoint is corruption, not a tail.
+        let cp_end = frames[0].0 + frames[0].1;
+        for _ in 0..40 {
+            let byte = g.rng.random_range(0..cp_end);
+            let ctx = format!("{ctx} flip in header/checkpoint at byte {byte}");
+            let mut bytes = full.clone();
+            bytes[byte as usize] ^= 1 << g.rng.random_range(0..8);
+            fs::write(&path, &bytes).unwrap();
+            match Journal::open(dir.path(), o) {
+                Err(JournalError::Corrupt {
+                    segment, offset, ..
+                }) => {
+                    assert_eq!(segment, last, "{ctx}");
+                    let want = if byte < HEADER_LEN as u64 {
+                        0
+                    } else {
+                        HEADER_LEN as u64
+                    };
+                    assert_eq!(offset, want, "{ctx}");
+                }
+                other => panic!("{ctx}: {other:?}"),
+            }
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                bytes,
+                "{ctx}: a failed open changed the file"
+            );
+        }
+        restore(dir.path(), &snap);
+        let (_, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+    }
+}
+
+#[test]
+fn corruption_in_a_sealed_segment_is_an_error_and_changes_nothing() {
+    for seed in seeds(&[41, 42]) {
+        let ctx = format!("seed {seed}");
+        let dir = fast_tempdir();
+        let o = opts(4096, 1 << 20);
+        // Packets only: nothing is released, nothing reclaimed.
+        let mut g = Gen::new(seed, 3, 80);
+        let (mut j, _) = open(dir.path(), o);
+        let records: Vec<Record> = (0..200).map(|_| g.packet()).collect();
+        j.append(&records).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let files = segment_files(dir.path());
+        assert!(files.len() >= 3, "{ctx}");
+        let snap = snapshot(dir.path());
+        for round in 0..60 {
+            let segno = files[g.rng.random_range(0..files.len() - 1)];
+            let path = seg_path(dir.path(), segno);
+            let bytes = snap[&format::segment_name(segno)].clone();
+            let frames = frames_of(&bytes);
+            let mut bad = bytes.clone();
+            let (want_offset, what) = match round % 4 {
+                0 => {
+                    // A bit flip in a frame.
+                    let (at, len) = frames[g.rng.random_range(0..frames.len())];
+                    let byte = at + g.rng.random_range(0..len);
+                    bad[byte as usize] ^= 1 << g.rng.random_range(0..8);
+                    (at, format!("flip at {byte}"))
+                }
+                1 => {
+                    // Cut inside a frame (a sealed segment is never torn).
+                    let (at, len) = *frames.last().unwrap();
+                    let cut = at + g.rng.random_range(1..len);
+                    bad.truncate(cut as usize);
+                    (at, format!("cut at {cut}"))
+                }
+                2 => {
+                    // Whole frames lost at the end: the segment reads clean, but its
+                    // successor's checkpoint knows how long it was.
+                    let (at, _) = frames[g.rng.random_range(1..frames.len())];
+                    bad.truncate(at as usize);
+                    (at, format!("cut at the frame boundary {at}"))
+                }
+                _ => {
+                    let byte = g.rng.random_range(0..HEADER_LEN);
+                    bad[byte] ^= 1 << g.rng.random_range(0..8);
+                    (0, format!("header flip at {byte}"))
+                }
+            };
+            let ctx = format!("{ctx} segment {segno}: {what}");
+            fs::write(&path, &bad).unwrap();
+            match Journal::open(dir.path(), o) {
+                Err(JournalError::Corrupt {
+                    segment, offset, ..
+                }) => assert_eq!((segment, offset), (segno, want_offset), "{ctx}"),
+                Err(e) => panic!("{ctx}: {e}"),
+                Ok((_, rec)) => panic!("{ctx}: opened, tail {:?}", rec.tail),
+            }
+            let mut expect = snap.clone();
+            expect.insert(format::segment_name(segno), bad);
+            assert!(
+                snapshot(dir.path()) == expect,
+                "{ctx}: a failed open changed files"
+            );
+            fs::write(&path, &bytes).unwrap();
+        }
+        let (_, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+    }
+}
+
+#[test]
+fn full_leaves_the_journal_unchanged_and_usable() {
+    let seed = 51;
+    let ctx = format!("seed {seed}");
+    let dir = tempdir();
+    let o = opts(4096, 16384);
+    let (mut j, _) = open(dir.path(), o);
+    let mut g = Gen::new(seed, 2, 0);
+    let mut records = Vec::new();
+    // Fill with ~1 KiB packets until one is refused.
+    let err = loop {
+        let pair = PairId(records.len() as u32 % 2);
+        let r = g.packet_for(pair, 1000);
+        match j.append(std::slice::from_ref(&r)) {
+            Ok(()) => {
+                records.push(r);
+                j.sync().unwrap();
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, JournalError::Full { .. }), "{ctx}: {err}");
+    assert!(j.used() <= o.capacity, "{ctx}");
+    let before = (j.used(), j.position(), j.segments(), snapshot(dir.path()));
+    // A batch whose first records would fit is refused as a whole.
+    let small = g.packet_for(PairId(0), 10);
+    let big = g.packet_for(PairId(1), 3000);
+    assert!(
+        matches!(
+            j.append(&[small.clone(), big]),
+            Err(JournalError::Full { .. })
+        ),
+        "{ctx}"
+    );
+    j.sync().unwrap();
+    assert_eq!(
+        (j.used(), j.position(), j.segments(), snapshot(dir.path())),
+        before,
+        "{ctx}"
+    );
+    assert_eq!(j.stats().full, 2, "{ctx}");
+    // The seqs of the refused packets are never journaled; the caller would retry them
+    // later. The model must not see them either; re-stamp what comes next.
+    g.history.get_mut(&PairId(0)).unwrap().pop();
+    g.history.get_mut(&PairId(1)).unwrap().pop();
+
+    // Records without packets may go past the capacity, into the reserve...
+    let mut ts = 1;
+    while j.used() <= o.capacity {
+        let r = Record::Limit { ts: Timestamp(ts) };
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+        ts += 1;
+    }
+    let tiny = g.packet_for(PairId(0), 0);
+    assert!(
+        matches!(j.append(&[tiny]), Err(JournalError::Full { .. })),
+        "{ctx}: a packet must not use the reserve"
+    );
+    g.history.get_mut(&PairId(0)).unwrap().pop();
+    // ... so the watermarks that free it still go in, and syncing them frees segments.
+    let released: Vec<Record> = [PairId(0), PairId(1)]
+        .into_iter()
+        .map(|pair| Record::Released {
+            pair,
+            stamp: *g.history[&pair].last().unwrap(),
+        })
+        .collect();
+    j.append(&released).unwrap();
+    records.extend(released);
+    let segs = j.segments();
+    j.sync().unwrap();
+    // Short of space, the sync starts a new segment at once so it can delete old ones.
+    assert_eq!(j.stats().early_rotations, 1, "{ctx}");
+    assert!(j.segments() < segs, "{ctx}: nothing reclaimed");
+    assert!(j.used() < o.capacity / 2, "{ctx}: used {}", j.used());
+    // Packets go in again.
+    for _ in 0..4 {
+        let r = g.packet_for(PairId(0), 1000);
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+    }
+    j.sync().unwrap();
+    drop(j);
+    let (_, rec) = open(dir.path(), o);
+    check(&rec, &records, &ctx);
+    assert_eq!(rec.pair(PairId(0)).unwrap().live.len(), 4, "{ctx}");
+
+    // Even the reserve has an end.
+    let (mut j, _) = open(dir.path(), o);
+    let mut n = 0;
+    loop {
+        match j.append(&[Record::Limit { ts: Timestamp(n) }]) {
+            Ok(()) => n += 1,
+            Err(JournalError::Full { limit, .. }) => {
+                assert_eq!(limit, o.capacity + o.reserve, "{ctx}");
+                break;
+            }
+            Err(e) => panic!("{ctx}: {e}"),
+        }
+        assert!(n < 100_000, "{ctx}: control records never fill the journal");
+    }
+}
+
+#[test]
+fn too_large_record_is_refused_and_changes_nothing() {
+    let dir = tempdir();
+    let o = opts(4096, 1 << 20);
+    let (mut j, _) = open(dir.path(), o);
+    let mut g = Gen::new(61, 1, 0);
+    let ok = g.packet_for(PairId(0), 4000);
+    j.append(std::slice::from_ref(&ok)).unwrap();
+    let pos = j.position();
+    let big = g.packet_for(PairId(0), 5000);
+    assert!(matches!(
+        j.append(&[Record::Limit { ts: Timestamp(1) }, big]),
+        Err(JournalError::TooLarge { max: 4096, .. })
+    ));
+    assert_eq!(j.position(), pos);
+    assert_eq!(j.limit(), Timestamp::ZERO);
+    // A record that fills a segment on its own: it gets one.
+    let ok2 = g.packet_for(PairId(0), 4000);
+    j.append(std::slice::from_ref(&ok2)).unwrap();
+    assert_eq!(j.position().0, pos.0 + 1);
+    j.sync().unwrap();
+    drop(j);
+    let (_, rec) = open(dir.path(), o);
+    check(&rec, &[ok, ok2], "too large");
+}
+
+#[test]
+fn reclamation_deletes_covered_segments_and_recovery_keeps_what_matters() {
+    for seed in seeds(&[71, 72]) {
+        let ctx = format!("seed {seed}");
+        let dir = tempdir();
+        let o = opts(4096, 4 << 20);
+        let (mut j, _) = open(dir.path(), o);
+        let mut g = Gen::new(seed, 3, 0);
+        // Limits only in the first segment: after reclamation only checkpoints know them.
+        let mut records = vec![
+            Record::Limit { ts: Timestamp(500) },
+            Record::Prepared { ts: Timestamp(700) },
+        ];
+        for i in 0..300 {
+            let len = g.rng.random_range(50..150);
+            records.push(g.packet_for(PairId(i % 3), len));
+        }
+        j.append(&records).unwrap();
+        j.sync().unwrap();
+        let total = j.segments();
+        assert!(total >= 8, "{ctx}: {total} segments");
+        assert_eq!(segment_files(dir.path()).len(), total, "{ctx}");
+
+        // Primary-style release of pairs 0 and 1, remote-style applied point for pair 2,
+        // which lags at half: it alone holds back reclamation.
+        let last_seq = |g: &Gen, p: u32| g.history[&PairId(p)].len() as u64;
+        let half = last_seq(&g, 2) / 2;
+        let marks = vec![
+            Record::Released {
+                pair: PairId(0),
+                stamp: g.stamp_of(PairId(0), last_seq(&g, 0)),
+            },
+            Record::Released {
+                pair: PairId(1),
+                stamp: g.stamp_of(PairId(1), last_seq(&g, 1)),
+            },
+            Record::Applied {
+                pair: PairId(2),
+                stamp: g.stamp_of(PairId(2), half),
+            },
+        ];
+        j.append(&marks).unwrap();
+        records.extend(marks);
+        j.sync().unwrap();
+        // With space to spare, deletion waits for the next segment's checkpoint (so that
+        // no torn tail can take back a watermark a deletion relied on).
+        assert_eq!(j.segment_range().0, 1, "{ctx}");
+        assert_eq!(j.stats().early_rotations, 0, "{ctx}");
+        rotate(&mut j, &mut records);
+        let (first, _) = j.segment_range();
+        assert!(first > 1, "{ctx}: nothing reclaimed");
+        assert!(j.segments() < total, "{ctx}");
+        assert_eq!(segment_files(dir.path()).first(), Some(&first), "{ctx}");
+        // The oldest remaining segment holds a packet of pair 2 above the applied point.
+        let bytes = fs::read(seg_path(dir.path(), first)).unwrap();
+        let mut holds_live = false;
+        for f in Frames::new(&bytes) {
+            if let Ok((_, format::Entry::Record(Record::Packet(p)))) = f {
+                holds_live |= p.pair == PairId(2) && p.stamp.seq.0 > half;
+            }
+        }
+        assert!(holds_live, "{ctx}: segment {first} could have been deleted");
+        drop(j);
+        let (mut j, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+        assert_eq!(
+            (rec.limit, rec.prepared),
+            (Timestamp(500), Timestamp(700)),
+            "{ctx}"
+        );
+        assert_eq!(rec.pair(PairId(0)).unwrap().live.len(), 0, "{ctx}");
+        assert_eq!(
+            rec.pair(PairId(0)).unwrap().last(),
+            g.stamp_of(PairId(0), last_seq(&g, 0)),
+            "{ctx}: a fully released pair still knows its last stamp"
+        );
+        assert_eq!(
+            rec.pair(PairId(2)).unwrap().live.len() as u64,
+            last_seq(&g, 2) - half,
+            "{ctx}"
+        );
+
+        // Everything applied: only the active segment is left, and it keeps the state.
+        let rest = Record::Applied {
+            pair: PairId(2),
+            stamp: g.stamp_of(PairId(2), last_seq(&g, 2)),
+        };
+        j.append(std::slice::from_ref(&rest)).unwrap();
+        records.push(rest);
+        // Once a new segment starts, its checkpoint covers every sealed one: all go.
+        rotate(&mut j, &mut records);
+        j.sync().unwrap();
+        assert_eq!(j.segments(), 1, "{ctx}");
+        assert_eq!(segment_files(dir.path()), vec![j.position().0], "{ctx}");
+        drop(j);
+        let (_, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+        assert_eq!(rec.live_packets(), 0, "{ctx}");
+        assert_eq!(rec.segments, 1, "{ctx}");
+        assert_eq!(rec.prepared, Timestamp(700), "{ctx}");
+    }
+}
+
+#[test]
+fn interrupted_reclamation_gap_is_finished_and_a_real_gap_is_an_error() {
+    let ctx = "seed 81";
+    let dir = tempdir();
+    let o = opts(4096, 4 << 20);
+    let (mut j, _) = open(dir.path(), o);
+    let mut g = Gen::new(81, 2, 0);
+    let mut records: Vec<Record> = (0..200)
+        .map(|i| {
+            let len = g.rng.random_range(50..150);
+            g.packet_for(PairId(i % 2), len)
+        })
+        .collect();
+    j.append(&records).unwrap();
+    j.sync().unwrap();
+    let before = snapshot(dir.path());
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 5, "{ctx}");
+
+    drop(j);
+    // A segment missing from the middle with live packets before it: an error.
+    fs::remove_file(seg_path(dir.path(), files[1])).unwrap();
+    match Journal::open(dir.path(), o) {
+        Err(JournalError::Missing { segment, .. }) => assert_eq!(segment, files[1], "{ctx}"),
+        other => panic!("{ctx}: {other:?}"),
+    }
+    restore(dir.path(), &before);
+    let (mut j, _) = open(dir.path(), o);
+
+    // Release everything; the sync deletes every sealed segment.
+    let marks: Vec<Record> = [PairId(0), PairId(1)]
+        .into_iter()
+        .map(|pair| Record::Released {
+            pair,
+            stamp: *g.history[&pair].last().unwrap(),
+        })
+        .collect();
+    j.append(&marks).unwrap();
+    records.extend(marks);
+    rotate(&mut j, &mut records);
+    assert_eq!(segment_files(dir.path()).len(), 1, "{ctx}");
+    drop(j);
+    // As if the crash came after some unlinks reached the disk and others did not.
+    for &n in &files[..1] {
+        let name = format::segment_name(n);
+        fs::write(dir.path().join(&name), &before[&name]).unwrap();
+    }
+    let name = format::segment_name(files[2]);
+    fs::write(dir.path().join(&name), &before[&name]).unwrap();
+    let (_, rec) = open(dir.path(), o);
+    check(&rec, &records, ctx);
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        1,
+        "{ctx}: the gap was not cleaned up"
+    );
+}
+
+#[test]
+fn leftover_temp_files_are_removed_and_other_files_ignored() {
+    let dir = tempdir();
+    let o = opts(4096, 1 << 20);
+    let (mut j, _) = open(dir.path(), o);
+    let r = Record::Limit { ts: Timestamp(9) };
+    j.append(std::slice::from_ref(&r)).unwrap();
+    j.sync().unwrap();
+    drop(j);
+    fs::write(dir.path().join(format::temp_name(2)), b"half a segment").unwrap();
+    fs::write(dir.path().join("README"), b"not a segment").unwrap();
+    fs::write(dir.path().join("12.seg"), b"not a segment name").unwrap();
+    let (_, rec) = open(dir.path(), o);
+    check(&rec, &[r], "temp");
+    assert!(!dir.path().join(format::temp_name(2)).exists());
+    assert!(dir.path().join("README").exists());
+    assert_eq!(segment_files(dir.path()), vec![1]);
+
+    // A crash while the very first segment was being created: only its temp file.
+    let fresh = tempdir();
+    fs::write(fresh.path().join(format::temp_name(1)), b"half").unwrap();
+    let (_, rec) = open(fresh.path(), o);
+    assert_eq!(rec.segments, 1);
+    assert_eq!(segment_files(fresh.path()), vec![1]);
+    assert!(!fresh.path().join(format::temp_name(1)).exists());
+}
+
+#[test]
+fn open_creates_a_missing_directory_and_rejects_bad_options() {
+    let dir = tempdir();
+    let sub = dir.path().join("a/b/journal");
+    let (_, rec) = open(&sub, JournalOptions::default());
+    assert_eq!(
+        rec,
+        Recovered {
+            segments: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(segment_files(&sub), vec![1]);
+    for bad in [opts(100, 1 << 20), opts(4096, 8000), opts(2 << 30, 8 << 30)] {
+        assert!(matches!(
+            Journal::open(dir.path(), bad),
+            Err(JournalError::Options(_))
+        ));
+    }
+    let small = JournalOptions::with_capacity(100 << 10);
+    assert_eq!(small.segment_size, 50 << 10);
+    assert!(Journal::open(&dir.path().join("small"), small).is_ok());
+    let d = JournalOptions::default();
+    assert_eq!(
+        (d.segment_size, d.capacity, d.reserve),
+        (16 << 20, 256 << 20, 1 << 20)
+    );
+}
+
+#[test]
+fn arbitrary_damage_never_panics_and_a_successful_open_leaves_a_clean_journal() {
+    for seed in seeds(&[91]) {
+        let dir = fast_tempdir();
+        let o = opts(4096, 1 << 20);
+        let mut g = Gen::new(seed, 3, 100);
+        build(dir.path(), o, &mut g, 250);
+        let base = snapshot(dir.path());
+        let names: Vec<String> = base.keys().cloned().collect();
+        let mut opened = 0;
+        for round in 0..400 {
+            let ctx = format!("seed {seed} round {round}");
+            restore(dir.path(), &base);
+            for _ in 0..g.rng.random_range(1..4) {
+                let name = &names[g.rng.random_range(0..names.len())];
+                let path = dir.path().join(name);
+                let Ok(mut bytes) = fs::read(&path) else {
+                    continue;
+                };
+                match g.rng.random_range(0..7) {
+                    0 if !bytes.is_empty() => {
+                        let at = g.rng.random_range(0..bytes.len());
+                        let n = g.rng.random_range(1..64).min(bytes.len() - at);
+                        g.rng.fill(&mut bytes[at..at + n]);
+                    }
+                    1 => bytes.truncate(g.rng.random_range(0..=bytes.len())),
+                    2 => {
+                        let mut junk = vec![0u8; g.rng.random_range(1..200)];
+                        g.rng.fill(&mut junk[..]);
+                        bytes.extend(junk);
+                    }
+                    3 if !bytes.is_empty() => {
+                        for _ in 0..g.rng.random_range(1..8) {
+                            let at = g.rng.random_range(0..bytes.len());
+                            bytes[at] ^= 1 << g.rng.random_range(0..8);
+                        }
+                    }
+                    4 => {
+                        let _ = fs::remove_file(&path);
+                        continue;
+                    }
+                    5 => {
+                        // A plausible next segment: a valid header, then junk.
+                        let n = segment_files(dir.path()).last().copied().unwrap_or(0) + 1;
+                        let mut b = format::encode_header(n).to_vec();
+                        let mut junk = vec![0u8; g.rng.random_range(0..300)];
+                        g.rng.fill(&mut junk[..]);
+                        b.extend(junk);
+                        fs::write(seg_path(dir.path(), n), b).unwrap();
+                        continue;
+                    }
+                    _ => {
+                        // Zeroes, as a crash can leave in an extended file.
+                        let n = g.rng.random_range(1..100);
+                        bytes.extend(std::iter::repeat_n(0u8, n));
+                    }
+                }
+                fs::write(&path, &bytes).unwrap();
+            }
+            let Ok((j, rec)) = Journal::open(dir.path(), o) else {
+                continue;
+            };
+            opened += 1;
+            drop(j);
+            // The repaired journal reopens clean, to the same state, and takes more.
+            let (mut j, again) = Journal::open(dir.path(), o)
+                .unwrap_or_else(|e| panic!("{ctx}: reopen after a successful open: {e}"));
+            assert_eq!(again.tail, None, "{ctx}");
+            let mut first = rec.clone();
+            first.tail = None;
+            assert!(again == first, "{ctx}: reopen recovered something else");
+            j.append(&[g.record(), g.record()]).unwrap();
+            j.sync().unwrap();
+            drop(j);
+            Journal::open(dir.path(), o)
+                .unwrap_or_else(|e| panic!("{ctx}: reopen after appending: {e}"));
+        }
+        assert!(
+            opened > 20,
+            "seed {seed}: only {opened} damaged journals opened"
+        );
+    }
+}
+
+#[test]
+fn on_disk_format_is_pinned() {
+    assert_eq!(
+        format::encode_header(7)[..28],
+        [
+            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0
+        ]
+    );
+    let h = format::encode_header(7);
+    assert_eq!(
+        u32::from_le_bytes([h[28], h[29], h[30], h[31]]),
+        crc32c::crc32c(&h[..28])
+    );
+    let packet = Record::Packet(Packet {
+        pair: PairId(3),
+        stamp: Stamp::new(Timestamp(300), Seq(2)),
+        payload: Payload::Write {
+            offset: Offset(4096),
+            data: Bytes::from_static(b"hi"),
+        },
+    });
+    let cases: Vec<(Record, Vec<u8>)> = vec![
+        // Entry::Record = 1, Record::Packet = 0, pair 3, ts 300, seq 2, Write = 0,
+        // offset 4096, 2 bytes "hi" (all varints).
+        (
+            packet,
+            vec![1, 0, 3, 0xac, 0x02, 2, 0, 0x80, 0x20, 2, b'h', b'i'],
+        ),
+        (
+            Record::Released {
+                pair: PairId(1),
+                stamp: Stamp::new(Timestamp(5), Seq(4)),
+            },
+            vec![1, 1, 1, 5, 4],
+        ),
+        (
+            Record::Applied {
+                pair: PairId(1),
+                stamp: Stamp::new(Timestamp(5), Seq(4)),
+            },
+            vec![1, 2, 1, 5, 4],
+        ),
+        (Record::Limit { ts: Timestamp(9) }, vec![1, 3, 9]),
+        (Record::Prepared { ts: Timestamp(9) }, vec![1, 4, 9]),
+    ];
+    for (record, body) in cases {
+        let mut out = Vec::new();
+        let len = format::encode_frame(&mut out, &format::EntryRef::Record(&record)).unwrap();
+        assert_eq!(len, 8 + body.len());
+        let mut want = (body.len() as u32).to_le_bytes().to_vec();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&want), &body);
+        want.extend_from_slice(&crc.to_le_bytes());
+        want.extend_from_slice(&body);
+        assert_eq!(out, want, "{record:?}");
+        let (entry, n) = format::decode_frame(&out).unwrap();
+        assert_eq!(n, out.len());
+        assert!(matches!(entry, format::Entry::Record(r) if r == record));
+    }
+    // A checkpoint: Entry::Checkpoint = 0, previous segment 300 bytes, released
+    // {1: (5, 4)}, applied {}, limit 6, prepared 7.
+    let mut st = State::default();
+    st.released
+        .insert(PairId(1), Stamp::new(Timestamp(5), Seq(4)));
+    st.limit = Timestamp(6);
+    st.prepared = Timestamp(7);
+    let mut out = Vec::new();
+    let cp = format::CheckpointRef {
+        prev_len: 300,
+        state: &st,
+    };
+    format::encode_frame(&mut out, &format::EntryRef::Checkpoint(cp)).unwrap();
+    assert_eq!(&out[8..], &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7]);
+}
+
+use proptest::collection::vec as any_vec;
+use proptest::prelude::any;
+
+proptest::proptest! {
+    /// Any bytes after a valid header: frames decode or stop with an error; no panic.
+    #[test]
+    fn frames_of_arbitrary_bytes_never_panic(body in any_vec(any::<u8>(), 0..600)) {
+        let mut bytes = format::encode_header(1).to_vec();
+        bytes.extend_from_slice(&body);
+        for f in Frames::new(&bytes) {
+            let _ = f;
+        }
+        let _ = format::check_header(&body, 1);
+    }
+
+    /// A frame whose checksum is right but whose body is garbage is rejected cleanly.
+    #[test]
+    fn garbage_with_a_valid_checksum_never_panics(body in any_vec(any::<u8>(), 1..300)) {
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes), &body);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let _ = format::decode_frame(&bytes);
+    }
+}
+
+/// Throughput of append + sync for 4 KiB packets in batches of 64, against a plain file
+/// written and fdatasync'd in the same chunks. Prints; asserts nothing about time.
+/// `cargo test --release -p tidemark --lib journal::tests::throughput -- --ignored
+/// --nocapture`
+#[test]
+#[ignore]
+fn throughput_4k_packets_batches_of_64() {
+    use std::time::Instant;
+    let dir = tempdir();
+    // 200 MiB through the default journal (256 MiB in 16 MiB segments), so segments
+    // rotate and are deleted as the releases cover them.
+    let batches = 800;
+    let o = JournalOptions::default();
+    let (mut j, _) = open(dir.path(), o);
+    let data = Bytes::from(vec![0xa5u8; 4096]);
+    let mut seq = 0u64;
+    let mut append_time = std::time::Duration::ZERO;
+    let mut batch = Vec::with_capacity(64);
+    let t0 = Instant::now();
+    for b in 0..batches {
+        batch.clear();
+        for _ in 0..64 {
+            seq += 1;
+            batch.push(Record::Packet(Packet {
+                pair: PairId(0),
+                stamp: Stamp::new(Timestamp(seq), Seq(seq)),
+                payload: Payload::Write {
+                    offset: Offset(seq * 4096),
+                    data: data.clone(),
+                },
+            }));
+        }
+        if b > 0 {
+            // Release the batch before this one, as acknowledgements would.
+            let upto = seq - 64;
+            batch.push(Record::Released {
+                pair: PairId(0),
+                stamp: Stamp::new(Timestamp(upto), Seq(upto)),
+            });
+        }
+        let ta = Instant::now();
+        j.append(&batch).unwrap();
+        append_time += ta.elapsed();
+        j.sync().unwrap();
+    }
+    let el = t0.elapsed();
+    let bytes = (batches * 64 * 4096) as f64;
+    let stats = j.stats();
+
+    // The same bytes, written and fdatasync'd per batch to a plain file.
+    let path = dir.path().join("plain");
+    let f = File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 4096];
+    let t1 = Instant::now();
+    for b in 0..batches {
+        f.write_all_at(&chunk, (b * chunk.len()) as u64).unwrap();
+        f.sync_data().unwrap();
+    }
+    let plain = t1.elapsed();
+    println!(
+        "journal: {batches} batches of 64 x 4 KiB in {:.2?}: {:.1} MiB/s, {:.0} syncs/s, \
+         {:.1} us/batch appending ({:.2} GiB/s memcpy+crc), {} segments created, {} deleted",
+        el,
+        bytes / el.as_secs_f64() / (1 << 20) as f64,
+        batches as f64 / el.as_secs_f64(),
+        append_time.as_secs_f64() * 1e6 / batches as f64,
+        bytes / append_time.as_secs_f64() / (1u64 << 30) as f64,
+        stats.segments_created,
+        stats.segments_deleted,
+    );
+    println!(
+        "plain file, same chunks, write+fdatasync: {:.2?}: {:.1} MiB/s (journal/plain = {:.2})",
+        plain,
+        bytes / plain.as_secs_f64() / (1 << 20) as f64,
+        plain.as_secs_f64() / el.as_secs_f64()
+    );
+}
