@@ -477,6 +477,16 @@ impl EngineBuilder {
                     link: link(p.remote),
                     hook: self.hook.clone(),
                     wall: wall.clone(),
+                    // Half the journal, shared evenly by the system's remote units.
+                    budget: self.journals.get(&p.remote).map_or(usize::MAX, |(_, cap)| {
+                        let n = self
+                            .pairs
+                            .iter()
+                            .filter(|q| q.remote == p.remote)
+                            .count()
+                            .max(1);
+                        (*cap as usize / 2) / n
+                    }),
                 };
                 spawn(place(p.remote), RemoteUnit::new(id, wiring, resume))
             });
@@ -689,6 +699,7 @@ pub struct PairStats {
     pub duplicated: u64,
     pub duplicates_received: u64,
     pub limit_violations: u64,
+    pub flow_dropped: u64,
     pub srtt_us: Option<u64>,
     pub lag_p50_us: u64,
     pub lag_p99_us: u64,
@@ -843,6 +854,7 @@ impl Engine {
                 duplicated: c.duplicated.load(Ordering::Relaxed),
                 duplicates_received: r.duplicates,
                 limit_violations: r.limit_violations,
+                flow_dropped: r.flow_dropped,
                 srtt_us: l.srtt_us,
                 lag_p50_us: percentile(&mut r.lag_ns.clone(), 50.0) / 1000,
                 lag_p99_us: percentile(&mut r.lag_ns.clone(), 99.0) / 1000,

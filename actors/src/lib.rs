@@ -16,6 +16,7 @@ pub mod local;
 pub mod msg;
 pub mod nbd_server;
 pub mod orderer;
+pub mod promote;
 pub mod remote;
 pub mod route;
 pub mod site;

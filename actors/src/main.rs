@@ -41,6 +41,9 @@ enum Command {
     Load(LoadArgs),
     /// A one-direction UDP impairment proxy.
     WanSim(WanSimArgs),
+    /// Offline: bring stopped remote system(s) to the durable commit limit, a consistent
+    /// cut; without --system, every remote system of the group to the same cut.
+    Promote(SystemArgs),
 }
 
 #[derive(clap::Args)]
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
         Command::Secondary(a) => exit(run_system(a, false)),
         Command::Load(a) => exit(load(a)),
         Command::WanSim(a) => exit(wan_sim(a)),
+        Command::Promote(a) => exit(promote(a)),
     }
 }
 
@@ -195,6 +199,20 @@ fn run_system(a: SystemArgs, primary: bool) -> Result<(), EngineError> {
         )));
     }
     actix_rt::System::new().block_on(daemon::run_until_signal(&cfg, &here))
+}
+
+fn promote(a: SystemArgs) -> Result<(), EngineError> {
+    let cfg = Config::load(&a.config)?;
+    let systems = cfg.select(a.system.as_deref(), false)?;
+    let report = tidemark_actors::promote::promote(&cfg, &systems, a.system.is_none())?;
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    if report.consistent {
+        Ok(())
+    } else {
+        Err(EngineError::Journal(
+            "the journal has a gap below the durable limit: not a consistent cut".into(),
+        ))
+    }
 }
 
 fn load(a: LoadArgs) -> Result<(), EngineError> {

@@ -69,6 +69,8 @@ pub struct RemoteStats {
     pub stale: u64,
     pub applies: u64,
     pub limit_violations: u64,
+    /// Packets refused for want of journal space (retransmitted later).
+    pub flow_dropped: u64,
     /// Recent commit lags (stamp to applied), nanoseconds.
     pub lag_ns: Vec<u64>,
 }

@@ -55,6 +55,8 @@ pub struct RemoteWiring {
     pub link: Recipient<Outbound>,
     pub hook: Option<ApplyHook>,
     pub wall: crate::engine::Wall,
+    /// Bytes of received, unapplied packets this unit may keep in the journal.
+    pub budget: usize,
 }
 
 pub struct RemoteUnit {
@@ -66,7 +68,12 @@ pub struct RemoteUnit {
     journal: Option<SharedJournal>,
     /// Received, waiting to be made durable before they count.
     incoming: Vec<Packet>,
+    incoming_bytes: usize,
     journaling: bool,
+    /// Journaled and held, not yet applied.
+    held_bytes: usize,
+    budget: usize,
+    flow_dropped: u64,
     disk: Disk,
     link: Recipient<Outbound>,
     limit: Timestamp,
@@ -87,8 +94,12 @@ pub struct RemoteUnit {
 impl RemoteUnit {
     pub fn new(pair: PairId, w: RemoteWiring, resume: RemoteResume) -> Self {
         let mut tracker = RunTracker::new(pair, resume.applied);
+        let mut held_bytes = 0;
         for p in resume.live {
-            tracker.handle_packet(p);
+            let len = p.payload.wire_len();
+            if tracker.handle_packet(p) == tidemark::Received::New {
+                held_bytes += len;
+            }
         }
         RemoteUnit {
             pair,
@@ -98,7 +109,11 @@ impl RemoteUnit {
             store: w.store,
             journal: w.journal,
             incoming: Vec::new(),
+            incoming_bytes: 0,
             journaling: false,
+            held_bytes,
+            budget: w.budget,
+            flow_dropped: 0,
             disk: w.disk,
             link: w.link,
             limit: resume.limit,
@@ -127,6 +142,7 @@ impl RemoteUnit {
         };
         self.journaling = true;
         let batch = std::mem::take(&mut self.incoming);
+        self.incoming_bytes = 0;
         let records: Vec<Record> = batch.iter().cloned().map(Record::Packet).collect();
         let job = self
             .disk
@@ -136,7 +152,10 @@ impl RemoteUnit {
             match res {
                 Some(Ok(())) => {
                     for p in batch {
-                        act.tracker.handle_packet(p);
+                        let len = p.payload.wire_len();
+                        if act.tracker.handle_packet(p) == tidemark::Received::New {
+                            act.held_bytes += len;
+                        }
                     }
                     act.answer();
                     act.apply(ctx);
@@ -182,6 +201,7 @@ impl RemoteUnit {
         }
         let batch: Vec<Packet> = self.tracker.select(limit).cloned().collect();
         self.applying_ts = batch.iter().map(|p| p.stamp.ts).collect();
+        let batch_bytes: usize = batch.iter().map(|p| p.payload.wire_len()).sum();
         if batch.is_empty() {
             self.finish(limit, None);
             return;
@@ -217,7 +237,10 @@ impl RemoteUnit {
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
             act.applying = false;
             match res {
-                Some((last, None)) => act.finish(limit, last),
+                Some((last, None)) => {
+                    act.held_bytes = act.held_bytes.saturating_sub(batch_bytes);
+                    act.finish(limit, last)
+                }
                 Some((last, Some(e))) => {
                     act.failed = true;
                     tracing::error!(pair = %act.pair, error = %e, "remote apply failed; unit stopped applying");
@@ -273,9 +296,30 @@ impl Handler<PacketsIn> for RemoteUnit {
     type Result = ();
     fn handle(&mut self, msg: PacketsIn, ctx: &mut Context<Self>) {
         if self.journal.is_some() {
+            // Flow control: out-of-order packets may fill three quarters of this unit's
+            // share of the journal; the rest is kept for packets at the head of the run,
+            // so a packet that closes a gap (and lets the limit, and space, move) always
+            // finds room. What does not fit is dropped and retransmitted later.
+            let head = self.tracker.head().seq;
             let applied = self.tracker.applied().seq;
-            self.incoming
-                .extend(msg.0.into_iter().filter(|p| p.stamp.seq > applied));
+            for p in msg.0 {
+                if p.stamp.seq <= applied {
+                    continue;
+                }
+                let len = p.payload.wire_len();
+                let near_head = p.stamp.seq.0 <= head.0 + 64;
+                let room = if near_head {
+                    self.budget
+                } else {
+                    self.budget / 4 * 3
+                };
+                if self.held_bytes + self.incoming_bytes + len > room {
+                    self.flow_dropped += 1;
+                    continue;
+                }
+                self.incoming_bytes += len;
+                self.incoming.push(p);
+            }
             // Acknowledge what is durable already (the sender may be retransmitting it).
             self.answer();
             self.journal_incoming(ctx);
@@ -334,6 +378,7 @@ impl Handler<GetRemoteStats> for RemoteUnit {
             stale: s.stale,
             applies: self.applies,
             limit_violations: self.limit_violations,
+            flow_dropped: self.flow_dropped,
             lag_ns: self.lag.samples().to_vec(),
         })
     }

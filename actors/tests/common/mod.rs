@@ -198,3 +198,125 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
         _ => false,
     }
 }
+
+impl Site {
+    /// Checks that unit images holding `applied[p]` writes of pair `p` are a cut of the
+    /// workload `seed` (dependent writes: a cut is a global prefix, writes `0..k`), and
+    /// that each image holds exactly those bytes. Returns `k`.
+    pub fn check_cut(
+        &self,
+        seed: u64,
+        planned: usize,
+        max_write: u64,
+        applied: &[u64],
+        images: &[PathBuf],
+    ) -> Result<usize, String> {
+        let pairs: Vec<(PairId, u64)> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PairId(i as u32), *s))
+            .collect();
+        let items: Vec<_> = Workload::new(seed, &pairs, max_write)
+            .take(planned)
+            .collect();
+        let mut seen = vec![0u64; pairs.len()];
+        let mut last_in: Option<usize> = None;
+        let mut first_out: Option<usize> = None;
+        for (i, w) in items.iter().enumerate() {
+            let p = w.pair.0 as usize;
+            seen[p] += 1;
+            if seen[p] <= applied[p] {
+                last_in = Some(i);
+            } else if first_out.is_none() {
+                first_out = Some(i);
+            }
+        }
+        for (p, n) in applied.iter().enumerate() {
+            if *n > seen[p] {
+                return Err(format!(
+                    "pair {p} applied {n} writes, only {} were planned",
+                    seen[p]
+                ));
+            }
+        }
+        if let (Some(a), Some(b)) = (last_in, first_out) {
+            if a > b {
+                return Err(format!(
+                    "not a cut: write {a} is applied but write {b} before it is not ({applied:?})"
+                ));
+            }
+        }
+        for (p, image) in images.iter().enumerate() {
+            let mut want = vec![0u8; pairs[p].1 as usize];
+            for w in items
+                .iter()
+                .filter(|w| w.pair.0 as usize == p)
+                .take(applied[p] as usize)
+            {
+                want[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+            }
+            let got = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+            if got != want {
+                return Err(format!(
+                    "pair {p}: {} does not hold its first {} writes",
+                    image.display(),
+                    applied[p]
+                ));
+            }
+        }
+        Ok(last_in.map_or(0, |a| a + 1))
+    }
+
+    /// Copies the secondary's state (journal, units) and the config next to it, runs
+    /// `promote` on the copy, and checks the result is a cut of the workload.
+    pub fn promote_copy_and_check(
+        &self,
+        tag: &str,
+        seed: u64,
+        planned: usize,
+        max_write: u64,
+    ) -> Result<usize, String> {
+        // Only the secondary's own state: the primary keeps running meanwhile.
+        let copy = self.path(tag);
+        std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.path("run/site-b"))
+            .arg(copy.join("run"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("copy failed".into());
+        }
+        std::fs::copy(&self.config, copy.join("tidemark.toml")).map_err(|e| e.to_string())?;
+        std::fs::copy(self.path("cluster.key"), copy.join("cluster.key"))
+            .map_err(|e| e.to_string())?;
+        let out = run(&[
+            "promote",
+            "--config",
+            copy.join("tidemark.toml").to_str().unwrap_or(""),
+            "--system",
+            "site-b",
+        ]);
+        if !out.status.success() {
+            return Err(format!(
+                "promote failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if v["consistent"] != true {
+            return Err(format!("promote says inconsistent: {v}"));
+        }
+        let applied: Vec<u64> = (0..2)
+            .map(|i| v["pairs"][i]["applied_seq"].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        let images = [
+            copy.join("run/site-b/log.img"),
+            copy.join("run/site-b/data.img"),
+        ];
+        self.check_cut(seed, planned, max_write, &applied, &images)
+    }
+}
