@@ -141,15 +141,41 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
     }
 }
 
-/// Runs the systems `here` until SIGINT or SIGTERM, then shuts down cleanly.
+/// Runs the systems `here` until SIGINT or SIGTERM, then shuts down cleanly: NBD
+/// clients are answered what they have in flight, units and journals are flushed.
 pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), EngineError> {
+    use crate::nbd_server::{AnyListener, EngineBackend, Limits, ListenAddr};
     let _locks: Vec<SystemLock> = here
         .iter()
         .map(|&i| lock_system(cfg, i))
         .collect::<Result<_, _>>()?;
-    let engine = builder(cfg, here)?.start()?;
+    // Bind the NBD listeners before starting anything: a bad address is a config error.
+    let mut listeners = Vec::new();
+    for &i in here {
+        if let Some(a) = &cfg.systems[i].nbd_listen {
+            let key = format!("system[{i}] ({}).nbd_listen", cfg.systems[i].name);
+            let addr: ListenAddr = a
+                .parse()
+                .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+            let l = AnyListener::bind(&addr)
+                .await
+                .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
+            listeners.push(l);
+        }
+    }
+    let engine = std::sync::Arc::new(builder(cfg, here)?.start()?);
     let names: Vec<&str> = here.iter().map(|&i| cfg.systems[i].name.as_str()).collect();
     tracing::info!(systems = ?names, "running");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for l in listeners {
+        let backend = std::sync::Arc::new(EngineBackend::new(engine.clone()));
+        let mut rx = stop_rx.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        servers.push(actix_rt::spawn(l.serve(backend, Limits::default(), stop)));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| EngineError::Config(format!("cannot watch SIGTERM: {e}")))?;
     let mut every = tokio::time::interval(Duration::from_millis(500));
@@ -161,8 +187,15 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         }
     }
     tracing::info!(systems = ?names, "stopping");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
     write_status(cfg, here, &engine).await;
-    engine.shutdown().await
+    match std::sync::Arc::try_unwrap(engine) {
+        Ok(engine) => engine.shutdown().await,
+        Err(_) => Err(EngineError::Stopped),
+    }
 }
 
 /// Reads a status file written by a running (or stopped) system.
