@@ -99,6 +99,8 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
             advertise,
             link: LinkConfig {
                 mtu: cfg.mtu,
+                // Peers send at most `mtu`; anything much larger is not from a peer.
+                max_datagram: (cfg.mtu * 2).max(2048),
                 rate: cfg.rate,
                 peer_timeout: cfg.peer_timeout,
                 ..LinkConfig::default()

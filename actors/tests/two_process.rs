@@ -159,3 +159,105 @@ fn bad_configs_exit_2_naming_the_problem() {
     let out = run(&["primary", "--config", "/nonexistent/tidemark.toml"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn forged_datagrams_change_nothing_and_are_counted() {
+    use tidemark::link::{LinkConfig, LinkCore};
+    use tidemark::seal::Session;
+    use tidemark::{HeadReport, Message, PairId, Stamp, SystemId, Timestamp};
+
+    let site = Site::new(false);
+    let sec = site.secondary();
+    let key = tidemark_actors::config::read_key(&site.path("cluster.key")).expect("key");
+    let to = format!("127.0.0.1:{}", site.b_port);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let (a, b) = (SystemId(0), SystemId(1));
+    let seal = |key: &[u8; 32], epoch: u64, msg: Message| -> Vec<u8> {
+        let mut l = LinkCore::new(
+            a,
+            &[a, b],
+            key,
+            Session {
+                epoch,
+                nonce: [3; 16],
+            },
+            LinkConfig::default(),
+        );
+        l.send(b, msg);
+        l.flush();
+        l.poll_transmit(std::time::Instant::now())
+            .map(|(_, d)| d)
+            .expect("a datagram")
+    };
+    // A forged release of everything: sealed under another key.
+    let forged = seal(
+        &[0x55; 32],
+        1,
+        Message::Release {
+            limit: Timestamp(u64::MAX),
+        },
+    );
+    // An authentic, harmless datagram (a head report of zero), to truncate, flip, replay.
+    let genuine = seal(
+        &key,
+        1,
+        Message::Heads(vec![HeadReport {
+            pair: PairId(0),
+            head: Stamp::ZERO,
+        }]),
+    );
+    let mut flipped = genuine.clone();
+    let n = flipped.len();
+    flipped[n - 20] ^= 0x08;
+    let sends: Vec<Vec<u8>> = vec![
+        forged,
+        genuine[..genuine.len() - 5].to_vec(),
+        flipped,
+        vec![0xff; 9000],
+        vec![1, 2, 3],
+        genuine.clone(),
+        genuine.clone(),
+    ];
+    // Wait for the secondary to be up (it writes its status once running).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while site.status("site-b").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "secondary never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for d in &sends {
+        sock.send_to(d, &to).expect("send");
+    }
+    // The counters show up in the next status (bounded wait for a condition).
+    let want = |c: &serde_json::Value| {
+        c["dropped_unauthenticated"].as_u64() >= Some(3)
+            && c["dropped_oversize"].as_u64() >= Some(1)
+            && c["dropped_malformed"].as_u64() >= Some(1)
+            && c["dropped_replay"].as_u64() >= Some(1)
+    };
+    let status = loop {
+        let s = site.status("site-b").expect("status");
+        if want(&s["link"]["counters"]) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counters never showed the drops: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status["stats"]["commit_limit"], 0,
+        "a forged release must not move the limit"
+    );
+    for p in 0..2 {
+        assert_eq!(status["stats"]["pairs"][p]["applied_seq"], 0);
+    }
+    stop(sec);
+    for name in ["log", "data"] {
+        let bytes = std::fs::read(site.path(&format!("run/site-b/{name}.img"))).expect("unit");
+        assert!(bytes.iter().all(|&b| b == 0), "{name} was written");
+    }
+}
