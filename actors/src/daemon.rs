@@ -227,6 +227,7 @@ pub async fn load(
     writes: usize,
     seed: u64,
     max_write: u64,
+    depth: usize,
     timeout: Duration,
 ) -> Result<LoadReport, EngineError> {
     let _lock = lock_system(cfg, system)?;
@@ -239,9 +240,34 @@ pub async fn load(
         .collect();
     let started = std::time::Instant::now();
     let mut bytes = 0;
-    for w in crate::workload::Workload::new(seed, &pairs, max_write).take(writes) {
-        bytes += w.data.len() as u64;
-        engine.write(w.pair, w.offset, w.data).await?;
+    let items: Vec<_> = crate::workload::Workload::new(seed, &pairs, max_write)
+        .take(writes)
+        .collect();
+    if depth <= 1 {
+        for w in items {
+            bytes += w.data.len() as u64;
+            engine.write(w.pair, w.offset, w.data).await?;
+        }
+    } else {
+        // `depth` chains of dependent writes in flight at once.
+        bytes = items.iter().map(|w| w.data.len() as u64).sum();
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(items.into_iter()));
+        let engine_ref = &engine;
+        let chains = (0..depth).map(|_| {
+            let queue = queue.clone();
+            async move {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some(w) = next else {
+                        return Ok::<(), EngineError>(());
+                    };
+                    engine_ref.write(w.pair, w.offset, w.data).await?;
+                }
+            }
+        });
+        for r in futures_util::future::join_all(chains).await {
+            r?;
+        }
     }
     let write_ms = started.elapsed().as_millis() as u64;
     let deadline = started + timeout;
@@ -274,5 +300,73 @@ pub async fn load(
         replicated_ms: replicated.as_millis() as u64,
         mb_per_s: bytes as f64 / 1e6 / replicated.as_secs_f64().max(1e-9),
         retransmits: stats.retransmits(),
+    })
+}
+
+/// The baseline for `load`: the same workload written with the same concurrency to plain
+/// files beside the primary's units (`*.baseline`, removed afterwards), no replication.
+pub fn baseline(
+    cfg: &Config,
+    system: usize,
+    writes: usize,
+    seed: u64,
+    max_write: u64,
+    depth: usize,
+) -> Result<LoadReport, EngineError> {
+    use tidemark::{BlockStore, FileStore, Offset};
+    let mut files = Vec::new();
+    let mut pairs = Vec::new();
+    for (i, p) in cfg.pairs.iter().enumerate() {
+        if p.local == system {
+            let path = p.local_path.with_extension("baseline");
+            if let Some(d) = path.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            let _ = std::fs::remove_file(&path);
+            files.push((
+                path.clone(),
+                std::sync::Arc::new(FileStore::open_or_create(&path, p.size)?),
+            ));
+            pairs.push((tidemark::PairId(i as u32), p.size));
+        }
+    }
+    let items: Vec<_> = crate::workload::Workload::new(seed, &pairs, max_write)
+        .take(writes)
+        .collect();
+    let bytes: u64 = items.iter().map(|w| w.data.len() as u64).sum();
+    let store_of = |pair: tidemark::PairId| {
+        pairs
+            .iter()
+            .position(|(p, _)| *p == pair)
+            .map(|i| files[i].1.clone())
+    };
+    let started = std::time::Instant::now();
+    let queue = std::sync::Mutex::new(items.into_iter());
+    std::thread::scope(|s| {
+        for _ in 0..depth.max(1) {
+            s.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some(w) = next else { break };
+                if let Some(st) = store_of(w.pair) {
+                    let _ = st.write_at(Offset(w.offset), &w.data);
+                }
+            });
+        }
+    });
+    // As the same-session baseline in ECOSYSTEM.md: psync writes, one fsync at the end.
+    for (_, f) in &files {
+        f.flush()?;
+    }
+    let took = started.elapsed();
+    for (path, _) in &files {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(LoadReport {
+        writes,
+        bytes,
+        write_ms: took.as_millis() as u64,
+        replicated_ms: took.as_millis() as u64,
+        mb_per_s: bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9),
+        retransmits: 0,
     })
 }

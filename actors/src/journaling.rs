@@ -26,6 +26,9 @@ pub enum Durability {
 #[derive(Clone)]
 pub struct SharedJournal {
     inner: Arc<Mutex<Journal>>,
+    /// Group commit: appends taken and appends known durable, and one syncer at a time.
+    tickets: Arc<Mutex<(u64, u64)>>,
+    syncer: Arc<Mutex<()>>,
 }
 
 impl SharedJournal {
@@ -42,6 +45,8 @@ impl SharedJournal {
         Ok((
             SharedJournal {
                 inner: Arc::new(Mutex::new(j)),
+                tickets: Arc::new(Mutex::new((0, 0))),
+                syncer: Arc::new(Mutex::new(())),
             },
             r,
         ))
@@ -52,18 +57,33 @@ impl SharedJournal {
     }
 
     /// Appends `records` (all or none) and makes them as durable as asked. Blocking.
+    /// Callers asking for `Synced` at the same time share one fdatasync (group commit):
+    /// a caller whose records a concurrent sync already covered returns without its own.
     pub fn append(&self, records: &[Record], durability: Durability) -> Result<(), JournalError> {
+        let ticket = {
+            let mut j = self.lock();
+            if let Err(JournalError::Full { .. }) = j.append(records) {
+                // Space comes back only when a sync makes the release watermarks durable
+                // and lets covered segments go: try that once.
+                j.sync()?;
+                j.append(records)?;
+            }
+            let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+            t.0 += 1;
+            if durability == Durability::Written {
+                return j.write();
+            }
+            t.0
+        };
+        let _one = self.syncer.lock().unwrap_or_else(|e| e.into_inner());
+        if self.tickets.lock().unwrap_or_else(|e| e.into_inner()).1 >= ticket {
+            return Ok(());
+        }
         let mut j = self.lock();
-        if let Err(JournalError::Full { .. }) = j.append(records) {
-            // Space comes back only when a sync makes the release watermarks durable and
-            // lets covered segments go: try that once.
-            j.sync()?;
-            j.append(records)?;
-        }
-        match durability {
-            Durability::Written => j.write(),
-            Durability::Synced => j.sync(),
-        }
+        let upto = self.tickets.lock().unwrap_or_else(|e| e.into_inner()).0;
+        j.sync()?;
+        self.tickets.lock().unwrap_or_else(|e| e.into_inner()).1 = upto;
+        Ok(())
     }
 
     /// Syncs everything appended so far (and lets the journal reclaim space). Blocking.

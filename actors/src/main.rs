@@ -71,6 +71,12 @@ struct LoadArgs {
     /// Give up waiting for the remote after this many seconds.
     #[arg(long = "timeout-s", default_value_t = 120)]
     timeout_s: u64,
+    /// Chains of dependent writes in flight at once.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// Instead: write the same workload to plain files (no replication), for comparison.
+    #[arg(long)]
+    baseline: bool,
 }
 
 #[derive(clap::Args)]
@@ -218,14 +224,19 @@ fn promote(a: SystemArgs) -> Result<(), EngineError> {
 fn load(a: LoadArgs) -> Result<(), EngineError> {
     let cfg = Config::load(&a.config)?;
     let here = cfg.select(Some(&a.system), true)?;
-    let report = actix_rt::System::new().block_on(daemon::load(
-        &cfg,
-        here[0],
-        a.writes,
-        a.seed,
-        a.max_write,
-        std::time::Duration::from_secs(a.timeout_s),
-    ))?;
+    let report = if a.baseline {
+        daemon::baseline(&cfg, here[0], a.writes, a.seed, a.max_write, a.depth)?
+    } else {
+        actix_rt::System::new().block_on(daemon::load(
+            &cfg,
+            here[0],
+            a.writes,
+            a.seed,
+            a.max_write,
+            a.depth,
+            std::time::Duration::from_secs(a.timeout_s),
+        ))?
+    };
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     Ok(())
 }

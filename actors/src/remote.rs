@@ -72,6 +72,12 @@ pub struct RemoteUnit {
     journaling: bool,
     /// Journaled and held, not yet applied.
     held_bytes: usize,
+    /// Sequence numbers held above the applied point: a retransmitted duplicate is
+    /// acknowledged again but not journaled again.
+    held_seqs: std::collections::BTreeSet<Seq>,
+    /// Applied to the unit but not yet flushed and recorded in the journal.
+    unflushed: bool,
+    recording: bool,
     budget: usize,
     flow_dropped: u64,
     disk: Disk,
@@ -95,10 +101,12 @@ impl RemoteUnit {
     pub fn new(pair: PairId, w: RemoteWiring, resume: RemoteResume) -> Self {
         let mut tracker = RunTracker::new(pair, resume.applied);
         let mut held_bytes = 0;
+        let mut held_seqs = std::collections::BTreeSet::new();
         for p in resume.live {
-            let len = p.payload.wire_len();
+            let (len, seq) = (p.payload.wire_len(), p.stamp.seq);
             if tracker.handle_packet(p) == tidemark::Received::New {
                 held_bytes += len;
+                held_seqs.insert(seq);
             }
         }
         RemoteUnit {
@@ -112,6 +120,9 @@ impl RemoteUnit {
             incoming_bytes: 0,
             journaling: false,
             held_bytes,
+            held_seqs,
+            unflushed: false,
+            recording: false,
             budget: w.budget,
             flow_dropped: 0,
             disk: w.disk,
@@ -152,9 +163,10 @@ impl RemoteUnit {
             match res {
                 Some(Ok(())) => {
                     for p in batch {
-                        let len = p.payload.wire_len();
+                        let (len, seq) = (p.payload.wire_len(), p.stamp.seq);
                         if act.tracker.handle_packet(p) == tidemark::Received::New {
                             act.held_bytes += len;
+                            act.held_seqs.insert(seq);
                         }
                     }
                     act.answer();
@@ -239,7 +251,10 @@ impl RemoteUnit {
             match res {
                 Some((last, None)) => {
                     act.held_bytes = act.held_bytes.saturating_sub(batch_bytes);
-                    act.finish(limit, last)
+                    act.finish(limit, last);
+                    let applied = act.tracker.applied().seq;
+                    act.held_seqs = act.held_seqs.split_off(&applied.next());
+                    act.unflushed = true;
                 }
                 Some((last, Some(e))) => {
                     act.failed = true;
@@ -282,10 +297,47 @@ impl RemoteUnit {
     }
 }
 
+impl RemoteUnit {
+    /// Every so often: flush the unit and record the applied point, so the journal may
+    /// forget the applied packets. (Not on every apply: an fdatasync of the unit per
+    /// batch would bound the remote's throughput; re-applying after a crash is harmless.)
+    fn record_applied(&mut self, ctx: &mut Context<Self>) {
+        if !self.unflushed || self.recording || self.applying {
+            return;
+        }
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        self.unflushed = false;
+        self.recording = true;
+        let store = self.store.clone();
+        let rec = Record::Applied {
+            pair: self.pair,
+            stamp: self.tracker.applied(),
+        };
+        let job = self.disk.run(move || {
+            store.flush().map_err(|e| e.to_string())?;
+            journal
+                .append(&[rec], Durability::Written)
+                .map_err(|e| e.to_string())
+        });
+        ctx.spawn(job.into_actor(self).map(|res, act, _| {
+            act.recording = false;
+            if let Some(Err(e)) = res {
+                tracing::warn!(pair = %act.pair, error = %e, "applied point not recorded");
+                act.unflushed = true;
+            }
+        }));
+    }
+}
+
 impl Actor for RemoteUnit {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(std::time::Duration::from_millis(250), |act, ctx| {
+            act.record_applied(ctx)
+        });
         // After a restart: report the recovered head, apply up to the durable limit.
         self.answer();
         self.apply(ctx);
@@ -303,7 +355,10 @@ impl Handler<PacketsIn> for RemoteUnit {
             let head = self.tracker.head().seq;
             let applied = self.tracker.applied().seq;
             for p in msg.0 {
-                if p.stamp.seq <= applied {
+                if p.stamp.seq <= applied
+                    || self.held_seqs.contains(&p.stamp.seq)
+                    || self.incoming.iter().any(|q| q.stamp.seq == p.stamp.seq)
+                {
                     continue;
                 }
                 let len = p.payload.wire_len();
