@@ -8,8 +8,8 @@
 
 pub mod clock;
 pub mod journal;
-pub mod nbd;
 pub mod link;
+pub mod nbd;
 pub mod order;
 pub mod packet;
 pub mod run;

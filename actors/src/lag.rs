@@ -4,7 +4,7 @@
 //! difference is the lag.
 
 /// The most recent samples of one unit, in nanoseconds.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LagSamples {
     ring: Vec<u64>,
     next: usize,
@@ -13,16 +13,6 @@ pub struct LagSamples {
 
 /// Samples kept per unit.
 pub const KEEP: usize = 8192;
-
-impl Default for LagSamples {
-    fn default() -> Self {
-        LagSamples {
-            ring: Vec::new(),
-            next: 0,
-            count: 0,
-        }
-    }
-}
 
 impl LagSamples {
     pub fn record(&mut self, ns: u64) {
