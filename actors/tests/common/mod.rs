@@ -320,3 +320,140 @@ impl Site {
         self.check_cut(seed, planned, max_write, &applied, &images)
     }
 }
+
+// ---- For the NBD daemon tests (actors/tests/nbd_daemon.rs) ----
+
+/// A TCP port of 127.0.0.1 nobody listens on right now.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port")
+}
+
+/// Waits (bounded) until something accepts TCP connections on 127.0.0.1:`port`; fails
+/// early with the child's output if `child` exits first.
+pub fn wait_tcp(port: u16, child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the process exited ({status}) before listening on {port}: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on 127.0.0.1:{port} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Site {
+    /// [`Site::new`] without wan-sims, and the primary (site-a) serves its units over
+    /// NBD on a free TCP port of 127.0.0.1, which is returned.
+    pub fn with_nbd() -> (Site, u16) {
+        let site = Site::new(false);
+        let port = free_tcp_port();
+        let text = std::fs::read_to_string(&site.config).expect("config");
+        let anchor = "name = \"site-a\"\nrole = \"primary\"\n";
+        assert!(text.contains(anchor), "the config has site-a as a primary");
+        let text = text.replacen(
+            anchor,
+            &format!("{anchor}nbd_listen = \"127.0.0.1:{port}\"\n"),
+            1,
+        );
+        std::fs::write(&site.config, text).expect("config");
+        (site, port)
+    }
+
+    /// The status `system` wrote after `after` (polling its status file, bounded): a
+    /// status that includes everything the system did before `after`.
+    pub fn status_after(
+        &self,
+        system: &str,
+        after: std::time::SystemTime,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let file = self.path(&format!("run/{system}/journal/status.json"));
+        let deadline = Instant::now() + limit;
+        loop {
+            let fresh = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .map(|t| t > after)
+                .unwrap_or(false);
+            if fresh {
+                if let Some(s) = self.status(system) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{system} wrote no status after {after:?} in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Copies the secondary's state (journal, units) and the config and key next to it
+    /// under `tag`, runs `promote --system site-b` on the copy and returns each pair's
+    /// `applied_seq` (in config order) and the promoted unit images; an error if
+    /// promote fails or does not call the result consistent.
+    pub fn promote_copy(&self, tag: &str) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
+        let copy = self.path(tag);
+        std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.path("run/site-b"))
+            .arg(copy.join("run"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("copy failed".into());
+        }
+        std::fs::copy(&self.config, copy.join("tidemark.toml")).map_err(|e| e.to_string())?;
+        std::fs::copy(self.path("cluster.key"), copy.join("cluster.key"))
+            .map_err(|e| e.to_string())?;
+        let out = run(&[
+            "promote",
+            "--config",
+            copy.join("tidemark.toml").to_str().unwrap_or(""),
+            "--system",
+            "site-b",
+        ]);
+        if !out.status.success() {
+            return Err(format!(
+                "promote failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if v["consistent"] != true {
+            return Err(format!("promote says inconsistent: {v}"));
+        }
+        let names = ["log", "data"];
+        let mut applied = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let p = &v["pairs"][i];
+            if p["name"] != *name {
+                return Err(format!("promote's pair {i} is not {name}: {v}"));
+            }
+            applied.push(
+                p["applied_seq"]
+                    .as_u64()
+                    .ok_or(format!("no applied_seq: {v}"))?,
+            );
+        }
+        let images = names
+            .iter()
+            .map(|n| copy.join(format!("run/site-b/{n}.img")))
+            .collect();
+        Ok((applied, images))
+    }
+}
