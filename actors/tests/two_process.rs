@@ -45,31 +45,7 @@ fn two_processes_replicate_byte_for_byte() {
 #[test]
 fn through_a_lossy_wan_sim() {
     let site = Site::new(true);
-    let sim = |listen: u16, forward: u16, seed: &str| {
-        site.spawn(&[
-            "wan-sim",
-            "--listen",
-            &format!("127.0.0.1:{listen}"),
-            "--forward",
-            &format!("127.0.0.1:{forward}"),
-            "--loss",
-            "0.05",
-            "--dup",
-            "0.05",
-            "--reorder",
-            "0.2",
-            "--delay-ms",
-            "1",
-            "--jitter-ms",
-            "1",
-            "--corrupt",
-            "0.01",
-            "--seed",
-            seed,
-        ])
-    };
-    let to_b = sim(site.b_advertise, site.b_port, "1");
-    let to_a = sim(site.a_advertise, site.a_port, "2");
+    let sims = site.wan_sims(1);
     let sec = site.secondary();
     let out = run(&[
         "load",
@@ -95,8 +71,9 @@ fn through_a_lossy_wan_sim() {
         "corruption was seen and dropped: {link}"
     );
     stop(sec);
-    kill9(to_b);
-    kill9(to_a);
+    for s in sims {
+        kill9(s);
+    }
     for name in ["log", "data"] {
         assert!(
             same_file(

@@ -278,45 +278,7 @@ impl Site {
         max_write: u64,
     ) -> Result<usize, String> {
         // Only the secondary's own state: the primary keeps running meanwhile.
-        let copy = self.path(tag);
-        std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(self.path("run/site-b"))
-            .arg(copy.join("run"))
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err("copy failed".into());
-        }
-        std::fs::copy(&self.config, copy.join("tidemark.toml")).map_err(|e| e.to_string())?;
-        std::fs::copy(self.path("cluster.key"), copy.join("cluster.key"))
-            .map_err(|e| e.to_string())?;
-        let out = run(&[
-            "promote",
-            "--config",
-            copy.join("tidemark.toml").to_str().unwrap_or(""),
-            "--system",
-            "site-b",
-        ]);
-        if !out.status.success() {
-            return Err(format!(
-                "promote failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        if v["consistent"] != true {
-            return Err(format!("promote says inconsistent: {v}"));
-        }
-        let applied: Vec<u64> = (0..2)
-            .map(|i| v["pairs"][i]["applied_seq"].as_u64().unwrap_or(u64::MAX))
-            .collect();
-        let images = [
-            copy.join("run/site-b/log.img"),
-            copy.join("run/site-b/data.img"),
-        ];
+        let (applied, images) = self.promote_copy(tag)?;
         self.check_cut(seed, planned, max_write, &applied, &images)
     }
 }
@@ -455,5 +417,39 @@ impl Site {
             .map(|n| copy.join(format!("run/site-b/{n}.img")))
             .collect();
         Ok((applied, images))
+    }
+}
+
+impl Site {
+    /// One wan-sim per direction in front of the advertise addresses (a `proxied` site):
+    /// 5 % loss, 5 % duplication, 20 % reordering, 1 ms delay and jitter, 1 % corruption.
+    pub fn wan_sims(&self, seed: u64) -> Vec<Child> {
+        let sim = |listen: u16, forward: u16, seed: u64| {
+            self.spawn(&[
+                "wan-sim",
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--forward",
+                &format!("127.0.0.1:{forward}"),
+                "--loss",
+                "0.05",
+                "--dup",
+                "0.05",
+                "--reorder",
+                "0.2",
+                "--delay-ms",
+                "1",
+                "--jitter-ms",
+                "1",
+                "--corrupt",
+                "0.01",
+                "--seed",
+                &seed.to_string(),
+            ])
+        };
+        vec![
+            sim(self.b_advertise, self.b_port, seed),
+            sim(self.a_advertise, self.a_port, seed + 1),
+        ]
     }
 }
