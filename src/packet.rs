@@ -76,6 +76,11 @@ pub struct Ack {
     pub pair: PairId,
     pub cum: Seq,
     pub sack: Vec<SeqRange>,
+    /// Receive window: the highest `seq` the receiver will accept (its applied point plus
+    /// its window); the sender sends nothing new beyond it. `Seq::ZERO`, or anything
+    /// below `cum`, says nothing about the window (as in `Ack::default()`): the sender
+    /// keeps what it knew.
+    pub window: Seq,
 }
 
 /// A remote unit's run head, reported to the orderer.

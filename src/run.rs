@@ -3,14 +3,26 @@
 //!
 //! Invariants kept by [`RunTracker`]:
 //! - `applied <= head`: the head never falls behind what was applied.
-//! - every `seq` in `applied+1 ..= head.seq` is held; nothing at or below `applied` is.
+//! - every `seq` in `applied+1 ..= head.seq` is held, in the run (`run[i]` has `seq`
+//!   `applied.seq + 1 + i`, so `run.len() == head.seq - applied.seq`); nothing at or below
+//!   `applied` is held.
+//! - packets held out of order are all above `head.seq + 1` (the packet `head.seq + 1`
+//!   joins the run the moment it arrives, and takes every held packet right after it
+//!   along), and `ranges` lists exactly their seqs as maximal ranges.
+//! - every held packet's `seq` is at most `applied.seq + window`, the receive window each
+//!   acknowledgement advertises ([`Ack::window`]); the advertised window only grows.
 //! - `head.ts` only grows, and is the time stamp of the head packet or of a heartbeat that
 //!   promised nothing newer exists at or below its time stamp.
-//! - memory is the packets held plus one pending heartbeat; no per-seq bitmap.
+//! - memory is the packets held, one range per gap between them, and one pending
+//!   heartbeat; no per-seq bitmap.
+//!
+//! Costs: an in-order packet is one `VecDeque::push_back` (no map is touched when
+//! nothing is held out of order); applying pops from the front; an acknowledgement costs
+//! `O(MAX_SACK_RANGES)`, however many packets are held out of order.
 
 use crate::packet::{Ack, Heartbeat, Packet, SeqRange};
 use crate::types::{PairId, Seq, Stamp, Timestamp};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// What became of one received packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +34,7 @@ pub enum Received {
     /// At or below the applied point: dropped.
     Stale,
     /// Further ahead of the applied point than the window allows: dropped (the sender
-    /// retransmits it later).
+    /// retransmits it later; a sender that honours [`Ack::window`] never sends one).
     BeyondWindow,
     /// Same `seq` as a held packet but a different stamp: a protocol violation, dropped.
     Conflict,
@@ -44,7 +56,13 @@ pub struct RunTracker {
     pair: PairId,
     applied: Stamp,
     head: Stamp,
-    held: BTreeMap<Seq, Packet>,
+    /// The run: the packets `applied.seq + 1 ..= head.seq`, in `seq` order.
+    run: VecDeque<Packet>,
+    /// Packets held out of order: all above `head.seq + 1`.
+    ahead: BTreeMap<Seq, Packet>,
+    /// The seqs of `ahead` as maximal ranges, `first -> last`, so that an acknowledgement
+    /// need not walk the packets.
+    ranges: BTreeMap<Seq, Seq>,
     pending_heartbeat: Option<Stamp>,
     window: u64,
     stats: RunStats,
@@ -64,7 +82,9 @@ impl RunTracker {
             pair,
             applied,
             head: applied,
-            held: BTreeMap::new(),
+            run: VecDeque::new(),
+            ahead: BTreeMap::new(),
+            ranges: BTreeMap::new(),
             pending_heartbeat: None,
             window: DEFAULT_WINDOW,
             stats: RunStats::default(),
@@ -92,41 +112,115 @@ impl RunTracker {
         self.applied
     }
 
+    /// Packets held: the run plus those held out of order.
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.run.len() + self.ahead.len()
     }
 
     pub fn stats(&self) -> RunStats {
         self.stats
     }
 
+    /// The highest `seq` accepted now: `applied + window`. It only grows (the applied
+    /// point only moves forward).
+    pub fn window_end(&self) -> Seq {
+        Seq(self.applied.seq.0.saturating_add(self.window))
+    }
+
     /// Takes one packet, in any order; returns what became of it. The head moves if the
     /// packet closes a gap.
     pub fn handle_packet(&mut self, packet: Packet) -> Received {
         let seq = packet.stamp.seq;
-        let verdict = if seq <= self.applied.seq {
+        if seq <= self.applied.seq {
             self.stats.stale += 1;
-            Received::Stale
-        } else if seq.0 - self.applied.seq.0 > self.window {
-            self.stats.beyond_window += 1;
-            Received::BeyondWindow
-        } else if let Some(held) = self.held.get(&seq) {
-            if held.stamp == packet.stamp {
-                self.stats.duplicates += 1;
-                Received::Duplicate
-            } else {
-                self.stats.conflicts += 1;
-                Received::Conflict
-            }
-        } else {
-            self.stats.received += 1;
-            self.held.insert(seq, packet);
-            Received::New
-        };
-        if verdict == Received::New && seq == self.head.seq.next() {
-            self.advance();
+            return Received::Stale;
         }
-        verdict
+        if seq.0 - self.applied.seq.0 > self.window {
+            self.stats.beyond_window += 1;
+            return Received::BeyondWindow;
+        }
+        if seq <= self.head.seq {
+            // In the run: a duplicate or a conflict.
+            let held = &self.run[(seq.0 - self.applied.seq.0 - 1) as usize];
+            return self.repeat(held.stamp == packet.stamp);
+        }
+        if seq == self.head.seq.next() {
+            self.stats.received += 1;
+            self.extend_run(packet);
+            if self
+                .ranges
+                .first_key_value()
+                .is_some_and(|(&first, _)| first == self.head.seq.next())
+            {
+                self.join_ahead();
+            }
+            self.use_pending_heartbeat();
+            return Received::New;
+        }
+        // Out of order, beyond a gap.
+        if let Some(held) = self.ahead.get(&seq) {
+            return self.repeat(held.stamp == packet.stamp);
+        }
+        self.stats.received += 1;
+        self.ahead.insert(seq, packet);
+        self.add_to_ranges(seq);
+        Received::New
+    }
+
+    fn repeat(&mut self, same: bool) -> Received {
+        if same {
+            self.stats.duplicates += 1;
+            Received::Duplicate
+        } else {
+            self.stats.conflicts += 1;
+            Received::Conflict
+        }
+    }
+
+    /// Appends the packet `head.seq + 1` to the run.
+    fn extend_run(&mut self, p: Packet) {
+        debug_assert_eq!(p.stamp.seq, self.head.seq.next());
+        self.head = Stamp::new(self.head.ts.max(p.stamp.ts), p.stamp.seq);
+        self.run.push_back(p);
+    }
+
+    /// The first range held out of order starts right after the head: move its packets
+    /// into the run.
+    fn join_ahead(&mut self) {
+        let Some((_, last)) = self.ranges.pop_first() else {
+            return;
+        };
+        let rest = self.ahead.split_off(&last.next());
+        let joined = std::mem::replace(&mut self.ahead, rest);
+        for p in joined.into_values() {
+            self.extend_run(p);
+        }
+        debug_assert_eq!(self.head.seq, last);
+    }
+
+    /// Records `seq` (just put in `ahead`) in `ranges`, merging with its neighbours.
+    fn add_to_ranges(&mut self, seq: Seq) {
+        let below = self
+            .ranges
+            .range(..seq)
+            .next_back()
+            .filter(|(_, &last)| last.next() == seq)
+            .map(|(&first, _)| first);
+        let above = self.ranges.remove(&seq.next());
+        let last = above.unwrap_or(seq);
+        match below {
+            Some(first) => self.ranges.insert(first, last),
+            None => self.ranges.insert(seq, last),
+        };
+    }
+
+    fn use_pending_heartbeat(&mut self) {
+        if let Some(hb) = self.pending_heartbeat {
+            if hb.seq <= self.head.seq {
+                self.head.ts = self.head.ts.max(hb.ts);
+                self.pending_heartbeat = None;
+            }
+        }
     }
 
     /// Takes a heartbeat: if everything up to its `seq` is here, the head's time stamp
@@ -140,78 +234,49 @@ impl RunTracker {
         }
     }
 
-    fn advance(&mut self) {
-        while let Some(p) = self.held.get(&self.head.seq.next()) {
-            self.head = Stamp::new(self.head.ts.max(p.stamp.ts), p.stamp.seq);
-        }
-        if let Some(hb) = self.pending_heartbeat {
-            if hb.seq <= self.head.seq {
-                self.head.ts = self.head.ts.max(hb.ts);
-                self.pending_heartbeat = None;
-            }
-        }
-    }
-
-    /// The acknowledgement for what is held: cumulative up to the head, plus up to
-    /// [`MAX_SACK_RANGES`] ranges held above it.
+    /// The acknowledgement for what is held: cumulative up to the head, up to
+    /// [`MAX_SACK_RANGES`] ranges held above it (the lowest ones), and the receive window
+    /// ([`RunTracker::window_end`]): every packet up to it will be accepted. Costs
+    /// `O(MAX_SACK_RANGES)`.
     pub fn ack(&self) -> Ack {
-        let mut sack: Vec<SeqRange> = Vec::new();
-        for &seq in self.held.range(self.head.seq.next()..).map(|(s, _)| s) {
-            match sack.last_mut() {
-                Some(r) if r.last.next() == seq => r.last = seq,
-                _ => {
-                    if sack.len() == MAX_SACK_RANGES {
-                        break;
-                    }
-                    sack.push(SeqRange {
-                        first: seq,
-                        last: seq,
-                    });
-                }
-            }
-        }
+        let sack = self
+            .ranges
+            .iter()
+            .take(MAX_SACK_RANGES)
+            .map(|(&first, &last)| SeqRange { first, last })
+            .collect();
         Ack {
             pair: self.pair,
             cum: self.head.seq,
             sack,
+            window: self.window_end(),
         }
     }
 
     /// Apply selection (claim 2): the packets that `limit` lets us apply, in `seq` order:
     /// the run from the applied point on, as long as each packet's `ts <= limit`.
     pub fn select(&self, limit: Timestamp) -> impl Iterator<Item = &Packet> + '_ {
-        // An empty run (head == applied) must not reach BTreeMap::range as start > end.
-        let first = self.applied.seq.next();
-        let run = (first <= self.head.seq).then(|| self.held.range(first..=self.head.seq));
-        run.into_iter()
-            .flatten()
-            .map(|(_, p)| p)
-            .take_while(move |p| p.stamp.ts <= limit)
+        self.run.iter().take_while(move |p| p.stamp.ts <= limit)
     }
 
     /// Whether a held packet above the head has `ts <= limit`: that would mean the limit
     /// was computed without this pair's head, i.e. invariant I1 is at risk.
     pub fn limit_violated(&self, limit: Timestamp) -> bool {
-        self.held
-            .range(self.head.seq.next()..)
-            .next()
+        self.ahead
+            .first_key_value()
             .is_some_and(|(_, p)| p.stamp.ts <= limit)
     }
 
     /// Marks everything up to `seq` as applied and frees it. `seq` must be at or below the
     /// head; a lower or equal `seq` than already applied changes nothing.
     pub fn mark_applied(&mut self, seq: Seq) {
+        let seq = seq.min(self.head.seq);
         if seq <= self.applied.seq {
             return;
         }
-        let seq = seq.min(self.head.seq);
-        let ts = self
-            .held
-            .get(&seq)
-            .map(|p| p.stamp.ts)
-            .unwrap_or(self.applied.ts);
-        let rest = self.held.split_off(&seq.next());
-        self.held = rest;
+        let n = (seq.0 - self.applied.seq.0) as usize;
+        let ts = self.run[n - 1].stamp.ts;
+        self.run.drain(..n);
         self.applied = Stamp::new(ts, seq);
     }
 }

@@ -5,13 +5,47 @@
 //! Invariants kept by [`Sender`]:
 //! - sequence numbers are 1, 2, 3, ... with no gaps, and each packet's time stamp is
 //!   greater than the one before (the caller stamps from the hybrid clock, in order);
+//!   so the packets kept are contiguous in `seq` and one is found by `seq - front`;
 //! - a packet is forgotten only when an acknowledgement covers it cumulatively (I3);
-//! - a heartbeat's stamp promises no later packet has a time stamp at or below it.
+//! - a heartbeat's stamp promises no later packet has a time stamp at or below it;
+//! - flow control: a packet goes on the wire for the first time only at or below
+//!   [`Sender::send_window`]: the highest receive window the remote unit advertised
+//!   ([`Ack::window`]), or, before it advertised one, [`INITIAL_WINDOW`] packets past
+//!   the cumulative acknowledgement. Retransmissions are never held back by it;
+//! - a retransmission timeout fires for a transmission only once it is older than the
+//!   current timeout (backing off included; before any round trip was measured, the
+//!   initial timeout), and only when the cumulative acknowledgement has not moved for a
+//!   timeout (RFC 6298 5.3); a hole the receiver reports is resent at once (fast
+//!   retransmission), and an idle or lost path still times out (I5). Progress resets
+//!   the backing off for every packet in flight;
+//! - selective acknowledgements are advice: should the remote unit turn out not to hold
+//!   what it acknowledged selectively (it lost state), all of it is sent again.
+//!
+//! Costs: an acknowledgement walks only the packets it newly covers (cumulatively or
+//! selectively) and the holes below its highest selective range; the retransmission
+//! timer looks only at transmissions that are due (amortised `O(1)` per transmission),
+//! and after it ran the next deadline is in the future.
 
 use crate::packet::{Ack, Heartbeat, Packet, Payload};
 use crate::types::{PairId, Seq, Stamp, Timestamp};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// Before the remote unit has advertised a receive window ([`Ack::window`]), at most this
+/// many packets past the cumulative acknowledgement go on the wire: one typical batch,
+/// far below any receiver's window (a [`crate::RunTracker`] accepts
+/// [`crate::run::DEFAULT_WINDOW`] by default), so the first flight is never dropped.
+/// The first acknowledgement, one round trip later, brings the real window.
+pub const INITIAL_WINDOW: u64 = 64;
+
+/// The default initial retransmission timeout (before any round trip is measured).
+pub const DEFAULT_INITIAL_RTO: Duration = Duration::from_millis(50);
+/// The default minimum retransmission timeout. Under load acknowledgements wait in
+/// mailboxes and queues for milliseconds; a smaller minimum fires falsely and resends
+/// packets that are not lost.
+pub const DEFAULT_MIN_RTO: Duration = Duration::from_millis(10);
+/// The default maximum retransmission timeout (backing off stops there).
+pub const DEFAULT_MAX_RTO: Duration = Duration::from_secs(2);
 
 /// Round-trip estimation and retransmission timeout (RFC 6298 in spirit).
 #[derive(Clone, Debug)]
@@ -74,21 +108,23 @@ impl Rtt {
 
     /// The current retransmission timeout.
     pub fn rto(&self) -> Duration {
+        (self.base_rto() * (1u32 << self.backoff)).min(self.max_rto)
+    }
+
+    /// The retransmission timeout from the round-trip estimate alone, without backing off.
+    pub fn base_rto(&self) -> Duration {
         let base = match self.srtt {
             None => self.initial,
             Some(srtt) => srtt + (self.rttvar * 4).max(Duration::from_micros(500)),
         };
-        (base.max(self.min_rto) * (1u32 << self.backoff)).min(self.max_rto)
+        base.max(self.min_rto).min(self.max_rto)
     }
 }
 
 impl Default for Rtt {
+    /// [`DEFAULT_INITIAL_RTO`], [`DEFAULT_MIN_RTO`], [`DEFAULT_MAX_RTO`].
     fn default() -> Self {
-        Rtt::new(
-            Duration::from_millis(50),
-            Duration::from_millis(2),
-            Duration::from_secs(2),
-        )
+        Rtt::new(DEFAULT_INITIAL_RTO, DEFAULT_MIN_RTO, DEFAULT_MAX_RTO)
     }
 }
 
@@ -104,6 +140,24 @@ struct InFlight {
     lost: bool,
 }
 
+/// One time a packet went on the wire (`at`): its `nth` transmission. It times out at
+/// `max(floor, at + rto)` for the current timeout `rto` (backing off included); `floor`
+/// is `at`, or, for what left before any round trip was measured, `at` plus the initial
+/// timeout (a first sample that says less does not bring it forward).
+#[derive(Clone, Copy, Debug)]
+struct Transmission {
+    at: Instant,
+    floor: Instant,
+    seq: Seq,
+    nth: u32,
+}
+
+impl Transmission {
+    fn due(&self, rto: Duration) -> Instant {
+        self.floor.max(self.at + rto)
+    }
+}
+
 /// Counters of the send side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SendStats {
@@ -111,6 +165,9 @@ pub struct SendStats {
     pub retransmits: u64,
     pub heartbeats: u64,
     pub acked: u64,
+    /// Times the remote unit turned out not to hold packets it had acknowledged
+    /// selectively (it lost state): they were sent again.
+    pub reneged: u64,
 }
 
 /// The send side of one pair.
@@ -123,6 +180,7 @@ pub struct Sender {
     acked_stamp: Stamp,
     /// Packets above this seq are stamped but not yet written locally: held off the wire.
     writable: Seq,
+    /// Every packet not yet acknowledged cumulatively, in `seq` order with no gaps.
     unacked: VecDeque<InFlight>,
     /// Index into `unacked` of the first packet never sent.
     unsent: usize,
@@ -130,11 +188,142 @@ pub struct Sender {
     rtt: Rtt,
     heartbeat_every: Duration,
     last_tx: Option<Instant>,
-    /// No retransmission is due before this (a lower bound; `None`: nothing in flight).
+    /// The highest receive window the remote unit advertised (`None`: none yet). Only
+    /// moves forward.
+    peer_window: Option<Seq>,
+    /// Every transmission, oldest first (`at` never decreases front to back). An entry
+    /// is live while its packet is unacknowledged, not selectively acknowledged and not
+    /// sent again since; dead entries are dropped when they reach the front. The timer
+    /// looks at the front only: the oldest transmission times out first, except that
+    /// while the front is one from before the first round trip was measured, a younger
+    /// one may come late by at most the initial timeout.
+    sends: VecDeque<Transmission>,
+    /// When the oldest live transmission times out (`None`: nothing in flight), but not
+    /// before `quiet_until`; kept so after every `poll_transmit` and `handle_ack`.
     retransmit_at: Option<Instant>,
-    /// Some packet is marked lost.
-    lost_pending: bool,
+    /// One timeout after the cumulative acknowledgement last moved: no timeout fires
+    /// before (RFC 6298 5.3: the path delivers, acknowledgements are merely queued).
+    quiet_until: Option<Instant>,
+    /// What the selective acknowledgements said the remote unit holds, as maximal ranges
+    /// `first -> last` above `acked` and at or below the last packet sent: every packet
+    /// in them is marked `sacked`, so an acknowledgement only walks what is new to it.
+    sacked: BTreeMap<Seq, Seq>,
+    /// Packets marked lost, to retransmit at once (entries may be stale: checked).
+    lost: Vec<Seq>,
     stats: SendStats,
+}
+
+/// Index in `unacked` of the first packet with a `seq` at or above `seq`: `seq - front`
+/// (packets are contiguous); a binary search should that ever not hold.
+fn position(unacked: &VecDeque<InFlight>, seq: Seq) -> usize {
+    let (Some(front), Some(back)) = (unacked.front(), unacked.back()) else {
+        return 0;
+    };
+    let (front, back) = (front.packet.stamp.seq, back.packet.stamp.seq);
+    if seq <= front {
+        return 0;
+    }
+    if seq > back {
+        return unacked.len();
+    }
+    let i = (seq.0 - front.0) as usize;
+    match unacked.get(i) {
+        Some(f) if f.packet.stamp.seq == seq => i,
+        _ => unacked.partition_point(|f| f.packet.stamp.seq < seq),
+    }
+}
+
+/// Index in `unacked` of the packet of `tx`, if `tx` is live: its packet's latest
+/// transmission, and the packet neither acknowledged nor selectively acknowledged.
+fn live(unacked: &VecDeque<InFlight>, tx: Transmission) -> Option<usize> {
+    let i = position(unacked, tx.seq);
+    let f = unacked.get(i)?;
+    (f.packet.stamp.seq == tx.seq && f.transmissions == tx.nth && !f.sacked).then_some(i)
+}
+
+/// Dead transmissions tolerated in the log beyond twice the packets in flight.
+const SENDS_SLACK: usize = 1024;
+
+/// Puts `f` on the wire now; it times out no earlier than `floor` (now plus the current
+/// estimate).
+fn transmit(
+    f: &mut InFlight,
+    now: Instant,
+    floor: Instant,
+    sends: &mut VecDeque<Transmission>,
+    out: &mut Vec<Packet>,
+) {
+    f.sent = Some(now);
+    f.transmissions += 1;
+    sends.push_back(Transmission {
+        at: now,
+        floor,
+        seq: f.packet.stamp.seq,
+        nth: f.transmissions,
+    });
+    out.push(f.packet.clone());
+}
+
+/// Round-trip sample candidate: the newest packet an acknowledgement newly covers, if it
+/// was sent once (Karn). Packets held behind a hole and only now acknowledged
+/// cumulatively were covered earlier by a SACK, so they give no (inflated) sample.
+fn consider(sample: &mut Option<(Seq, Instant)>, f: &InFlight) {
+    if f.transmissions == 1 && !f.sacked {
+        if let Some(sent) = f.sent {
+            if sample.is_none_or(|(s, _)| f.packet.stamp.seq > s) {
+                *sample = Some((f.packet.stamp.seq, sent));
+            }
+        }
+    }
+}
+
+/// Marks the sent packets `first ..= last` as held by the receiver.
+fn mark_sacked(
+    unacked: &mut VecDeque<InFlight>,
+    unsent: usize,
+    first: Seq,
+    last: Seq,
+    sample: &mut Option<(Seq, Instant)>,
+) {
+    let mut i = position(unacked, first);
+    while i < unsent {
+        let f = &mut unacked[i];
+        if f.packet.stamp.seq > last {
+            break;
+        }
+        consider(sample, f);
+        f.sacked = true;
+        f.lost = false;
+        i += 1;
+    }
+}
+
+/// Marks lost the sent packets `first ..= last` (a hole below a selectively acknowledged
+/// packet) that went on the wire at least `window` ago and are not marked already.
+fn mark_lost(
+    unacked: &mut VecDeque<InFlight>,
+    unsent: usize,
+    first: Seq,
+    last: Seq,
+    now: Instant,
+    window: Duration,
+    lost: &mut Vec<Seq>,
+) {
+    let mut i = position(unacked, first);
+    while i < unsent {
+        let f = &mut unacked[i];
+        if f.packet.stamp.seq > last {
+            break;
+        }
+        let old = f
+            .sent
+            .is_some_and(|s| now.saturating_duration_since(s) >= window);
+        if !f.sacked && !f.lost && old {
+            f.lost = true;
+            lost.push(f.packet.stamp.seq);
+        }
+        i += 1;
+    }
 }
 
 impl Sender {
@@ -153,8 +342,12 @@ impl Sender {
             rtt,
             heartbeat_every,
             last_tx: None,
+            peer_window: None,
+            sends: VecDeque::new(),
             retransmit_at: None,
-            lost_pending: false,
+            quiet_until: None,
+            sacked: BTreeMap::new(),
+            lost: Vec::new(),
             stats: SendStats::default(),
         }
     }
@@ -195,6 +388,17 @@ impl Sender {
         &self.rtt
     }
 
+    /// The highest seq that may go on the wire for the first time: the highest receive
+    /// window the remote unit advertised; before it advertised one (or should the
+    /// cumulative acknowledgement have passed it), [`INITIAL_WINDOW`] past the cumulative
+    /// acknowledgement. Never moves back while the remote keeps advertising.
+    pub fn send_window(&self) -> Seq {
+        match self.peer_window {
+            Some(w) if w >= self.acked => w,
+            _ => Seq(self.acked.0.saturating_add(INITIAL_WINDOW)),
+        }
+    }
+
     /// Stamps a payload with the next sequence number and the time stamp `ts`, which must
     /// come from the hybrid clock after every earlier stamp of this pair; it may go on the
     /// wire at once.
@@ -233,7 +437,7 @@ impl Sender {
     }
 
     /// Re-queues a packet recovered from the journal after a restart (already stamped and
-    /// written); packets must come in `seq` order, above the released point.
+    /// written); packets must come in `seq` order with no gaps, above the released point.
     pub fn push_recovered(&mut self, packet: Packet) {
         let newest = self
             .unacked
@@ -242,6 +446,10 @@ impl Sender {
         if packet.stamp.seq <= newest {
             return; // released already, or a duplicate
         }
+        debug_assert!(
+            self.unacked.is_empty() || packet.stamp.seq == newest.next(),
+            "recovered packets must have no gaps"
+        );
         if packet.stamp > self.last {
             self.last = packet.stamp;
         }
@@ -256,56 +464,74 @@ impl Sender {
         });
     }
 
-    /// Appends to `out` the packets to put on the wire now: first transmissions, then
-    /// retransmissions whose timeout has passed. Returns how many were retransmissions.
+    /// Appends to `out` the packets to put on the wire now: retransmissions of packets
+    /// marked lost, then retransmissions whose timeout has passed, then first
+    /// transmissions up to [`Sender::send_window`]. Returns how many were
+    /// retransmissions.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Packet>) -> usize {
         let mut retransmits = 0;
-        if self.lost_pending {
+        // Before any round trip is measured the initial timeout is a guess on the safe
+        // side: what leaves now keeps it even if a first sample then says less.
+        let floor = match self.rtt.srtt() {
+            None => now + self.rtt.base_rto(),
+            Some(_) => now,
+        };
+        if !self.lost.is_empty() {
             // Fast retransmission of what selective acknowledgements showed missing.
-            self.lost_pending = false;
-            for f in self.unacked.iter_mut().take(self.unsent) {
-                if f.lost {
-                    f.lost = false;
-                    f.sent = Some(now);
-                    f.transmissions += 1;
-                    out.push(f.packet.clone());
-                    retransmits += 1;
+            let mut lost = std::mem::take(&mut self.lost);
+            lost.sort_unstable();
+            for seq in lost.drain(..) {
+                let i = position(&self.unacked, seq);
+                if i < self.unsent {
+                    let f = &mut self.unacked[i];
+                    if f.packet.stamp.seq == seq && f.lost {
+                        f.lost = false;
+                        transmit(f, now, floor, &mut self.sends, out);
+                        retransmits += 1;
+                    }
                 }
             }
+            // `lost` is empty now; put it back to keep its allocation.
+            self.lost = lost;
+            // What was resent may have been the oldest transmission: see what is now.
+            self.rearm();
         }
         let fast = retransmits;
         if self.retransmit_at.is_some_and(|t| now >= t) {
+            // Oldest first: each transmission is looked at once (resent ones go to the
+            // back, due later than now).
             let rto = self.rtt.rto();
-            for f in self.unacked.iter_mut().take(self.unsent) {
-                match f.sent {
-                    Some(sent) if !f.sacked && now.saturating_duration_since(sent) >= rto => {
-                        f.sent = Some(now);
-                        f.transmissions += 1;
-                        out.push(f.packet.clone());
+            for _ in 0..self.sends.len() {
+                let Some(&tx) = self.sends.front() else {
+                    break;
+                };
+                match self.live(tx) {
+                    Some(i) if tx.due(rto) <= now => {
+                        self.sends.pop_front();
+                        transmit(&mut self.unacked[i], now, floor, &mut self.sends, out);
                         retransmits += 1;
                     }
-                    _ => {}
+                    Some(_) => break,
+                    None => {
+                        self.sends.pop_front();
+                    }
                 }
             }
             if retransmits > fast {
                 self.rtt.on_timeout();
             }
-            self.retransmit_at = self.oldest_unsacked().map(|s| s + self.rtt.rto());
         }
+        let limit = self.writable.min(self.send_window());
         let mut fresh = 0;
-        for f in self.unacked.iter_mut().skip(self.unsent) {
-            if f.packet.stamp.seq > self.writable {
+        for f in self.unacked.range_mut(self.unsent..) {
+            if f.packet.stamp.seq > limit {
                 break;
             }
-            f.sent = Some(now);
-            f.transmissions += 1;
-            out.push(f.packet.clone());
+            transmit(f, now, floor, &mut self.sends, out);
             fresh += 1;
         }
         self.unsent += fresh;
-        if fresh > 0 && self.retransmit_at.is_none() {
-            self.retransmit_at = Some(now + self.rtt.rto());
-        }
+        self.rearm();
         if fresh + retransmits > 0 {
             self.last_tx = Some(now);
         }
@@ -313,89 +539,175 @@ impl Sender {
         retransmits
     }
 
-    fn oldest_unsacked(&self) -> Option<Instant> {
-        self.unacked
-            .iter()
-            .take(self.unsent)
-            .filter(|f| !f.sacked)
-            .filter_map(|f| f.sent)
-            .min()
+    /// Index in `unacked` of the packet of `tx`, if `tx` is live.
+    fn live(&self, tx: Transmission) -> Option<usize> {
+        live(&self.unacked, tx)
+    }
+
+    /// Drops dead transmissions from the front and sets the retransmission deadline from
+    /// the oldest live one. Dead ones behind a live front (packets acknowledged or resent
+    /// since) are dropped once they are most of the log, which keeps it within twice the
+    /// packets in flight (plus a constant); each such pass removes at least half of it,
+    /// so the cost stays amortised `O(1)` per transmission.
+    fn rearm(&mut self) {
+        while let Some(&tx) = self.sends.front() {
+            if self.live(tx).is_some() {
+                break;
+            }
+            self.sends.pop_front();
+        }
+        if self.sends.len() > SENDS_SLACK + 2 * self.unsent {
+            let unacked = &self.unacked;
+            self.sends.retain(|tx| live(unacked, *tx).is_some());
+        }
+        let due = self.sends.front().map(|tx| tx.due(self.rtt.rto()));
+        self.retransmit_at = due.map(|d| self.quiet_until.map_or(d, |q| q.max(d)));
     }
 
     /// Takes an acknowledgement: frees what it covers cumulatively, marks what it covers
-    /// selectively, samples the round trip. Returns the bytes freed.
+    /// selectively, records the receive window, samples the round trip. Returns the
+    /// bytes freed.
     pub fn handle_ack(&mut self, now: Instant, ack: &Ack) -> usize {
         if ack.pair != self.pair || ack.cum > self.last.seq {
             return 0; // not ours, or acknowledges what we never sent: ignore
         }
+        // A window of zero or below `cum` says nothing; a real one only moves forward.
+        if ack.window != Seq::ZERO && ack.window >= ack.cum {
+            self.peer_window = Some(self.peer_window.map_or(ack.window, |w| w.max(ack.window)));
+        }
         let mut freed = 0;
-        // Round-trip sample: the newest packet this acknowledgement newly covers, if it
-        // was sent once (Karn). Packets held behind a hole and only now acknowledged
-        // cumulatively were covered earlier by a SACK, so they give no (inflated) sample.
         let mut sample: Option<(Seq, Instant)> = None;
-        let mut consider = |f: &InFlight| {
-            if f.transmissions == 1 && !f.sacked {
-                if let Some(sent) = f.sent {
-                    if sample.is_none_or(|(s, _)| f.packet.stamp.seq > s) {
-                        sample = Some((f.packet.stamp.seq, sent));
-                    }
-                }
-            }
-        };
         while let Some(f) = self.unacked.front() {
             if f.packet.stamp.seq > ack.cum {
                 break;
             }
-            consider(f);
+            consider(&mut sample, f);
             freed += f.packet.payload.wire_len();
             self.acked_stamp = f.packet.stamp;
             self.unacked.pop_front();
             self.unsent = self.unsent.saturating_sub(1);
             self.stats.acked += 1;
         }
-        if ack.cum > self.acked {
+        let advanced = ack.cum > self.acked;
+        if advanced {
             self.acked = ack.cum;
             self.rtt.reset_backoff();
-        }
-        if !ack.sack.is_empty() {
-            let mut ranges = ack.sack.iter().peekable();
-            for f in self.unacked.iter_mut().take(self.unsent) {
-                let seq = f.packet.stamp.seq;
-                while ranges.peek().is_some_and(|r| r.last < seq) {
-                    ranges.next();
-                }
-                match ranges.peek() {
-                    Some(r) if r.contains(seq) => {
-                        consider(f);
-                        f.sacked = true;
-                        f.lost = false;
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            // A packet below the highest selectively acknowledged one, sent more than a
-            // reordering window ago, is lost: the receiver holds later ones.
-            let highest = ack.sack.iter().map(|r| r.last).max().unwrap_or(Seq::ZERO);
-            let window = self.rtt.reorder_window();
-            for f in self.unacked.iter_mut().take(self.unsent) {
-                if f.packet.stamp.seq >= highest {
+            // Forget selective ranges now covered cumulatively.
+            while let Some((&first, &last)) = self.sacked.first_key_value() {
+                if first > self.acked {
                     break;
                 }
-                let old = f
-                    .sent
-                    .is_some_and(|s| now.saturating_duration_since(s) >= window);
-                if !f.sacked && !f.lost && old {
-                    f.lost = true;
-                    self.lost_pending = true;
+                self.sacked.pop_first();
+                if last > self.acked {
+                    self.sacked.insert(self.acked.next(), last);
+                    break;
                 }
+            }
+        }
+        // The remote never acknowledges selectively the packet right after its run (that
+        // packet would be part of the run). So if an acknowledgement as recent as what we
+        // know says the run ends just before a packet marked held, the remote lost what it
+        // reported (RFC 2018 section 8): forget every selective acknowledgement and send
+        // what they covered again; the ranges of this acknowledgement mark anew what is
+        // still held.
+        if ack.cum == self.acked && self.unacked.front().is_some_and(|f| f.sacked) {
+            self.renege();
+        }
+        let last_sent = self
+            .unsent
+            .checked_sub(1)
+            .map(|i| self.unacked[i].packet.stamp.seq);
+        if let Some(last_sent) = last_sent.filter(|_| !ack.sack.is_empty()) {
+            let mut highest = Seq::ZERO;
+            for r in &ack.sack {
+                let (first, last) = (r.first.max(self.acked.next()), r.last.min(last_sent));
+                if first <= last {
+                    highest = highest.max(last);
+                    self.add_sacked(first, last, &mut sample);
+                }
+            }
+            // A packet in a hole below the highest selectively acknowledged one, sent
+            // more than a reordering window ago, is lost: the receiver holds later ones.
+            // Only the holes are walked.
+            let window = self.rtt.reorder_window();
+            let mut hole = self.acked.next();
+            for (&first, &last) in self.sacked.range(..highest) {
+                if hole < first {
+                    let end = Seq(first.0 - 1);
+                    mark_lost(
+                        &mut self.unacked,
+                        self.unsent,
+                        hole,
+                        end,
+                        now,
+                        window,
+                        &mut self.lost,
+                    );
+                }
+                hole = last.next();
+            }
+            if hole < highest {
+                let end = Seq(highest.0 - 1);
+                mark_lost(
+                    &mut self.unacked,
+                    self.unsent,
+                    hole,
+                    end,
+                    now,
+                    window,
+                    &mut self.lost,
+                );
             }
         }
         if let Some((_, sent)) = sample {
             self.rtt.sample(now.saturating_duration_since(sent));
         }
+        if advanced {
+            self.quiet_until = Some(now + self.rtt.rto());
+        }
         self.unacked_bytes -= freed;
+        self.rearm();
         freed
+    }
+
+    /// The remote unit no longer holds what it acknowledged selectively: every such
+    /// packet is marked lost (sent again at the next `poll_transmit`).
+    fn renege(&mut self) {
+        for f in self.unacked.iter_mut().take(self.unsent) {
+            if f.sacked {
+                f.sacked = false;
+                f.lost = true;
+                self.lost.push(f.packet.stamp.seq);
+            }
+        }
+        self.sacked.clear();
+        self.stats.reneged += 1;
+    }
+
+    /// Records that the remote unit holds the sent packets `first ..= last` (above
+    /// `acked`): marks those not known yet, merges the range into `sacked`.
+    fn add_sacked(&mut self, first: Seq, last: Seq, sample: &mut Option<(Seq, Instant)>) {
+        let (mut lo, mut hi) = (first, last);
+        // Walking known ranges that overlap or touch `first ..= last`, highest first: the
+        // part above each one (and below the one before) is new.
+        let mut end = last;
+        while let Some((&kf, &kl)) = self.sacked.range(..=last.next()).next_back() {
+            if kl.next() < first {
+                break;
+            }
+            if kl < end {
+                let from = kl.next().max(first);
+                mark_sacked(&mut self.unacked, self.unsent, from, end, sample);
+            }
+            end = Seq(kf.0 - 1); // kf > acked >= 0
+            lo = lo.min(kf);
+            hi = hi.max(kl);
+            self.sacked.remove(&kf);
+        }
+        if end >= first {
+            mark_sacked(&mut self.unacked, self.unsent, first, end, sample);
+        }
+        self.sacked.insert(lo, hi);
     }
 
     /// Whether the pair has been silent long enough to owe a heartbeat.
@@ -468,6 +780,15 @@ mod tests {
                     last: Seq(*b),
                 })
                 .collect(),
+            window: Seq::ZERO,
+        }
+    }
+
+    /// As `ack`, advertising the receive window `window`.
+    fn ack_w(cum: u64, sack: &[(u64, u64)], window: u64) -> Ack {
+        Ack {
+            window: Seq(window),
+            ..ack(cum, sack)
         }
     }
 
@@ -650,5 +971,479 @@ mod tests {
         assert_eq!(r.rto(), a * 2);
         r.sample(Duration::from_millis(4));
         assert!(r.rto() < a * 2);
+    }
+
+    fn sender_w(n: u64) -> Sender {
+        let mut s = sender();
+        for i in 0..n {
+            s.push(Timestamp(10 + i), w(i as u8));
+        }
+        s
+    }
+
+    #[test]
+    fn default_min_rto_is_10ms() {
+        let mut r = Rtt::default();
+        assert_eq!(r.rto(), DEFAULT_INITIAL_RTO);
+        r.sample(Duration::from_micros(100));
+        assert_eq!(r.rto(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn before_any_window_only_the_initial_window_goes_out() {
+        let mut s = sender_w(200);
+        let mut out = vec![];
+        s.poll_transmit(Instant::now(), &mut out);
+        assert_eq!(seqs(&out), (1..=INITIAL_WINDOW).collect::<Vec<_>>());
+        assert_eq!(s.send_window(), Seq(INITIAL_WINDOW));
+    }
+
+    #[test]
+    fn window_holds_back_first_transmissions_only() {
+        let t0 = Instant::now();
+        let mut s = sender_w(200);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        // The receiver accepts up to 100: 65..=100 go, not more.
+        s.handle_ack(t0, &ack_w(10, &[], 100));
+        out.clear();
+        assert_eq!(s.poll_transmit(t0, &mut out), 0);
+        assert_eq!(seqs(&out), (65..=100).collect::<Vec<_>>());
+        // A smaller window later does not take back what was granted.
+        s.handle_ack(t0, &ack_w(10, &[], 50));
+        assert_eq!(s.send_window(), Seq(100));
+        out.clear();
+        s.poll_transmit(t0, &mut out);
+        assert!(out.is_empty());
+        // Retransmissions are not held back: everything unacknowledged is resent,
+        // nothing new is sent.
+        let late = t0 + Duration::from_secs(1);
+        out.clear();
+        assert_eq!(s.poll_transmit(late, &mut out), 90);
+        assert_eq!(seqs(&out), (11..=100).collect::<Vec<_>>());
+        s.handle_ack(late, &ack_w(100, &[], 150));
+        out.clear();
+        assert_eq!(s.poll_transmit(late, &mut out), 0);
+        assert_eq!(seqs(&out), (101..=150).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_window_at_cum_is_a_zero_window() {
+        let t0 = Instant::now();
+        let mut s = sender_w(100);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        s.handle_ack(t0, &ack_w(64, &[], 64));
+        assert_eq!(s.send_window(), Seq(64));
+        out.clear();
+        s.poll_transmit(t0, &mut out);
+        assert!(out.is_empty(), "the receiver is full");
+        s.handle_ack(t0, &ack_w(64, &[], 70));
+        s.poll_transmit(t0, &mut out);
+        assert_eq!(seqs(&out), (65..=70).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn acks_without_a_window_never_stall() {
+        // `window: Seq::ZERO` (or below `cum`) says nothing: the sender keeps going, the
+        // initial window past each cumulative acknowledgement.
+        let t0 = Instant::now();
+        let mut s = sender_w(300);
+        let mut out = vec![];
+        let mut sent = 0;
+        for _ in 0..10 {
+            out.clear();
+            s.poll_transmit(t0, &mut out);
+            sent += out.len();
+            s.handle_ack(t0, &ack(s.last_sent(), &[]));
+            s.handle_ack(t0, &ack_w(s.acked().0, &[], s.acked().0 - 1));
+        }
+        assert_eq!(sent, 300);
+        assert_eq!(s.unacked_len(), 0);
+        // A sender of pair 0 takes `Ack::default()` as "nothing acknowledged, window
+        // unknown".
+        let mut z = Sender::new(
+            PairId(0),
+            Stamp::ZERO,
+            Duration::from_millis(10),
+            Rtt::default(),
+        );
+        z.push(Timestamp(1), w(1));
+        z.handle_ack(t0, &Ack::default());
+        assert_eq!(z.send_window(), Seq(INITIAL_WINDOW));
+    }
+
+    impl Sender {
+        /// The seq of the last packet sent, `acked` if none.
+        fn last_sent(&self) -> u64 {
+            self.unsent
+                .checked_sub(1)
+                .map_or(self.acked.0, |i| self.unacked[i].packet.stamp.seq.0)
+        }
+    }
+
+    #[test]
+    fn timer_follows_the_oldest_live_transmission() {
+        let t0 = Instant::now();
+        let mut s = sender();
+        let mut out = vec![];
+        s.push(Timestamp(10), w(1));
+        s.poll_transmit(t0, &mut out);
+        let rto0 = s.rtt().rto();
+        assert_eq!(s.retransmit_at, Some(t0 + rto0));
+        let t1 = t0 + Duration::from_millis(3);
+        s.push(Timestamp(11), w(2));
+        s.push(Timestamp(12), w(3));
+        s.poll_transmit(t1, &mut out);
+        // 1 arrives: the deadline moves to 2's, as of when 2 went out (no false fire at
+        // 1's old deadline, and a smaller estimate since does not bring it forward).
+        s.handle_ack(t1, &ack(1, &[]));
+        assert!(s.rtt().rto() < rto0);
+        assert_eq!(s.retransmit_at, Some(t1 + rto0));
+        out.clear();
+        assert_eq!(s.poll_transmit(t0 + rto0, &mut out), 0);
+        assert!(out.is_empty());
+        // 2 and 3 held: nothing left to time out.
+        s.handle_ack(t1, &ack(1, &[(2, 3)]));
+        assert_eq!(s.retransmit_at, None);
+        assert!(s.sends.is_empty(), "dead transmissions are dropped");
+    }
+
+    #[test]
+    fn progress_restarts_the_timer() {
+        // Acknowledgements queued behind load: 2..=4 are late, not lost, while 1's
+        // acknowledgement shows the path delivers. No timeout fires until the
+        // cumulative acknowledgement has stood still for a timeout.
+        let t0 = Instant::now();
+        let mut s = sender_w(4);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        let rto0 = s.rtt().rto();
+        let t1 = t0 + rto0 - Duration::from_millis(1);
+        s.handle_ack(t1, &ack(1, &[]));
+        let rto1 = s.rtt().rto();
+        assert_eq!(s.retransmit_at, Some(t1 + rto1));
+        out.clear();
+        assert_eq!(s.poll_transmit(t0 + rto0, &mut out), 0, "no false fire");
+        assert!(out.is_empty());
+        // Stood still for a timeout: 2..=4 are resent.
+        assert_eq!(s.poll_transmit(t1 + rto1, &mut out), 3);
+        assert_eq!(seqs(&out), vec![2, 3, 4]);
+        // A SACK is no cumulative progress: it does not hold the timer off.
+        let t2 = t1 + rto1;
+        let due = t2 + s.rtt().rto();
+        assert_eq!(s.retransmit_at, Some(due));
+        s.handle_ack(t2 + Duration::from_millis(1), &ack(1, &[(3, 3)]));
+        assert_eq!(s.retransmit_at, Some(due));
+    }
+
+    #[test]
+    fn progress_ends_backing_off_for_everything_in_flight() {
+        // The remote was down: timeouts backed off. When it answers again, what is still
+        // in flight times out one current timeout after that, not a backed-off one, and
+        // what is sent from then on is not held behind it.
+        let t0 = Instant::now();
+        let mut s = sender_w(3);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        let mut t = t0;
+        for _ in 0..4 {
+            t = s.retransmit_at.expect("in flight");
+            out.clear();
+            assert_eq!(s.poll_transmit(t, &mut out), 3);
+        }
+        let backed_off = s.rtt().rto();
+        let t1 = t + Duration::from_millis(1);
+        s.handle_ack(t1, &ack(1, &[]));
+        let rto = s.rtt().rto();
+        assert!(rto * 8 <= backed_off, "backing off ended");
+        assert_eq!(s.retransmit_at, Some(t1 + rto));
+        s.push(Timestamp(100), w(4));
+        out.clear();
+        s.poll_transmit(t1 + Duration::from_millis(1), &mut out);
+        assert_eq!(seqs(&out), vec![4]);
+        out.clear();
+        assert_eq!(s.poll_transmit(t1 + rto, &mut out), 2);
+        assert_eq!(seqs(&out), vec![2, 3]);
+    }
+
+    #[test]
+    fn after_a_timeout_the_next_deadline_is_in_the_future() {
+        let t0 = Instant::now();
+        let mut s = sender_w(50);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        for k in 1..6u32 {
+            let now = t0 + Duration::from_secs(k as u64);
+            out.clear();
+            assert_eq!(s.poll_transmit(now, &mut out), 50, "round {k}");
+            assert!(s.retransmit_at.is_some_and(|t| t > now), "round {k}");
+            // Polling again at once finds nothing due and scans nothing.
+            out.clear();
+            assert_eq!(s.poll_transmit(now, &mut out), 0);
+            assert_eq!(s.sends.len(), 50, "one live transmission per packet");
+        }
+    }
+
+    #[test]
+    fn dead_transmissions_behind_a_live_one_are_dropped() {
+        // 1 is in flight; 2..=3000 were sent after it and are held by the receiver. Then
+        // 3000 further transmissions that died (here made up: of a packet since acked)
+        // pile up behind 1's: the log is compacted instead of growing.
+        let t0 = Instant::now();
+        let mut s = sender_w(3000);
+        let mut out = vec![];
+        s.handle_ack(t0, &ack_w(0, &[], 5000));
+        s.poll_transmit(t0, &mut out);
+        s.handle_ack(t0, &ack_w(0, &[(2, 3000)], 5000));
+        assert_eq!(
+            s.sends.len(),
+            3000,
+            "dead ones behind a live front are kept"
+        );
+        let back = *s.sends.back().expect("sent");
+        for _ in 0..5000 {
+            s.sends.push_back(Transmission {
+                seq: Seq(2),
+                nth: 0,
+                ..back
+            });
+        }
+        s.handle_ack(t0, &ack_w(0, &[(2, 3000)], 5000));
+        assert_eq!(s.sends.len(), 1, "only 1's transmission is live");
+        assert_eq!(s.retransmit_at, Some(s.sends[0].due(s.rtt().rto())));
+    }
+
+    #[test]
+    fn a_remote_that_lost_what_it_acknowledged_gets_it_again() {
+        // 1 is lost; 2..=5 are held and acknowledged selectively; the remote restarts
+        // and loses 3 and 4. Once 1 arrives, its acknowledgement says the run ends at 2:
+        // 3 (marked held) is not there, so every selective acknowledgement is forgotten
+        // and 3 and 4 are sent again (5 is still reported held).
+        let t0 = Instant::now();
+        let mut s = sender_w(5);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        s.handle_ack(t0, &ack(0, &[(2, 5)]));
+        out.clear();
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(s.poll_transmit(t1, &mut out), 1);
+        assert_eq!(seqs(&out), vec![1]);
+        s.handle_ack(t1, &ack(2, &[(5, 5)]));
+        assert_eq!(s.stats().reneged, 1);
+        out.clear();
+        assert_eq!(s.poll_transmit(t1, &mut out), 2);
+        assert_eq!(seqs(&out), vec![3, 4]);
+        s.handle_ack(t1, &ack(5, &[]));
+        assert_eq!(s.unacked_len(), 0);
+        // A stale acknowledgement (an older cumulative point) proves nothing.
+        let mut s = sender_w(5);
+        s.poll_transmit(t0, &mut out);
+        s.handle_ack(t0, &ack(2, &[(4, 5)]));
+        s.handle_ack(t0, &ack(1, &[(4, 5)]));
+        s.handle_ack(t0, &ack(2, &[(4, 5)]));
+        assert_eq!(s.stats().reneged, 0);
+    }
+
+    #[test]
+    fn sack_ranges_merge_and_holes_fill() {
+        let t0 = Instant::now();
+        let mut s = sender_w(20);
+        let mut out = vec![];
+        s.poll_transmit(t0, &mut out);
+        let known =
+            |s: &Sender| -> Vec<(u64, u64)> { s.sacked.iter().map(|(a, b)| (a.0, b.0)).collect() };
+        let flags = |s: &Sender| -> Vec<u64> {
+            s.unacked
+                .iter()
+                .filter(|f| f.sacked)
+                .map(|f| f.packet.stamp.seq.0)
+                .collect()
+        };
+        s.handle_ack(t0, &ack(1, &[(3, 5)]));
+        assert_eq!(known(&s), vec![(3, 5)]);
+        s.handle_ack(t0, &ack(1, &[(3, 8), (10, 12)]));
+        assert_eq!(known(&s), vec![(3, 8), (10, 12)]);
+        s.handle_ack(t0, &ack(1, &[(3, 12), (15, 15), (17, 40)]));
+        assert_eq!(
+            known(&s),
+            vec![(3, 12), (15, 15), (17, 20)],
+            "clamped to what was sent"
+        );
+        assert_eq!(
+            flags(&s),
+            vec![3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 17, 18, 19, 20]
+        );
+        // 2 and 14 arrive: the run reaches 12.
+        s.handle_ack(t0, &ack(12, &[(14, 15), (17, 20)]));
+        assert_eq!(known(&s), vec![(14, 15), (17, 20)]);
+        s.handle_ack(t0, &ack(15, &[(17, 20)]));
+        assert_eq!(known(&s), vec![(17, 20)]);
+        assert_eq!(flags(&s), vec![17, 18, 19, 20]);
+        // Only 16 is missing: after a reordering window it alone is resent.
+        let later = t0 + s.rtt().reorder_window();
+        s.handle_ack(later, &ack(15, &[(17, 20)]));
+        out.clear();
+        assert_eq!(s.poll_transmit(later, &mut out), 1);
+        assert_eq!(seqs(&out), vec![16]);
+        s.handle_ack(later, &ack(20, &[]));
+        assert!(s.sacked.is_empty() && s.sends.is_empty());
+    }
+
+    /// Everything `handle_ack`/`poll_transmit` keep incrementally, recomputed by brute
+    /// force: the SACK flags against every range ever reported, the known ranges, the
+    /// lost list, the retransmission deadline.
+    fn check(s: &Sender, reported: &std::collections::BTreeSet<u64>) {
+        let mut want: Vec<(u64, u64)> = Vec::new();
+        for &q in reported.range(s.acked.0 + 1..) {
+            match want.last_mut() {
+                Some((_, l)) if *l + 1 == q => *l = q,
+                _ => want.push((q, q)),
+            }
+        }
+        let got: Vec<(u64, u64)> = s.sacked.iter().map(|(a, b)| (a.0, b.0)).collect();
+        assert_eq!(got, want, "known ranges");
+        let front = s.acked.0 + 1;
+        for (i, f) in s.unacked.iter().enumerate() {
+            let seq = f.packet.stamp.seq.0;
+            assert_eq!(seq, front + i as u64, "contiguous");
+            assert_eq!(
+                f.sacked,
+                i < s.unsent && reported.contains(&seq),
+                "sacked {seq}"
+            );
+            assert!(!(f.lost && f.sacked), "{seq} lost and sacked");
+            if f.lost {
+                assert!(
+                    s.lost.contains(&f.packet.stamp.seq),
+                    "{seq} lost, not queued"
+                );
+            }
+            assert_eq!(f.sent.is_some(), i < s.unsent);
+        }
+        // Transmissions oldest first; every live packet has exactly one live
+        // transmission, from when it was last sent; the front is live, and the deadline is
+        // when it times out (not before `quiet_until`). Nothing live is due more than the
+        // initial timeout before the deadline.
+        assert!(s
+            .sends
+            .iter()
+            .zip(s.sends.iter().skip(1))
+            .all(|(a, b)| a.at <= b.at));
+        let rto = s.rtt.rto();
+        let mut earliest: Option<Instant> = None;
+        for f in s.unacked.iter().take(s.unsent).filter(|f| !f.sacked) {
+            let seq = f.packet.stamp.seq;
+            let live: Vec<&Transmission> = s
+                .sends
+                .iter()
+                .filter(|t| t.seq == seq && t.nth == f.transmissions)
+                .collect();
+            assert_eq!(live.len(), 1, "{seq}: one live transmission");
+            assert_eq!(Some(live[0].at), f.sent);
+            let due = live[0].due(rto);
+            earliest = Some(earliest.map_or(due, |e| e.min(due)));
+        }
+        assert_eq!(earliest.is_some(), s.sends.front().is_some());
+        if let Some(front) = s.sends.front() {
+            assert!(live(&s.unacked, *front).is_some(), "front is live");
+        }
+        let want = s.sends.front().map(|tx| {
+            let d = tx.due(rto);
+            s.quiet_until.map_or(d, |q| q.max(d))
+        });
+        assert_eq!(s.retransmit_at, want, "deadline");
+        if let (Some(at), Some(e)) = (s.retransmit_at, earliest) {
+            assert!(at <= e.max(s.quiet_until.unwrap_or(e)) + DEFAULT_INITIAL_RTO);
+        }
+        assert!(s.sends.len() <= SENDS_SLACK + 2 * s.unsent, "log bounded");
+    }
+
+    proptest::proptest! {
+        /// A sender and a real `RunTracker` over a link that loses, reorders and delays
+        /// packets and acknowledgements; the receiver applies at random. After every event
+        /// the sender's incremental bookkeeping equals a brute-force recomputation, no
+        /// first transmission exceeds the window (the receiver never drops one as
+        /// beyond its window), a timeout scan always leaves the deadline in the future,
+        /// acknowledgements reordered or lost never look like a remote that lost state,
+        /// and once the link heals everything gets through.
+        #[test]
+        fn lossy_link_bookkeeping_is_exact(
+            seed in proptest::prelude::any::<u64>(),
+            n in 1u64..600,
+            loss in 0u32..40,
+            window in 64u64..400,
+        ) {
+            use rand::{Rng, SeedableRng};
+            use crate::run::RunTracker;
+            let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+            let mut s = Sender::new(PairId(1), Stamp::ZERO, Duration::from_millis(10), Rtt::default());
+            let mut t = RunTracker::new(PairId(1), Stamp::ZERO).with_window(window);
+            let mut reported = std::collections::BTreeSet::new();
+            let mut net: Vec<(Instant, Packet)> = Vec::new();
+            let mut now = Instant::now();
+            let mut out = vec![];
+            for step in 0..20_000u32 {
+                let healed = step >= 300;
+                if s.last().seq.0 < n {
+                    for _ in 0..rng.random_range(0..40) {
+                        let ts = Timestamp(s.last().ts.0 + 1);
+                        s.push(ts, w(0));
+                        if s.last().seq.0 == n { break; }
+                    }
+                }
+                now += Duration::from_micros(rng.random_range(0..8_000));
+                out.clear();
+                let window_before = s.send_window();
+                let unsent_before = s.unsent;
+                s.poll_transmit(now, &mut out);
+                proptest::prop_assert!(s.retransmit_at.is_none_or(|t| t > now));
+                for f in s.unacked.range(unsent_before.min(s.unsent)..s.unsent) {
+                    proptest::prop_assert!(f.packet.stamp.seq <= window_before);
+                }
+                check(&s, &reported);
+                for p in out.drain(..) {
+                    if healed || rng.random_range(0..100) >= loss {
+                        let delay = rng.random_range(0..if healed { 1 } else { 6_000 });
+                        net.push((now + Duration::from_micros(delay), p));
+                    }
+                }
+                // Deliver what is due (in any order); apply at times; acknowledge what
+                // arrived, and heartbeats (the only news for a sender the window holds
+                // back), as a remote unit does.
+                let (due, rest): (Vec<_>, Vec<_>) =
+                    net.drain(..).partition(|(at, _)| *at <= now);
+                net = rest;
+                let mut answer = !due.is_empty();
+                for (_, p) in due {
+                    t.handle_packet(p);
+                }
+                if s.heartbeat_due(now) {
+                    let ts = Timestamp(s.last().ts.0 + 1);
+                    t.handle_heartbeat(s.heartbeat(now, ts));
+                    answer = true;
+                }
+                if healed || rng.random_bool(0.3) {
+                    if let Some(l) = t.select(Timestamp(u64::MAX)).last().map(|p| p.stamp.seq) {
+                        t.mark_applied(l);
+                    }
+                }
+                if !answer || (!healed && rng.random_range(0..100) < loss) {
+                    continue;
+                }
+                let a = t.ack();
+                let last_sent = s.last_sent();
+                s.handle_ack(now, &a);
+                for r in &a.sack {
+                    reported.extend(r.first.0.max(s.acked.0 + 1)..=r.last.0.min(last_sent));
+                }
+                check(&s, &reported);
+                if healed && t.applied().seq.0 == n && s.unacked_len() == 0 { break; }
+            }
+            proptest::prop_assert_eq!(t.stats().beyond_window, 0);
+            proptest::prop_assert_eq!(s.stats().reneged, 0, "a tracker never loses what it held");
+            proptest::prop_assert_eq!(t.applied().seq.0, n, "everything applied");
+            proptest::prop_assert_eq!(s.unacked_len(), 0);
+        }
     }
 }

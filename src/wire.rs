@@ -136,6 +136,7 @@ mod tests {
                         first: Seq(7),
                         last: Seq(9),
                     }],
+                    window: Seq(1 << 20),
                 }]),
                 Message::Release {
                     limit: Timestamp(99),
