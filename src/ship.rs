@@ -11,25 +11,46 @@
 //! - flow control: a packet goes on the wire for the first time only at or below
 //!   [`Sender::send_window`]: the highest receive window the remote unit advertised
 //!   ([`Ack::window`]), or, before it advertised one, [`INITIAL_WINDOW`] packets past
-//!   the cumulative acknowledgement. Retransmissions are never held back by it;
-//! - a retransmission timeout fires for a transmission only once it is older than the
-//!   current timeout (backing off included; before any round trip was measured, the
-//!   initial timeout), and only when the cumulative acknowledgement has not moved for a
-//!   timeout (RFC 6298 5.3); a hole the receiver reports is resent at once (fast
-//!   retransmission), and an idle or lost path still times out (I5). Progress resets
-//!   the backing off for every packet in flight;
+//!   the cumulative acknowledgement;
+//! - congestion control: the bytes in flight (sent, neither acknowledged, selectively
+//!   acknowledged nor deemed lost) go above the congestion window ([`Congestion`]) only
+//!   by the one packet a retransmission timeout resends, or by one packet sent when
+//!   nothing was in flight; first transmissions and retransmissions of lost packets
+//!   both wait for room;
+//! - loss detection tolerates reordering (RACK, RFC 8985 in spirit): a packet is deemed
+//!   lost only once a packet transmitted after it was delivered and a round trip plus a
+//!   reordering window passed since it went out; the window adapts (grows when a
+//!   retransmission turns out spurious);
+//! - a retransmission timeout fires only once the oldest transmission in flight is
+//!   older than the current timeout (backing off included; before any round trip was
+//!   measured, the initial timeout) and the cumulative acknowledgement has not moved for
+//!   a timeout (RFC 6298 5.3). It resends the oldest unacknowledged packet only, doubles
+//!   the timeout and restarts it; an idle or lost path still times out (I5). Progress
+//!   resets the backing off;
 //! - selective acknowledgements are advice: should the remote unit turn out not to hold
 //!   what it acknowledged selectively (it lost state), all of it is sent again.
 //!
 //! Costs: an acknowledgement walks only the packets it newly covers (cumulatively or
-//! selectively) and the holes below its highest selective range; the retransmission
-//! timer looks only at transmissions that are due (amortised `O(1)` per transmission),
-//! and after it ran the next deadline is in the future.
+//! selectively); loss detection and the retransmission timer look only at transmissions
+//! that are due (amortised `O(1)` per transmission), and after they ran the next
+//! deadline is in the future.
+
+pub mod congestion;
+pub use congestion::{Congestion, CongestionStats};
 
 use crate::packet::{Ack, Heartbeat, Packet, Payload};
 use crate::types::{PairId, Seq, Stamp, Timestamp};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// The reordering window never goes below this (a timer's granularity, and the
+/// reordering of datagrams a loopback or LAN path shows).
+pub const MIN_REORDER_WINDOW: Duration = Duration::from_millis(1);
+/// The reordering window grows to at most this many quarters of the minimum round trip.
+pub const MAX_REORDER_MULT: u32 = 16;
+/// Loss episodes without a spurious retransmission after which the reordering window
+/// shrinks back to a quarter of the minimum round trip.
+pub const REORDER_DECAY_EPISODES: u32 = 16;
 
 /// Before the remote unit has advertised a receive window ([`Ack::window`]), at most this
 /// many packets past the cumulative acknowledgement go on the wire: one typical batch,
@@ -51,6 +72,8 @@ pub const DEFAULT_MAX_RTO: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 pub struct Rtt {
     srtt: Option<Duration>,
+    /// The smallest round trip measured.
+    min: Option<Duration>,
     rttvar: Duration,
     min_rto: Duration,
     max_rto: Duration,
@@ -62,6 +85,7 @@ impl Rtt {
     pub fn new(initial: Duration, min_rto: Duration, max_rto: Duration) -> Self {
         Rtt {
             srtt: None,
+            min: None,
             rttvar: Duration::ZERO,
             min_rto,
             max_rto,
@@ -73,6 +97,7 @@ impl Rtt {
     /// A round trip measured on a packet sent exactly once (Karn's rule).
     pub fn sample(&mut self, rtt: Duration) {
         self.backoff = 0;
+        self.min = Some(self.min.map_or(rtt, |m| m.min(rtt)));
         match self.srtt {
             None => {
                 self.srtt = Some(rtt);
@@ -91,10 +116,9 @@ impl Rtt {
         self.backoff = 0;
     }
 
-    /// How long a packet may trail one sent after it before it counts as lost.
-    pub fn reorder_window(&self) -> Duration {
-        let srtt = self.srtt.unwrap_or(self.initial);
-        srtt + (srtt / 4).max(Duration::from_millis(1))
+    /// The smallest round trip measured (`None`: none yet).
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min
     }
 
     /// A retransmission timer fired: back off.
@@ -136,8 +160,24 @@ struct InFlight {
     transmissions: u32,
     /// The receiver holds it (selectively acknowledged): no retransmission.
     sacked: bool,
-    /// Deemed lost (a later packet arrived long enough ago): retransmit at once.
+    /// Deemed lost (a packet sent after it arrived, a reordering window ago): to be
+    /// retransmitted as soon as the congestion window has room; not in flight meanwhile.
     lost: bool,
+    /// The counter of its latest transmission (transmissions are numbered in the order
+    /// they went on the wire).
+    xmit: u64,
+}
+
+impl InFlight {
+    /// Whether it counts as in flight: sent, and neither held by the receiver nor
+    /// deemed lost.
+    fn in_pipe(&self) -> bool {
+        self.sent.is_some() && !self.sacked && !self.lost
+    }
+
+    fn len(&self) -> usize {
+        self.packet.payload.wire_len()
+    }
 }
 
 /// One time a packet went on the wire (`at`): its `nth` transmission. It times out at
@@ -150,6 +190,8 @@ struct Transmission {
     floor: Instant,
     seq: Seq,
     nth: u32,
+    /// The transmission counter.
+    xmit: u64,
 }
 
 impl Transmission {
@@ -168,6 +210,13 @@ pub struct SendStats {
     /// Times the remote unit turned out not to hold packets it had acknowledged
     /// selectively (it lost state): they were sent again.
     pub reneged: u64,
+    /// Packets deemed lost by the reordering-tolerant detection (each then resent).
+    pub lost: u64,
+    /// Retransmission timeouts (each resent one packet).
+    pub timeouts: u64,
+    /// Retransmissions found spurious (the packet's acknowledgement came sooner than
+    /// any round trip: the earlier transmission had arrived).
+    pub spurious: u64,
 }
 
 /// The send side of one pair.
@@ -191,8 +240,8 @@ pub struct Sender {
     /// The highest receive window the remote unit advertised (`None`: none yet). Only
     /// moves forward.
     peer_window: Option<Seq>,
-    /// Every transmission, oldest first (`at` never decreases front to back). An entry
-    /// is live while its packet is unacknowledged, not selectively acknowledged and not
+    /// Every transmission, oldest first (`at` and `xmit` never decrease front to back).
+    /// An entry is live while its packet is in flight ([`InFlight::in_pipe`]) and not
     /// sent again since; dead entries are dropped when they reach the front. The timer
     /// looks at the front only: the oldest transmission times out first, except that
     /// while the front is one from before the first round trip was measured, a younger
@@ -208,9 +257,59 @@ pub struct Sender {
     /// `first -> last` above `acked` and at or below the last packet sent: every packet
     /// in them is marked `sacked`, so an acknowledgement only walks what is new to it.
     sacked: BTreeMap<Seq, Seq>,
-    /// Packets marked lost, to retransmit at once (entries may be stale: checked).
+    /// Packets marked lost, to retransmit when the congestion window has room (entries
+    /// may be stale: checked).
     lost: Vec<Seq>,
+    /// Bytes in flight: the sum of the sizes of the packets [`InFlight::in_pipe`].
+    pipe: usize,
+    cc: Congestion,
+    /// The counter the next transmission gets.
+    next_xmit: u64,
+    /// RACK: the latest transmission (counter) known delivered, and its round trip.
+    rack: Option<(u64, Duration)>,
+    /// When the oldest live transmission sent before `rack` will be deemed lost (`None`:
+    /// none is waiting); kept with `retransmit_at`.
+    rack_at: Option<Instant>,
+    /// The reordering window in quarters of the minimum round trip.
+    reo_mult: u32,
+    /// Loss episodes since a retransmission last turned out spurious.
+    calm_episodes: u32,
     stats: SendStats,
+}
+
+/// What one acknowledgement newly delivered.
+#[derive(Default)]
+struct Delivery {
+    bytes: usize,
+    /// Bytes no longer in flight.
+    unpiped: usize,
+    /// Round-trip sample candidate (Karn).
+    sample: Option<(Seq, Instant)>,
+    /// The latest transmission delivered (unambiguously), and its round trip.
+    rack: Option<(u64, Duration)>,
+    /// A retransmitted packet was acknowledged sooner than any round trip.
+    spurious: bool,
+}
+
+impl Delivery {
+    /// `f` is newly known held by the receiver (cumulatively or selectively).
+    fn add(&mut self, f: &InFlight, now: Instant, min_rtt: Option<Duration>) {
+        self.bytes += f.len();
+        if f.in_pipe() {
+            self.unpiped += f.len();
+        }
+        consider(&mut self.sample, f);
+        let Some(sent) = f.sent else { return };
+        let rtt = now.saturating_duration_since(sent);
+        if f.transmissions > 1 && min_rtt.is_some_and(|m| rtt < m) {
+            // Too soon to be for the latest transmission: an earlier one arrived.
+            self.spurious = true;
+            return;
+        }
+        if self.rack.is_none_or(|(x, _)| f.xmit > x) {
+            self.rack = Some((f.xmit, rtt));
+        }
+    }
 }
 
 /// Index in `unacked` of the first packet with a `seq` at or above `seq`: `seq - front`
@@ -238,30 +337,43 @@ fn position(unacked: &VecDeque<InFlight>, seq: Seq) -> usize {
 fn live(unacked: &VecDeque<InFlight>, tx: Transmission) -> Option<usize> {
     let i = position(unacked, tx.seq);
     let f = unacked.get(i)?;
-    (f.packet.stamp.seq == tx.seq && f.transmissions == tx.nth && !f.sacked).then_some(i)
+    (f.packet.stamp.seq == tx.seq && f.transmissions == tx.nth && f.in_pipe()).then_some(i)
 }
 
 /// Dead transmissions tolerated in the log beyond twice the packets in flight.
 const SENDS_SLACK: usize = 1024;
 
-/// Puts `f` on the wire now; it times out no earlier than `floor` (now plus the current
-/// estimate).
-fn transmit(
-    f: &mut InFlight,
+/// Where transmissions are recorded: the log, the counter, the bytes in flight.
+struct Wire<'a> {
     now: Instant,
+    /// No timeout before this (now plus the current estimate).
     floor: Instant,
-    sends: &mut VecDeque<Transmission>,
-    out: &mut Vec<Packet>,
-) {
-    f.sent = Some(now);
-    f.transmissions += 1;
-    sends.push_back(Transmission {
-        at: now,
-        floor,
-        seq: f.packet.stamp.seq,
-        nth: f.transmissions,
-    });
-    out.push(f.packet.clone());
+    sends: &'a mut VecDeque<Transmission>,
+    next_xmit: &'a mut u64,
+    pipe: &'a mut usize,
+    out: &'a mut Vec<Packet>,
+}
+
+impl Wire<'_> {
+    /// Puts `f` on the wire now: it is in flight (again).
+    fn transmit(&mut self, f: &mut InFlight) {
+        if !f.in_pipe() {
+            *self.pipe += f.len();
+        }
+        f.sent = Some(self.now);
+        f.lost = false;
+        f.transmissions += 1;
+        f.xmit = *self.next_xmit;
+        *self.next_xmit += 1;
+        self.sends.push_back(Transmission {
+            at: self.now,
+            floor: self.floor,
+            seq: f.packet.stamp.seq,
+            nth: f.transmissions,
+            xmit: f.xmit,
+        });
+        self.out.push(f.packet.clone());
+    }
 }
 
 /// Round-trip sample candidate: the newest packet an acknowledgement newly covers, if it
@@ -283,7 +395,9 @@ fn mark_sacked(
     unsent: usize,
     first: Seq,
     last: Seq,
-    sample: &mut Option<(Seq, Instant)>,
+    now: Instant,
+    min_rtt: Option<Duration>,
+    d: &mut Delivery,
 ) {
     let mut i = position(unacked, first);
     while i < unsent {
@@ -291,37 +405,9 @@ fn mark_sacked(
         if f.packet.stamp.seq > last {
             break;
         }
-        consider(sample, f);
+        d.add(f, now, min_rtt);
         f.sacked = true;
         f.lost = false;
-        i += 1;
-    }
-}
-
-/// Marks lost the sent packets `first ..= last` (a hole below a selectively acknowledged
-/// packet) that went on the wire at least `window` ago and are not marked already.
-fn mark_lost(
-    unacked: &mut VecDeque<InFlight>,
-    unsent: usize,
-    first: Seq,
-    last: Seq,
-    now: Instant,
-    window: Duration,
-    lost: &mut Vec<Seq>,
-) {
-    let mut i = position(unacked, first);
-    while i < unsent {
-        let f = &mut unacked[i];
-        if f.packet.stamp.seq > last {
-            break;
-        }
-        let old = f
-            .sent
-            .is_some_and(|s| now.saturating_duration_since(s) >= window);
-        if !f.sacked && !f.lost && old {
-            f.lost = true;
-            lost.push(f.packet.stamp.seq);
-        }
         i += 1;
     }
 }
@@ -348,6 +434,13 @@ impl Sender {
             quiet_until: None,
             sacked: BTreeMap::new(),
             lost: Vec::new(),
+            pipe: 0,
+            cc: Congestion::default(),
+            next_xmit: 1,
+            rack: None,
+            rack_at: None,
+            reo_mult: 1,
+            calm_episodes: 0,
             stats: SendStats::default(),
         }
     }
@@ -388,6 +481,30 @@ impl Sender {
         &self.rtt
     }
 
+    /// The congestion window.
+    pub fn congestion(&self) -> &Congestion {
+        &self.cc
+    }
+
+    /// Bytes in flight: sent, neither acknowledged (cumulatively or selectively) nor
+    /// deemed lost.
+    pub fn in_flight(&self) -> usize {
+        self.pipe
+    }
+
+    /// How long after a packet's round trip it may still arrive, reordered, before it
+    /// is deemed lost (a packet sent after it having arrived): a quarter of the minimum
+    /// round trip times a multiplier that grows with each spurious retransmission, at
+    /// least [`MIN_REORDER_WINDOW`], at most the smoothed round trip (if above that).
+    pub fn reorder_window(&self) -> Duration {
+        let quarter = self.rtt.min_rtt().map_or(MIN_REORDER_WINDOW, |m| m / 4);
+        let w = (quarter * self.reo_mult).max(MIN_REORDER_WINDOW);
+        match self.rtt.srtt() {
+            Some(srtt) => w.min(srtt.max(MIN_REORDER_WINDOW)),
+            None => w,
+        }
+    }
+
     /// The highest seq that may go on the wire for the first time: the highest receive
     /// window the remote unit advertised; before it advertised one (or should the
     /// cumulative acknowledgement have passed it), [`INITIAL_WINDOW`] past the cumulative
@@ -426,6 +543,7 @@ impl Sender {
             transmissions: 0,
             sacked: false,
             lost: false,
+            xmit: 0,
         });
         self.stats.packets += 1;
         stamp
@@ -461,73 +579,88 @@ impl Sender {
             transmissions: 0,
             sacked: false,
             lost: false,
+            xmit: 0,
         });
     }
 
-    /// Appends to `out` the packets to put on the wire now: retransmissions of packets
-    /// marked lost, then retransmissions whose timeout has passed, then first
-    /// transmissions up to [`Sender::send_window`]. Returns how many were
-    /// retransmissions.
+    /// Appends to `out` the packets to put on the wire now: first, if the retransmission
+    /// timer expired, the oldest unacknowledged packet (one packet, whatever the
+    /// congestion window says); then, while the congestion window has room, packets
+    /// deemed lost (lowest `seq` first) and first transmissions up to
+    /// [`Sender::send_window`]. Returns how many were retransmissions.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Packet>) -> usize {
-        let mut retransmits = 0;
         // Before any round trip is measured the initial timeout is a guess on the safe
         // side: what leaves now keeps it even if a first sample then says less.
         let floor = match self.rtt.srtt() {
             None => now + self.rtt.base_rto(),
             Some(_) => now,
         };
-        if !self.lost.is_empty() {
-            // Fast retransmission of what selective acknowledgements showed missing.
-            let mut lost = std::mem::take(&mut self.lost);
-            lost.sort_unstable();
-            for seq in lost.drain(..) {
-                let i = position(&self.unacked, seq);
-                if i < self.unsent {
-                    let f = &mut self.unacked[i];
-                    if f.packet.stamp.seq == seq && f.lost {
-                        f.lost = false;
-                        transmit(f, now, floor, &mut self.sends, out);
-                        retransmits += 1;
-                    }
-                }
-            }
-            // `lost` is empty now; put it back to keep its allocation.
-            self.lost = lost;
-            // What was resent may have been the oldest transmission: see what is now.
-            self.rearm();
-        }
-        let fast = retransmits;
-        if self.retransmit_at.is_some_and(|t| now >= t) {
-            // Oldest first: each transmission is looked at once (resent ones go to the
-            // back, due later than now).
-            let rto = self.rtt.rto();
-            for _ in 0..self.sends.len() {
-                let Some(&tx) = self.sends.front() else {
-                    break;
-                };
-                match self.live(tx) {
-                    Some(i) if tx.due(rto) <= now => {
-                        self.sends.pop_front();
-                        transmit(&mut self.unacked[i], now, floor, &mut self.sends, out);
-                        retransmits += 1;
-                    }
-                    Some(_) => break,
-                    None => {
-                        self.sends.pop_front();
-                    }
-                }
-            }
-            if retransmits > fast {
-                self.rtt.on_timeout();
-            }
-        }
+        self.detect_lost(now);
         let limit = self.writable.min(self.send_window());
+        let mut retransmits = 0;
+        let mut wire = Wire {
+            now,
+            floor,
+            sends: &mut self.sends,
+            next_xmit: &mut self.next_xmit,
+            pipe: &mut self.pipe,
+            out,
+        };
+        if self.retransmit_at.is_some_and(|t| now >= t) {
+            // Nothing came back for a timeout: resend one packet, back off, restart the
+            // timer, and start again from a small window. The packet is the oldest
+            // unacknowledged one (the receiver's run waits for it), unless that one is
+            // on its way again: then the one whose transmission timed out. What else is
+            // in flight is deemed lost once something sent after it (this
+            // retransmission, say) is delivered.
+            let oldest = self
+                .unacked
+                .iter()
+                .take(self.unsent)
+                .position(|f| !f.sacked);
+            let i = match (oldest, wire.sends.front()) {
+                (Some(i), _) if self.unacked[i].lost => Some(i),
+                (_, Some(&tx)) => live(&self.unacked, tx),
+                (i, None) => i,
+            };
+            if let Some(i) = i {
+                wire.transmit(&mut self.unacked[i]);
+                retransmits += 1;
+                self.stats.timeouts += 1;
+            }
+            self.rtt.on_timeout();
+            self.cc.on_timeout(*wire.next_xmit);
+            self.quiet_until = Some(now + self.rtt.rto());
+        }
+        if !self.lost.is_empty() {
+            // Retransmission of what was deemed lost, lowest first, as the window allows.
+            self.lost.sort_unstable();
+            self.lost.dedup();
+            let mut done = 0;
+            for &seq in &self.lost {
+                let i = position(&self.unacked, seq);
+                let f = match self.unacked.get_mut(i) {
+                    Some(f) if i < self.unsent && f.packet.stamp.seq == seq && f.lost => f,
+                    _ => {
+                        done += 1; // stale
+                        continue;
+                    }
+                };
+                if !self.cc.can_send(*wire.pipe, f.len()) {
+                    break;
+                }
+                wire.transmit(f);
+                retransmits += 1;
+                done += 1;
+            }
+            self.lost.drain(..done);
+        }
         let mut fresh = 0;
         for f in self.unacked.range_mut(self.unsent..) {
-            if f.packet.stamp.seq > limit {
+            if f.packet.stamp.seq > limit || !self.cc.can_send(*wire.pipe, f.len()) {
                 break;
             }
-            transmit(f, now, floor, &mut self.sends, out);
+            wire.transmit(f);
             fresh += 1;
         }
         self.unsent += fresh;
@@ -544,11 +677,45 @@ impl Sender {
         live(&self.unacked, tx)
     }
 
+    /// RACK: deems lost every packet in flight whose transmission came before the latest
+    /// one known delivered and is older than that one's round trip plus the reordering
+    /// window. The log is in transmission order, so only its front is looked at.
+    fn detect_lost(&mut self, now: Instant) {
+        let Some((rack_xmit, rack_rtt)) = self.rack else {
+            return;
+        };
+        let wait = rack_rtt + self.reorder_window();
+        while let Some(&tx) = self.sends.front() {
+            let Some(i) = self.live(tx) else {
+                self.sends.pop_front();
+                continue;
+            };
+            if tx.xmit >= rack_xmit || tx.at + wait > now {
+                break;
+            }
+            self.sends.pop_front();
+            let f = &mut self.unacked[i];
+            f.lost = true;
+            self.pipe -= f.len();
+            self.lost.push(f.packet.stamp.seq);
+            self.stats.lost += 1;
+            if self.cc.on_lost(tx.xmit, self.next_xmit, self.rtt.srtt()) {
+                self.calm_episodes += 1;
+                if self.calm_episodes >= REORDER_DECAY_EPISODES {
+                    self.reo_mult = 1;
+                    self.calm_episodes = 0;
+                }
+            }
+        }
+    }
+
     /// Drops dead transmissions from the front and sets the retransmission deadline from
-    /// the oldest live one. Dead ones behind a live front (packets acknowledged or resent
-    /// since) are dropped once they are most of the log, which keeps it within twice the
-    /// packets in flight (plus a constant); each such pass removes at least half of it,
-    /// so the cost stays amortised `O(1)` per transmission.
+    /// the oldest live one, and when it will be deemed lost should it come before the
+    /// latest delivered transmission. Dead ones behind a live front (packets
+    /// acknowledged, deemed lost or resent since) are dropped once they are most of the
+    /// log, which keeps it within twice the packets in flight (plus a constant); each
+    /// such pass removes at least half of it, so the cost stays amortised `O(1)` per
+    /// transmission.
     fn rearm(&mut self) {
         while let Some(&tx) = self.sends.front() {
             if self.live(tx).is_some() {
@@ -560,13 +727,19 @@ impl Sender {
             let unacked = &self.unacked;
             self.sends.retain(|tx| live(unacked, *tx).is_some());
         }
-        let due = self.sends.front().map(|tx| tx.due(self.rtt.rto()));
+        let front = self.sends.front();
+        let due = front.map(|tx| tx.due(self.rtt.rto()));
         self.retransmit_at = due.map(|d| self.quiet_until.map_or(d, |q| q.max(d)));
+        self.rack_at = match (front, self.rack) {
+            (Some(tx), Some((x, rtt))) if tx.xmit < x => Some(tx.at + rtt + self.reorder_window()),
+            _ => None,
+        };
     }
 
     /// Takes an acknowledgement: frees what it covers cumulatively, marks what it covers
-    /// selectively, records the receive window, samples the round trip. Returns the
-    /// bytes freed.
+    /// selectively, records the receive window, samples the round trip, grows the
+    /// congestion window, and deems lost what was sent before something now delivered
+    /// and is overdue. Returns the bytes freed.
     pub fn handle_ack(&mut self, now: Instant, ack: &Ack) -> usize {
         if ack.pair != self.pair || ack.cum > self.last.seq {
             return 0; // not ours, or acknowledges what we never sent: ignore
@@ -575,14 +748,17 @@ impl Sender {
         if ack.window != Seq::ZERO && ack.window >= ack.cum {
             self.peer_window = Some(self.peer_window.map_or(ack.window, |w| w.max(ack.window)));
         }
+        let min_rtt = self.rtt.min_rtt();
+        let mut d = Delivery::default();
         let mut freed = 0;
-        let mut sample: Option<(Seq, Instant)> = None;
         while let Some(f) = self.unacked.front() {
             if f.packet.stamp.seq > ack.cum {
                 break;
             }
-            consider(&mut sample, f);
-            freed += f.packet.payload.wire_len();
+            if !f.sacked {
+                d.add(f, now, min_rtt);
+            }
+            freed += f.len();
             self.acked_stamp = f.packet.stamp;
             self.unacked.pop_front();
             self.unsent = self.unsent.saturating_sub(1);
@@ -618,60 +794,42 @@ impl Sender {
             .checked_sub(1)
             .map(|i| self.unacked[i].packet.stamp.seq);
         if let Some(last_sent) = last_sent.filter(|_| !ack.sack.is_empty()) {
-            let mut highest = Seq::ZERO;
             for r in &ack.sack {
                 let (first, last) = (r.first.max(self.acked.next()), r.last.min(last_sent));
                 if first <= last {
-                    highest = highest.max(last);
-                    self.add_sacked(first, last, &mut sample);
+                    self.add_sacked(first, last, now, min_rtt, &mut d);
                 }
-            }
-            // A packet in a hole below the highest selectively acknowledged one, sent
-            // more than a reordering window ago, is lost: the receiver holds later ones.
-            // Only the holes are walked.
-            let window = self.rtt.reorder_window();
-            let mut hole = self.acked.next();
-            for (&first, &last) in self.sacked.range(..highest) {
-                if hole < first {
-                    let end = Seq(first.0 - 1);
-                    mark_lost(
-                        &mut self.unacked,
-                        self.unsent,
-                        hole,
-                        end,
-                        now,
-                        window,
-                        &mut self.lost,
-                    );
-                }
-                hole = last.next();
-            }
-            if hole < highest {
-                let end = Seq(highest.0 - 1);
-                mark_lost(
-                    &mut self.unacked,
-                    self.unsent,
-                    hole,
-                    end,
-                    now,
-                    window,
-                    &mut self.lost,
-                );
             }
         }
-        if let Some((_, sent)) = sample {
+        self.pipe -= d.unpiped;
+        if let Some((_, sent)) = d.sample {
             self.rtt.sample(now.saturating_duration_since(sent));
         }
+        if d.spurious {
+            // Deemed lost, yet it had arrived: reordering is deeper than the window.
+            self.stats.spurious += 1;
+            self.reo_mult = (self.reo_mult + 1).min(MAX_REORDER_MULT);
+            self.calm_episodes = 0;
+            self.cc.on_spurious();
+        }
+        let newest = d.rack.map_or(0, |(x, _)| x);
+        if let Some((x, rtt)) = d.rack {
+            if self.rack.is_none_or(|(r, _)| x > r) {
+                self.rack = Some((x, rtt));
+            }
+        }
+        self.cc.on_delivered(now, d.bytes, newest, self.next_xmit);
         if advanced {
             self.quiet_until = Some(now + self.rtt.rto());
         }
         self.unacked_bytes -= freed;
+        self.detect_lost(now);
         self.rearm();
         freed
     }
 
     /// The remote unit no longer holds what it acknowledged selectively: every such
-    /// packet is marked lost (sent again at the next `poll_transmit`).
+    /// packet is marked lost (sent again as the congestion window allows).
     fn renege(&mut self) {
         for f in self.unacked.iter_mut().take(self.unsent) {
             if f.sacked {
@@ -686,7 +844,14 @@ impl Sender {
 
     /// Records that the remote unit holds the sent packets `first ..= last` (above
     /// `acked`): marks those not known yet, merges the range into `sacked`.
-    fn add_sacked(&mut self, first: Seq, last: Seq, sample: &mut Option<(Seq, Instant)>) {
+    fn add_sacked(
+        &mut self,
+        first: Seq,
+        last: Seq,
+        now: Instant,
+        min_rtt: Option<Duration>,
+        d: &mut Delivery,
+    ) {
         let (mut lo, mut hi) = (first, last);
         // Walking known ranges that overlap or touch `first ..= last`, highest first: the
         // part above each one (and below the one before) is new.
@@ -697,7 +862,7 @@ impl Sender {
             }
             if kl < end {
                 let from = kl.next().max(first);
-                mark_sacked(&mut self.unacked, self.unsent, from, end, sample);
+                mark_sacked(&mut self.unacked, self.unsent, from, end, now, min_rtt, d);
             }
             end = Seq(kf.0 - 1); // kf > acked >= 0
             lo = lo.min(kf);
@@ -705,7 +870,7 @@ impl Sender {
             self.sacked.remove(&kf);
         }
         if end >= first {
-            mark_sacked(&mut self.unacked, self.unsent, first, end, sample);
+            mark_sacked(&mut self.unacked, self.unsent, first, end, now, min_rtt, d);
         }
         self.sacked.insert(lo, hi);
     }
@@ -735,10 +900,10 @@ impl Sender {
     /// nothing in flight and nothing ever sent, so a heartbeat is due whenever asked).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let hb = self.last_tx.map(|t| t + self.heartbeat_every);
-        match (self.retransmit_at, hb) {
-            (Some(r), Some(h)) => Some(r.min(h)),
-            (r, h) => r.or(h),
-        }
+        [self.retransmit_at, self.rack_at, hb]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -806,7 +971,7 @@ mod tests {
     }
 
     #[test]
-    fn retransmits_after_rto_only_unacked_unsacked() {
+    fn loss_is_detected_by_a_later_delivery_and_the_rto_resends_one() {
         let t0 = Instant::now();
         let mut s = sender();
         for i in 0..5 {
@@ -815,14 +980,31 @@ mod tests {
         let mut out = vec![];
         assert_eq!(s.poll_transmit(t0, &mut out), 0);
         assert_eq!(seqs(&out), vec![1, 2, 3, 4, 5]);
+        // 4 arrived (1 ms round trip), 3 did not: 3 is lost once it is a round trip
+        // plus the reordering window old; 5 was sent after 4, so nothing says it is.
         s.handle_ack(t0 + Duration::from_millis(1), &ack(2, &[(4, 4)]));
+        let window = s.reorder_window();
         out.clear();
-        assert_eq!(s.poll_transmit(t0 + Duration::from_millis(5), &mut out), 0);
-        assert!(out.is_empty(), "nothing due before the rto");
-        let n = s.poll_transmit(t0 + Duration::from_millis(100), &mut out);
-        assert_eq!(n, 2);
-        assert_eq!(seqs(&out), vec![3, 5]);
+        let early = t0 + Duration::from_millis(1) + window - Duration::from_micros(1);
+        assert_eq!(s.poll_transmit(early, &mut out), 0, "within the window");
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t0 + Duration::from_millis(1) + window)
+        );
+        let t1 = t0 + Duration::from_millis(5);
+        assert_eq!(s.poll_transmit(t1, &mut out), 1);
+        assert_eq!(seqs(&out), vec![3]);
+        // Nothing comes back: the timeout resends the oldest unacknowledged packet only
+        // (3 is on its way again, so 5, whose transmission timed out) and doubles.
+        let rto = s.rtt().rto();
+        out.clear();
+        let t2 = s.retransmit_at.expect("in flight");
+        assert_eq!(s.poll_transmit(t2, &mut out), 1);
+        assert_eq!(seqs(&out), vec![5]);
+        assert_eq!(s.rtt().rto(), rto * 2);
+        assert_eq!(s.retransmit_at, Some(t2 + rto * 2), "restarted, doubled");
         assert_eq!(s.stats().retransmits, 2);
+        assert_eq!((s.stats().lost, s.stats().timeouts), (1, 1));
     }
 
     #[test]
@@ -880,7 +1062,7 @@ mod tests {
             0
         );
         // Well past the reordering window but before the rto: seq 2 is resent.
-        let later = t0 + s.rtt().reorder_window() + Duration::from_micros(200);
+        let later = t0 + s.reorder_window() + Duration::from_micros(200);
         s.handle_ack(later, &ack(1, &[(3, 4)]));
         assert!(
             later < t0 + s.rtt().rto(),
@@ -1015,12 +1197,12 @@ mod tests {
         out.clear();
         s.poll_transmit(t0, &mut out);
         assert!(out.is_empty());
-        // Retransmissions are not held back: everything unacknowledged is resent,
-        // nothing new is sent.
+        // Retransmissions are not held back: the timeout resends the oldest
+        // unacknowledged packet; nothing new is sent.
         let late = t0 + Duration::from_secs(1);
         out.clear();
-        assert_eq!(s.poll_transmit(late, &mut out), 90);
-        assert_eq!(seqs(&out), (11..=100).collect::<Vec<_>>());
+        assert_eq!(s.poll_transmit(late, &mut out), 1);
+        assert_eq!(seqs(&out), vec![11]);
         s.handle_ack(late, &ack_w(100, &[], 150));
         out.clear();
         assert_eq!(s.poll_transmit(late, &mut out), 0);
@@ -1126,9 +1308,9 @@ mod tests {
         out.clear();
         assert_eq!(s.poll_transmit(t0 + rto0, &mut out), 0, "no false fire");
         assert!(out.is_empty());
-        // Stood still for a timeout: 2..=4 are resent.
-        assert_eq!(s.poll_transmit(t1 + rto1, &mut out), 3);
-        assert_eq!(seqs(&out), vec![2, 3, 4]);
+        // Stood still for a timeout: the oldest, 2, is resent.
+        assert_eq!(s.poll_transmit(t1 + rto1, &mut out), 1);
+        assert_eq!(seqs(&out), vec![2]);
         // A SACK is no cumulative progress: it does not hold the timer off.
         let t2 = t1 + rto1;
         let due = t2 + s.rtt().rto();
@@ -1147,24 +1329,29 @@ mod tests {
         let mut out = vec![];
         s.poll_transmit(t0, &mut out);
         let mut t = t0;
-        for _ in 0..4 {
+        // Each timeout resends one packet: the one whose transmission is oldest.
+        for want in [1, 2, 3, 1] {
             t = s.retransmit_at.expect("in flight");
             out.clear();
-            assert_eq!(s.poll_transmit(t, &mut out), 3);
+            assert_eq!(s.poll_transmit(t, &mut out), 1);
+            assert_eq!(seqs(&out), vec![want]);
         }
         let backed_off = s.rtt().rto();
         let t1 = t + Duration::from_millis(1);
         s.handle_ack(t1, &ack(1, &[]));
         let rto = s.rtt().rto();
         assert!(rto * 8 <= backed_off, "backing off ended");
-        assert_eq!(s.retransmit_at, Some(t1 + rto));
+        // 2 and 3 went out before 1's last transmission, which arrived: lost.
+        assert_eq!(s.retransmit_at, None);
         s.push(Timestamp(100), w(4));
         out.clear();
-        s.poll_transmit(t1 + Duration::from_millis(1), &mut out);
-        assert_eq!(seqs(&out), vec![4]);
-        out.clear();
-        assert_eq!(s.poll_transmit(t1 + rto, &mut out), 2);
-        assert_eq!(seqs(&out), vec![2, 3]);
+        assert_eq!(s.poll_transmit(t1 + Duration::from_millis(1), &mut out), 2);
+        assert_eq!(seqs(&out), vec![2, 3, 4]);
+        assert_eq!(
+            s.retransmit_at,
+            Some(t1 + Duration::from_millis(1) + rto),
+            "one current timeout after they left"
+        );
     }
 
     #[test]
@@ -1176,7 +1363,7 @@ mod tests {
         for k in 1..6u32 {
             let now = t0 + Duration::from_secs(k as u64);
             out.clear();
-            assert_eq!(s.poll_transmit(now, &mut out), 50, "round {k}");
+            assert_eq!(s.poll_transmit(now, &mut out), 1, "round {k}");
             assert!(s.retransmit_at.is_some_and(|t| t > now), "round {k}");
             // Polling again at once finds nothing due and scans nothing.
             out.clear();
@@ -1281,7 +1468,7 @@ mod tests {
         assert_eq!(known(&s), vec![(17, 20)]);
         assert_eq!(flags(&s), vec![17, 18, 19, 20]);
         // Only 16 is missing: after a reordering window it alone is resent.
-        let later = t0 + s.rtt().reorder_window();
+        let later = t0 + s.reorder_window();
         s.handle_ack(later, &ack(15, &[(17, 20)]));
         out.clear();
         assert_eq!(s.poll_transmit(later, &mut out), 1);
@@ -1331,8 +1518,15 @@ mod tests {
             .zip(s.sends.iter().skip(1))
             .all(|(a, b)| a.at <= b.at));
         let rto = s.rtt.rto();
+        let pipe: usize = s
+            .unacked
+            .iter()
+            .filter(|f| f.in_pipe())
+            .map(|f| f.len())
+            .sum();
+        assert_eq!(s.pipe, pipe, "bytes in flight");
         let mut earliest: Option<Instant> = None;
-        for f in s.unacked.iter().take(s.unsent).filter(|f| !f.sacked) {
+        for f in s.unacked.iter().take(s.unsent).filter(|f| f.in_pipe()) {
             let seq = f.packet.stamp.seq;
             let live: Vec<&Transmission> = s
                 .sends
