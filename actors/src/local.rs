@@ -342,6 +342,8 @@ impl Handler<AcksIn> for LocalUnit {
         for ack in &msg.0 {
             self.sender.handle_ack(t, ack);
         }
+        // Acknowledgements open the congestion window and reveal losses: send at once.
+        self.transmit();
         self.pump(ctx);
     }
 }

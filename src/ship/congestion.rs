@@ -3,8 +3,8 @@
 //!
 //! Algorithm (NewReno in bytes, with a delivery-rate floor in the spirit of Westwood+):
 //! - slow start: the window grows by every byte delivered until `ssthresh`; then
-//!   congestion avoidance: it grows by [`AI_BYTES`] per window delivered (about per
-//!   round trip);
+//!   congestion avoidance: it grows by an eighth (at least [`AI_BYTES`]) per window
+//!   delivered (about per round trip), also while a loss episode is under way;
 //! - a loss episode starts when a packet sent after the previous episode began is deemed
 //!   lost; it ends once a packet sent after it began is delivered. Each episode reduces
 //!   the window once: `ssthresh = cwnd = max(BETA * cwnd, floor)`;
@@ -31,7 +31,8 @@ pub const INITIAL_CWND: usize = 256 << 10;
 pub const MIN_CWND: usize = 64 << 10;
 /// The window never grows above this.
 pub const MAX_CWND: usize = 256 << 20;
-/// Growth in congestion avoidance, per window of bytes delivered.
+/// Least growth in congestion avoidance, per window of bytes delivered (it is an eighth
+/// of the window when that is more).
 pub const AI_BYTES: usize = 16 << 10;
 /// Multiplicative decrease per loss episode (as CUBIC), in tenths.
 pub const BETA_TENTHS: usize = 7;
@@ -157,16 +158,13 @@ impl Congestion {
                 self.undo = None;
             }
         }
-        if self.undo.is_some() {
-            return; // no growth while recovering
-        }
         if self.cwnd < self.ssthresh {
             self.cwnd = (self.cwnd + bytes).min(self.ssthresh.max(MIN_CWND));
         } else {
             self.grow_credit += bytes;
             if self.grow_credit >= self.cwnd {
                 self.grow_credit -= self.cwnd;
-                self.cwnd += AI_BYTES;
+                self.cwnd += (self.cwnd / 8).max(AI_BYTES);
             }
         }
         self.cwnd = self.cwnd.clamp(MIN_CWND, MAX_CWND);
@@ -232,54 +230,30 @@ mod tests {
         use Ev::*;
         let t0 = Instant::now();
         // (event, next transmission counter, cwnd after, ssthresh after)
+        // After the first reduction; after growing by an eighth.
+        let c1 = 384 * K / 10 * 7;
+        let c2 = c1 + c1 / 8;
         let rows: &[(Ev, u64, usize, usize)] = &[
             // Slow start: every delivered byte grows the window.
             (Delivered(64 * K, 1), 10, 320 * K, MAX_CWND),
             (Delivered(64 * K, 2), 10, 384 * K, MAX_CWND),
             // A loss of something sent after the start: one reduction to 70 %.
-            (Lost(3), 20, 384 * K / 10 * 7, 384 * K / 10 * 7),
+            (Lost(3), 20, c1, c1),
             // Further losses of what was sent before the episode began: no reduction.
-            (Lost(4), 21, 384 * K / 10 * 7, 384 * K / 10 * 7),
-            (Lost(19), 22, 384 * K / 10 * 7, 384 * K / 10 * 7),
-            // Deliveries of what was sent before the episode: no growth.
-            (
-                Delivered(64 * K, 19),
-                22,
-                384 * K / 10 * 7,
-                384 * K / 10 * 7,
-            ),
-            // Something sent after it began arrives: the episode ends. Congestion
-            // avoidance: a whole window delivered grows it by AI_BYTES.
-            (
-                Delivered(64 * K, 20),
-                22,
-                384 * K / 10 * 7,
-                384 * K / 10 * 7,
-            ),
-            (
-                Delivered(384 * K / 10 * 7, 21),
-                22,
-                384 * K / 10 * 7 + AI_BYTES,
-                384 * K / 10 * 7,
-            ),
-            // A new episode: reduced again, not below the minimum.
-            (
-                Lost(22),
-                30,
-                (384 * K / 10 * 7 + AI_BYTES) / 10 * 7,
-                (384 * K / 10 * 7 + AI_BYTES) / 10 * 7,
-            ),
+            (Lost(4), 21, c1, c1),
+            (Lost(19), 22, c1, c1),
+            // Congestion avoidance: a whole window delivered grows it by an eighth.
+            (Delivered(64 * K, 19), 22, c1, c1),
+            (Delivered(64 * K, 20), 22, c1, c1),
+            (Delivered(c1, 21), 22, c2, c1),
+            // Something sent after the episode began was lost: a new reduction.
+            (Lost(22), 30, c2 / 10 * 7, c2 / 10 * 7),
             // Found spurious: undone.
-            (Spurious, 30, 384 * K / 10 * 7 + AI_BYTES, 384 * K / 10 * 7),
+            (Spurious, 30, c2, c1),
             // A timeout: back to the minimum, threshold half the window.
-            (Timeout, 40, MIN_CWND, (384 * K / 10 * 7 + AI_BYTES) / 2),
+            (Timeout, 40, MIN_CWND, c2 / 2),
             // Slow start up to the threshold.
-            (
-                Delivered(64 * K, 40),
-                41,
-                128 * K,
-                (384 * K / 10 * 7 + AI_BYTES) / 2,
-            ),
+            (Delivered(64 * K, 40), 41, 128 * K, c2 / 2),
         ];
         let mut c = Congestion::new(INITIAL_CWND);
         for (i, (ev, next, cwnd, ssthresh)) in rows.iter().enumerate() {
