@@ -14,6 +14,7 @@ use crate::orderer::OrdererActor;
 use crate::remote::{ApplyHook, RemoteResume, RemoteUnit, RemoteWiring};
 use crate::route::{Routes, SetRoutes};
 use crate::site::RemoteSite;
+use crate::timebase::{TimeBaseActor, TimeStatus};
 use crate::udp::{UdpLink, UdpStatus};
 use crate::Stop;
 use actix::prelude::*;
@@ -25,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidemark::journal::Recovered;
+use tidemark::timebase::{CommitGate, TimeBase, TimeBaseConfig};
 use tidemark::{BlockStore, FileStore, HybridClock, MemStore, Offset, Orderer, PairId, Payload};
 use tidemark::{Seq, Stamp, SystemId, Timestamp};
 
@@ -74,6 +76,7 @@ pub struct EngineBuilder {
     run: Option<BTreeSet<SystemId>>,
     udp: Option<UdpTransport>,
     journals: BTreeMap<SystemId, (PathBuf, u64)>,
+    time_base: TimeBaseConfig,
 }
 
 impl Default for EngineBuilder {
@@ -106,7 +109,15 @@ impl EngineBuilder {
             run: None,
             udp: None,
             journals: BTreeMap::new(),
+            time_base: TimeBaseConfig::default(),
         }
+    }
+
+    /// Settings of the time base that a process runs when other processes stamp writes
+    /// of the group too (see `tidemark::timebase`; on by itself in that case).
+    pub fn time_base(&mut self, cfg: TimeBaseConfig) -> &mut Self {
+        self.time_base = cfg;
+        self
     }
 
     /// Gives `system` a durable journal of `capacity` bytes in `dir`; it is recovered at
@@ -447,6 +458,44 @@ impl EngineBuilder {
 
         let mut routes: BTreeMap<SystemId, Routes> =
             links.keys().map(|s| (*s, Routes::default())).collect();
+        // Primary systems here and elsewhere: if writes are stamped in other processes
+        // too, this process measures their clocks and commit-waits (I2 across hosts).
+        let primaries: BTreeSet<SystemId> = self.pairs.iter().map(|p| p.local).collect();
+        let elsewhere: Vec<SystemId> = primaries.iter().copied().filter(|s| !runs(*s)).collect();
+        let time_status = Arc::new(Mutex::new(TimeStatus::default()));
+        let mut timebase = None;
+        let gate = match primaries.iter().find(|s| runs(**s)) {
+            Some(prober) if !elsewhere.is_empty() => {
+                let gate = Arc::new(CommitGate::default());
+                let names = self
+                    .systems
+                    .iter()
+                    .enumerate()
+                    .map(|(j, (n, _))| (SystemId(j as u32), n.clone()))
+                    .collect();
+                let here_links = links.keys().map(|s| (*s, link(*s))).collect();
+                let t = spawn(
+                    place(*prober),
+                    TimeBaseActor::new(
+                        TimeBase::new(self.time_base, elsewhere.iter().copied()),
+                        gate.clone(),
+                        clock.clone(),
+                        *prober,
+                        here_links,
+                        names,
+                        time_status.clone(),
+                    ),
+                );
+                for s in primaries.iter().filter(|s| runs(**s)) {
+                    if let Some(r) = routes.get_mut(s) {
+                        r.timebase = Some(t.clone());
+                    }
+                }
+                timebase = Some(t);
+                Some(gate)
+            }
+            _ => None,
+        };
         let local_cfg = LocalConfig {
             heartbeat: self.heartbeat,
             window_bytes: self.window_bytes,
@@ -507,7 +556,8 @@ impl EngineBuilder {
                         disk(p.local),
                         link(p.local),
                         local_cfg,
-                    ),
+                    )
+                    .with_commit_gate(gate.clone()),
                 )
             });
             if let (Some(l), Some(r)) = (&local, routes.get_mut(&p.local)) {
@@ -596,6 +646,7 @@ impl EngineBuilder {
             arbiters,
             disks: disks.into_values().collect(),
             counters,
+            timebase: timebase.map(|t| (t, time_status)),
         })
     }
 }
@@ -737,9 +788,28 @@ pub struct Engine {
     arbiters: Vec<Arbiter>,
     disks: Vec<Disk>,
     counters: Arc<[PairCounters]>,
+    timebase: Option<(Addr<TimeBaseActor>, Arc<Mutex<TimeStatus>>)>,
 }
 
 impl Engine {
+    /// Stopping: writes whose acknowledgement the time base holds are answered with an
+    /// error (they stay journaled and still replicate), so their clients let go.
+    pub fn abandon_held(&self) {
+        for p in &self.pairs {
+            if let Some(l) = &p.local {
+                l.do_send(crate::local::AbandonHeld);
+            }
+        }
+    }
+
+    /// The time base's state, if this process runs one (other processes stamp writes of
+    /// the group too).
+    pub fn time_status(&self) -> Option<TimeStatus> {
+        self.timebase
+            .as_ref()
+            .and_then(|(_, s)| s.lock().ok().map(|g| g.clone()))
+    }
+
     pub fn pairs(&self) -> &[PairHandle] {
         &self.pairs
     }
@@ -915,6 +985,9 @@ impl Engine {
         }
         for s in &self.sites {
             s.do_send(Stop);
+        }
+        if let Some((t, _)) = &self.timebase {
+            t.do_send(Stop);
         }
         if let Some(o) = &self.orderer {
             o.do_send(Stop);

@@ -10,6 +10,9 @@
 //! operating system; synced too on flush/FUA), so a restarted primary ships it; the
 //! packet leaves for the remote only after the local write finished; the journal forgets
 //! it only once the remote acknowledged it as durable.
+//! I2 across primary processes: with a commit gate (see `timebase`), a write stamped `t`
+//! is told complete only once the wall clock passed `t` plus the measured skew bound;
+//! replies leave in stamp order.
 
 use crate::disk::Disk;
 use crate::error::EngineError;
@@ -18,11 +21,13 @@ use crate::msg::Outbound;
 use crate::msg::*;
 use crate::{now, Stop};
 use actix::prelude::*;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::journal::{JournalError, Record};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
+use tidemark::timebase::{Commit, CommitGate};
 use tidemark::{BlockStore, HybridClock, Message as WireMessage, Packet, PairId, Payload};
 use tidemark::{Rtt, Seq, Stamp, SystemId};
 use tokio::sync::oneshot;
@@ -51,6 +56,26 @@ enum Outcome {
     Failed(String),
 }
 
+/// A reply waiting for commit-wait; `ts` is the last stamp the client is told about.
+struct Pending {
+    ts: u64,
+    reply: Done,
+}
+
+enum Done {
+    Write(Reply<Vec<Stamp>>, Vec<Stamp>),
+    Flush(Reply<()>),
+}
+
+impl Done {
+    fn send(self) {
+        match self {
+            Done::Write(r, stamps) => drop(r.send(Ok(stamps))),
+            Done::Flush(r) => drop(r.send(Ok(()))),
+        }
+    }
+}
+
 pub struct LocalUnit {
     pair: PairId,
     remote_system: SystemId,
@@ -67,7 +92,19 @@ pub struct LocalUnit {
     window_bytes: usize,
     tick: Duration,
     bytes: u64,
+    gate: Option<Arc<CommitGate>>,
+    pending: VecDeque<Pending>,
+    wake_at: Option<u64>,
+    /// Stopping: replies the gate holds are failed instead of kept.
+    abandon_held: bool,
 }
+
+/// The process is stopping: fail the replies the commit gate holds (their writes are
+/// journaled and will still reach the remote; they are just not acknowledged), so that
+/// clients waiting for them let go.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AbandonHeld;
 
 /// Settings of a local unit.
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +163,59 @@ impl LocalUnit {
             window_bytes: cfg.window_bytes,
             tick: (cfg.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_millis(5)),
             bytes: 0,
+            gate: None,
+            pending: VecDeque::new(),
+            wake_at: None,
+            abandon_held: false,
+        }
+    }
+
+    /// Replies wait for `gate` (commit-wait across primary processes).
+    pub fn with_commit_gate(mut self, gate: Option<Arc<CommitGate>>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Sends every waiting reply the commit gate allows, in order; arranges to be woken
+    /// when the first one still waiting is due (a held gate is retried every tick).
+    fn release_replies(&mut self, ctx: &mut Context<Self>) {
+        while let Some(p) = self.pending.front() {
+            let verdict = match &self.gate {
+                None => Commit::Now,
+                Some(g) => g.check(p.ts, self.clock.wall_ns()),
+            };
+            match verdict {
+                Commit::Now => {
+                    if let Some(p) = self.pending.pop_front() {
+                        p.reply.send();
+                    }
+                }
+                Commit::At(due) => {
+                    if self.wake_at.is_none_or(|w| w > due) {
+                        self.wake_at = Some(due);
+                        let wait = Duration::from_nanos(due.saturating_sub(self.clock.wall_ns()));
+                        ctx.run_later(wait, |act, ctx| {
+                            act.wake_at = None;
+                            act.release_replies(ctx);
+                        });
+                    }
+                    return;
+                }
+                Commit::Held if self.abandon_held => {
+                    for p in self.pending.drain(..) {
+                        let err = EngineError::Unit(format!(
+                            "{}: stopping while the time base holds acknowledgements",
+                            self.pair
+                        ));
+                        match p.reply {
+                            Done::Write(r, _) => drop(r.send(Err(err))),
+                            Done::Flush(r) => drop(r.send(Err(err))),
+                        }
+                    }
+                    return;
+                }
+                Commit::Held => return,
+            }
         }
     }
 
@@ -233,13 +323,18 @@ impl LocalUnit {
                     match op {
                         Op::Write(payloads, reply) => {
                             self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
-                            let _ = reply.send(Ok(stamps));
+                            let ts = stamps.last().map_or(0, |s| s.ts.0);
+                            self.pending.push_back(Pending {
+                                ts,
+                                reply: Done::Write(reply, stamps),
+                            });
                         }
-                        Op::Flush(reply) => {
-                            let _ = reply.send(Ok(()));
-                        }
+                        // A flush covers the writes already told complete; those still
+                        // in commit-wait are not (as NBD says), so it need not wait.
+                        Op::Flush(reply) => Done::Flush(reply).send(),
                     }
                 }
+                self.release_replies(ctx);
                 self.busy = false;
                 self.transmit();
                 self.pump(ctx);
@@ -282,7 +377,10 @@ impl LocalUnit {
         }
     }
 
-    fn on_tick(&mut self) {
+    fn on_tick(&mut self, ctx: &mut Context<Self>) {
+        if !self.pending.is_empty() {
+            self.release_replies(ctx);
+        }
         self.transmit();
         let t = now();
         if self.sender.heartbeat_due(t) {
@@ -299,7 +397,7 @@ impl Actor for LocalUnit {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.tick, |act, _| act.on_tick());
+        ctx.run_interval(self.tick, |act, ctx| act.on_tick(ctx));
     }
 }
 
@@ -320,6 +418,15 @@ impl Handler<Write> for LocalUnit {
         self.queue.push(Op::Write(msg.0, tx));
         self.pump(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<AbandonHeld> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, _: AbandonHeld, ctx: &mut Context<Self>) {
+        self.abandon_held = true;
+        self.release_replies(ctx);
     }
 }
 
