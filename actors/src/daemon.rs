@@ -196,7 +196,10 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
             let l = AnyListener::bind(&addr)
                 .await
                 .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
-            listeners.push(l);
+            let l = l
+                .into_std()
+                .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+            listeners.push((SystemId(i as u32), l));
         }
     }
     let engine = std::sync::Arc::new(builder(cfg, here)?.start()?);
@@ -204,13 +207,31 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     tracing::info!(systems = ?names, "running");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for l in listeners {
+    for (system, l) in listeners {
         let backend = std::sync::Arc::new(EngineBackend::new(engine.clone()));
         let mut rx = stop_rx.clone();
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        servers.push(actix_rt::spawn(l.serve(backend, Limits::default(), stop)));
+        // The server runs on the thread of the system's units: a client's requests reach
+        // them, and their answers come back, without waking another thread.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = async move {
+            match AnyListener::from_std(l) {
+                Ok(l) => l.serve(backend, Limits::default(), stop).await,
+                Err(e) => tracing::error!("nbd: cannot serve: {e}"),
+            }
+            let _ = done_tx.send(());
+        };
+        match engine.unit_arbiter(system) {
+            Some(arbiter) => {
+                if !arbiter.spawn(run) {
+                    return Err(EngineError::Stopped);
+                }
+            }
+            None => drop(actix_rt::spawn(run)),
+        }
+        servers.push(done_rx);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| EngineError::Config(format!("cannot watch SIGTERM: {e}")))?;

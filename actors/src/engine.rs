@@ -195,8 +195,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Actor threads (arbiters); systems are spread over them. 0 runs every actor on the
-    /// caller's arbiter.
+    /// Actor threads (arbiters); the systems here are spread over them. 0 runs every
+    /// actor on the caller's arbiter.
     pub fn threads(&mut self, n: usize) -> &mut Self {
         self.threads = n;
         self
@@ -384,8 +384,17 @@ impl EngineBuilder {
         }
 
         let arbiters: Vec<Arbiter> = (0..self.threads).map(|_| Arbiter::new()).collect();
+        // The systems that run here, in order: the k-th runs its actors on arbiter k
+        // (modulo the arbiters there are). A system's link shares the thread of its
+        // units: a unit then never hands the link packets faster than it sends them
+        // (its mailbox is unbounded).
+        let here: Vec<SystemId> = (0..self.systems.len() as u32)
+            .map(SystemId)
+            .filter(|s| runs(*s))
+            .collect();
         let place = |s: SystemId| -> Option<ArbiterHandle> {
-            (!arbiters.is_empty()).then(|| arbiters[s.0 as usize % arbiters.len()].handle())
+            let k = here.iter().position(|h| *h == s).unwrap_or(s.0 as usize);
+            (!arbiters.is_empty()).then(|| arbiters[k % arbiters.len()].handle())
         };
         // One pool per system, as separate hosts would have: a remote system's applies
         // never queue in front of a primary's client writes.
@@ -395,6 +404,15 @@ impl EngineBuilder {
             .map(|s| (s, Disk::new(self.disk_threads)))
             .collect();
         let disk = |s: SystemId| disks.get(&s).cloned().unwrap_or_else(|| Disk::new(0));
+        // Each local unit has a lane of its own: one disk thread, so its batches are
+        // journaled and written in the order they were stamped while several are in
+        // flight.
+        let lanes = std::cell::RefCell::new(Vec::new());
+        let lane = || {
+            let d = Disk::new(self.disk_threads.min(1));
+            lanes.borrow_mut().push(d.clone());
+            d
+        };
         let wall: Wall = self.wall.clone().unwrap_or_else(|| {
             Arc::new(|| {
                 std::time::SystemTime::now()
@@ -553,7 +571,7 @@ impl EngineBuilder {
                         ls.clone(),
                         journal(p.local),
                         resume,
-                        disk(p.local),
+                        lane(),
                         link(p.local),
                         local_cfg,
                     )
@@ -577,6 +595,10 @@ impl EngineBuilder {
                 remote_store: rs,
             });
         }
+        let unit_arbiters: BTreeMap<SystemId, ArbiterHandle> = here
+            .iter()
+            .filter_map(|s| place(*s).map(|h| (*s, h)))
+            .collect();
         let remote_systems: Vec<SystemId> = remote_systems.into_iter().collect();
         let mut sites = Vec::new();
         for (sys, units) in site_units {
@@ -644,7 +666,8 @@ impl EngineBuilder {
             link_status,
             sites,
             arbiters,
-            disks: disks.into_values().collect(),
+            unit_arbiters,
+            disks: disks.into_values().chain(lanes.into_inner()).collect(),
             counters,
             timebase: timebase.map(|t| (t, time_status)),
         })
@@ -786,6 +809,8 @@ pub struct Engine {
     link_status: BTreeMap<SystemId, Arc<Mutex<UdpStatus>>>,
     sites: Vec<Addr<RemoteSite>>,
     arbiters: Vec<Arbiter>,
+    /// The arbiter each system of this process runs its units on.
+    unit_arbiters: BTreeMap<SystemId, ArbiterHandle>,
     disks: Vec<Disk>,
     counters: Arc<[PairCounters]>,
     timebase: Option<(Addr<TimeBaseActor>, Arc<Mutex<TimeStatus>>)>,
@@ -812,6 +837,13 @@ impl Engine {
 
     pub fn pairs(&self) -> &[PairHandle] {
         &self.pairs
+    }
+
+    /// The thread `system`'s units run on (`None`: the caller's, or not here). Work that
+    /// talks to the units all the time (an NBD server) runs best there: its messages to
+    /// them and their answers then wake no other thread.
+    pub fn unit_arbiter(&self, system: SystemId) -> Option<ArbiterHandle> {
+        self.unit_arbiters.get(&system).cloned()
     }
 
     fn pair(&self, pair: PairId) -> Result<&PairHandle, EngineError> {

@@ -1,7 +1,9 @@
 //! `LocalUnit`: owns one local disk. Takes client writes, stamps them, journals them and
-//! writes them locally (off the actor thread, one batch in flight so the disk and the
-//! journal see them in stamp order), tells the clients, hands the packets to the link,
-//! retransmits what the remote has not acknowledged, and sends heartbeats when idle.
+//! writes them locally (off the actor thread, on the unit's own disk lane: one thread
+//! that runs the unit's jobs in the order they were stamped, several batches in flight,
+//! so the journal and the disk see them in stamp order while the actor stamps the next
+//! batch), tells the clients, hands the packets to the link, retransmits what the
+//! remote has not acknowledged, and sends heartbeats when idle.
 //!
 //! I2: a write is stamped from the process-wide hybrid clock after its client issued it
 //! and before its client is told it completed, so a write issued after another completed
@@ -22,6 +24,7 @@ use crate::msg::*;
 use crate::{now, Stop};
 use actix::prelude::*;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::journal::{JournalError, Record};
@@ -54,6 +57,20 @@ enum Outcome {
     /// The journal has no room: nothing was appended; retry later.
     Full,
     Failed(String),
+    /// An earlier batch of the lane was full or failed: this one did nothing, so that
+    /// nothing is journaled or written out of stamp order.
+    Skipped,
+}
+
+/// Batches the lane may hold at once: enough to keep it busy while the actor stamps the
+/// next one and answers the last.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// A batch handed to the lane, and how its job ended (once it has).
+struct InFlight {
+    batch: Batch,
+    acked: Stamp,
+    outcome: Option<Outcome>,
 }
 
 /// A reply waiting for commit-wait; `ts` is the last stamp the client is told about.
@@ -86,7 +103,13 @@ pub struct LocalUnit {
     disk: Disk,
     link: Recipient<Outbound>,
     queue: Vec<Op>,
-    busy: bool,
+    /// Batches on the lane, oldest first; the oldest has id `next_id - inflight.len()`.
+    inflight: std::collections::VecDeque<InFlight>,
+    next_id: u64,
+    /// Set by a job that found the journal full or failed; later jobs then skip.
+    stalled: Arc<AtomicBool>,
+    /// Batches to submit again (in order) once the lane is empty: a full journal.
+    retry: Vec<Batch>,
     failed: Option<String>,
     released: Stamp,
     window_bytes: usize,
@@ -157,7 +180,10 @@ impl LocalUnit {
             disk,
             link,
             queue: Vec::new(),
-            busy: false,
+            inflight: std::collections::VecDeque::new(),
+            next_id: 0,
+            stalled: Arc::new(AtomicBool::new(false)),
+            retry: Vec::new(),
             failed: None,
             released: resume.released,
             window_bytes: cfg.window_bytes,
@@ -219,10 +245,14 @@ impl LocalUnit {
         }
     }
 
-    /// Starts the next batch if none is in flight and the window has room: stamps it,
-    /// then journals and writes it on a disk thread.
+    /// Starts the next batch if the lane has room and the window too: stamps it, then
+    /// journals and writes it on the lane (after every batch stamped before it).
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.queue.is_empty() || self.sender.unacked_bytes() > self.window_bytes {
+        if self.inflight.len() >= MAX_IN_FLIGHT
+            || !self.retry.is_empty()
+            || self.queue.is_empty()
+            || self.sender.unacked_bytes() > self.window_bytes
+        {
             return;
         }
         if let Some(e) = &self.failed {
@@ -260,13 +290,14 @@ impl LocalUnit {
             records: Arc::new(records),
             last: self.sender.last().seq,
         };
-        self.busy = true;
         self.submit(batch, ctx);
     }
 
+    /// Hands `batch` to the lane, behind every batch handed to it before.
     fn submit(&mut self, batch: Batch, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let journal = self.journal.clone();
+        let stalled = self.stalled.clone();
         let mut records = (*batch.records).clone();
         let acked = self.sender.acked_stamp();
         if acked.seq > self.released.seq {
@@ -277,87 +308,149 @@ impl LocalUnit {
         }
         let flush = batch.ops.iter().any(|o| matches!(o, Op::Flush(_)));
         let job = self.disk.run(move || {
-            if let Some(j) = &journal {
-                let durability = if flush {
-                    Durability::Synced
-                } else {
-                    Durability::Written
-                };
-                match j.append(&records, durability) {
-                    Ok(()) => {}
-                    Err(JournalError::Full { .. }) => return Outcome::Full,
-                    Err(e) => return Outcome::Failed(format!("journal: {e}")),
-                }
+            if stalled.load(Ordering::Acquire) {
+                return Outcome::Skipped;
             }
-            for r in &records {
-                if let Record::Packet(p) = r {
-                    if let Err(e) = store.apply(&p.payload) {
-                        return Outcome::Failed(format!("local write: {e}"));
-                    }
-                }
+            let outcome = Self::journal_and_write(journal, store, &records, flush);
+            if !matches!(outcome, Outcome::Done) {
+                stalled.store(true, Ordering::Release);
             }
-            if flush {
-                if let Err(e) = store.flush() {
-                    return Outcome::Failed(format!("local flush: {e}"));
-                }
-            }
-            Outcome::Done
+            outcome
+        });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.inflight.push_back(InFlight {
+            batch,
+            acked,
+            outcome: None,
         });
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
-            act.completed(
-                batch,
-                acked,
+            act.landed(
+                id,
                 res.unwrap_or(Outcome::Failed("disk pool stopped".into())),
                 ctx,
             )
         }));
     }
 
-    /// The disk finished a batch: tell the clients, let the packets go.
-    fn completed(&mut self, batch: Batch, acked: Stamp, outcome: Outcome, ctx: &mut Context<Self>) {
-        match outcome {
-            Outcome::Done => {
-                self.released = self.released.max(acked);
-                self.sender.mark_written(batch.last);
-                for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
-                    match op {
-                        Op::Write(payloads, reply) => {
-                            self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
-                            let ts = stamps.last().map_or(0, |s| s.ts.0);
-                            self.pending.push_back(Pending {
-                                ts,
-                                reply: Done::Write(reply, stamps),
-                            });
+    /// The disk job of a batch: journal it (I3), then write it to the local unit.
+    fn journal_and_write(
+        journal: Option<SharedJournal>,
+        store: Arc<dyn BlockStore>,
+        records: &[Record],
+        flush: bool,
+    ) -> Outcome {
+        if let Some(j) = &journal {
+            let durability = if flush {
+                Durability::Synced
+            } else {
+                Durability::Written
+            };
+            match j.append(records, durability) {
+                Ok(()) => {}
+                Err(JournalError::Full { .. }) => return Outcome::Full,
+                Err(e) => return Outcome::Failed(format!("journal: {e}")),
+            }
+        }
+        for r in records {
+            if let Record::Packet(p) = r {
+                if let Err(e) = store.apply(&p.payload) {
+                    return Outcome::Failed(format!("local write: {e}"));
+                }
+            }
+        }
+        if flush {
+            if let Err(e) = store.flush() {
+                return Outcome::Failed(format!("local flush: {e}"));
+            }
+        }
+        Outcome::Done
+    }
+
+    /// The lane finished batch `id`. Batches are acted on strictly in the order they were
+    /// stamped: each done one tells its clients and lets its packets go (I3: journaled
+    /// and written locally); a full journal sends it and every later one (skipped by
+    /// the lane) round again once the lane is empty.
+    fn landed(&mut self, id: u64, outcome: Outcome, ctx: &mut Context<Self>) {
+        let first = self.next_id - self.inflight.len() as u64;
+        if let Some(f) = id
+            .checked_sub(first)
+            .and_then(|i| self.inflight.get_mut(i as usize))
+        {
+            f.outcome = Some(outcome);
+        }
+        let mut sent = false;
+        while self.inflight.front().is_some_and(|f| f.outcome.is_some()) {
+            let Some(InFlight {
+                batch,
+                acked,
+                outcome: Some(outcome),
+            }) = self.inflight.pop_front()
+            else {
+                break;
+            };
+            match outcome {
+                Outcome::Done => {
+                    self.released = self.released.max(acked);
+                    self.sender.mark_written(batch.last);
+                    for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
+                        match op {
+                            Op::Write(payloads, reply) => {
+                                self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
+                                let ts = stamps.last().map_or(0, |s| s.ts.0);
+                                self.pending.push_back(Pending {
+                                    ts,
+                                    reply: Done::Write(reply, stamps),
+                                });
+                            }
+                            // A flush covers the writes already told complete; those
+                            // still in commit-wait are not (as NBD says): it need not wait.
+                            Op::Flush(reply) => Done::Flush(reply).send(),
                         }
-                        // A flush covers the writes already told complete; those still
-                        // in commit-wait are not (as NBD says), so it need not wait.
-                        Op::Flush(reply) => Done::Flush(reply).send(),
                     }
+                    sent = true;
                 }
-                self.release_replies(ctx);
-                self.busy = false;
-                self.transmit();
-                self.pump(ctx);
+                Outcome::Full | Outcome::Skipped if self.failed.is_none() => {
+                    // Back-pressure: writers wait until acknowledgements free journal space.
+                    tracing::debug!(pair = %self.pair, "journal full; retrying");
+                    self.retry.push(batch);
+                }
+                Outcome::Failed(e) => {
+                    tracing::error!(pair = %self.pair, error = %e, "local unit failed");
+                    self.fail_batch(batch, &e);
+                    self.failed = Some(e);
+                }
+                Outcome::Full | Outcome::Skipped => {
+                    let e = self.failed.clone().unwrap_or_default();
+                    self.fail_batch(batch, &e);
+                }
             }
-            Outcome::Full => {
-                // Back-pressure: writers wait until acknowledgements free journal space.
-                tracing::debug!(pair = %self.pair, "journal full; retrying");
-                ctx.run_later(Duration::from_millis(5), move |act, ctx| {
-                    act.submit(batch, ctx)
+        }
+        if sent {
+            self.release_replies(ctx);
+            self.transmit();
+        }
+        if self.inflight.is_empty() && self.stalled.load(Ordering::Acquire) {
+            self.stalled.store(false, Ordering::Release);
+            if !self.retry.is_empty() {
+                ctx.run_later(Duration::from_millis(5), |act, ctx| {
+                    for batch in std::mem::take(&mut act.retry) {
+                        act.submit(batch, ctx);
+                    }
+                    act.pump(ctx);
                 });
+                return;
             }
-            Outcome::Failed(e) => {
-                tracing::error!(pair = %self.pair, error = %e, "local unit failed");
-                for op in batch.ops {
-                    let err = EngineError::Unit(format!("{}: {e}", self.pair));
-                    match op {
-                        Op::Write(_, r) => drop(r.send(Err(err))),
-                        Op::Flush(r) => drop(r.send(Err(err))),
-                    }
-                }
-                self.failed = Some(e);
-                self.busy = false;
-                self.pump(ctx);
+        }
+        self.pump(ctx);
+    }
+
+    fn fail_batch(&self, batch: Batch, e: &str) {
+        for op in batch.ops {
+            let err = EngineError::Unit(format!("{}: {e}", self.pair));
+            match op {
+                Op::Write(_, r) => drop(r.send(Err(err))),
+                Op::Flush(r) => drop(r.send(Err(err))),
             }
         }
     }
