@@ -58,6 +58,12 @@ impl<W: WallClock + ?Sized> HybridClock<W> {
         self.last.fetch_max(ts.0, Ordering::AcqRel);
     }
 
+    /// The wall clock under this hybrid clock, read now (nanoseconds). Commit-wait
+    /// (`timebase`) compares it with stamps.
+    pub fn wall_ns(&self) -> u64 {
+        self.wall.now_ns()
+    }
+
     /// The last stamp handed out (or observed).
     pub fn last(&self) -> Timestamp {
         Timestamp(self.last.load(Ordering::Acquire))

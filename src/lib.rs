@@ -16,6 +16,7 @@ pub mod run;
 pub mod seal;
 pub mod ship;
 pub mod storage;
+pub mod timebase;
 pub mod types;
 pub mod wire;
 

@@ -38,6 +38,8 @@ pub struct LinkConfig {
     pub peer_timeout: Duration,
     /// Bytes of partly reassembled packets kept at most.
     pub reassembly_bytes: usize,
+    /// Partly reassembled packets kept at most.
+    pub reassembly_packets: usize,
     /// Largest write accepted in parts.
     pub max_write: u32,
 }
@@ -51,6 +53,7 @@ impl Default for LinkConfig {
             burst: 256 * 1024,
             peer_timeout: Duration::from_secs(3),
             reassembly_bytes: 64 << 20,
+            reassembly_packets: 4096,
             max_write: 32 << 20,
         }
     }
@@ -105,14 +108,45 @@ struct PeerState {
     up: bool,
 }
 
+/// Which write packet a part belongs to: its sender and its pair, seq and stamp. Every
+/// transmission of one packet carries the same identity, so the parts of a
+/// retransmission fill the holes the earlier attempts left.
+type PartKey = (SystemId, PairId, Seq, crate::types::Timestamp);
+
+/// A write packet being reassembled.
 #[derive(Debug)]
 struct Partial {
-    stamp_ts: crate::types::Timestamp,
     offset: crate::types::Offset,
     buf: Vec<u8>,
+    /// Byte ranges received so far: sorted, disjoint, not touching.
     have: Vec<(u32, u32)>,
-    received: u32,
-    born: u64,
+    /// When a part last arrived (a link-wide counter): the least recent is evicted.
+    touched: u64,
+}
+
+impl Partial {
+    /// Records `a..b` as received; returns how many of those bytes are new.
+    fn cover(&mut self, a: u32, b: u32) -> u32 {
+        let before: u32 = self.have.iter().map(|(x, y)| y - x).sum();
+        let (mut lo, mut hi) = (a, b);
+        self.have.retain(|&(x, y)| {
+            if y < lo || x > hi {
+                true
+            } else {
+                lo = lo.min(x);
+                hi = hi.max(y);
+                false
+            }
+        });
+        let at = self.have.partition_point(|&(x, _)| x < lo);
+        self.have.insert(at, (lo, hi));
+        let after: u32 = self.have.iter().map(|(x, y)| y - x).sum();
+        after - before
+    }
+
+    fn complete(&self) -> bool {
+        self.have.len() == 1 && self.have[0] == (0, self.buf.len() as u32)
+    }
 }
 
 pub struct LinkCore {
@@ -126,9 +160,9 @@ pub struct LinkCore {
     refilled: Option<Instant>,
     peers: BTreeMap<SystemId, PeerState>,
     events: VecDeque<LinkEvent>,
-    partial: BTreeMap<(SystemId, PairId, Seq), Partial>,
+    partial: BTreeMap<PartKey, Partial>,
     partial_bytes: usize,
-    born: u64,
+    touched: u64,
     counters: LinkCounters,
 }
 
@@ -166,7 +200,7 @@ impl LinkCore {
             events: VecDeque::new(),
             partial: BTreeMap::new(),
             partial_bytes: 0,
-            born: 0,
+            touched: 0,
             counters: LinkCounters::default(),
         }
     }
@@ -199,13 +233,24 @@ impl LinkCore {
         explode(msg, &mut items);
         let q = self.queued.entry(to).or_default();
         for m in items {
-            let bytes = wire::encode_item(&m);
-            if bytes.len() <= budget {
-                q.push(bytes);
-                continue;
-            }
-            match m {
-                Message::Data(mut ps) if ps.len() == 1 => {
+            // A write whose data alone fills a datagram is split without being encoded
+            // whole first (that would copy up to a whole write only to measure it).
+            let bytes = match m {
+                Message::Data(ps) if ps.len() == 1 && data_len(&ps[0]) >= budget => {
+                    Err(Message::Data(ps))
+                }
+                m => {
+                    let bytes = wire::encode_item(&m);
+                    if bytes.len() <= budget {
+                        Ok(bytes)
+                    } else {
+                        Err(m)
+                    }
+                }
+            };
+            match bytes {
+                Ok(bytes) => q.push(bytes),
+                Err(Message::Data(mut ps)) if ps.len() == 1 => {
                     let p = ps.remove(0);
                     for part in split(p, budget) {
                         self.counters.parts_out += 1;
@@ -213,7 +258,7 @@ impl LinkCore {
                     }
                 }
                 // Nothing else grows past a datagram (acks carry a bounded SACK list).
-                other => q.push(wire::encode_item(&other)),
+                Err(other) => q.push(wire::encode_item(&other)),
             }
         }
     }
@@ -241,9 +286,12 @@ impl LinkCore {
         }
     }
 
+    /// Encodes the frame straight after the seal header and seals it in place.
     fn seal(&mut self, to: SystemId, items: &[Vec<u8>]) -> Vec<u8> {
-        let plain = wire::encode_parts(self.me, to, items);
-        self.sealer.seal_bytes(&plain)
+        let me = self.me;
+        let len = FRAME_OVERHEAD + items.iter().map(Vec::len).sum::<usize>();
+        self.sealer
+            .seal_with(len, |out| wire::encode_parts_into(out, me, to, items))
     }
 
     /// The next datagram to send now, and to whom; `None` if nothing is ready or the
@@ -377,7 +425,7 @@ impl LinkCore {
         let keys: Vec<_> = self
             .partial
             .keys()
-            .filter(|(f, _, _)| *f == from)
+            .filter(|k| k.0 == from)
             .copied()
             .collect();
         for k in keys {
@@ -387,57 +435,76 @@ impl LinkCore {
         }
     }
 
+    /// Evicts the least recently fed partial packet (its sender retransmits it whole).
+    fn evict_one(&mut self) -> bool {
+        let Some(oldest) = self
+            .partial
+            .iter()
+            .min_by_key(|(_, p)| p.touched)
+            .map(|(k, _)| *k)
+        else {
+            return false;
+        };
+        if let Some(p) = self.partial.remove(&oldest) {
+            self.partial_bytes -= p.buf.len();
+            self.counters.reassembly_evicted += 1;
+        }
+        true
+    }
+
+    /// Adds a part to its packet's reassembly; returns the packet once every byte of it
+    /// arrived, in any order and over any number of (re)transmissions.
+    ///
+    /// Invariant: at most `reassembly_packets` partial packets holding at most
+    /// `reassembly_bytes` bytes are kept; making room evicts the least recently fed ones
+    /// and counts them in `reassembly_evicted`.
     fn reassemble(&mut self, from: SystemId, part: Part) -> Option<Packet> {
         let end = u64::from(part.at) + part.data.len() as u64;
-        if part.total == 0 || part.total > self.cfg.max_write || end > u64::from(part.total) {
-            self.counters.dropped_bad_part += 1;
-            return None;
-        }
-        let key = (from, part.pair, part.stamp.seq);
-        if !self.partial.contains_key(&key) {
-            let need = part.total as usize;
-            while self.partial_bytes + need > self.cfg.reassembly_bytes {
-                // Evict the oldest partial packet; its sender retransmits it whole.
-                let oldest = self
-                    .partial
-                    .iter()
-                    .min_by_key(|(_, p)| p.born)
-                    .map(|(k, _)| *k)?;
-                if let Some(p) = self.partial.remove(&oldest) {
-                    self.partial_bytes -= p.buf.len();
-                    self.counters.reassembly_evicted += 1;
-                }
-            }
-            self.born += 1;
-            self.partial_bytes += need;
-            self.partial.insert(
-                key,
-                Partial {
-                    stamp_ts: part.stamp.ts,
-                    offset: part.offset,
-                    buf: vec![0; need],
-                    have: Vec::new(),
-                    received: 0,
-                    born: self.born,
-                },
-            );
-        }
-        let p = self.partial.get_mut(&key)?;
-        if p.buf.len() != part.total as usize
-            || p.stamp_ts != part.stamp.ts
-            || p.offset != part.offset
+        if part.total == 0
+            || part.total > self.cfg.max_write
+            || end > u64::from(part.total)
+            || part.data.is_empty()
+            || part.total as usize > self.cfg.reassembly_bytes
         {
             self.counters.dropped_bad_part += 1;
             return None;
         }
+        let key: PartKey = (from, part.pair, part.stamp.seq, part.stamp.ts);
+        self.touched += 1;
+        if !self.partial.contains_key(&key) {
+            let need = part.total as usize;
+            while self.partial_bytes + need > self.cfg.reassembly_bytes
+                || self.partial.len() >= self.cfg.reassembly_packets.max(1)
+            {
+                if !self.evict_one() {
+                    break;
+                }
+            }
+            self.partial_bytes += need;
+            self.partial.insert(
+                key,
+                Partial {
+                    offset: part.offset,
+                    buf: vec![0; need],
+                    have: Vec::new(),
+                    touched: self.touched,
+                },
+            );
+        }
+        let p = self.partial.get_mut(&key)?;
+        if p.buf.len() != part.total as usize || p.offset != part.offset {
+            // Same identity, other shape: not a part of this packet.
+            self.counters.dropped_bad_part += 1;
+            return None;
+        }
+        p.touched = self.touched;
         let (a, b) = (part.at, end as u32);
-        if p.have.iter().any(|&(x, y)| a < y && x < b) {
+        if p.cover(a, b) == 0 {
             return None; // a duplicate part
         }
+        // Overlapping bytes of one packet are the same bytes: copying them again is fine.
         p.buf[a as usize..b as usize].copy_from_slice(&part.data);
-        p.have.push((a, b));
-        p.received += b - a;
-        if p.received < part.total {
+        if !p.complete() {
             return None;
         }
         let done = self.partial.remove(&key)?;
@@ -451,6 +518,13 @@ impl LinkCore {
                 data: Bytes::from(done.buf),
             },
         })
+    }
+}
+
+fn data_len(p: &Packet) -> usize {
+    match &p.payload {
+        Payload::Write { data, .. } => data.len(),
+        _ => 0,
     }
 }
 

@@ -110,6 +110,12 @@ pub enum Message {
     /// A piece of a write packet too large for one datagram; the receiving link
     /// reassembles the packet from its parts.
     Part(Part),
+    /// Primary process -> another primary process of the group: a clock probe carrying
+    /// the sender's wall clock (nanoseconds), for the time base (`timebase`).
+    TimeProbe { sent: u64 },
+    /// The answer to a probe: the probe's `sent` and the answerer's wall clock when it
+    /// answered.
+    TimeReply { sent: u64, remote: u64 },
 }
 
 /// Bytes `at .. at + data.len()` of the data of the write packet `(pair, stamp)`, which

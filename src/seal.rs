@@ -2,16 +2,29 @@
 //!
 //! ```text
 //! +---------+----------------+----------------+-------------------------+-----------+
-//! | version | epoch (u64 LE) | nonce (16 B)   | counter (u64 LE)        | sealed    |
-//! |  1 byte | session start  | random/session | per datagram, from 1    | frame+tag |
+//! | version | epoch (u64 LE) | random (16 B)  | counter (u64 LE)        | sealed    |
+//! |  1 byte | session start  | per session    | per datagram, from 1    | frame+tag |
 //! +---------+----------------+----------------+-------------------------+-----------+
 //!   \_______________ authenticated, in clear (AAD) ______________________/
 //! ```
 //!
-//! XChaCha20-Poly1305 with the 24-byte nonce `epoch ‖ random ‖ counter`: unique for every
-//! datagram any process sends under the key. A session is one sender process lifetime.
+//! Construction (version 2): AES-256-GCM under a per-session subkey.
+//! - `prk = HKDF-SHA256-Extract(salt = "tidemark seal v2", ikm = group key)`, once;
+//! - `subkey = HKDF-SHA256-Expand(prk, info = "tidemark session" ‖ epoch ‖ random, 32)`:
+//!   one key per sender session, a session being one sender process lifetime;
+//! - nonce (96 bits) = `0u32 ‖ counter` (big endian); the counter starts at 1 and only
+//!   grows, so no (subkey, nonce) pair is ever used twice, and a session seals far fewer
+//!   than the 2^32 datagrams GCM allows per key before it ends;
+//! - AAD = the 33 header bytes; the tag (16 B) follows the ciphertext.
+//!
+//! The 192-bit session (epoch ‖ 128 random bits) makes two sessions deriving the same
+//! subkey as unlikely as a random 128-bit collision, even if a restarted system reuses
+//! an epoch. Version 1 (XChaCha20-Poly1305 over the group key, 24-byte nonce) is no
+//! longer spoken: both ends must run the same version.
+//!
 //! The receiver keeps, per peer system (named inside the sealed frame, never taken from
-//! the source address), the newest session and a replay window over its counters:
+//! the source address), the newest session with its subkey and a replay window over its
+//! counters:
 //! - a datagram that fails to open, is too short, too long or of another version is
 //!   dropped before anything is parsed;
 //! - a counter seen before, or older than the window, is a replay: dropped;
@@ -22,19 +35,23 @@
 
 use crate::types::SystemId;
 use crate::wire::{self, Frame, WireError};
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hkdf;
 use std::collections::HashMap;
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const KEY_LEN: usize = 32;
 const HEADER: usize = 1 + 8 + 16;
 const COUNTER: usize = 8;
 const TAG: usize = 16;
+/// Authenticated clear header: version, session, counter.
+const AAD_LEN: usize = HEADER + COUNTER;
 /// Bytes a sealed datagram adds to its frame.
 pub const OVERHEAD: usize = HEADER + COUNTER + TAG;
 /// Counters this far behind the newest are still accepted once.
 pub const REPLAY_WINDOW: u64 = 1024;
+const SALT: &[u8] = b"tidemark seal v2";
+const INFO: &[u8] = b"tidemark session";
 
 /// Who sends: one per process lifetime. `epoch` must grow across restarts of a system
 /// (wall-clock nanoseconds at start, or a persisted counter).
@@ -64,9 +81,38 @@ pub enum SealError {
     Wire(#[from] WireError),
 }
 
+/// The group key, extracted once; derives the subkey of any session.
+struct GroupKey(hkdf::Prk);
+
+impl GroupKey {
+    fn new(key: &[u8; KEY_LEN]) -> Self {
+        GroupKey(hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(key))
+    }
+
+    /// The AES-256-GCM key of `session`: a pure function of the group key and session.
+    fn subkey(&self, session: Session) -> LessSafeKey {
+        let epoch = session.epoch.to_le_bytes();
+        let info = [INFO, &epoch[..], &session.nonce[..]];
+        // Expanding 32 bytes (far below HKDF's 255 * 32 limit) into a key of exactly the
+        // cipher's length cannot fail; neither input comes from outside the process
+        // in a way that could change those lengths.
+        let okm = self
+            .0
+            .expand(&info, &AES_256_GCM)
+            .expect("HKDF-SHA256 expands 32 bytes");
+        LessSafeKey::new(UnboundKey::from(okm))
+    }
+}
+
+fn gcm_nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; NONCE_LEN];
+    n[NONCE_LEN - 8..].copy_from_slice(&counter.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
 /// Seals frames of one sender session.
 pub struct Sealer {
-    aead: XChaCha20Poly1305,
+    key: LessSafeKey,
     session: Session,
     counter: u64,
 }
@@ -74,7 +120,7 @@ pub struct Sealer {
 impl Sealer {
     pub fn new(key: &[u8; KEY_LEN], session: Session) -> Self {
         Sealer {
-            aead: XChaCha20Poly1305::new(Key::from_slice(key)),
+            key: GroupKey::new(key).subkey(session),
             session,
             counter: 0,
         }
@@ -91,36 +137,29 @@ impl Sealer {
 
     /// Seals already-encoded frame bytes.
     pub fn seal_bytes(&mut self, plain: &[u8]) -> Vec<u8> {
+        self.seal_with(plain.len(), |out| out.extend_from_slice(plain))
+    }
+
+    /// Seals the frame bytes `write` appends to the buffer it is given (which holds the
+    /// header already), without copying them: one allocation per datagram.
+    /// `len_hint` is the expected frame length (capacity only).
+    pub fn seal_with(&mut self, len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         self.counter += 1;
-        let mut out = Vec::with_capacity(OVERHEAD + plain.len());
+        let mut out = Vec::with_capacity(OVERHEAD + len_hint);
         out.push(VERSION);
         out.extend_from_slice(&self.session.epoch.to_le_bytes());
         out.extend_from_slice(&self.session.nonce);
         out.extend_from_slice(&self.counter.to_le_bytes());
-        let aad_len = out.len();
-        out.extend_from_slice(plain);
-        let nonce = nonce(&out[1..aad_len]);
-        let (aad, body) = out.split_at_mut(aad_len);
-        // Encryption in place cannot fail for buffers below the cipher's 256 GiB limit.
+        write(&mut out);
+        let (aad, body) = out.split_at_mut(AAD_LEN);
+        // Sealing fails only past GCM's 64 GiB per-message limit, far above any datagram.
         let tag = self
-            .aead
-            .encrypt_in_place_detached(&nonce, aad, body)
-            .expect("XChaCha20-Poly1305 encrypts any datagram-sized buffer");
-        out.extend_from_slice(&tag);
+            .key
+            .seal_in_place_separate_tag(gcm_nonce(self.counter), Aad::from(&*aad), body)
+            .expect("AES-256-GCM seals any datagram-sized buffer");
+        out.extend_from_slice(tag.as_ref());
         out
     }
-}
-
-fn nonce(header_after_version: &[u8]) -> XNonce {
-    // epoch (8) ‖ random (16) ‖ counter (8) = 32 bytes; XChaCha wants 24: fold the epoch
-    // into the random part so all three stay significant.
-    let mut n = [0u8; 24];
-    n[..16].copy_from_slice(&header_after_version[8..24]);
-    for (i, b) in header_after_version[..8].iter().enumerate() {
-        n[i] ^= b;
-    }
-    n[16..].copy_from_slice(&header_after_version[24..32]);
-    *XNonce::from_slice(&n)
 }
 
 /// What an opened datagram says about its sender.
@@ -132,18 +171,19 @@ pub enum Peer {
     Restarted { previous: Option<Session> },
 }
 
-#[derive(Clone, Copy, Debug)]
 struct Window {
     session: Session,
+    key: LessSafeKey,
     highest: u64,
     /// Bit i set: counter `highest - i` was seen.
     seen: [u64; (REPLAY_WINDOW / 64) as usize],
 }
 
 impl Window {
-    fn new(session: Session) -> Self {
+    fn new(session: Session, key: LessSafeKey) -> Self {
         Window {
             session,
+            key,
             highest: 0,
             seen: [0; (REPLAY_WINDOW / 64) as usize],
         }
@@ -201,7 +241,7 @@ impl Window {
 
 /// Opens datagrams addressed to one system.
 pub struct Opener {
-    aead: XChaCha20Poly1305,
+    group: GroupKey,
     me: SystemId,
     max_len: usize,
     peers: HashMap<SystemId, Window>,
@@ -210,7 +250,7 @@ pub struct Opener {
 impl Opener {
     pub fn new(key: &[u8; KEY_LEN], me: SystemId, max_len: usize) -> Self {
         Opener {
-            aead: XChaCha20Poly1305::new(Key::from_slice(key)),
+            group: GroupKey::new(key),
             me,
             max_len,
             peers: HashMap::new(),
@@ -225,6 +265,10 @@ impl Opener {
     }
 
     /// As [`Opener::open`], decrypting in `buf`.
+    ///
+    /// The subkey of a peer's current session is kept with its replay window; a datagram
+    /// of any other session costs one HKDF expansion before it is authenticated (and the
+    /// derived key is kept only if it is).
     pub fn open_in_place(&mut self, buf: &mut [u8]) -> Result<(Frame, Peer), SealError> {
         let len = buf.len();
         if len < OVERHEAD + 1 {
@@ -239,7 +283,6 @@ impl Opener {
         if buf[0] != VERSION {
             return Err(SealError::Version(buf[0]));
         }
-        let aad_len = HEADER + COUNTER;
         let mut epoch = [0u8; 8];
         epoch.copy_from_slice(&buf[1..9]);
         let mut rnd = [0u8; 16];
@@ -251,13 +294,16 @@ impl Opener {
             nonce: rnd,
         };
         let counter = u64::from_le_bytes(ctr);
-        let nonce = nonce(&buf[1..aad_len]);
-        let (head, rest) = buf.split_at_mut(aad_len);
-        let (body, tag) = rest.split_at_mut(rest.len() - TAG);
-        let tag = *Tag::from_slice(tag);
-        self.aead
-            .decrypt_in_place_detached(&nonce, head, body, &tag)
-            .map_err(|_| SealError::Unauthenticated)?;
+        let mut derived = None;
+        let (head, sealed) = buf.split_at_mut(AAD_LEN);
+        let body = {
+            let key = match self.peers.values().find(|w| w.session == session) {
+                Some(w) => &w.key,
+                None => derived.insert(self.group.subkey(session)),
+            };
+            key.open_in_place(gcm_nonce(counter), Aad::from(&*head), sealed)
+                .map_err(|_| SealError::Unauthenticated)?
+        };
         // Authentic: the frame names its sender.
         let frame = wire::decode(body, self.max_len)?;
         if frame.to != self.me {
@@ -266,6 +312,8 @@ impl Opener {
                 me: self.me,
             });
         }
+        let group = &self.group;
+        let key = move || derived.unwrap_or_else(|| group.subkey(session));
         let peer = match self.peers.get_mut(&frame.from) {
             Some(w) if w.session == session => {
                 w.check(counter)?;
@@ -274,13 +322,13 @@ impl Opener {
             }
             Some(w) if session.epoch > w.session.epoch => {
                 let previous = Some(w.session);
-                *w = Window::new(session);
+                *w = Window::new(session, key());
                 w.mark(counter);
                 Peer::Restarted { previous }
             }
             Some(_) => return Err(SealError::StaleSession(frame.from)),
             None => {
-                let mut w = Window::new(session);
+                let mut w = Window::new(session, key());
                 w.mark(counter);
                 self.peers.insert(frame.from, w);
                 Peer::Restarted { previous: None }
@@ -389,9 +437,107 @@ mod tests {
         assert_eq!(o.open(&stale), Err(SealError::StaleSession(SystemId(1))));
     }
 
+    /// Reseals `d`'s body under `key` with `d`'s own header (same session and counter).
+    fn reseal_with(key: &LessSafeKey, d: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut out = d[..AAD_LEN].to_vec();
+        let mut ctr = [0u8; 8];
+        ctr.copy_from_slice(&d[25..33]);
+        out.extend_from_slice(plain);
+        let (aad, body) = out.split_at_mut(AAD_LEN);
+        let tag = key
+            .seal_in_place_separate_tag(gcm_nonce(u64::from_le_bytes(ctr)), Aad::from(&*aad), body)
+            .expect("seal");
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    #[test]
+    fn subkeys_differ_per_session_and_key() {
+        let plain = wire::encode(&frame(1, 2, 5));
+        let mut s = Sealer::new(&KEY, session(10, 1));
+        let d = s.seal_bytes(&plain);
+        assert_eq!(d[0], VERSION);
+        assert_eq!(d.len(), plain.len() + OVERHEAD);
+        // The same header and counter sealed under another session's subkey, or under
+        // the group key of another cluster, or with the raw group key as the AES key
+        // (no derivation): none opens.
+        let g = GroupKey::new(&KEY);
+        let others = [
+            g.subkey(session(10, 2)),
+            g.subkey(session(11, 1)),
+            GroupKey::new(&[8; 32]).subkey(session(10, 1)),
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &KEY).expect("key")),
+        ];
+        for (i, k) in others.iter().enumerate() {
+            let mut o = Opener::new(&KEY, SystemId(2), 65_536);
+            assert_eq!(
+                o.open(&reseal_with(k, &d, &plain)),
+                Err(SealError::Unauthenticated),
+                "key {i}"
+            );
+        }
+        // The right subkey does open it: the test above is not vacuous.
+        let mut o = Opener::new(&KEY, SystemId(2), 65_536);
+        assert!(o
+            .open(&reseal_with(&g.subkey(session(10, 1)), &d, &plain))
+            .is_ok());
+        // A header moved to another session or counter does not open either.
+        let mut o = Opener::new(&KEY, SystemId(2), 65_536);
+        for at in [1, 9, 25] {
+            let mut moved = d.clone();
+            moved[at] ^= 0x80;
+            assert_eq!(o.open(&moved), Err(SealError::Unauthenticated), "at {at}");
+        }
+        assert!(o.open(&d).is_ok());
+    }
+
+    #[test]
+    fn other_versions_and_truncations_are_rejected_without_panic() {
+        let mut s = Sealer::new(&KEY, session(10, 1));
+        let mut o = Opener::new(&KEY, SystemId(2), 65_536);
+        let d = s.seal(&frame(1, 2, 5));
+        let mut v1 = d.clone();
+        v1[0] = 1;
+        assert_eq!(o.open(&v1), Err(SealError::Version(1)));
+        for n in 0..d.len() {
+            assert!(o.open(&d[..n]).is_err(), "truncated to {n}");
+        }
+        // Tag cut off and replaced by zeros.
+        let mut zeroed = d.clone();
+        let n = zeroed.len();
+        zeroed[n - TAG..].fill(0);
+        assert_eq!(o.open(&zeroed), Err(SealError::Unauthenticated));
+        assert_eq!(
+            o.open(&d).map(|(_, p)| p),
+            Ok(Peer::Restarted { previous: None })
+        );
+        assert_eq!(o.open(&d), Err(SealError::Replay(1)));
+    }
+
+    #[test]
+    fn many_sessions_keep_their_own_windows_and_keys() {
+        // Two peers, each sealing with its own session; interleaved and reordered
+        // datagrams all open exactly once.
+        let mut p1 = Sealer::new(&KEY, session(10, 1));
+        let mut p3 = Sealer::new(&KEY, session(10, 3));
+        let mut o = Opener::new(&KEY, SystemId(2), 65_536);
+        let mut ds = Vec::new();
+        for i in 0..50 {
+            ds.push(p1.seal(&frame(1, 2, i)));
+            ds.push(p3.seal(&frame(3, 2, i)));
+        }
+        ds.reverse();
+        for d in &ds {
+            assert!(o.open(d).is_ok());
+        }
+        for d in &ds {
+            assert!(matches!(o.open(d), Err(SealError::Replay(_))));
+        }
+    }
+
     #[test]
     fn window_slides() {
-        let mut w = Window::new(session(1, 1));
+        let mut w = Window::new(session(1, 1), GroupKey::new(&KEY).subkey(session(1, 1)));
         for c in [1, 2, 3, 100, 70, 1500] {
             assert!(w.check(c).is_ok(), "{c}");
             w.mark(c);
@@ -408,7 +554,7 @@ mod tests {
         /// counter within the window of the newest that was not seen is accepted.
         #[test]
         fn window_matches_a_set(counters in proptest::collection::vec(1u64..3000, 1..400)) {
-            let mut w = Window::new(session(1, 1));
+            let mut w = Window::new(session(1, 1), GroupKey::new(&KEY).subkey(session(1, 1)));
             let mut seen = std::collections::BTreeSet::new();
             let mut highest = 0;
             for c in counters {

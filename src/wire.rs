@@ -55,15 +55,29 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
 /// Builds the same bytes as [`encode`] of a frame whose messages are given already
 /// serialised (each one `postcard` of a [`Message`]), so a sender can size datagrams.
 pub fn encode_parts(from: SystemId, to: SystemId, items: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_parts_into(&mut out, from, to, items);
+    out
+}
+
+/// As [`encode_parts`], appending the frame to `out` (whatever `out` held before stays
+/// untouched and outside the checksum): lets a sealer write the frame after its header.
+pub fn encode_parts_into(out: &mut Vec<u8>, from: SystemId, to: SystemId, items: &[Vec<u8>]) {
+    let start = out.len();
+    out.reserve(FRAME_OVERHEAD + items.iter().map(Vec::len).sum::<usize>());
+    out.push(VERSION);
     let header = (from, to, items.len());
-    let mut out = postcard::to_extend(&header, vec![VERSION])
-        .expect("postcard serialisation into a Vec cannot fail");
+    // Serialising our own types into a Vec has no failure mode (no I/O, no size limit).
+    let mut buf = [0u8; FRAME_OVERHEAD];
+    let used = postcard::to_slice(&header, &mut buf)
+        .expect("three varints fit FRAME_OVERHEAD bytes")
+        .len();
+    out.extend_from_slice(&buf[..used]);
     for i in items {
         out.extend_from_slice(i);
     }
-    let crc = crc32c::crc32c(&out);
+    let crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
-    out
 }
 
 /// Serialises one message for [`encode_parts`].
@@ -157,6 +171,10 @@ mod tests {
         let f = sample();
         let items: Vec<Vec<u8>> = f.messages.iter().map(encode_item).collect();
         assert_eq!(encode_parts(f.from, f.to, &items), encode(&f));
+        let mut prefixed = b"header".to_vec();
+        encode_parts_into(&mut prefixed, f.from, f.to, &items);
+        assert_eq!(&prefixed[..6], b"header");
+        assert_eq!(decode(&prefixed[6..], 1 << 20), Ok(f.clone()));
         let big = Frame {
             from: SystemId(300_000),
             to: SystemId(u32::MAX),

@@ -28,6 +28,9 @@ struct RawConfig {
     /// Per pair: writers wait while this much is unacknowledged by the remote.
     #[serde(default)]
     window: Option<String>,
+    /// Largest clock skew tolerated between primary processes (commit-wait bound).
+    #[serde(default = "default_max_clock_skew")]
+    max_clock_skew_ms: u64,
     #[serde(default)]
     system: Vec<RawSystem>,
     #[serde(default)]
@@ -39,6 +42,9 @@ fn default_heartbeat() -> u64 {
 }
 fn default_peer_timeout() -> u64 {
     3000
+}
+fn default_max_clock_skew() -> u64 {
+    20
 }
 fn default_mtu() -> usize {
     1400
@@ -106,6 +112,7 @@ pub struct Config {
     pub mtu: usize,
     pub rate: u64,
     pub window: u64,
+    pub max_clock_skew: Duration,
     pub systems: Vec<SystemConfig>,
     pub pairs: Vec<PairConfig>,
 }
@@ -154,6 +161,12 @@ impl Config {
             return bad(format!(
                 "heartbeat_ms: {} is outside 1..=10000",
                 raw.heartbeat_ms
+            ));
+        }
+        if raw.max_clock_skew_ms == 0 || raw.max_clock_skew_ms > 10_000 {
+            return bad(format!(
+                "max_clock_skew_ms: {} is outside 1..=10000",
+                raw.max_clock_skew_ms
             ));
         }
         if raw.peer_timeout_ms < raw.heartbeat_ms * 2 {
@@ -318,6 +331,7 @@ impl Config {
             mtu: raw.mtu,
             rate,
             window,
+            max_clock_skew: Duration::from_millis(raw.max_clock_skew_ms),
             systems,
             pairs,
         })

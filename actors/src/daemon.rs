@@ -92,6 +92,10 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
     b.orderer(SystemId(cfg.orderer as u32))
         .heartbeat(cfg.heartbeat)
         .window_bytes(cfg.window as usize)
+        .time_base(tidemark::timebase::TimeBaseConfig {
+            max_skew: cfg.max_clock_skew,
+            ..Default::default()
+        })
         .run_only(&ids)
         .udp(UdpTransport {
             key,
@@ -107,7 +111,33 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
             },
             epoch,
         });
+    if let Some(offset) = test_clock_offset()? {
+        b.wall_clock(move || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0);
+            (now + offset).max(0) as u64
+        });
+    }
     Ok(b)
+}
+
+/// Test hook: `TIDEMARK_TEST_CLOCK_OFFSET_MS` (signed) shifts this process's wall clock,
+/// to try the time base with skewed hosts on one machine. Not for production.
+fn test_clock_offset() -> Result<Option<i128>, EngineError> {
+    match std::env::var("TIDEMARK_TEST_CLOCK_OFFSET_MS") {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse::<i64>()
+            .map(|ms| Some(i128::from(ms) * 1_000_000))
+            .map_err(|e| {
+                EngineError::Config(format!(
+                    "TIDEMARK_TEST_CLOCK_OFFSET_MS: {v:?} is not a number of milliseconds ({e})"
+                ))
+            }),
+    }
 }
 
 /// What a running process reports in `journal_dir/status.json`.
@@ -117,6 +147,8 @@ struct Status<'a> {
     pid: u32,
     stats: &'a Stats,
     link: Option<&'a UdpStatus>,
+    /// The time base, if other processes stamp writes of the group too.
+    clock: Option<&'a crate::timebase::TimeStatus>,
 }
 
 /// Writes each running system's status file (atomically: write, then rename).
@@ -125,6 +157,7 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
         return;
     };
     let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
+    let clock = engine.time_status();
     for &i in here {
         let s = &cfg.systems[i];
         let status = Status {
@@ -132,6 +165,7 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
             pid: std::process::id(),
             stats: &stats,
             link: links.get(&SystemId(i as u32)),
+            clock: clock.as_ref().filter(|_| s.primary),
         };
         let Ok(text) = serde_json::to_string_pretty(&status) else {
             continue;
@@ -162,7 +196,10 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
             let l = AnyListener::bind(&addr)
                 .await
                 .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
-            listeners.push(l);
+            let l = l
+                .into_std()
+                .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+            listeners.push((SystemId(i as u32), l));
         }
     }
     let engine = std::sync::Arc::new(builder(cfg, here)?.start()?);
@@ -170,13 +207,31 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     tracing::info!(systems = ?names, "running");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for l in listeners {
+    for (system, l) in listeners {
         let backend = std::sync::Arc::new(EngineBackend::new(engine.clone()));
         let mut rx = stop_rx.clone();
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        servers.push(actix_rt::spawn(l.serve(backend, Limits::default(), stop)));
+        // The server runs on the thread of the system's units: a client's requests reach
+        // them, and their answers come back, without waking another thread.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = async move {
+            match AnyListener::from_std(l) {
+                Ok(l) => l.serve(backend, Limits::default(), stop).await,
+                Err(e) => tracing::error!("nbd: cannot serve: {e}"),
+            }
+            let _ = done_tx.send(());
+        };
+        match engine.unit_arbiter(system) {
+            Some(arbiter) => {
+                if !arbiter.spawn(run) {
+                    return Err(EngineError::Stopped);
+                }
+            }
+            None => drop(actix_rt::spawn(run)),
+        }
+        servers.push(done_rx);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| EngineError::Config(format!("cannot watch SIGTERM: {e}")))?;
@@ -190,6 +245,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     }
     tracing::info!(systems = ?names, "stopping");
     let _ = stop_tx.send(true);
+    engine.abandon_held();
     for s in servers {
         let _ = s.await;
     }

@@ -2,8 +2,9 @@
 //!
 //! A [`Disk`] is a pool of threads fed by a crossbeam channel; each job's result comes
 //! back as a future the actor awaits. With zero threads jobs run inline on the caller
-//! (simulation and in-memory benchmarks: deterministic, no thread hand-off). Per-unit
-//! ordering is the caller's job: a unit keeps at most one job in flight.
+//! (simulation and in-memory benchmarks: deterministic, no thread hand-off). A pool of
+//! one thread (a "lane") runs its jobs in the order they were handed to it; in a larger
+//! pool ordering is the caller's job (at most one job of a unit in flight).
 
 use crossbeam_channel::{unbounded, Sender};
 use std::future::Future;

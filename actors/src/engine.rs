@@ -14,6 +14,7 @@ use crate::orderer::OrdererActor;
 use crate::remote::{ApplyHook, RemoteResume, RemoteUnit, RemoteWiring};
 use crate::route::{Routes, SetRoutes};
 use crate::site::RemoteSite;
+use crate::timebase::{TimeBaseActor, TimeStatus};
 use crate::udp::{UdpLink, UdpStatus};
 use crate::Stop;
 use actix::prelude::*;
@@ -25,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidemark::journal::Recovered;
+use tidemark::timebase::{CommitGate, TimeBase, TimeBaseConfig};
 use tidemark::{BlockStore, FileStore, HybridClock, MemStore, Offset, Orderer, PairId, Payload};
 use tidemark::{Seq, Stamp, SystemId, Timestamp};
 
@@ -74,6 +76,7 @@ pub struct EngineBuilder {
     run: Option<BTreeSet<SystemId>>,
     udp: Option<UdpTransport>,
     journals: BTreeMap<SystemId, (PathBuf, u64)>,
+    time_base: TimeBaseConfig,
 }
 
 impl Default for EngineBuilder {
@@ -106,7 +109,15 @@ impl EngineBuilder {
             run: None,
             udp: None,
             journals: BTreeMap::new(),
+            time_base: TimeBaseConfig::default(),
         }
+    }
+
+    /// Settings of the time base that a process runs when other processes stamp writes
+    /// of the group too (see `tidemark::timebase`; on by itself in that case).
+    pub fn time_base(&mut self, cfg: TimeBaseConfig) -> &mut Self {
+        self.time_base = cfg;
+        self
     }
 
     /// Gives `system` a durable journal of `capacity` bytes in `dir`; it is recovered at
@@ -184,8 +195,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Actor threads (arbiters); systems are spread over them. 0 runs every actor on the
-    /// caller's arbiter.
+    /// Actor threads (arbiters); the systems here are spread over them. 0 runs every
+    /// actor on the caller's arbiter.
     pub fn threads(&mut self, n: usize) -> &mut Self {
         self.threads = n;
         self
@@ -373,8 +384,17 @@ impl EngineBuilder {
         }
 
         let arbiters: Vec<Arbiter> = (0..self.threads).map(|_| Arbiter::new()).collect();
+        // The systems that run here, in order: the k-th runs its actors on arbiter k
+        // (modulo the arbiters there are). A system's link shares the thread of its
+        // units: a unit then never hands the link packets faster than it sends them
+        // (its mailbox is unbounded).
+        let here: Vec<SystemId> = (0..self.systems.len() as u32)
+            .map(SystemId)
+            .filter(|s| runs(*s))
+            .collect();
         let place = |s: SystemId| -> Option<ArbiterHandle> {
-            (!arbiters.is_empty()).then(|| arbiters[s.0 as usize % arbiters.len()].handle())
+            let k = here.iter().position(|h| *h == s).unwrap_or(s.0 as usize);
+            (!arbiters.is_empty()).then(|| arbiters[k % arbiters.len()].handle())
         };
         // One pool per system, as separate hosts would have: a remote system's applies
         // never queue in front of a primary's client writes.
@@ -384,6 +404,15 @@ impl EngineBuilder {
             .map(|s| (s, Disk::new(self.disk_threads)))
             .collect();
         let disk = |s: SystemId| disks.get(&s).cloned().unwrap_or_else(|| Disk::new(0));
+        // Each local unit has a lane of its own: one disk thread, so its batches are
+        // journaled and written in the order they were stamped while several are in
+        // flight.
+        let lanes = std::cell::RefCell::new(Vec::new());
+        let lane = || {
+            let d = Disk::new(self.disk_threads.min(1));
+            lanes.borrow_mut().push(d.clone());
+            d
+        };
         let wall: Wall = self.wall.clone().unwrap_or_else(|| {
             Arc::new(|| {
                 std::time::SystemTime::now()
@@ -447,6 +476,44 @@ impl EngineBuilder {
 
         let mut routes: BTreeMap<SystemId, Routes> =
             links.keys().map(|s| (*s, Routes::default())).collect();
+        // Primary systems here and elsewhere: if writes are stamped in other processes
+        // too, this process measures their clocks and commit-waits (I2 across hosts).
+        let primaries: BTreeSet<SystemId> = self.pairs.iter().map(|p| p.local).collect();
+        let elsewhere: Vec<SystemId> = primaries.iter().copied().filter(|s| !runs(*s)).collect();
+        let time_status = Arc::new(Mutex::new(TimeStatus::default()));
+        let mut timebase = None;
+        let gate = match primaries.iter().find(|s| runs(**s)) {
+            Some(prober) if !elsewhere.is_empty() => {
+                let gate = Arc::new(CommitGate::default());
+                let names = self
+                    .systems
+                    .iter()
+                    .enumerate()
+                    .map(|(j, (n, _))| (SystemId(j as u32), n.clone()))
+                    .collect();
+                let here_links = links.keys().map(|s| (*s, link(*s))).collect();
+                let t = spawn(
+                    place(*prober),
+                    TimeBaseActor::new(
+                        TimeBase::new(self.time_base, elsewhere.iter().copied()),
+                        gate.clone(),
+                        clock.clone(),
+                        *prober,
+                        here_links,
+                        names,
+                        time_status.clone(),
+                    ),
+                );
+                for s in primaries.iter().filter(|s| runs(**s)) {
+                    if let Some(r) = routes.get_mut(s) {
+                        r.timebase = Some(t.clone());
+                    }
+                }
+                timebase = Some(t);
+                Some(gate)
+            }
+            _ => None,
+        };
         let local_cfg = LocalConfig {
             heartbeat: self.heartbeat,
             window_bytes: self.window_bytes,
@@ -504,10 +571,11 @@ impl EngineBuilder {
                         ls.clone(),
                         journal(p.local),
                         resume,
-                        disk(p.local),
+                        lane(),
                         link(p.local),
                         local_cfg,
-                    ),
+                    )
+                    .with_commit_gate(gate.clone()),
                 )
             });
             if let (Some(l), Some(r)) = (&local, routes.get_mut(&p.local)) {
@@ -527,6 +595,10 @@ impl EngineBuilder {
                 remote_store: rs,
             });
         }
+        let unit_arbiters: BTreeMap<SystemId, ArbiterHandle> = here
+            .iter()
+            .filter_map(|s| place(*s).map(|h| (*s, h)))
+            .collect();
         let remote_systems: Vec<SystemId> = remote_systems.into_iter().collect();
         let mut sites = Vec::new();
         for (sys, units) in site_units {
@@ -594,8 +666,10 @@ impl EngineBuilder {
             link_status,
             sites,
             arbiters,
-            disks: disks.into_values().collect(),
+            unit_arbiters,
+            disks: disks.into_values().chain(lanes.into_inner()).collect(),
             counters,
+            timebase: timebase.map(|t| (t, time_status)),
         })
     }
 }
@@ -735,13 +809,41 @@ pub struct Engine {
     link_status: BTreeMap<SystemId, Arc<Mutex<UdpStatus>>>,
     sites: Vec<Addr<RemoteSite>>,
     arbiters: Vec<Arbiter>,
+    /// The arbiter each system of this process runs its units on.
+    unit_arbiters: BTreeMap<SystemId, ArbiterHandle>,
     disks: Vec<Disk>,
     counters: Arc<[PairCounters]>,
+    timebase: Option<(Addr<TimeBaseActor>, Arc<Mutex<TimeStatus>>)>,
 }
 
 impl Engine {
+    /// Stopping: writes whose acknowledgement the time base holds are answered with an
+    /// error (they stay journaled and still replicate), so their clients let go.
+    pub fn abandon_held(&self) {
+        for p in &self.pairs {
+            if let Some(l) = &p.local {
+                l.do_send(crate::local::AbandonHeld);
+            }
+        }
+    }
+
+    /// The time base's state, if this process runs one (other processes stamp writes of
+    /// the group too).
+    pub fn time_status(&self) -> Option<TimeStatus> {
+        self.timebase
+            .as_ref()
+            .and_then(|(_, s)| s.lock().ok().map(|g| g.clone()))
+    }
+
     pub fn pairs(&self) -> &[PairHandle] {
         &self.pairs
+    }
+
+    /// The thread `system`'s units run on (`None`: the caller's, or not here). Work that
+    /// talks to the units all the time (an NBD server) runs best there: its messages to
+    /// them and their answers then wake no other thread.
+    pub fn unit_arbiter(&self, system: SystemId) -> Option<ArbiterHandle> {
+        self.unit_arbiters.get(&system).cloned()
     }
 
     fn pair(&self, pair: PairId) -> Result<&PairHandle, EngineError> {
@@ -915,6 +1017,9 @@ impl Engine {
         }
         for s in &self.sites {
             s.do_send(Stop);
+        }
+        if let Some((t, _)) = &self.timebase {
+            t.do_send(Stop);
         }
         if let Some(o) = &self.orderer {
             o.do_send(Stop);

@@ -20,6 +20,7 @@ pub mod promote;
 pub mod remote;
 pub mod route;
 pub mod site;
+pub mod timebase;
 pub mod udp;
 pub mod wansim;
 pub mod workload;

@@ -1,7 +1,9 @@
 //! `LocalUnit`: owns one local disk. Takes client writes, stamps them, journals them and
-//! writes them locally (off the actor thread, one batch in flight so the disk and the
-//! journal see them in stamp order), tells the clients, hands the packets to the link,
-//! retransmits what the remote has not acknowledged, and sends heartbeats when idle.
+//! writes them locally (off the actor thread, on the unit's own disk lane: one thread
+//! that runs the unit's jobs in the order they were stamped, several batches in flight,
+//! so the journal and the disk see them in stamp order while the actor stamps the next
+//! batch), tells the clients, hands the packets to the link, retransmits what the
+//! remote has not acknowledged, and sends heartbeats when idle.
 //!
 //! I2: a write is stamped from the process-wide hybrid clock after its client issued it
 //! and before its client is told it completed, so a write issued after another completed
@@ -10,6 +12,9 @@
 //! operating system; synced too on flush/FUA), so a restarted primary ships it; the
 //! packet leaves for the remote only after the local write finished; the journal forgets
 //! it only once the remote acknowledged it as durable.
+//! I2 across primary processes: with a commit gate (see `timebase`), a write stamped `t`
+//! is told complete only once the wall clock passed `t` plus the measured skew bound;
+//! replies leave in stamp order.
 
 use crate::disk::Disk;
 use crate::error::EngineError;
@@ -18,11 +23,14 @@ use crate::msg::Outbound;
 use crate::msg::*;
 use crate::{now, Stop};
 use actix::prelude::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::journal::{JournalError, Record};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
+use tidemark::timebase::{Commit, CommitGate};
 use tidemark::{BlockStore, HybridClock, Message as WireMessage, Packet, PairId, Payload};
 use tidemark::{Rtt, Seq, Stamp, SystemId};
 use tokio::sync::oneshot;
@@ -49,6 +57,40 @@ enum Outcome {
     /// The journal has no room: nothing was appended; retry later.
     Full,
     Failed(String),
+    /// An earlier batch of the lane was full or failed: this one did nothing, so that
+    /// nothing is journaled or written out of stamp order.
+    Skipped,
+}
+
+/// Batches the lane may hold at once: enough to keep it busy while the actor stamps the
+/// next one and answers the last.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// A batch handed to the lane, and how its job ended (once it has).
+struct InFlight {
+    batch: Batch,
+    acked: Stamp,
+    outcome: Option<Outcome>,
+}
+
+/// A reply waiting for commit-wait; `ts` is the last stamp the client is told about.
+struct Pending {
+    ts: u64,
+    reply: Done,
+}
+
+enum Done {
+    Write(Reply<Vec<Stamp>>, Vec<Stamp>),
+    Flush(Reply<()>),
+}
+
+impl Done {
+    fn send(self) {
+        match self {
+            Done::Write(r, stamps) => drop(r.send(Ok(stamps))),
+            Done::Flush(r) => drop(r.send(Ok(()))),
+        }
+    }
 }
 
 pub struct LocalUnit {
@@ -61,13 +103,31 @@ pub struct LocalUnit {
     disk: Disk,
     link: Recipient<Outbound>,
     queue: Vec<Op>,
-    busy: bool,
+    /// Batches on the lane, oldest first; the oldest has id `next_id - inflight.len()`.
+    inflight: std::collections::VecDeque<InFlight>,
+    next_id: u64,
+    /// Set by a job that found the journal full or failed; later jobs then skip.
+    stalled: Arc<AtomicBool>,
+    /// Batches to submit again (in order) once the lane is empty: a full journal.
+    retry: Vec<Batch>,
     failed: Option<String>,
     released: Stamp,
     window_bytes: usize,
     tick: Duration,
     bytes: u64,
+    gate: Option<Arc<CommitGate>>,
+    pending: VecDeque<Pending>,
+    wake_at: Option<u64>,
+    /// Stopping: replies the gate holds are failed instead of kept.
+    abandon_held: bool,
 }
+
+/// The process is stopping: fail the replies the commit gate holds (their writes are
+/// journaled and will still reach the remote; they are just not acknowledged), so that
+/// clients waiting for them let go.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AbandonHeld;
 
 /// Settings of a local unit.
 #[derive(Clone, Copy, Debug)]
@@ -120,19 +180,79 @@ impl LocalUnit {
             disk,
             link,
             queue: Vec::new(),
-            busy: false,
+            inflight: std::collections::VecDeque::new(),
+            next_id: 0,
+            stalled: Arc::new(AtomicBool::new(false)),
+            retry: Vec::new(),
             failed: None,
             released: resume.released,
             window_bytes: cfg.window_bytes,
             tick: (cfg.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_millis(5)),
             bytes: 0,
+            gate: None,
+            pending: VecDeque::new(),
+            wake_at: None,
+            abandon_held: false,
         }
     }
 
-    /// Starts the next batch if none is in flight and the window has room: stamps it,
-    /// then journals and writes it on a disk thread.
+    /// Replies wait for `gate` (commit-wait across primary processes).
+    pub fn with_commit_gate(mut self, gate: Option<Arc<CommitGate>>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Sends every waiting reply the commit gate allows, in order; arranges to be woken
+    /// when the first one still waiting is due (a held gate is retried every tick).
+    fn release_replies(&mut self, ctx: &mut Context<Self>) {
+        while let Some(p) = self.pending.front() {
+            let verdict = match &self.gate {
+                None => Commit::Now,
+                Some(g) => g.check(p.ts, self.clock.wall_ns()),
+            };
+            match verdict {
+                Commit::Now => {
+                    if let Some(p) = self.pending.pop_front() {
+                        p.reply.send();
+                    }
+                }
+                Commit::At(due) => {
+                    if self.wake_at.is_none_or(|w| w > due) {
+                        self.wake_at = Some(due);
+                        let wait = Duration::from_nanos(due.saturating_sub(self.clock.wall_ns()));
+                        ctx.run_later(wait, |act, ctx| {
+                            act.wake_at = None;
+                            act.release_replies(ctx);
+                        });
+                    }
+                    return;
+                }
+                Commit::Held if self.abandon_held => {
+                    for p in self.pending.drain(..) {
+                        let err = EngineError::Unit(format!(
+                            "{}: stopping while the time base holds acknowledgements",
+                            self.pair
+                        ));
+                        match p.reply {
+                            Done::Write(r, _) => drop(r.send(Err(err))),
+                            Done::Flush(r) => drop(r.send(Err(err))),
+                        }
+                    }
+                    return;
+                }
+                Commit::Held => return,
+            }
+        }
+    }
+
+    /// Starts the next batch if the lane has room and the window too: stamps it, then
+    /// journals and writes it on the lane (after every batch stamped before it).
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.queue.is_empty() || self.sender.unacked_bytes() > self.window_bytes {
+        if self.inflight.len() >= MAX_IN_FLIGHT
+            || !self.retry.is_empty()
+            || self.queue.is_empty()
+            || self.sender.unacked_bytes() > self.window_bytes
+        {
             return;
         }
         if let Some(e) = &self.failed {
@@ -170,13 +290,14 @@ impl LocalUnit {
             records: Arc::new(records),
             last: self.sender.last().seq,
         };
-        self.busy = true;
         self.submit(batch, ctx);
     }
 
+    /// Hands `batch` to the lane, behind every batch handed to it before.
     fn submit(&mut self, batch: Batch, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let journal = self.journal.clone();
+        let stalled = self.stalled.clone();
         let mut records = (*batch.records).clone();
         let acked = self.sender.acked_stamp();
         if acked.seq > self.released.seq {
@@ -187,82 +308,149 @@ impl LocalUnit {
         }
         let flush = batch.ops.iter().any(|o| matches!(o, Op::Flush(_)));
         let job = self.disk.run(move || {
-            if let Some(j) = &journal {
-                let durability = if flush {
-                    Durability::Synced
-                } else {
-                    Durability::Written
-                };
-                match j.append(&records, durability) {
-                    Ok(()) => {}
-                    Err(JournalError::Full { .. }) => return Outcome::Full,
-                    Err(e) => return Outcome::Failed(format!("journal: {e}")),
-                }
+            if stalled.load(Ordering::Acquire) {
+                return Outcome::Skipped;
             }
-            for r in &records {
-                if let Record::Packet(p) = r {
-                    if let Err(e) = store.apply(&p.payload) {
-                        return Outcome::Failed(format!("local write: {e}"));
-                    }
-                }
+            let outcome = Self::journal_and_write(journal, store, &records, flush);
+            if !matches!(outcome, Outcome::Done) {
+                stalled.store(true, Ordering::Release);
             }
-            if flush {
-                if let Err(e) = store.flush() {
-                    return Outcome::Failed(format!("local flush: {e}"));
-                }
-            }
-            Outcome::Done
+            outcome
+        });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.inflight.push_back(InFlight {
+            batch,
+            acked,
+            outcome: None,
         });
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
-            act.completed(
-                batch,
-                acked,
+            act.landed(
+                id,
                 res.unwrap_or(Outcome::Failed("disk pool stopped".into())),
                 ctx,
             )
         }));
     }
 
-    /// The disk finished a batch: tell the clients, let the packets go.
-    fn completed(&mut self, batch: Batch, acked: Stamp, outcome: Outcome, ctx: &mut Context<Self>) {
-        match outcome {
-            Outcome::Done => {
-                self.released = self.released.max(acked);
-                self.sender.mark_written(batch.last);
-                for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
-                    match op {
-                        Op::Write(payloads, reply) => {
-                            self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
-                            let _ = reply.send(Ok(stamps));
-                        }
-                        Op::Flush(reply) => {
-                            let _ = reply.send(Ok(()));
+    /// The disk job of a batch: journal it (I3), then write it to the local unit.
+    fn journal_and_write(
+        journal: Option<SharedJournal>,
+        store: Arc<dyn BlockStore>,
+        records: &[Record],
+        flush: bool,
+    ) -> Outcome {
+        if let Some(j) = &journal {
+            let durability = if flush {
+                Durability::Synced
+            } else {
+                Durability::Written
+            };
+            match j.append(records, durability) {
+                Ok(()) => {}
+                Err(JournalError::Full { .. }) => return Outcome::Full,
+                Err(e) => return Outcome::Failed(format!("journal: {e}")),
+            }
+        }
+        for r in records {
+            if let Record::Packet(p) = r {
+                if let Err(e) = store.apply(&p.payload) {
+                    return Outcome::Failed(format!("local write: {e}"));
+                }
+            }
+        }
+        if flush {
+            if let Err(e) = store.flush() {
+                return Outcome::Failed(format!("local flush: {e}"));
+            }
+        }
+        Outcome::Done
+    }
+
+    /// The lane finished batch `id`. Batches are acted on strictly in the order they were
+    /// stamped: each done one tells its clients and lets its packets go (I3: journaled
+    /// and written locally); a full journal sends it and every later one (skipped by
+    /// the lane) round again once the lane is empty.
+    fn landed(&mut self, id: u64, outcome: Outcome, ctx: &mut Context<Self>) {
+        let first = self.next_id - self.inflight.len() as u64;
+        if let Some(f) = id
+            .checked_sub(first)
+            .and_then(|i| self.inflight.get_mut(i as usize))
+        {
+            f.outcome = Some(outcome);
+        }
+        let mut sent = false;
+        while self.inflight.front().is_some_and(|f| f.outcome.is_some()) {
+            let Some(InFlight {
+                batch,
+                acked,
+                outcome: Some(outcome),
+            }) = self.inflight.pop_front()
+            else {
+                break;
+            };
+            match outcome {
+                Outcome::Done => {
+                    self.released = self.released.max(acked);
+                    self.sender.mark_written(batch.last);
+                    for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
+                        match op {
+                            Op::Write(payloads, reply) => {
+                                self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
+                                let ts = stamps.last().map_or(0, |s| s.ts.0);
+                                self.pending.push_back(Pending {
+                                    ts,
+                                    reply: Done::Write(reply, stamps),
+                                });
+                            }
+                            // A flush covers the writes already told complete; those
+                            // still in commit-wait are not (as NBD says): it need not wait.
+                            Op::Flush(reply) => Done::Flush(reply).send(),
                         }
                     }
+                    sent = true;
                 }
-                self.busy = false;
-                self.transmit();
-                self.pump(ctx);
+                Outcome::Full | Outcome::Skipped if self.failed.is_none() => {
+                    // Back-pressure: writers wait until acknowledgements free journal space.
+                    tracing::debug!(pair = %self.pair, "journal full; retrying");
+                    self.retry.push(batch);
+                }
+                Outcome::Failed(e) => {
+                    tracing::error!(pair = %self.pair, error = %e, "local unit failed");
+                    self.fail_batch(batch, &e);
+                    self.failed = Some(e);
+                }
+                Outcome::Full | Outcome::Skipped => {
+                    let e = self.failed.clone().unwrap_or_default();
+                    self.fail_batch(batch, &e);
+                }
             }
-            Outcome::Full => {
-                // Back-pressure: writers wait until acknowledgements free journal space.
-                tracing::debug!(pair = %self.pair, "journal full; retrying");
-                ctx.run_later(Duration::from_millis(5), move |act, ctx| {
-                    act.submit(batch, ctx)
+        }
+        if sent {
+            self.release_replies(ctx);
+            self.transmit();
+        }
+        if self.inflight.is_empty() && self.stalled.load(Ordering::Acquire) {
+            self.stalled.store(false, Ordering::Release);
+            if !self.retry.is_empty() {
+                ctx.run_later(Duration::from_millis(5), |act, ctx| {
+                    for batch in std::mem::take(&mut act.retry) {
+                        act.submit(batch, ctx);
+                    }
+                    act.pump(ctx);
                 });
+                return;
             }
-            Outcome::Failed(e) => {
-                tracing::error!(pair = %self.pair, error = %e, "local unit failed");
-                for op in batch.ops {
-                    let err = EngineError::Unit(format!("{}: {e}", self.pair));
-                    match op {
-                        Op::Write(_, r) => drop(r.send(Err(err))),
-                        Op::Flush(r) => drop(r.send(Err(err))),
-                    }
-                }
-                self.failed = Some(e);
-                self.busy = false;
-                self.pump(ctx);
+        }
+        self.pump(ctx);
+    }
+
+    fn fail_batch(&self, batch: Batch, e: &str) {
+        for op in batch.ops {
+            let err = EngineError::Unit(format!("{}: {e}", self.pair));
+            match op {
+                Op::Write(_, r) => drop(r.send(Err(err))),
+                Op::Flush(r) => drop(r.send(Err(err))),
             }
         }
     }
@@ -282,7 +470,10 @@ impl LocalUnit {
         }
     }
 
-    fn on_tick(&mut self) {
+    fn on_tick(&mut self, ctx: &mut Context<Self>) {
+        if !self.pending.is_empty() {
+            self.release_replies(ctx);
+        }
         self.transmit();
         let t = now();
         if self.sender.heartbeat_due(t) {
@@ -299,7 +490,7 @@ impl Actor for LocalUnit {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.tick, |act, _| act.on_tick());
+        ctx.run_interval(self.tick, |act, ctx| act.on_tick(ctx));
     }
 }
 
@@ -320,6 +511,15 @@ impl Handler<Write> for LocalUnit {
         self.queue.push(Op::Write(msg.0, tx));
         self.pump(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<AbandonHeld> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, _: AbandonHeld, ctx: &mut Context<Self>) {
+        self.abandon_held = true;
+        self.release_replies(ctx);
     }
 }
 

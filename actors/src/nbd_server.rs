@@ -265,6 +265,13 @@ impl Listener for UnixListener {
     }
 }
 
+/// A bound listener not registered with any runtime (non-blocking), so it can move
+/// between threads.
+pub enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
 /// A bound TCP or Unix listener, for a daemon that takes a [`ListenAddr`] from its
 /// configuration.
 pub enum AnyListener {
@@ -294,6 +301,23 @@ impl AnyListener {
                 }
                 Ok(AnyListener::Unix(UnixListener::bind(p)?, p.clone()))
             }
+        }
+    }
+
+    /// The bound socket, to move to another thread's runtime ([`AnyListener::from_std`]).
+    pub fn into_std(self) -> io::Result<StdListener> {
+        match self {
+            AnyListener::Tcp(l) => l.into_std().map(StdListener::Tcp),
+            AnyListener::Unix(l, p) => l.into_std().map(|l| StdListener::Unix(l, p)),
+        }
+    }
+
+    /// Registers a listener from [`AnyListener::into_std`] with the runtime of the
+    /// calling thread.
+    pub fn from_std(l: StdListener) -> io::Result<AnyListener> {
+        match l {
+            StdListener::Tcp(l) => TcpListener::from_std(l).map(AnyListener::Tcp),
+            StdListener::Unix(l, p) => UnixListener::from_std(l).map(|l| AnyListener::Unix(l, p)),
         }
     }
 

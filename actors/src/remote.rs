@@ -77,6 +77,8 @@ pub struct RemoteUnit {
     held_seqs: std::collections::BTreeSet<Seq>,
     /// Applied to the unit but not yet flushed and recorded in the journal.
     unflushed: bool,
+    /// Bytes applied since the applied point was last recorded.
+    unrecorded_bytes: usize,
     recording: bool,
     budget: usize,
     flow_dropped: u64,
@@ -122,6 +124,7 @@ impl RemoteUnit {
             held_bytes,
             held_seqs,
             unflushed: false,
+            unrecorded_bytes: 0,
             recording: false,
             budget: w.budget,
             flow_dropped: 0,
@@ -220,8 +223,9 @@ impl RemoteUnit {
         }
         self.applying = true;
         let store = self.store.clone();
-        let journal = self.journal.clone();
-        let pair = self.pair;
+        // The writes go to the unit only (no flush): the applied point is recorded in
+        // the journal later, by `record_applied`, once a flush made them durable; until
+        // then the journal keeps their packets and recovery re-applies them (I4).
         let job = self.disk.run(move || {
             let mut last = None;
             for p in &batch {
@@ -229,20 +233,6 @@ impl RemoteUnit {
                     return (last, Some(e.to_string()));
                 }
                 last = Some(p.stamp.seq);
-            }
-            // The applied point is recorded only once the unit holds the writes durably:
-            // then the journal may forget their packets.
-            if let (Some(j), Some(p)) = (&journal, batch.last()) {
-                if let Err(e) = store.flush() {
-                    return (None, Some(e.to_string()));
-                }
-                let rec = Record::Applied {
-                    pair,
-                    stamp: p.stamp,
-                };
-                if let Err(e) = j.append(&[rec], Durability::Written) {
-                    tracing::warn!(%pair, error = %e, "journal: applied point not recorded");
-                }
             }
             (last, None)
         });
@@ -255,6 +245,11 @@ impl RemoteUnit {
                     let applied = act.tracker.applied().seq;
                     act.held_seqs = act.held_seqs.split_off(&applied.next());
                     act.unflushed = true;
+                    act.unrecorded_bytes += batch_bytes;
+                    if act.unrecorded_bytes > act.budget / 4 {
+                        // Much is applied but still pinned in the journal: free it now.
+                        act.record_applied(ctx);
+                    }
                 }
                 Some((last, Some(e))) => {
                     act.failed = true;
@@ -309,6 +304,7 @@ impl RemoteUnit {
             return;
         };
         self.unflushed = false;
+        self.unrecorded_bytes = 0;
         self.recording = true;
         let store = self.store.clone();
         let rec = Record::Applied {
@@ -335,7 +331,7 @@ impl Actor for RemoteUnit {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(std::time::Duration::from_millis(250), |act, ctx| {
+        ctx.run_interval(std::time::Duration::from_millis(100), |act, ctx| {
             act.record_applied(ctx)
         });
         // After a restart: report the recovered head, apply up to the durable limit.

@@ -7,6 +7,7 @@ use crate::msg::*;
 use crate::orderer::OrdererActor;
 use crate::remote::RemoteUnit;
 use crate::site::RemoteSite;
+use crate::timebase::{ProbeIn, ReplyIn, TimeBaseActor};
 use actix::prelude::*;
 use std::collections::BTreeMap;
 use tidemark::{Message as WireMessage, PairId, SystemId};
@@ -18,6 +19,8 @@ pub struct Routes {
     pub remote_units: BTreeMap<PairId, Addr<RemoteUnit>>,
     pub orderer: Option<Addr<OrdererActor>>,
     pub site: Option<Addr<RemoteSite>>,
+    /// The process's time base, if other primary processes stamp writes of the group.
+    pub timebase: Option<Addr<TimeBaseActor>>,
 }
 
 #[derive(Message)]
@@ -66,6 +69,14 @@ impl Routes {
                 WireMessage::Durable { system, limit } => match &self.orderer {
                     Some(o) => o.do_send(DurableIn { system, limit }),
                     None => miss("durable"),
+                },
+                WireMessage::TimeProbe { sent } => match &self.timebase {
+                    Some(t) => t.do_send(ProbeIn { at: me, from, sent }),
+                    None => miss("clock probe"),
+                },
+                WireMessage::TimeReply { sent, remote } => match &self.timebase {
+                    Some(t) => t.do_send(ReplyIn { from, sent, remote }),
+                    None => miss("clock answer"),
                 },
                 // Links reassemble parts before delivering.
                 WireMessage::Part(_) => miss("part"),

@@ -4,6 +4,12 @@
 //! Peers are known by the system id inside the authenticated datagram, never by source
 //! address; every datagram goes to the peer's configured `advertise` address, so a proxy
 //! or NAT in between works both ways.
+//!
+//! Syscalls are batched through `quinn-udp`: consecutive datagrams to one peer that have
+//! the same length (the full-MTU parts of split writes; the last one may be shorter) leave
+//! in one `sendmsg` with UDP GSO where the kernel has it, and arrive through `recvmmsg`
+//! (with UDP GRO: one buffer of several datagrams, split at `stride`). Where GSO is
+//! missing or fails, datagrams leave one per syscall.
 
 use crate::msg::*;
 use crate::now;
@@ -16,7 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidemark::link::{LinkCore, LinkCounters, LinkEvent};
 use tidemark::SystemId;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+/// Most bytes one GSO send carries (the kernel's limit is 64 KiB of UDP payload).
+const GSO_BYTES: usize = 60_000;
+/// Bytes of one receive buffer: room for the largest datagram, or a GRO batch.
+const RECV_SLOT: usize = 65_536;
 
 /// What a UDP link shows the outside: counters and which peers are up.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -36,6 +48,9 @@ pub struct UdpLink {
     core: LinkCore,
     std_socket: Option<std::net::UdpSocket>,
     socket: Option<Arc<UdpSocket>>,
+    state: Option<Arc<quinn_udp::UdpSocketState>>,
+    /// Datagrams to one address waiting to leave in one GSO send.
+    gso: GsoBatch,
     addrs: BTreeMap<SystemId, SocketAddr>,
     names: BTreeMap<SystemId, String>,
     routes: Routes,
@@ -63,6 +78,8 @@ impl UdpLink {
             core,
             std_socket: Some(socket),
             socket: None,
+            state: None,
+            gso: GsoBatch::default(),
             addrs,
             names,
             routes: Routes::default(),
@@ -80,21 +97,22 @@ impl UdpLink {
 
     /// Sends what the pacer lets out; schedules a wake-up for the rest.
     fn transmit(&mut self, ctx: &mut Context<Self>) {
-        let Some(socket) = self.socket.clone() else {
+        let (Some(socket), Some(state)) = (self.socket.clone(), self.state.clone()) else {
             return;
         };
         let t = now();
+        let max_segments = state.max_gso_segments().max(1);
         while let Some((to, d)) = self.core.poll_transmit(t) {
-            let Some(addr) = self.addrs.get(&to) else {
+            let Some(addr) = self.addrs.get(&to).copied() else {
                 self.send_errors += 1;
                 continue;
             };
-            // A full socket buffer drops the datagram, as the network might: the units
-            // retransmit end to end.
-            if socket.try_send_to(&d, *addr).is_err() {
-                self.send_errors += 1;
+            if !self.gso.takes(addr, d.len(), max_segments) {
+                self.send_errors += self.gso.send(&socket, &state);
             }
+            self.gso.push(addr, &d);
         }
+        self.send_errors += self.gso.send(&socket, &state);
         if self.core.backlog() > 0 && !self.wake_scheduled {
             self.wake_scheduled = true;
             let wait = self
@@ -136,6 +154,76 @@ impl UdpLink {
     }
 }
 
+/// Consecutive datagrams to one address, all `segment` bytes long but the last, which may
+/// be shorter: what one `sendmsg` with UDP GSO sends as separate datagrams.
+#[derive(Default)]
+struct GsoBatch {
+    addr: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    /// A shorter datagram ended the batch.
+    closed: bool,
+}
+
+impl GsoBatch {
+    /// Whether a datagram of `len` bytes to `addr` can join this batch.
+    fn takes(&self, addr: SocketAddr, len: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (self.addr == Some(addr)
+                && !self.closed
+                && len <= self.segment
+                && self.count < max_segments
+                && self.buf.len() + len <= GSO_BYTES)
+    }
+
+    /// Adds a datagram; the caller checked [`GsoBatch::takes`].
+    fn push(&mut self, addr: SocketAddr, d: &[u8]) {
+        if self.count == 0 {
+            self.addr = Some(addr);
+            self.segment = d.len();
+        } else if d.len() < self.segment {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(d);
+        self.count += 1;
+    }
+
+    /// Sends the batch (empty afterwards) and returns how many datagrams could not be
+    /// sent. A full socket buffer drops them, as the network might: the units retransmit
+    /// end to end. If the GSO send fails otherwise (quinn-udp then turns GSO off for this
+    /// socket), the datagrams are sent one by one.
+    fn send(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) -> u64 {
+        let Some(addr) = self.addr.take() else {
+            return 0;
+        };
+        let count = std::mem::take(&mut self.count);
+        let segment = std::mem::take(&mut self.segment);
+        self.closed = false;
+        let one = |contents: &[u8], segment_size: Option<usize>| {
+            let t = quinn_udp::Transmit {
+                destination: addr,
+                ecn: None,
+                contents,
+                segment_size,
+                src_ip: None,
+            };
+            socket.try_io(Interest::WRITABLE, || state.try_send(socket.into(), &t))
+        };
+        let failed = match one(&self.buf, (count > 1).then_some(segment)) {
+            Ok(()) => 0,
+            Err(e) if count == 1 || e.kind() == std::io::ErrorKind::WouldBlock => count as u64,
+            Err(_) => self
+                .buf
+                .chunks(segment.max(1))
+                .filter(|d| one(d, None).is_err())
+                .count() as u64,
+        };
+        self.buf.clear();
+        failed
+    }
+}
+
 impl Actor for UdpLink {
     type Context = Context<Self>;
 
@@ -151,28 +239,58 @@ impl Actor for UdpLink {
                 return;
             }
         };
+        let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the UDP socket");
+                ctx.stop();
+                return;
+            }
+        };
         self.socket = Some(socket.clone());
+        self.state = Some(state.clone());
         let me = ctx.address();
-        // The reader: one task per socket, batching what is already there.
+        // The reader: one task per socket, taking up to BATCH_SIZE buffers (each one
+        // datagram, or several coalesced by GRO) per syscall, up to 64 datagrams per
+        // message to the actor.
         ctx.spawn(
             async move {
-                let mut buf = vec![0u8; 65_536];
+                let slots = quinn_udp::BATCH_SIZE.max(1);
+                let mut bufs = vec![vec![0u8; RECV_SLOT]; slots];
+                let mut meta = vec![quinn_udp::RecvMeta::default(); slots];
                 loop {
-                    let n = match socket.recv_from(&mut buf).await {
-                        Ok((n, _)) => n,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "udp receive error");
-                            continue;
-                        }
-                    };
-                    let mut batch = vec![buf[..n].to_vec()];
+                    if let Err(e) = socket.readable().await {
+                        tracing::debug!(error = %e, "udp receive error");
+                        continue;
+                    }
+                    let mut batch = Vec::new();
                     while batch.len() < 64 {
-                        match socket.try_recv_from(&mut buf) {
-                            Ok((n, _)) => batch.push(buf[..n].to_vec()),
-                            Err(_) => break,
+                        let mut io: Vec<std::io::IoSliceMut<'_>> = bufs
+                            .iter_mut()
+                            .map(|b| std::io::IoSliceMut::new(b))
+                            .collect();
+                        let got = socket.try_io(Interest::READABLE, || {
+                            state.recv((&*socket).into(), &mut io, &mut meta)
+                        });
+                        let n = match got {
+                            Ok(n) => n,
+                            Err(e) => {
+                                if e.kind() != std::io::ErrorKind::WouldBlock {
+                                    tracing::debug!(error = %e, "udp receive error");
+                                }
+                                break;
+                            }
+                        };
+                        drop(io);
+                        for (m, b) in meta.iter().zip(&bufs).take(n) {
+                            let len = m.len.min(b.len());
+                            let stride = if m.stride == 0 { len.max(1) } else { m.stride };
+                            batch.extend(b[..len].chunks(stride).map(<[u8]>::to_vec));
                         }
                     }
-                    me.do_send(Datagrams(batch));
+                    if !batch.is_empty() {
+                        me.do_send(Datagrams(batch));
+                    }
                 }
             }
             .into_actor(self),

@@ -260,3 +260,139 @@ fn liveness_and_restart_events() {
     assert!(deliver(&mut b, t1, datagrams(&mut a, t1)).is_empty());
     assert_eq!(b.counters().dropped_stale_session, 1);
 }
+
+/// Delivers `ds` to `b` except those `lose` picks; returns the data packets that came out.
+fn deliver_some(
+    b: &mut LinkCore,
+    now: Instant,
+    ds: Vec<Vec<u8>>,
+    mut lose: impl FnMut(usize) -> bool,
+) -> Vec<Packet> {
+    let kept = ds
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !lose(*i))
+        .map(|(_, d)| d)
+        .collect();
+    deliver(b, now, kept)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Data(mut v) => v.pop(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_retransmission_fills_the_holes_of_earlier_attempts() {
+    let (mut a, mut b) = pair(LinkConfig::default());
+    let now = Instant::now();
+    let p = write(1, 64 * 1024);
+    a.send(B, Message::Data(vec![p.clone()]));
+    let first = datagrams(&mut a, now);
+    assert!(first.len() > 40);
+    // The first attempt loses every even datagram, the retransmission every odd one:
+    // neither is whole, together they are.
+    assert!(deliver_some(&mut b, now, first, |i| i % 2 == 0).is_empty());
+    a.send(B, Message::Data(vec![p.clone()]));
+    let second = datagrams(&mut a, now);
+    assert_eq!(deliver_some(&mut b, now, second, |i| i % 2 == 1), vec![p]);
+    assert_eq!(b.counters().reassembled, 1);
+    assert_eq!(b.partial.len(), 0);
+    assert_eq!(b.partial_bytes, 0);
+}
+
+#[test]
+fn lossy_rounds_deliver_every_split_write_in_a_few_retransmissions() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261129);
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+    let (mut a, mut b) = pair(LinkConfig::default());
+    let now = Instant::now();
+    let mut missing: BTreeMap<Seq, Packet> =
+        (1..=20).map(|s| (Seq(s), write(s, 64 * 1024))).collect();
+    // 10% datagram loss: a 64 KiB write (~47 datagrams) arrives whole in one attempt
+    // with probability 0.9^47 < 1%. Keeping the parts of every attempt, a part is still
+    // missing after 6 attempts with probability 1e-6.
+    let mut rounds = 0;
+    while !missing.is_empty() {
+        rounds += 1;
+        assert!(
+            rounds <= 6,
+            "seed {seed}: {} writes still missing after 6 rounds",
+            missing.len()
+        );
+        for p in missing.values() {
+            a.send(B, Message::Data(vec![p.clone()]));
+        }
+        let ds = datagrams(&mut a, now);
+        for got in deliver_some(&mut b, now, ds, |_| rng.random_bool(0.1)) {
+            let want = missing.remove(&got.stamp.seq);
+            assert_eq!(
+                want.as_ref(),
+                Some(&got),
+                "seed {seed}: delivered twice or wrong"
+            );
+        }
+    }
+    assert_eq!(b.counters().reassembled, 20, "seed {seed}");
+    // Parts of an attempt that arrive after their packet completed (from an earlier
+    // attempt's parts) start a partial that never completes: bounded, and the least
+    // recently fed, so evicted first.
+    assert!(b.partial.len() <= 20, "seed {seed}");
+}
+
+#[test]
+fn partial_packets_are_bounded_in_count_least_recent_evicted() {
+    let cfg = LinkConfig {
+        reassembly_packets: 3,
+        ..LinkConfig::default()
+    };
+    let (mut a, mut b) = pair(cfg);
+    let now = Instant::now();
+    // Five packets, each missing its first datagram.
+    for s in 1..=5 {
+        a.send(B, Message::Data(vec![write(s, 10_000)]));
+        let ds = datagrams(&mut a, now);
+        assert!(deliver_some(&mut b, now, ds, |i| i == 0).is_empty());
+        assert!(b.partial.len() <= 3);
+    }
+    assert_eq!(b.partial.len(), 3);
+    assert_eq!(b.counters().reassembly_evicted, 2);
+    // Packets 3..5 complete from their missing first datagram alone; packets 1 and 2
+    // were evicted: their retransmission starts over and completes whole.
+    for s in [3, 4, 5, 1, 2] {
+        a.send(B, Message::Data(vec![write(s, 10_000)]));
+        let ds = datagrams(&mut a, now);
+        let only_first = |i: usize| i != 0;
+        let got = if s <= 2 {
+            deliver_some(&mut b, now, ds, |_| false)
+        } else {
+            deliver_some(&mut b, now, ds, only_first)
+        };
+        assert_eq!(got, vec![write(s, 10_000)], "packet {s}");
+    }
+    assert_eq!(b.partial.len(), 0);
+}
+
+#[test]
+fn parts_overlapping_differently_still_complete() {
+    let mut p = Partial {
+        offset: Offset(0),
+        buf: vec![0; 100],
+        have: Vec::new(),
+        touched: 0,
+    };
+    assert_eq!(p.cover(10, 20), 10);
+    assert_eq!(p.cover(30, 40), 10);
+    assert_eq!(p.cover(15, 35), 10);
+    assert_eq!(p.have, vec![(10, 40)]);
+    assert_eq!(p.cover(10, 40), 0);
+    assert_eq!(p.cover(0, 10), 10);
+    assert!(!p.complete());
+    assert_eq!(p.cover(40, 100), 60);
+    assert!(p.complete());
+}

@@ -1,6 +1,8 @@
 //! Helpers for tests that run `tidemark` processes on loopback.
 #![allow(dead_code)]
 
+pub mod dependent;
+
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};

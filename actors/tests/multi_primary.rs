@@ -1,0 +1,307 @@
+//! Two primary *processes* in one consistency group (the DESIGN hazard "several primary
+//! processes"): `site-a` serves export "log", `site-c` serves export "data", both
+//! replicate to `site-b`. Their clocks are skewed on purpose
+//! (`TIDEMARK_TEST_CLOCK_OFFSET_MS`); the time base measures the skew over the link and
+//! commit-waits, so a write issued on one process after a write on the other completed
+//! is stamped later.
+//!
+//! - Dependent writes alternate between the two processes while the secondary is
+//!   SIGKILLed and restarted; `promote` on a copy after every kill must give a cut of the
+//!   write sequence across both exports (I1), byte for byte; at the end remote == local.
+//! - A skew beyond `max_clock_skew_ms` holds acknowledgements: the status says why and
+//!   the client's write is not acknowledged.
+//!
+//! The seed is printed; `TIDEMARK_SEED=<n>` replays one.
+
+mod common;
+use common::dependent::*;
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+fn seed() -> u64 {
+    std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261129)
+}
+
+/// A group of two primary systems (one pair each) and one secondary.
+struct Group {
+    site: Site,
+    nbd: [u16; 2],
+}
+
+impl Group {
+    fn new(max_skew_ms: u64) -> Group {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("cluster.key");
+        let out = run(&["keygen", "--out", key.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "keygen: {out:?}");
+        let (a, b, c) = (free_port(), free_port(), free_port());
+        let nbd = [free_tcp_port(), free_tcp_port()];
+        let text = format!(
+            r#"key_file = "cluster.key"
+orderer = "site-b"
+heartbeat_ms = 10
+peer_timeout_ms = 1000
+max_clock_skew_ms = {max_skew_ms}
+
+[[system]]
+name = "site-a"
+role = "primary"
+listen = "127.0.0.1:{a}"
+nbd_listen = "127.0.0.1:{na}"
+journal_dir = "run/site-a/journal"
+journal_size = "64MiB"
+
+[[system]]
+name = "site-c"
+role = "primary"
+listen = "127.0.0.1:{c}"
+nbd_listen = "127.0.0.1:{nc}"
+journal_dir = "run/site-c/journal"
+journal_size = "64MiB"
+
+[[system]]
+name = "site-b"
+role = "secondary"
+listen = "127.0.0.1:{b}"
+journal_dir = "run/site-b/journal"
+journal_size = "64MiB"
+
+[[pair]]
+name = "log"
+size = "4MiB"
+local  = {{ system = "site-a", path = "run/site-a/log.img" }}
+remote = {{ system = "site-b", path = "run/site-b/log.img" }}
+
+[[pair]]
+name = "data"
+size = "8MiB"
+local  = {{ system = "site-c", path = "run/site-c/data.img" }}
+remote = {{ system = "site-b", path = "run/site-b/data.img" }}
+"#,
+            na = nbd[0],
+            nc = nbd[1],
+        );
+        let config = dir.path().join("tidemark.toml");
+        std::fs::write(&config, text).expect("config");
+        Group {
+            site: Site {
+                dir,
+                config,
+                a_port: a,
+                b_port: b,
+                a_advertise: a,
+                b_advertise: b,
+                sizes: vec![4 << 20, 8 << 20],
+            },
+            nbd,
+        }
+    }
+
+    /// `tidemark primary --system NAME` with its wall clock shifted by `offset_ms`.
+    fn primary(&self, name: &str, offset_ms: i64) -> Child {
+        Command::new(bin())
+            .args(["primary", "--config", self.site.cfg(), "--system", name])
+            .env("TIDEMARK_TEST_CLOCK_OFFSET_MS", offset_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tidemark primary")
+    }
+}
+
+/// The processes of a test; those still held are killed when it ends.
+#[derive(Default)]
+struct Procs(Vec<(String, Option<Child>)>);
+
+impl Procs {
+    fn add(&mut self, name: &str, c: Child) {
+        self.0.push((name.into(), Some(c)));
+    }
+
+    fn take(&mut self, name: &str) -> Child {
+        self.0
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c.take())
+            .expect("the process runs")
+    }
+
+    fn put(&mut self, name: &str, c: Child) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, slot)) => *slot = Some(c),
+            None => self.add(name, c),
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in self.0.iter_mut() {
+            if let Some(c) = c.take() {
+                kill9(c);
+            }
+        }
+    }
+}
+
+fn local_equals_remote(site: &Site, seed: u64) {
+    for (name, local) in [("log", "site-a"), ("data", "site-c")] {
+        let l = std::fs::read(site.path(&format!("run/{local}/{name}.img"))).expect("local");
+        let r = std::fs::read(site.path(&format!("run/site-b/{name}.img"))).expect("remote");
+        assert!(
+            l == r,
+            "seed {seed}: {name}: the remote unit differs from the local unit"
+        );
+    }
+}
+
+#[test]
+fn dependent_writes_across_two_primary_processes_with_skewed_clocks_give_cuts() {
+    let seed = seed();
+    eprintln!("multi-primary test seed {seed} (TIDEMARK_SEED={seed} to replay)");
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x6d756c74);
+    // site-c's clock runs 8 ms behind site-a's: without commit-wait a write on site-c
+    // issued right after a write on site-a completed would be stamped earlier.
+    const SKEW_MS: i64 = 8;
+    let g = Group::new(50);
+    let mut procs = Procs::default();
+    procs.add("site-b", g.site.secondary());
+    let mut a = g.primary("site-a", 0);
+    let mut c = g.primary("site-c", -SKEW_MS);
+    wait_tcp(g.nbd[0], &mut a, PATIENCE);
+    wait_tcp(g.nbd[1], &mut c, PATIENCE);
+    procs.add("site-a", a);
+    procs.add("site-c", c);
+
+    const MAX: usize = 20_000;
+    const MIN: usize = 600;
+    let plan = Arc::new(ops(seed, MAX));
+    let halt = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (plan, halt, sent, ports) = (plan.clone(), halt.clone(), sent.clone(), g.nbd);
+        std::thread::spawn(move || dependent_writer(&ports, seed, plan, MIN, halt, sent))
+    };
+    let mut cuts = Vec::new();
+    for k in 0..3 {
+        // A random crash point: fault injection, not synchronisation.
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..900)));
+        kill9(procs.take("site-b"));
+        let result = g.site.promote_copy(&format!("copy{k}"));
+        let bound = sent.load(Ordering::SeqCst);
+        let (applied, images) = result.unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}"));
+        let cut = check_cut(seed, &plan[..bound], &applied, &images)
+            .unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}"));
+        eprintln!("kill {k}: {bound} writes sent, promote gives the cut of the first {cut} ({applied:?} per export)");
+        cuts.push(cut);
+        procs.put("site-b", g.site.secondary());
+    }
+    halt.store(true, Ordering::SeqCst);
+    let n = writer.join().expect("the writer thread");
+    let want = counts(&plan[..n]);
+    eprintln!("{n} dependent writes across two processes, {want:?} per export");
+    assert!(
+        cuts.windows(2).all(|w| w[0] <= w[1]),
+        "seed {seed}: the cut went backwards: {cuts:?}"
+    );
+
+    // Each primary measured the other's clock at least as far away as it is.
+    let now = SystemTime::now();
+    let sa = g.site.status_after("site-a", now, PATIENCE);
+    let sc = g.site.status_after("site-c", now, PATIENCE);
+    for (st, peer) in [(&sa, "site-c"), (&sc, "site-a")] {
+        let clock = &st["clock"];
+        assert_eq!(clock["state"], "ok", "seed {seed}: {clock}");
+        let bound = clock["peers"][peer]["bound_us"].as_u64().unwrap_or(0);
+        assert!(
+            bound >= SKEW_MS as u64 * 1000,
+            "seed {seed}: the bound on {peer}'s skew ({bound} us) is below the true skew: {clock}"
+        );
+        let wait = clock["commit_wait_us"].as_u64().unwrap_or(0);
+        assert!(
+            wait >= bound,
+            "seed {seed}: commit-wait below the bound: {clock}"
+        );
+    }
+    assert_eq!(
+        written_seq(&sa)[0],
+        want[0],
+        "seed {seed}: site-a's written_seq"
+    );
+    assert_eq!(
+        written_seq(&sc)[1],
+        want[1],
+        "seed {seed}: site-c's written_seq"
+    );
+    g.site.wait_applied("site-b", &as_want(&want), PATIENCE);
+    for name in ["site-a", "site-c", "site-b"] {
+        let out = stop(procs.take(name));
+        assert!(
+            out.status.success(),
+            "{name} did not stop cleanly: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    local_equals_remote(&g.site, seed);
+    eprintln!("cuts after each kill (writes applied): {cuts:?}");
+}
+
+#[test]
+fn a_skew_beyond_the_bound_holds_acknowledgements() {
+    let g = Group::new(20);
+    let mut procs = Procs::default();
+    procs.add("site-b", g.site.secondary());
+    let mut a = g.primary("site-a", 0);
+    // 200 ms behind: far beyond max_clock_skew_ms = 20.
+    let mut c = g.primary("site-c", -200);
+    wait_tcp(g.nbd[0], &mut a, PATIENCE);
+    wait_tcp(g.nbd[1], &mut c, PATIENCE);
+    procs.add("site-a", a);
+    procs.add("site-c", c);
+
+    // One write to site-a, then wait until site-a has measured site-c and says it holds.
+    let mut w = Client::connect(g.nbd[0], "log");
+    w.request(0, tidemark::nbd::consts::CMD_WRITE, 0, 4096, &[7u8; 4096]);
+    let deadline = Instant::now() + PATIENCE;
+    let clock = loop {
+        let st = g.site.status_after("site-a", SystemTime::now(), PATIENCE);
+        let clock = st["clock"].clone();
+        if clock["peers"]["site-c"]["bound_us"].as_u64().is_some() {
+            break clock;
+        }
+        assert!(Instant::now() < deadline, "site-a never measured site-c");
+    };
+    let state = clock["state"].as_str().unwrap_or("").to_string();
+    assert!(
+        state.starts_with("held: clock of site-c may be"),
+        "site-a does not hold: {clock}"
+    );
+    assert!(
+        clock["peers"]["site-c"]["bound_us"].as_u64().unwrap_or(0) >= 200_000,
+        "{clock}"
+    );
+    // The write was never acknowledged: nothing to read on the connection.
+    let sock = w.stream();
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    match sock.peek(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the held write got a reply (or the connection broke): {other:?}"),
+    }
+    // The processes still stop cleanly (the held write is journaled, not acknowledged).
+    for name in ["site-a", "site-c", "site-b"] {
+        let out = stop(procs.take(name));
+        assert!(
+            out.status.success(),
+            "{name} did not stop cleanly: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
