@@ -93,6 +93,11 @@ impl Done {
     }
 }
 
+/// Writers may run this many congestion windows ahead of the acknowledgements…
+const ADMIT_CWNDS: usize = 2;
+/// …and at least this much.
+const ADMIT_MIN: usize = 1 << 20;
+
 pub struct LocalUnit {
     pair: PairId,
     remote_system: SystemId,
@@ -247,11 +252,21 @@ impl LocalUnit {
 
     /// Starts the next batch if the lane has room and the window too: stamps it, then
     /// journals and writes it on the lane (after every batch stamped before it).
+    /// How much may be unacknowledged before writers wait: a few congestion windows
+    /// (so writes queue unstamped at the client, not stamped behind the network, and
+    /// commit lag stays near the network's own delay), never more than `window_bytes`.
+    fn admit_bytes(&self) -> usize {
+        let cwnd = self.sender.congestion().cwnd();
+        (cwnd.saturating_mul(ADMIT_CWNDS))
+            .max(ADMIT_MIN)
+            .min(self.window_bytes)
+    }
+
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.inflight.len() >= MAX_IN_FLIGHT
             || !self.retry.is_empty()
             || self.queue.is_empty()
-            || self.sender.unacked_bytes() > self.window_bytes
+            || self.sender.unacked_bytes() > self.admit_bytes()
         {
             return;
         }
