@@ -596,6 +596,9 @@ impl Sender {
             Some(_) => now,
         };
         self.detect_lost(now);
+        // The deadline as of now: an acknowledgement since the last poll may have
+        // shortened the timeout, so the timer is judged on current figures.
+        self.rearm();
         let limit = self.writable.min(self.send_window());
         let mut retransmits = 0;
         let mut wire = Wire {

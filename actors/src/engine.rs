@@ -310,6 +310,15 @@ impl EngineBuilder {
         Ok(orderer)
     }
 
+    /// Every system's name by id (for logs and status).
+    fn system_names(&self) -> BTreeMap<SystemId, String> {
+        self.systems
+            .iter()
+            .enumerate()
+            .map(|(j, (n, _))| (SystemId(j as u32), n.clone()))
+            .collect()
+    }
+
     fn open(spec: &StoreSpec, size: u64) -> Result<Arc<dyn BlockStore>, EngineError> {
         Ok(match spec {
             StoreSpec::Memory => Arc::new(MemStore::new(size)),
@@ -447,12 +456,7 @@ impl EngineBuilder {
                     let core = tidemark::link::LinkCore::new(s, &ids, &udp.key, session, udp.link);
                     let status = Arc::new(Mutex::new(UdpStatus::default()));
                     link_status.insert(s, status.clone());
-                    let names = self
-                        .systems
-                        .iter()
-                        .enumerate()
-                        .map(|(j, (n, _))| (SystemId(j as u32), n.clone()))
-                        .collect();
+                    let names = self.system_names();
                     let tick = (udp.link.peer_timeout / 4)
                         .clamp(Duration::from_millis(1), Duration::from_millis(250));
                     LinkAddr::Udp(spawn(
@@ -485,12 +489,7 @@ impl EngineBuilder {
         let gate = match primaries.iter().find(|s| runs(**s)) {
             Some(prober) if !elsewhere.is_empty() => {
                 let gate = Arc::new(CommitGate::default());
-                let names = self
-                    .systems
-                    .iter()
-                    .enumerate()
-                    .map(|(j, (n, _))| (SystemId(j as u32), n.clone()))
-                    .collect();
+                let names = self.system_names();
                 let here_links = links.keys().map(|s| (*s, link(*s))).collect();
                 let t = spawn(
                     place(*prober),

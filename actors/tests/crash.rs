@@ -11,10 +11,7 @@ use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
 fn seed() -> u64 {
-    std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261129)
+    seed_or(20261129)
 }
 
 fn secondary_killed_repeatedly(proxied: bool) {

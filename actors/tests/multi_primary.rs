@@ -23,10 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 fn seed() -> u64 {
-    std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261129)
+    seed_or(20261129)
 }
 
 /// A group of two primary systems (one pair each) and one secondary.
@@ -141,6 +138,20 @@ impl Procs {
     }
 }
 
+impl Procs {
+    /// SIGTERM to each, primaries first; each must exit 0.
+    fn stop_all(&mut self) {
+        for name in ["site-a", "site-c", "site-b"] {
+            let out = stop(self.take(name));
+            assert!(
+                out.status.success(),
+                "{name} did not stop cleanly: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c) in self.0.iter_mut() {
@@ -241,14 +252,7 @@ fn dependent_writes_across_two_primary_processes_with_skewed_clocks_give_cuts() 
         "seed {seed}: site-c's written_seq"
     );
     g.site.wait_applied("site-b", &as_want(&want), PATIENCE);
-    for name in ["site-a", "site-c", "site-b"] {
-        let out = stop(procs.take(name));
-        assert!(
-            out.status.success(),
-            "{name} did not stop cleanly: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    procs.stop_all();
     local_equals_remote(&g.site, seed);
     eprintln!("cuts after each kill (writes applied): {cuts:?}");
 }
@@ -296,12 +300,5 @@ fn a_skew_beyond_the_bound_holds_acknowledgements() {
         other => panic!("the held write got a reply (or the connection broke): {other:?}"),
     }
     // The processes still stop cleanly (the held write is journaled, not acknowledged).
-    for name in ["site-a", "site-c", "site-b"] {
-        let out = stop(procs.take(name));
-        assert!(
-            out.status.success(),
-            "{name} did not stop cleanly: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    procs.stop_all();
 }

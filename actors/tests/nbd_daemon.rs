@@ -26,10 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 fn seed() -> u64 {
-    std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261201)
+    seed_or(20261201)
 }
 
 /// The daemons of a test; those still held are killed when it ends, so a failed

@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 use tidemark::PairId;
 use tidemark_actors::workload::Workload;
 
+/// `TIDEMARK_SEED` if set (to replay a run), else `default`.
+pub fn seed_or(default: u64) -> u64 {
+    std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tidemark")
 }
