@@ -1,0 +1,243 @@
+//! One primary process replicating to two secondary *processes* (claims 15–17, the DESIGN
+//! hazard "several remote systems"): export "log" goes to `site-b` (which runs the
+//! orderer), export "data" to `site-d`. `site-d`'s remote unit reports its run head to
+//! the orderer over the authenticated UDP link, and a limit is applied only once it is
+//! durable on both.
+//!
+//! Dependent NBD writes alternate between the exports while both secondaries are
+//! SIGKILLed together (a site disaster) at seeded points and restarted; after every
+//! kill, `promote` without `--system` on a copy of both must bring both remote units to
+//! one cut of the write sequence (I1), byte for byte. At the end remote == local.
+//!
+//! The seed is printed; `TIDEMARK_SEED=<n>` replays one.
+
+mod common;
+use common::dependent::*;
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn seed() -> u64 {
+    seed_or(20261130)
+}
+
+fn config(a: u16, b: u16, d: u16, nbd: u16) -> String {
+    format!(
+        r#"key_file = "cluster.key"
+orderer = "site-b"
+heartbeat_ms = 10
+peer_timeout_ms = 1000
+
+[[system]]
+name = "site-a"
+role = "primary"
+listen = "127.0.0.1:{a}"
+nbd_listen = "127.0.0.1:{nbd}"
+journal_dir = "run/site-a/journal"
+journal_size = "64MiB"
+
+[[system]]
+name = "site-b"
+role = "secondary"
+listen = "127.0.0.1:{b}"
+journal_dir = "run/site-b/journal"
+journal_size = "64MiB"
+
+[[system]]
+name = "site-d"
+role = "secondary"
+listen = "127.0.0.1:{d}"
+journal_dir = "run/site-d/journal"
+journal_size = "64MiB"
+
+[[pair]]
+name = "log"
+size = "4MiB"
+local  = {{ system = "site-a", path = "run/site-a/log.img" }}
+remote = {{ system = "site-b", path = "run/site-b/log.img" }}
+
+[[pair]]
+name = "data"
+size = "8MiB"
+local  = {{ system = "site-a", path = "run/site-a/data.img" }}
+remote = {{ system = "site-d", path = "run/site-d/data.img" }}
+"#
+    )
+}
+
+/// Copies both secondaries' state (both stopped) under `tag` and promotes every remote
+/// system of the group together; returns `applied_seq` per pair and the unit images.
+fn promote_both(dir: &Path, tag: &str) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
+    let copy = dir.join(tag);
+    std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
+    for s in ["site-b", "site-d"] {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("run").join(s))
+            .arg(copy.join("run"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !ok.success() {
+            return Err(format!("copying {s} failed"));
+        }
+    }
+    for f in ["tidemark.toml", "cluster.key"] {
+        std::fs::copy(dir.join(f), copy.join(f)).map_err(|e| e.to_string())?;
+    }
+    let cfg = copy.join("tidemark.toml");
+    let out = run(&["promote", "--config", cfg.to_str().unwrap_or("")]);
+    if !out.status.success() {
+        return Err(format!(
+            "promote failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    if v["consistent"] != true {
+        return Err(format!("promote says inconsistent: {v}"));
+    }
+    let mut applied = Vec::new();
+    for (i, name) in ["log", "data"].iter().enumerate() {
+        let p = &v["pairs"][i];
+        if p["name"] != *name {
+            return Err(format!("promote's pair {i} is not {name}: {v}"));
+        }
+        applied.push(p["applied_seq"].as_u64().ok_or(format!("{v}"))?);
+    }
+    Ok((
+        applied,
+        vec![
+            copy.join("run/site-b/log.img"),
+            copy.join("run/site-d/data.img"),
+        ],
+    ))
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("tidemark.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tidemark")
+}
+
+/// Processes still held are killed when the test ends (a failed assertion leaves none).
+struct Procs(Vec<Option<Child>>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().filter_map(Option::take) {
+            kill9(c);
+        }
+    }
+}
+
+#[test]
+fn dependent_writes_to_two_secondary_processes_promote_together_to_cuts() {
+    let seed = seed();
+    eprintln!("multi-secondary test seed {seed} (TIDEMARK_SEED={seed} to replay)");
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x7365_636f);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let out = run(&[
+        "keygen",
+        "--out",
+        dir.join("cluster.key").to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "keygen: {out:?}");
+    let nbd = free_tcp_port();
+    std::fs::write(
+        dir.join("tidemark.toml"),
+        config(free_port(), free_port(), free_port(), nbd),
+    )
+    .expect("config");
+    let secondary = |name: &str| spawn(dir, &["secondary", "--system", name]);
+    // 0: primary, 1: site-b, 2: site-d
+    let mut procs = Procs(vec![
+        None,
+        Some(secondary("site-b")),
+        Some(secondary("site-d")),
+    ]);
+    let mut primary = spawn(dir, &["primary"]);
+    wait_tcp(nbd, &mut primary, PATIENCE);
+    procs.0[0] = Some(primary);
+
+    const MAX: usize = 20_000;
+    const MIN: usize = 600;
+    let plan = Arc::new(ops(seed, MAX));
+    let halt = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (plan, halt, sent) = (plan.clone(), halt.clone(), sent.clone());
+        std::thread::spawn(move || dependent_writer(&[nbd, nbd], seed, plan, MIN, halt, sent))
+    };
+    let mut cuts = Vec::new();
+    for k in 0..3 {
+        // A random crash point: fault injection, not synchronisation.
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..900)));
+        for i in [1, 2] {
+            kill9(procs.0[i].take().expect("running"));
+        }
+        let result = promote_both(dir, &format!("copy{k}"));
+        let bound = sent.load(Ordering::SeqCst);
+        let (applied, images) = result.unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}"));
+        let cut = check_cut(seed, &plan[..bound], &applied, &images)
+            .unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}"));
+        eprintln!("kill {k}: {bound} writes sent, promote gives the cut of the first {cut} ({applied:?} per export)");
+        cuts.push(cut);
+        procs.0[1] = Some(secondary("site-b"));
+        procs.0[2] = Some(secondary("site-d"));
+    }
+    halt.store(true, Ordering::SeqCst);
+    let n = writer.join().expect("the writer thread");
+    let want = counts(&plan[..n]);
+    eprintln!("{n} dependent writes, {want:?} per export");
+    assert!(
+        cuts.windows(2).all(|w| w[0] <= w[1]),
+        "seed {seed}: the cut went backwards: {cuts:?}"
+    );
+    // Everything reaches both secondaries: wait for each one's applied_seq.
+    let status_path = |s: &str| dir.join(format!("run/{s}/journal/status.json"));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for (i, s) in [(0usize, "site-b"), (1, "site-d")] {
+        loop {
+            let applied = std::fs::read_to_string(status_path(s))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["stats"]["pairs"][i]["applied_seq"].as_u64());
+            if applied == Some(want[i]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {seed}: {s} applied {applied:?} of {}",
+                want[i]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for i in 0..3 {
+        let out = stop(procs.0[i].take().expect("running"));
+        assert!(
+            out.status.success(),
+            "process {i} did not stop cleanly: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (name, remote) in [("log", "site-b"), ("data", "site-d")] {
+        let l = std::fs::read(dir.join(format!("run/site-a/{name}.img"))).expect("local");
+        let r = std::fs::read(dir.join(format!("run/{remote}/{name}.img"))).expect("remote");
+        assert!(
+            l == r,
+            "seed {seed}: {name}: the remote unit differs from the local unit"
+        );
+    }
+    eprintln!("cuts after each kill (writes applied): {cuts:?}");
+}
