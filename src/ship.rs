@@ -611,21 +611,18 @@ impl Sender {
         };
         if self.retransmit_at.is_some_and(|t| now >= t) {
             // Nothing came back for a timeout: resend one packet, back off, restart the
-            // timer, and start again from a small window. The packet is the oldest
-            // unacknowledged one (the receiver's run waits for it), unless that one is
-            // on its way again: then the one whose transmission timed out. What else is
-            // in flight is deemed lost once something sent after it (this
+            // timer, and start again from a small window. The packet is always the
+            // oldest one not known held (the receiver's run waits for it; as TCP resends
+            // snd.una): resending the one whose transmission timed out instead can
+            // cycle through packets the receiver holds but could not report (its SACK
+            // carries a bounded number of ranges) while the one it waits for never goes.
+            // What else is in flight is deemed lost once something sent after it (this
             // retransmission, say) is delivered.
-            let oldest = self
+            let i = self
                 .unacked
                 .iter()
                 .take(self.unsent)
                 .position(|f| !f.sacked);
-            let i = match (oldest, wire.sends.front()) {
-                (Some(i), _) if self.unacked[i].lost => Some(i),
-                (_, Some(&tx)) => live(&self.unacked, tx),
-                (i, None) => i,
-            };
             if let Some(i) = i {
                 wire.transmit(&mut self.unacked[i]);
                 retransmits += 1;
@@ -1012,7 +1009,7 @@ mod tests {
                     Poll(19_999, &[]),
                     Poll(20_000, &[1]),
                     Poll(59_999, &[]),
-                    Poll(60_000, &[2]),
+                    Poll(60_000, &[1]),
                 ],
             ),
             (
@@ -1090,13 +1087,13 @@ mod tests {
         let t1 = t0 + Duration::from_millis(5);
         assert_eq!(s.poll_transmit(t1, &mut out), 1);
         assert_eq!(seqs(&out), vec![3]);
-        // Nothing comes back: the timeout resends the oldest unacknowledged packet only
-        // (3 is on its way again, so 5, whose transmission timed out) and doubles.
+        // Nothing comes back: the timeout resends the oldest packet not known held
+        // only (3 again: the receiver's run waits for it) and doubles.
         let rto = s.rtt().rto();
         out.clear();
         let t2 = s.retransmit_at.expect("in flight");
         assert_eq!(s.poll_transmit(t2, &mut out), 1);
-        assert_eq!(seqs(&out), vec![5]);
+        assert_eq!(seqs(&out), vec![3]);
         assert_eq!(s.rtt().rto(), rto * 2);
         assert_eq!(s.retransmit_at, Some(t2 + rto * 2), "restarted, doubled");
         assert_eq!(s.stats().retransmits, 2);
@@ -1425,8 +1422,8 @@ mod tests {
         let mut out = vec![];
         s.poll_transmit(t0, &mut out);
         let mut t = t0;
-        // Each timeout resends one packet: the one whose transmission is oldest.
-        for want in [1, 2, 3, 1] {
+        // Each timeout resends one packet: the oldest not known held.
+        for want in [1, 1, 1, 1] {
             t = s.retransmit_at.expect("in flight");
             out.clear();
             assert_eq!(s.poll_transmit(t, &mut out), 1);
@@ -1464,7 +1461,12 @@ mod tests {
             // Polling again at once finds nothing due and scans nothing.
             out.clear();
             assert_eq!(s.poll_transmit(now, &mut out), 0);
-            assert_eq!(s.sends.len(), 50, "one live transmission per packet");
+            let live_sends = s
+                .sends
+                .iter()
+                .filter(|tx| live(&s.unacked, **tx).is_some())
+                .count();
+            assert_eq!(live_sends, 50, "one live transmission per packet");
         }
     }
 
