@@ -14,11 +14,8 @@
 mod common;
 use common::dependent::*;
 use common::*;
-use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 fn seed() -> u64 {
@@ -143,7 +140,6 @@ impl Drop for Procs {
 fn dependent_writes_to_two_secondary_processes_promote_together_to_cuts() {
     let seed = seed();
     eprintln!("multi-secondary test seed {seed} (TIDEMARK_SEED={seed} to replay)");
-    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x7365_636f);
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let out = run(&[
@@ -169,40 +165,17 @@ fn dependent_writes_to_two_secondary_processes_promote_together_to_cuts() {
     wait_tcp(nbd, &mut primary, PATIENCE);
     procs.0[0] = Some(primary);
 
-    const MAX: usize = 20_000;
-    const MIN: usize = 600;
-    let plan = Arc::new(ops(seed, MAX));
-    let halt = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (plan, halt, sent) = (plan.clone(), halt.clone(), sent.clone());
-        std::thread::spawn(move || dependent_writer(&[nbd, nbd], seed, plan, MIN, halt, sent))
-    };
-    let mut cuts = Vec::new();
-    for k in 0..3 {
-        // A random crash point: fault injection, not synchronisation.
-        std::thread::sleep(Duration::from_millis(rng.random_range(200..900)));
+    let run = writes_through_crashes(seed, [nbd, nbd], (600, 20_000), 3, |k| {
         for i in [1, 2] {
             kill9(procs.0[i].take().expect("running"));
         }
         let result = promote_both(dir, &format!("copy{k}"));
-        let bound = sent.load(Ordering::SeqCst);
-        let (applied, images) = result.unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}"));
-        let cut = check_cut(seed, &plan[..bound], &applied, &images)
-            .unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}"));
-        eprintln!("kill {k}: {bound} writes sent, promote gives the cut of the first {cut} ({applied:?} per export)");
-        cuts.push(cut);
         procs.0[1] = Some(secondary("site-b"));
         procs.0[2] = Some(secondary("site-d"));
-    }
-    halt.store(true, Ordering::SeqCst);
-    let n = writer.join().expect("the writer thread");
-    let want = counts(&plan[..n]);
-    eprintln!("{n} dependent writes, {want:?} per export");
-    assert!(
-        cuts.windows(2).all(|w| w[0] <= w[1]),
-        "seed {seed}: the cut went backwards: {cuts:?}"
-    );
+        result
+    });
+    let want = counts(&run.plan[..run.done]);
+    eprintln!("{want:?} writes per export");
     // Everything reaches both secondaries: wait for each one's applied_seq.
     let status_path = |s: &str| dir.join(format!("run/{s}/journal/status.json"));
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -239,5 +212,4 @@ fn dependent_writes_to_two_secondary_processes_promote_together_to_cuts() {
             "seed {seed}: {name}: the remote unit differs from the local unit"
         );
     }
-    eprintln!("cuts after each kill (writes applied): {cuts:?}");
 }

@@ -350,3 +350,56 @@ pub fn as_want(counts: &[u64]) -> BTreeMap<PairId, u64> {
         .map(|(i, n)| (PairId(i as u32), *n))
         .collect()
 }
+
+/// What [`writes_through_crashes`] saw.
+pub struct CrashRun {
+    /// The planned writes; the first `done` of them were completed.
+    pub plan: Arc<Vec<Op>>,
+    pub done: usize,
+    /// After each crash, the length of the prefix the promoted units held.
+    pub cuts: Vec<usize>,
+}
+
+/// Dependent writes go to `ports` (one NBD server port per export) in the background
+/// while `crash(k)` runs `rounds` times at seeded random points (fault injection, not
+/// synchronisation). `crash` kills what it kills, promotes a copy of the remote state
+/// and returns each export's `applied_seq` and the promoted images (and restarts what
+/// it killed). Every promote must be a cut of the writes sent so far, byte for byte,
+/// and cuts never go backwards; a failure names the seed. The writer stops once the
+/// crashes are over and `min` writes were sent (at most `max`).
+pub fn writes_through_crashes(
+    seed: u64,
+    ports: [u16; 2],
+    (min, max): (usize, usize),
+    rounds: usize,
+    mut crash: impl FnMut(usize) -> Result<(Vec<u64>, Vec<PathBuf>), String>,
+) -> CrashRun {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x6b69_6c6c);
+    let plan = Arc::new(ops(seed, max));
+    let halt = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (plan, halt, sent) = (plan.clone(), halt.clone(), sent.clone());
+        std::thread::spawn(move || dependent_writer(&ports, seed, plan, min, halt, sent))
+    };
+    let mut cuts = Vec::new();
+    for k in 0..rounds {
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..900)));
+        let result = crash(k);
+        // Every write the promoted units can hold was sent before this load.
+        let bound = sent.load(Ordering::SeqCst);
+        let (applied, images) = result.unwrap_or_else(|e| panic!("seed {seed}, crash {k}: {e}"));
+        let cut = check_cut(seed, &plan[..bound], &applied, &images)
+            .unwrap_or_else(|e| panic!("seed {seed}, crash {k}: {e}"));
+        eprintln!("crash {k}: {bound} writes sent, promote gives the cut of the first {cut} ({applied:?} per export)");
+        cuts.push(cut);
+    }
+    halt.store(true, Ordering::SeqCst);
+    let done = writer.join().expect("the writer thread");
+    eprintln!("{done} dependent writes; cuts after each crash: {cuts:?}");
+    assert!(
+        cuts.windows(2).all(|w| w[0] <= w[1]),
+        "seed {seed}: the cut went backwards: {cuts:?}"
+    );
+    CrashRun { plan, done, cuts }
+}
