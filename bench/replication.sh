@@ -3,9 +3,12 @@
 # same workload to plain files, and commit lag (a write's stamp -> applied at the remote),
 # clean and through wan-sim (5% loss, 20% reordering). Run from the repository root:
 #   bash bench/replication.sh [writes] [depth]
+# PORT=N (default 17100) moves the UDP ports (N, N+1, N+100, N+101), so two runs on
+# one machine do not clash.
 set -euo pipefail
 WRITES=${1:-4000}
 DEPTH=${2:-4}
+A=${PORT:-17100}; B=$((A + 100))
 cargo build --release --bin tidemark >/dev/null 2>&1
 T=$PWD/target/release/tidemark
 DIR=$(mktemp -d)
@@ -22,14 +25,14 @@ heartbeat_ms = 10
 [[system]]
 name = "site-a"
 role = "primary"
-listen = "127.0.0.1:17100"
+listen = "127.0.0.1:$A"
 advertise = "127.0.0.1:$1"
 journal_dir = "run/site-a/journal"
 journal_size = "512MiB"
 [[system]]
 name = "site-b"
 role = "secondary"
-listen = "127.0.0.1:17200"
+listen = "127.0.0.1:$B"
 advertise = "127.0.0.1:$2"
 journal_dir = "run/site-b/journal"
 journal_size = "512MiB"
@@ -64,8 +67,8 @@ PY
 }
 echo "workload: $WRITES writes of 1 B..64 KiB over 2 pairs, $DEPTH chains of dependent writes"
 printf "%-28s %8s %8s %7s %8s %8s %8s\n" case "file MB/s" "tm MB/s" ratio "lag p50" "lag p99" retrans
-run_case "loopback, clean" 17100 17200
-"$T" wan-sim --listen 127.0.0.1:17201 --forward 127.0.0.1:17200 --loss 0.05 --reorder 0.2 --seed 1 2>/dev/null & PIDS+=($!)
-"$T" wan-sim --listen 127.0.0.1:17101 --forward 127.0.0.1:17100 --loss 0.05 --reorder 0.2 --seed 2 2>/dev/null & PIDS+=($!)
-run_case "wan-sim 5% loss 20% reorder" 17101 17201
+run_case "loopback, clean" "$A" "$B"
+"$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --loss 0.05 --reorder 0.2 --seed 1 2>/dev/null & PIDS+=($!)
+"$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --loss 0.05 --reorder 0.2 --seed 2 2>/dev/null & PIDS+=($!)
+run_case "wan-sim 5% loss 20% reorder" "$((A + 1))" "$((B + 1))"
 echo "(lag in ms: from a write's stamp to its application at the remote, secondary's recent samples)"
