@@ -392,11 +392,14 @@ impl EngineBuilder {
             }
         }
 
-        let arbiters: Vec<Arbiter> = (0..self.threads).map(|_| Arbiter::new()).collect();
+        let mut arbiters: Vec<Arbiter> = (0..self.threads).map(|_| Arbiter::new()).collect();
+        // A UDP link (sealing, encoding, syscalls) gets a thread of its own, so a
+        // system's units are not serialized behind it; what a unit hands it is bounded
+        // by the unit's congestion window.
+        let mut link_arbiters: Vec<Arbiter> = Vec::new();
         // The systems that run here, in order: the k-th runs its actors on arbiter k
-        // (modulo the arbiters there are). A system's link shares the thread of its
-        // units: a unit then never hands the link packets faster than it sends them
-        // (its mailbox is unbounded).
+        // (modulo the arbiters there are). A UDP link runs on a thread of its own (see
+        // below); the in-process link shares its system's thread.
         let here: Vec<SystemId> = (0..self.systems.len() as u32)
             .map(SystemId)
             .filter(|s| runs(*s))
@@ -459,8 +462,14 @@ impl EngineBuilder {
                     let names = self.system_names();
                     let tick = (udp.link.peer_timeout / 4)
                         .clamp(Duration::from_millis(1), Duration::from_millis(250));
+                    let own = (!arbiters.is_empty()).then(|| {
+                        let a = Arbiter::new();
+                        let h = a.handle();
+                        link_arbiters.push(a);
+                        h
+                    });
                     LinkAddr::Udp(spawn(
-                        place(s),
+                        own,
                         UdpLink::new(s, core, socket, udp.advertise.clone(), names, status, tick),
                     ))
                 }
@@ -658,6 +667,7 @@ impl EngineBuilder {
                 LinkAddr::Udp(a) => a.do_send(SetRoutes(r)),
             }
         }
+        arbiters.extend(link_arbiters);
         Ok(Engine {
             pairs,
             orderer,
