@@ -75,14 +75,23 @@ pub enum HeldReason {
     TooFar { peer: SystemId, bound: Duration },
 }
 
+impl HeldReason {
+    /// The reason in words, naming systems with `name`.
+    pub fn describe(&self, name: impl Fn(SystemId) -> String) -> String {
+        match self {
+            HeldReason::Unmeasured(p) => format!("clock of {} not measured yet", name(*p)),
+            HeldReason::TooFar { peer, bound } => format!(
+                "clock of {} may be {} us away, above max_clock_skew_ms",
+                name(*peer),
+                bound.as_micros()
+            ),
+        }
+    }
+}
+
 impl std::fmt::Display for HeldReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HeldReason::Unmeasured(p) => write!(f, "clock of {p} not measured yet"),
-            HeldReason::TooFar { peer, bound } => {
-                write!(f, "clock of {peer} may be {bound:?} away")
-            }
-        }
+        f.write_str(&self.describe(|s| s.to_string()))
     }
 }
 
@@ -193,19 +202,6 @@ impl TimeBase {
             .saturating_add(age.saturating_mul(self.cfg.drift_ppm).div_ceil(1_000_000))
     }
 
-    fn expire(&mut self, now: WallNs) {
-        let keep = self.cfg.keep.as_nanos() as u64;
-        for pc in self.peers.values_mut() {
-            while pc
-                .samples
-                .front()
-                .is_some_and(|s| now.saturating_sub(s.at) > keep)
-            {
-                pc.samples.pop_front();
-            }
-        }
-    }
-
     /// The tightest bound on `peer`'s skew at `now`, if measured.
     pub fn bound(&self, peer: SystemId, now: WallNs) -> Option<Duration> {
         let keep = self.cfg.keep.as_nanos() as u64;
@@ -222,8 +218,7 @@ impl TimeBase {
     /// What acknowledgements may do at `now` and until `now + horizon` (the bound is
     /// computed for the end of the horizon, so a caller that re-evaluates every
     /// `horizon` never uses a bound that has grown stale).
-    pub fn allowance(&mut self, now: WallNs, horizon: Duration) -> Allowance {
-        self.expire(now);
+    pub fn allowance(&self, now: WallNs, horizon: Duration) -> Allowance {
         let at = now.saturating_add(horizon.as_nanos() as u64);
         let mut wait = Duration::ZERO;
         for peer in self.peers.keys() {
@@ -248,7 +243,11 @@ impl TimeBase {
             .map(|(p, pc)| PeerView {
                 peer: *p,
                 bound: self.bound(*p, now),
-                offset_ns: pc.samples.back().map(|s| s.offset),
+                offset_ns: pc
+                    .samples
+                    .back()
+                    .filter(|s| now.saturating_sub(s.at) <= self.cfg.keep.as_nanos() as u64)
+                    .map(|s| s.offset),
             })
             .collect()
     }

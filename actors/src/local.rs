@@ -73,23 +73,16 @@ struct InFlight {
     outcome: Option<Outcome>,
 }
 
-/// A reply waiting for commit-wait; `ts` is the last stamp the client is told about.
+/// A write's reply waiting for commit-wait.
 struct Pending {
-    ts: u64,
-    reply: Done,
+    reply: Reply<Vec<Stamp>>,
+    stamps: Vec<Stamp>,
 }
 
-enum Done {
-    Write(Reply<Vec<Stamp>>, Vec<Stamp>),
-    Flush(Reply<()>),
-}
-
-impl Done {
-    fn send(self) {
-        match self {
-            Done::Write(r, stamps) => drop(r.send(Ok(stamps))),
-            Done::Flush(r) => drop(r.send(Ok(()))),
-        }
+impl Pending {
+    /// The last stamp the client is told about (0 if none: nothing to wait for).
+    fn ts(&self) -> u64 {
+        self.stamps.last().map_or(0, |s| s.ts.0)
     }
 }
 
@@ -213,12 +206,12 @@ impl LocalUnit {
         while let Some(p) = self.pending.front() {
             let verdict = match &self.gate {
                 None => Commit::Now,
-                Some(g) => g.check(p.ts, self.clock.wall_ns()),
+                Some(g) => g.check(p.ts(), self.clock.wall_ns()),
             };
             match verdict {
                 Commit::Now => {
                     if let Some(p) = self.pending.pop_front() {
-                        p.reply.send();
+                        let _ = p.reply.send(Ok(p.stamps));
                     }
                 }
                 Commit::At(due) => {
@@ -238,10 +231,7 @@ impl LocalUnit {
                             "{}: stopping while the time base holds acknowledgements",
                             self.pair
                         ));
-                        match p.reply {
-                            Done::Write(r, _) => drop(r.send(Err(err))),
-                            Done::Flush(r) => drop(r.send(Err(err))),
-                        }
+                        let _ = p.reply.send(Err(err));
                     }
                     return;
                 }
@@ -412,15 +402,13 @@ impl LocalUnit {
                         match op {
                             Op::Write(payloads, reply) => {
                                 self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
-                                let ts = stamps.last().map_or(0, |s| s.ts.0);
-                                self.pending.push_back(Pending {
-                                    ts,
-                                    reply: Done::Write(reply, stamps),
-                                });
+                                self.pending.push_back(Pending { reply, stamps });
                             }
                             // A flush covers the writes already told complete; those
                             // still in commit-wait are not (as NBD says): it need not wait.
-                            Op::Flush(reply) => Done::Flush(reply).send(),
+                            Op::Flush(reply) => {
+                                let _ = reply.send(Ok(()));
+                            }
                         }
                     }
                     sent = true;

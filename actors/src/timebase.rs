@@ -114,16 +114,7 @@ impl TimeBaseActor {
         self.gate.publish(a);
         let held = match a {
             Allowance::Wait(_) => None,
-            Allowance::Held(why) => Some(match why {
-                tidemark::timebase::HeldReason::Unmeasured(p) => {
-                    format!("clock of {} not measured yet", self.name(p))
-                }
-                tidemark::timebase::HeldReason::TooFar { peer, bound } => format!(
-                    "clock of {} may be {} us away, above max_clock_skew_ms",
-                    self.name(peer),
-                    bound.as_micros()
-                ),
-            }),
+            Allowance::Held(why) => Some(why.describe(|s| self.name(s))),
         };
         if held != self.held {
             match &held {
