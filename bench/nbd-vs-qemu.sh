@@ -102,6 +102,9 @@ job_args() {
 fio_job() {
     local server=$1 job=$2 uri=$3 pids=$4 round=$5
     local out=$RESULTS/$server-$job-r$round.json
+    # Start every job with no dirty pages left by the one before (qemu-nbd's write jobs
+    # leave gigabytes that the kernel would otherwise write back during the next job).
+    sync
     # shellcheck disable=SC2046
     $PY fio "$out" "$pids" --name="$job" --ioengine=nbd --uri="$uri" $(job_args "$job") \
         --iodepth=16 --numjobs=1 --size="$SIZE" --time_based --runtime="$RUNTIME" \
@@ -214,7 +217,7 @@ for round in $(seq "$ROUNDS"); do
         WPID=$!
         AUX=$WPID
         if [ "${PERF:-0}" = 1 ]; then
-            perf record --call-graph dwarf,16384 -F 199 -p "$PPID_TM" \
+            perf record --call-graph dwarf,16384 -F 199 -p "$PPID_TM,$SPID" \
                 -o "$WORK/perf-$job-r$round.data" -- sleep $((RUNTIME + RAMP)) >/dev/null 2>&1 &
             PERFPID=$!
             AUX="$WPID $PERFPID"
