@@ -4,7 +4,7 @@
 //! segment file NNNNNNNNNNNNNNNNNNNN.seg (segment number, 20 decimal digits)
 //! +--------------------------------------------------------------------------+
 //! | header, 32 bytes                                                         |
-//! |   magic "TDMKJRNL" (8) | version u32 LE (4) | flags u32 LE = 0 (4)        |
+//! |   magic "TDMKJRNL" (8) | version u32 LE (4) | flags u32 LE (4)            |
 //! |   segment number u64 LE (8) | reserved u32 = 0 (4) | crc32c u32 LE (4)    |
 //! |   (the crc covers the 28 bytes before it)                                |
 //! +--------------------------------------------------------------------------+
@@ -15,6 +15,9 @@
 //! |   of the segment before it, then watermarks and limits)                  |
 //! +--------------------------------------------------------------------------+
 //! ```
+//!
+//! Header flags: bit 0 ([`FLAG_PREV_UNSYNCED`]) says the segment was started without
+//! syncing the one before it; every other bit must be 0.
 //!
 //! Decoding checks bounds, length and checksum before it parses anything and never
 //! panics on any input.
@@ -44,6 +47,11 @@ pub const MAGIC: [u8; 8] = *b"TDMKJRNL";
 
 /// The only segment format version this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Header flag: this segment was started (durably) while the segment before it, and
+/// possibly earlier ones, held records only written to the operating system, not synced.
+/// After a power loss those may be torn; recovery treats them like a last segment.
+pub const FLAG_PREV_UNSYNCED: u32 = 1;
 
 /// Bytes of a segment header.
 pub const HEADER_LEN: usize = 32;
@@ -100,11 +108,18 @@ pub(crate) fn classify(name: &str) -> FileKind {
     }
 }
 
+#[cfg(test)]
 pub(crate) fn encode_header(segno: u64) -> [u8; HEADER_LEN] {
+    encode_header_with(segno, 0)
+}
+
+/// The header of segment `segno` with header `flags`.
+pub(crate) fn encode_header_with(segno: u64, flags: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    // 12..16 flags, 24..28 reserved: zero.
+    h[12..16].copy_from_slice(&flags.to_le_bytes());
+    // 24..28 reserved: zero.
     h[16..24].copy_from_slice(&segno.to_le_bytes());
     let crc = crc32c::crc32c(&h[..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
@@ -135,8 +150,8 @@ impl std::fmt::Display for HeaderError {
     }
 }
 
-/// Checks that `bytes` starts with the header of segment `segno`.
-pub(crate) fn check_header(bytes: &[u8], segno: u64) -> Result<(), HeaderError> {
+/// Checks that `bytes` starts with the header of segment `segno`; returns its flags.
+pub(crate) fn check_header(bytes: &[u8], segno: u64) -> Result<u32, HeaderError> {
     let Some(h) = bytes.get(..HEADER_LEN) else {
         return Err(HeaderError::Short(bytes.len()));
     };
@@ -150,14 +165,15 @@ pub(crate) fn check_header(bytes: &[u8], segno: u64) -> Result<(), HeaderError> 
     if version != FORMAT_VERSION {
         return Err(HeaderError::Version(version));
     }
-    if le32(&h[12..16]) != 0 || le32(&h[24..28]) != 0 {
+    let flags = le32(&h[12..16]);
+    if flags & !FLAG_PREV_UNSYNCED != 0 || le32(&h[24..28]) != 0 {
         return Err(HeaderError::Flags);
     }
     let found = u64::from_le_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]);
     if found != segno {
         return Err(HeaderError::Segment(found));
     }
-    Ok(())
+    Ok(flags)
 }
 
 fn le32(b: &[u8]) -> u32 {

@@ -39,12 +39,18 @@
 //!   durable (on a device that honours cache flushes) and recovery returns it, in order.
 //! - `write` does the `write` without the `fdatasync`: the records survive a crash of the
 //!   process (the page cache keeps them; `open` syncs them), not a power loss. The next
-//!   `sync` fdatasyncs them. Creating and deleting segments always goes through `sync`.
+//!   `sync` fdatasyncs them. A `write` whose records fill a segment seals it *unsynced*:
+//!   the successor is created durably (below) with [`format::FLAG_PREV_UNSYNCED`] in its
+//!   header, and the sealed segment joins the ones the next `sync` fdatasyncs. (On the
+//!   primary, whose journal is written, not synced, this keeps the device from writing
+//!   every journaled byte: segments are usually released and deleted before writeback.)
 //! - A new segment is written (header, checkpoint, records) to `N.seg.tmp`, fdatasync'd,
-//!   renamed to `N.seg`, and then the directory is fsync'd, inside the `sync` that first
-//!   needs it, after the segment before it was fdatasync'd. So a segment exists under its
-//!   final name only complete from its header through its checkpoint, and only once every
-//!   segment before it is complete and durable.
+//!   renamed to `N.seg`, and then the directory is fsync'd. Created by `sync`, it comes
+//!   after every segment before it was fdatasync'd and has no flag: everything before it
+//!   is durable. Created by `write`, it has the flag. Either way a segment exists under
+//!   its final name only complete from its header through its checkpoint. A `sync` that
+//!   finds segments sealed unsynced (or a flagged active segment) makes them durable and
+//!   then starts a new, unflagged segment, so everything before it is known durable again.
 //! - A segment is deleted only once the checkpoint at the start of the newest segment
 //!   (durable, see above) covers every packet in it; the oldest goes first, then the
 //!   directory is fsync'd. A crash in between can leave a gap in the numbering; recovery
@@ -63,19 +69,28 @@
 //! # Recovery
 //!
 //! `open` reads every segment in order. Each starts with a header (magic, format version,
-//! segment number) and a checkpoint (with the length the previous segment had when this
-//! one started); every frame carries its length and a CRC32C over length and body (see
-//! [`format`](mod@format)). In the **last** segment the first bad frame (short, checksum
-//! mismatch, malformed) and everything after it is a torn tail: dropped, cut off,
-//! reported in [`Recovered::tail`], never returned. A write torn by a crash can leave good frames
+//! flags, segment number) and a checkpoint (with the length the previous segment had when
+//! this one started); every frame carries its length and a CRC32C over length and body
+//! (see [`format`](mod@format)). Segments from the newest unflagged one on may hold
+//! records that were never synced (the last segment always may): in them the first bad
+//! frame (short, checksum mismatch, malformed), or a segment shorter than its flagged
+//! successor's checkpoint says, is a torn tail. It and every record after it are
+//! dropped and reported in [`Recovered::tail`], never returned: the torn segment is cut
+//! there and every later one rewritten (temporary name, rename) as its header and
+//! checkpoint naming the new length of the one before; their checkpoints, durable since
+//! their creation, still count (a watermark in them justified deletions). Nothing after
+//! a tear was ever synced (a sync covers everything appended before it), so nothing
+//! promised is lost. A write torn by a crash can leave good frames
 //! after a bad one, but those were never synced, so dropping them loses nothing
 //! acknowledged; the price is that media corruption in the middle of the last segment is
 //! also treated as a tail. Because deletions go by the last segment's checkpoint, never
 //! by records after it, cutting the last segment anywhere after its checkpoint loses
-//! exactly the records cut, never a packet of a deleted segment. In an earlier (sealed)
-//! segment, and in the header or checkpoint of the last one (durable before the segment
-//! got its name), any bad byte, or a length other than its successor's checkpoint says,
-//! is [`JournalError::Corrupt`] with segment and offset, and `open` changes nothing.
+//! exactly the records cut, never a packet of a deleted segment. In a segment before the
+//! newest unflagged one, and in the header or checkpoint of any segment (durable before
+//! the segment got its name), any bad byte, or a length other than its successor's
+//! checkpoint says, is [`JournalError::Corrupt`] with segment and offset, and `open`
+//! changes nothing. (The price of sealing unsynced: media corruption in a segment sealed
+//! unsynced and synced later, before the next unflagged segment, also reads as a tail.)
 //!
 //! # Space
 //!
@@ -229,6 +244,8 @@ struct OpenSegment {
     has_records: bool,
     /// Written by [`Journal::write`] and not fdatasync'd since.
     unsynced: bool,
+    /// Its header flags (known once created).
+    flags: u32,
 }
 
 impl OpenSegment {
@@ -243,6 +260,7 @@ impl OpenSegment {
             buf: first_bytes,
             has_records: false,
             unsynced: false,
+            flags: 0,
         }
     }
 
@@ -260,6 +278,9 @@ pub struct Journal {
     sealed: VecDeque<SegmentInfo>,
     /// Sealed by an append since the last sync, oldest first; bytes may be pending.
     rotated: Vec<OpenSegment>,
+    /// Sealed by [`Journal::write`] without a sync, oldest first: written to the
+    /// operating system, not yet fdatasync'd (the next `sync` does it).
+    lazily_sealed: Vec<(u64, File)>,
     /// Where appends go.
     active: OpenSegment,
     /// The state in the active segment's checkpoint: what reclamation goes by.
@@ -293,7 +314,12 @@ fn fsync_dir(dir: &Path) -> Result<(), JournalError> {
 /// The first bytes of segment `segno`: its header and a checkpoint of `state`, naming
 /// the length of the segment before it.
 fn segment_start(segno: u64, prev_len: u64, state: &State) -> Vec<u8> {
-    let mut bytes = format::encode_header(segno).to_vec();
+    segment_start_with(segno, 0, prev_len, state)
+}
+
+/// [`segment_start`] with header `flags`.
+fn segment_start_with(segno: u64, flags: u32, prev_len: u64, state: &State) -> Vec<u8> {
+    let mut bytes = format::encode_header_with(segno, flags).to_vec();
     // A checkpoint is a few dozen bytes per pair: far below the 4 GiB frame limit.
     format::encode_frame(
         &mut bytes,
@@ -307,11 +333,24 @@ fn segment_start(segno: u64, prev_len: u64, state: &State) -> Vec<u8> {
 struct Scanned {
     info: SegmentInfo,
     has_records: bool,
-    /// The last segment's torn tail, to cut off.
-    tail: Option<TailRepair>,
-    /// What the checkpoint says the previous segment's length was.
-    prev_len: u64,
+    flags: u32,
     /// The state the checkpoint holds.
+    cp: State,
+}
+
+/// What recovery does to a segment after a torn tail.
+enum Repair {
+    /// Cut it to this length.
+    Cut(u64, u64),
+    /// Replace it with these bytes (its header and checkpoint).
+    Rewrite(u64, Vec<u8>),
+}
+
+/// A segment's header and checkpoint, read by `open` before its records.
+struct Loaded {
+    bytes: Vec<u8>,
+    flags: u32,
+    prev_len: u64,
     cp: State,
 }
 
@@ -339,31 +378,71 @@ impl Journal {
         }
         segnos.sort_unstable();
 
-        // Read everything first; nothing on disk changes unless all of it is acceptable.
-        let mut rebuild = Rebuild::default();
-        let mut scanned = Vec::with_capacity(segnos.len());
+        // Which segments may hold records that were never synced (a power loss may have
+        // torn them): those after the newest segment started with everything before it
+        // synced (no FLAG_PREV_UNSYNCED), that one included. The last one always may.
+        let mut unsynced_from = 0;
         for (i, &segno) in segnos.iter().enumerate() {
-            let last = i + 1 == segnos.len();
-            let s = Self::scan(dir, segno, last, &mut rebuild)?;
+            if Self::header_flags(dir, segno)? & format::FLAG_PREV_UNSYNCED == 0 {
+                unsynced_from = i;
+            }
+        }
+
+        // Read everything first; nothing on disk changes unless all of it is acceptable.
+        // The first bad frame in a segment that may be unsynced is a torn tail: it and
+        // every record after it (in that segment and the later ones) are dropped; the
+        // later segments' checkpoints (durable since their creation) still count.
+        let mut rebuild = Rebuild::default();
+        let mut scanned: Vec<Scanned> = Vec::with_capacity(segnos.len());
+        let mut tail: Option<TailRepair> = None;
+        // What to do to segments at and after a torn tail.
+        let mut repairs: Vec<Repair> = Vec::new();
+        for (i, &segno) in segnos.iter().enumerate() {
+            let loaded = Self::load(dir, segno)?;
             // A sealed segment cut at a frame boundary reads clean; its successor's
             // checkpoint knows how long it was.
             if let Some(prev) = scanned
                 .last()
                 .filter(|p: &&Scanned| p.info.segno + 1 == segno)
             {
-                if prev.info.len != s.prev_len {
+                if prev.info.len != loaded.prev_len && tail.is_none() {
                     let segment = prev.info.segno;
-                    return Err(JournalError::Corrupt {
-                        segment,
-                        offset: prev.info.len.min(s.prev_len),
-                        path: dir.join(format::segment_name(segment)),
-                        reason: format!(
-                            "segment is {} bytes long, segment {segno} says it ended at {}",
-                            prev.info.len, s.prev_len
-                        ),
-                    });
+                    if i > unsynced_from && prev.info.len < loaded.prev_len {
+                        tail = Some(TailRepair {
+                            segment,
+                            offset: prev.info.len,
+                            dropped: 0,
+                            reason: format!(
+                                "segment ends at {}, segment {segno} says it ended at {} \
+                                 (sealed unsynced: torn by a crash)",
+                                prev.info.len, loaded.prev_len
+                            ),
+                        });
+                    } else {
+                        return Err(JournalError::Corrupt {
+                            segment,
+                            offset: prev.info.len.min(loaded.prev_len),
+                            path: dir.join(format::segment_name(segment)),
+                            reason: format!(
+                                "segment is {} bytes long, segment {segno} says it ended at {}",
+                                prev.info.len, loaded.prev_len
+                            ),
+                        });
+                    }
                 }
             }
+            let prev_len = scanned.last().map_or(0, |p| p.info.len);
+            let may_tear = i >= unsynced_from;
+            let s = Self::scan(
+                dir,
+                segno,
+                loaded,
+                prev_len,
+                may_tear,
+                &mut tail,
+                &mut repairs,
+                &mut rebuild,
+            )?;
             scanned.push(s);
         }
         // A gap is only acceptable as an interrupted reclamation: everything before the
@@ -394,6 +473,46 @@ impl Journal {
         let mut recovered = rebuild.finish();
         let mut sealed = VecDeque::new();
         let mut active_cp = State::default();
+        // Make durable what may not be (after a process crash the page cache may hold it
+        // all), then drop what recovery dropped: cut the torn segment, and rewrite every
+        // later one as its header and checkpoint naming the new length of the one before
+        // (oldest first, so an interrupted repair is found and finished by the next open).
+        for s in scanned.iter().skip(unsynced_from) {
+            let segno = s.info.segno;
+            if repairs
+                .iter()
+                .any(|r| matches!(r, Repair::Rewrite(n, _) if *n == segno))
+            {
+                continue;
+            }
+            let path = dir.join(format::segment_name(segno));
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            match repairs.iter().find_map(|r| match r {
+                Repair::Cut(n, len) if *n == segno => Some(*len),
+                _ => None,
+            }) {
+                Some(len) => {
+                    file.set_len(len).map_err(io_err(&path))?;
+                    file.sync_all().map_err(io_err(&path))?;
+                }
+                None => file.sync_data().map_err(io_err(&path))?,
+            }
+        }
+        for r in &repairs {
+            if let Repair::Rewrite(segno, bytes) = r {
+                let temp = dir.join(format::temp_name(*segno));
+                let path = dir.join(format::segment_name(*segno));
+                fs::write(&temp, bytes)
+                    .and_then(|()| File::open(&temp).and_then(|f| f.sync_all()))
+                    .map_err(io_err(&temp))?;
+                fs::rename(&temp, &path).map_err(io_err(&path))?;
+                fsync_dir(dir)?;
+            }
+        }
+        recovered.tail = tail;
         let active = match scanned.pop() {
             Some(last) => {
                 let path = dir.join(format::segment_name(last.info.segno));
@@ -402,13 +521,7 @@ impl Journal {
                     .write(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                if let Some(tail) = &last.tail {
-                    file.set_len(tail.offset).map_err(io_err(&path))?;
-                    file.sync_all().map_err(io_err(&path))?;
-                } else {
-                    file.sync_data().map_err(io_err(&path))?;
-                }
-                recovered.tail = last.tail;
+                file.sync_data().map_err(io_err(&path))?;
                 active_cp = last.cp;
                 sealed.extend(scanned.into_iter().map(|s| s.info));
                 OpenSegment {
@@ -417,11 +530,12 @@ impl Journal {
                     buf: Vec::new(),
                     has_records: last.has_records,
                     unsynced: false,
+                    flags: last.flags,
                 }
             }
             None => {
                 let mut seg = OpenSegment::new(1, segment_start(1, 0, &state));
-                Self::write_segment(dir, &mut seg, &mut stats, true)?;
+                Self::write_segment(dir, &mut seg, &mut stats, true, 0)?;
                 seg
             }
         };
@@ -433,6 +547,7 @@ impl Journal {
             options,
             sealed,
             rotated: Vec::new(),
+            lazily_sealed: Vec::new(),
             active,
             active_cp,
             state,
@@ -448,13 +563,21 @@ impl Journal {
         Ok((journal, recovered))
     }
 
-    /// Reads segment `segno` into `rebuild`. Only the last segment may have a torn tail.
-    fn scan(
-        dir: &Path,
-        segno: u64,
-        last: bool,
-        rebuild: &mut Rebuild,
-    ) -> Result<Scanned, JournalError> {
+    /// The header flags of segment `segno`, or 0 if its header cannot be read (`load`
+    /// then reports why).
+    fn header_flags(dir: &Path, segno: u64) -> Result<u32, JournalError> {
+        use std::io::Read;
+        let path = dir.join(format::segment_name(segno));
+        let mut head = Vec::with_capacity(format::HEADER_LEN);
+        File::open(&path)
+            .and_then(|f| f.take(format::HEADER_LEN as u64).read_to_end(&mut head))
+            .map_err(io_err(&path))?;
+        Ok(format::check_header(&head, segno).unwrap_or(0))
+    }
+
+    /// Reads segment `segno` and checks its header and checkpoint: both were durable
+    /// before the segment got its name, so any fault in them is corruption.
+    fn load(dir: &Path, segno: u64) -> Result<Loaded, JournalError> {
         let path = dir.join(format::segment_name(segno));
         let bytes = fs::read(&path).map_err(io_err(&path))?;
         let corrupt = |offset: u64, reason: String| JournalError::Corrupt {
@@ -463,33 +586,74 @@ impl Journal {
             path: path.clone(),
             reason,
         };
-        format::check_header(&bytes, segno).map_err(|e| corrupt(0, e.to_string()))?;
+        let flags = format::check_header(&bytes, segno).map_err(|e| corrupt(0, e.to_string()))?;
+        let mut frames = Frames::new(&bytes);
+        match frames.next() {
+            Some(Ok((_, Entry::Checkpoint(cp)))) => Ok(Loaded {
+                flags,
+                prev_len: cp.prev_len,
+                cp: cp.state,
+                bytes,
+            }),
+            Some(Ok((offset, Entry::Record(_)))) => Err(corrupt(
+                offset,
+                "segment does not start with a checkpoint".into(),
+            )),
+            Some(Err((offset, reason))) => Err(corrupt(offset, reason)),
+            None => Err(corrupt(frames.pos(), "segment has no checkpoint".into())),
+        }
+    }
+
+    /// Folds the records of a loaded segment into `rebuild`, after its checkpoint. With
+    /// a `tail` already found, the records are dropped: the segment is to be rewritten
+    /// as its header and checkpoint, naming `prev_len` (the cut length of the segment
+    /// before it). Otherwise the first bad frame of a segment that `may_tear` becomes
+    /// the tail (the segment is to be cut there); in any other segment it is corruption.
+    #[allow(clippy::too_many_arguments)]
+    fn scan(
+        dir: &Path,
+        segno: u64,
+        loaded: Loaded,
+        prev_len: u64,
+        may_tear: bool,
+        tail: &mut Option<TailRepair>,
+        repairs: &mut Vec<Repair>,
+        rebuild: &mut Rebuild,
+    ) -> Result<Scanned, JournalError> {
+        let Loaded {
+            bytes, flags, cp, ..
+        } = loaded;
+        rebuild.checkpoint(&cp);
         let mut info = SegmentInfo {
             segno,
             len: bytes.len() as u64,
             max_seq: BTreeMap::new(),
         };
-        let mut frames = Frames::new(&bytes);
-        let mut first = true;
+        if let Some(t) = tail {
+            // After a torn tail: nothing here was ever synced; only the checkpoint counts.
+            let start = segment_start_with(segno, flags, prev_len, &cp);
+            t.dropped += info.len.saturating_sub(start.len() as u64);
+            info.len = start.len() as u64;
+            repairs.push(Repair::Rewrite(segno, start));
+            return Ok(Scanned {
+                info,
+                has_records: false,
+                flags,
+                cp,
+            });
+        }
         let mut has_records = false;
-        let mut tail = None;
-        let mut prev_len = 0;
-        let mut checkpoint = State::default();
-        for frame in frames.by_ref() {
+        let mut frames = Frames::new(&bytes);
+        frames.next(); // the checkpoint, checked by `load`
+        for frame in frames {
             match frame {
-                Ok((_, Entry::Checkpoint(cp))) if first => {
-                    prev_len = cp.prev_len;
-                    rebuild.checkpoint(&cp.state);
-                    checkpoint = cp.state;
-                }
                 Ok((offset, Entry::Checkpoint(_))) => {
-                    return Err(corrupt(offset, "checkpoint after the first frame".into()));
-                }
-                Ok((offset, Entry::Record(_))) if first => {
-                    return Err(corrupt(
+                    return Err(JournalError::Corrupt {
+                        segment: segno,
                         offset,
-                        "segment does not start with a checkpoint".into(),
-                    ));
+                        path: dir.join(format::segment_name(segno)),
+                        reason: "checkpoint after the first frame".into(),
+                    });
                 }
                 Ok((_, Entry::Record(record))) => {
                     if let Record::Packet(p) = &record {
@@ -499,28 +663,31 @@ impl Journal {
                     has_records = true;
                     rebuild.record(record);
                 }
-                Err((offset, reason)) if last && !first => {
-                    tail = Some(TailRepair {
+                Err((offset, reason)) if may_tear => {
+                    *tail = Some(TailRepair {
                         segment: segno,
                         offset,
                         dropped: bytes.len() as u64 - offset,
                         reason,
                     });
                     info.len = offset;
+                    repairs.push(Repair::Cut(segno, offset));
                 }
-                Err((offset, reason)) => return Err(corrupt(offset, reason)),
+                Err((offset, reason)) => {
+                    return Err(JournalError::Corrupt {
+                        segment: segno,
+                        offset,
+                        path: dir.join(format::segment_name(segno)),
+                        reason,
+                    })
+                }
             }
-            first = false;
-        }
-        if first {
-            return Err(corrupt(frames.pos(), "segment has no checkpoint".into()));
         }
         Ok(Scanned {
             info,
             has_records,
-            tail,
-            prev_len,
-            cp: checkpoint,
+            flags,
+            cp,
         })
     }
 
@@ -633,7 +800,11 @@ impl Journal {
     /// failed (see the module documentation).
     pub fn sync(&mut self) -> Result<(), JournalError> {
         self.check()?;
-        if self.rotated.is_empty() && self.active.buf.is_empty() && !self.active.unsynced {
+        if self.rotated.is_empty()
+            && self.lazily_sealed.is_empty()
+            && self.active.buf.is_empty()
+            && !self.active.unsynced
+        {
             return Ok(());
         }
         let result = self.sync_inner();
@@ -646,22 +817,54 @@ impl Journal {
     /// Writes everything appended to the operating system without waiting for the
     /// device: once it returns `Ok` the records survive a crash of the process (a reopen
     /// finds them, and makes them durable), but not of the machine. A later
-    /// [`Journal::sync`] makes them durable. When the records start a new segment, or
-    /// space is short and a new segment would free some, it does a full `sync` instead
-    /// (segments are only ever created and deleted durably).
+    /// [`Journal::sync`] makes them durable. When the records fill a segment, it is
+    /// sealed without a sync and its successor is created durably with
+    /// [`format::FLAG_PREV_UNSYNCED`] (so the device is not made to write data that is
+    /// usually released and deleted before writeback would reach it). When space is
+    /// short and a new segment would free some, it does a full `sync` instead.
     pub fn write(&mut self) -> Result<(), JournalError> {
         self.check()?;
-        if !self.rotated.is_empty() || self.early_rotation_due() {
+        if self.early_rotation_due() {
             return self.sync();
         }
-        if self.active.buf.is_empty() {
+        if self.rotated.is_empty() && self.active.buf.is_empty() {
             return Ok(());
         }
-        let result = Self::write_segment(&self.dir, &mut self.active, &mut self.stats, false);
+        let result = self.write_inner();
         if result.is_err() {
             self.failed = true;
         }
         result
+    }
+
+    fn write_inner(&mut self) -> Result<(), JournalError> {
+        let rotated = !self.rotated.is_empty();
+        for mut seg in std::mem::take(&mut self.rotated) {
+            Self::write_segment(
+                &self.dir,
+                &mut seg,
+                &mut self.stats,
+                false,
+                format::FLAG_PREV_UNSYNCED,
+            )?;
+            if let Some(file) = seg.file.take().filter(|_| seg.unsynced) {
+                self.lazily_sealed.push((seg.info.segno, file));
+            }
+            self.sealed.push_back(seg.info);
+        }
+        Self::write_segment(
+            &self.dir,
+            &mut self.active,
+            &mut self.stats,
+            false,
+            format::FLAG_PREV_UNSYNCED,
+        )?;
+        if rotated {
+            // The active segment's checkpoint is durable (it was created so): what it
+            // covers may go, synced or not.
+            self.reclaim()?;
+        }
+        Ok(())
     }
 
     /// Space is short, and the state covers the oldest segment but the active segment's
@@ -677,17 +880,26 @@ impl Journal {
 
     fn sync_inner(&mut self) -> Result<(), JournalError> {
         self.stats.syncs += 1;
+        let lazy =
+            !self.lazily_sealed.is_empty() || self.active.flags & format::FLAG_PREV_UNSYNCED != 0;
+        // Oldest first: a segment created below then has every segment before it durable.
+        for (segno, file) in std::mem::take(&mut self.lazily_sealed) {
+            let path = self.dir.join(format::segment_name(segno));
+            file.sync_data().map_err(io_err(&path))?;
+        }
         for mut seg in std::mem::take(&mut self.rotated) {
-            Self::write_segment(&self.dir, &mut seg, &mut self.stats, true)?;
+            Self::write_segment(&self.dir, &mut seg, &mut self.stats, true, 0)?;
             self.sealed.push_back(seg.info);
         }
-        Self::write_segment(&self.dir, &mut self.active, &mut self.stats, true)?;
-        // Everything is durable now, so the state may go into a checkpoint.
-        if self.early_rotation_due() {
+        Self::write_segment(&self.dir, &mut self.active, &mut self.stats, true, 0)?;
+        // Everything is durable now, so the state may go into a checkpoint. After
+        // segments sealed unsynced, a new segment (unflagged) also tells recovery that
+        // everything before it is durable: corruption there is an error again, not a tail.
+        if self.early_rotation_due() || lazy {
             let segno = self.active.info.segno + 1;
             let first = segment_start(segno, self.active.end(), &self.state);
             let mut next = OpenSegment::new(segno, first);
-            Self::write_segment(&self.dir, &mut next, &mut self.stats, true)?;
+            Self::write_segment(&self.dir, &mut next, &mut self.stats, true, 0)?;
             self.used += next.info.len;
             let old = std::mem::replace(&mut self.active, next);
             self.sealed.push_back(old.info);
@@ -700,12 +912,13 @@ impl Journal {
 
     /// Writes a segment's pending bytes and, if `sync`, makes everything written to it
     /// durable. A segment that does not exist yet is created durably whatever `sync` says
-    /// (temporary name, fdatasync, rename, directory fsync).
+    /// (temporary name, fdatasync, rename, directory fsync), with header `flags`.
     fn write_segment(
         dir: &Path,
         seg: &mut OpenSegment,
         stats: &mut JournalStats,
         sync: bool,
+        flags: u32,
     ) -> Result<(), JournalError> {
         let segno = seg.info.segno;
         let path = dir.join(format::segment_name(segno));
@@ -722,6 +935,12 @@ impl Journal {
                 }
             }
             None => {
+                if flags != 0 {
+                    // A segment not yet created holds its header at the start of `buf`.
+                    if let Some(head) = seg.buf.get_mut(..format::HEADER_LEN) {
+                        head.copy_from_slice(&format::encode_header_with(segno, flags));
+                    }
+                }
                 let temp = dir.join(format::temp_name(segno));
                 let file = OpenOptions::new()
                     .read(true)
@@ -736,6 +955,7 @@ impl Journal {
                 fs::rename(&temp, &path).map_err(io_err(&path))?;
                 fsync_dir(dir)?;
                 seg.file = Some(file);
+                seg.flags = flags;
                 stats.segments_created += 1;
             }
         }
@@ -753,7 +973,10 @@ impl Journal {
             if !self.active_cp.covers(&oldest.max_seq) {
                 break;
             }
-            let path = self.dir.join(format::segment_name(oldest.segno));
+            let segno = oldest.segno;
+            let path = self.dir.join(format::segment_name(segno));
+            // Deleted: its bytes need never reach the device.
+            self.lazily_sealed.retain(|(n, _)| *n != segno);
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
