@@ -21,6 +21,9 @@ pub enum StoreError {
         found: u64,
         want: u64,
     },
+    /// A write to a unit opened read-only ([`FileStore::open_read_only`]).
+    #[error("{path}: the unit is open read-only")]
+    ReadOnly { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -78,6 +81,9 @@ pub struct FileStore {
     file: File,
     path: PathBuf,
     size: u64,
+    /// Opened without write access: every write fails with [`StoreError::ReadOnly`]
+    /// before it reaches the file.
+    read_only: bool,
 }
 
 impl FileStore {
@@ -109,7 +115,38 @@ impl FileStore {
             file,
             path: path.to_path_buf(),
             size,
+            read_only: false,
         })
+    }
+
+    /// Opens an existing `path` of exactly `size` bytes for reading only: the file is
+    /// never opened for writing, never created and never resized, so nothing done
+    /// through this store can change it.
+    pub fn open_read_only(path: &Path, size: u64) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new().read(true).open(path).map_err(io)?;
+        let found = file.metadata().map_err(io)?.len();
+        if found != size {
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                found,
+                want: size,
+            });
+        }
+        Ok(FileStore {
+            file,
+            path: path.to_path_buf(),
+            size,
+            read_only: true,
+        })
+    }
+
+    /// Whether the store was opened with [`FileStore::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn path(&self) -> &Path {
@@ -137,6 +174,11 @@ impl BlockStore for FileStore {
     }
 
     fn write_at(&self, offset: Offset, data: &[u8]) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
         check(self.size, offset, data.len() as u64)?;
         self.file
             .write_all_at(data, offset.0)
@@ -144,6 +186,10 @@ impl BlockStore for FileStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        if self.read_only {
+            // Nothing was written through this store.
+            return Ok(());
+        }
         self.file.sync_data().map_err(|e| self.io(e))
     }
 }
@@ -260,5 +306,44 @@ mod tests {
             4096,
             "untouched"
         );
+    }
+
+    #[test]
+    fn a_read_only_file_store_reads_and_never_writes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("u.img");
+        let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&p, &bytes).expect("write");
+        // No write permission at all: opening must not ask for it.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+        let s = FileStore::open_read_only(&p, 4096).expect("open read-only");
+        assert!(s.is_read_only());
+        let mut buf = [0u8; 100];
+        s.read_at(Offset(1000), &mut buf).expect("read");
+        assert_eq!(&buf[..], &bytes[1000..1100]);
+        for r in [
+            s.write_at(Offset(0), b"x"),
+            s.write_zeroes(Offset(0), 512),
+            s.apply(&crate::packet::Payload::Write {
+                offset: Offset(8),
+                data: bytes::Bytes::from_static(b"abc"),
+            }),
+        ] {
+            assert!(matches!(r, Err(StoreError::ReadOnly { .. })), "{r:?}");
+        }
+        s.flush().expect("flush");
+        assert_eq!(std::fs::read(&p).expect("read"), bytes, "unchanged");
+        // Never created, never resized.
+        assert!(matches!(
+            FileStore::open_read_only(&dir.path().join("missing.img"), 4096),
+            Err(StoreError::Io { .. })
+        ));
+        assert!(!dir.path().join("missing.img").exists());
+        assert!(matches!(
+            FileStore::open_read_only(&p, 8192),
+            Err(StoreError::SizeMismatch { .. })
+        ));
+        assert_eq!(std::fs::metadata(&p).expect("meta").len(), 4096);
     }
 }

@@ -87,6 +87,9 @@ pub struct SystemConfig {
     pub advertise: SocketAddr,
     pub journal_dir: PathBuf,
     pub journal_size: u64,
+    /// Primary: where `tidemark primary` serves the local units. Secondary: where
+    /// `tidemark export` serves the remote units read-only after a promote (the
+    /// `secondary` daemon itself never serves NBD).
     pub nbd_listen: Option<String>,
 }
 
@@ -233,9 +236,6 @@ impl Config {
             };
             if journal_size < 4 << 20 {
                 return bad(format!("{}: at least 4MiB", key("journal_size")));
-            }
-            if s.nbd_listen.is_some() && !primary {
-                return bad(format!("{}: only a primary serves NBD", key("nbd_listen")));
             }
             systems.push(SystemConfig {
                 name: s.name.clone(),

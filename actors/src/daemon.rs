@@ -187,7 +187,8 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         .collect::<Result<_, _>>()?;
     // Bind the NBD listeners before starting anything: a bad address is a config error.
     let mut listeners = Vec::new();
-    for &i in here {
+    // Only a primary serves NBD here; a secondary's `nbd_listen` is for `tidemark export`.
+    for &i in here.iter().filter(|&&i| cfg.systems[i].primary) {
         if let Some(a) = &cfg.systems[i].nbd_listen {
             let key = format!("system[{i}] ({}).nbd_listen", cfg.systems[i].name);
             let addr: ListenAddr = a

@@ -6,6 +6,10 @@ use tidemark::{PairId, StoreError};
 pub enum EngineError {
     #[error("system {0} is running (its journal_dir is locked)")]
     Running(String),
+    /// `tidemark export` on a secondary whose remote units are not yet the cut at its
+    /// durable commit limit.
+    #[error("system {system} was not promoted: {detail}; run `tidemark promote` first")]
+    NotPromoted { system: String, detail: String },
     #[error("config: {0}")]
     Config(String),
     #[error("invalid topology: {0}")]

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod disk;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod impair;
 pub mod journaling;
 pub mod lag;

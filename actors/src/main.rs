@@ -49,6 +49,22 @@ enum Command {
     /// Offline: bring stopped remote system(s) to the durable commit limit, a consistent
     /// cut; without --system, every remote system of the group to the same cut.
     Promote(SystemArgs),
+    /// Offline, after promote: serve the remote units of a stopped secondary read-only
+    /// over NBD (one export per pair) until SIGINT/SIGTERM.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// The secondary system whose remote units are served.
+    #[arg(long)]
+    system: String,
+    /// Where to serve (`127.0.0.1:10809`, `unix:/path`); default: the system's
+    /// `nbd_listen`.
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -160,6 +176,7 @@ fn main() -> ExitCode {
         Command::Load(a) => exit(load(a)),
         Command::WanSim(a) => exit(wan_sim(a)),
         Command::Promote(a) => exit(promote(a)),
+        Command::Export(a) => exit(export(a)),
     }
 }
 
@@ -172,6 +189,8 @@ fn exit(r: Result<(), EngineError>) -> ExitCode {
             let usage = matches!(
                 e,
                 EngineError::Config(_)
+                    | EngineError::Running(_)
+                    | EngineError::NotPromoted { .. }
                     | EngineError::Topology(_)
                     | EngineError::Impairment(_)
                     | EngineError::Store(StoreError::SizeMismatch { .. })
@@ -224,6 +243,67 @@ fn promote(a: SystemArgs) -> Result<(), EngineError> {
             "the journal has a gap below the durable limit: not a consistent cut".into(),
         ))
     }
+}
+
+fn export(a: ExportArgs) -> Result<(), EngineError> {
+    use tidemark_actors::export::Exporter;
+    use tidemark_actors::nbd_server::{AnyListener, Limits, ListenAddr};
+    let cfg = Config::load(&a.config)?;
+    let system = cfg.select(Some(&a.system), false)?[0];
+    let (key, text) = match (&a.listen, &cfg.systems[system].nbd_listen) {
+        (Some(l), _) => ("--listen".to_string(), l.clone()),
+        (None, Some(l)) => (
+            format!("system[{system}] ({}).nbd_listen", a.system),
+            l.clone(),
+        ),
+        (None, None) => {
+            return Err(EngineError::Config(format!(
+                "--listen: not given, and system {:?} has no nbd_listen",
+                a.system
+            )))
+        }
+    };
+    let addr: ListenAddr = text
+        .parse()
+        .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+    let exporter = Exporter::open(&cfg, system)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| EngineError::Config(format!("runtime: {e}")))?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listener = AnyListener::bind(&addr)
+            .await
+            .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
+        // Watch the signals before saying we serve: a client told so may stop us at once.
+        let watch = |kind: SignalKind| {
+            signal(kind).map_err(|e| EngineError::Config(format!("cannot watch signals: {e}")))
+        };
+        let (mut int, mut term) = (
+            watch(SignalKind::interrupt())?,
+            watch(SignalKind::terminate())?,
+        );
+        let mut report = exporter.report().clone();
+        report.listen = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| addr.to_string());
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let stop = async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        };
+        listener
+            .serve(exporter.backend().clone(), Limits::default(), stop)
+            .await;
+        drop(exporter);
+        Ok(())
+    })
 }
 
 fn load(a: LoadArgs) -> Result<(), EngineError> {

@@ -14,7 +14,8 @@
 //! with `tracing`); the server keeps serving everyone else.
 //!
 //! [`EngineBackend`] serves every local unit of an [`Engine`] in this process as an
-//! export named after its pair.
+//! export named after its pair; [`ReadOnlyBackend`] serves block stores read-only (the
+//! remote units of a promoted secondary, `tidemark export`).
 
 use crate::engine::Engine;
 use crate::error::EngineError;
@@ -78,6 +79,7 @@ impl From<EngineError> for BackendError {
     fn from(e: EngineError) -> BackendError {
         let code = match &e {
             EngineError::Store(StoreError::OutOfRange { .. }) => ErrorCode::Inval,
+            EngineError::Store(StoreError::ReadOnly { .. }) => ErrorCode::Perm,
             // The client must then disconnect softly.
             EngineError::Stopped => ErrorCode::Shutdown,
             _ => ErrorCode::Io,
@@ -190,6 +192,76 @@ impl Backend for EngineBackend {
     async fn flush(&self, export: usize) -> Result<(), BackendError> {
         let pair = self.unit(export)?.pair;
         Ok(self.engine.flush(pair).await?)
+    }
+}
+
+/// Serves block stores read-only, one export each: `NBD_FLAG_READ_ONLY` is advertised,
+/// trim and write-zeroes are not; the protocol core answers every write, trim and
+/// write-zeroes with `EPERM` before it reaches a backend, and should one reach this
+/// backend all the same it is answered `EPERM` without touching the store. Reads come
+/// from the stores; flush succeeds and does nothing (nothing is ever written).
+pub struct ReadOnlyBackend {
+    units: Vec<(Export, Arc<dyn BlockStore>)>,
+}
+
+impl ReadOnlyBackend {
+    /// One export per `(name, store)`, of the store's size, in the order given.
+    pub fn new(units: Vec<(String, Arc<dyn BlockStore>)>) -> ReadOnlyBackend {
+        let units = units
+            .into_iter()
+            .map(|(name, store)| {
+                let export = Export::new(name, store.size()).with_flags(ExportFlags {
+                    read_only: true,
+                    flush: true,
+                    fua: false,
+                    trim: false,
+                    write_zeroes: false,
+                    // Nothing changes the bytes: every connection sees the same.
+                    multi_conn: true,
+                });
+                (export, store)
+            })
+            .collect();
+        ReadOnlyBackend { units }
+    }
+
+    fn store(&self, export: usize) -> Result<&Arc<dyn BlockStore>, BackendError> {
+        self.units
+            .get(export)
+            .map(|(_, s)| s)
+            .ok_or_else(|| BackendError::new(ErrorCode::Inval, format!("no export {export}")))
+    }
+}
+
+impl Backend for ReadOnlyBackend {
+    fn exports(&self) -> Vec<Export> {
+        self.units.iter().map(|(e, _)| e.clone()).collect()
+    }
+
+    async fn read(&self, export: usize, offset: Offset, len: u32) -> Result<Bytes, BackendError> {
+        let store = self.store(export)?.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            store
+                .read_at(offset, &mut buf)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| BackendError::from(EngineError::from(e)))
+        })
+        .await
+        .map_err(|e| BackendError::new(ErrorCode::Io, format!("read task failed: {e}")))?
+    }
+
+    async fn write(&self, export: usize, _payloads: Vec<Payload>) -> Result<(), BackendError> {
+        self.store(export)?;
+        Err(BackendError::new(
+            ErrorCode::Perm,
+            "the export is read-only",
+        ))
+    }
+
+    async fn flush(&self, export: usize) -> Result<(), BackendError> {
+        self.store(export)?;
+        Ok(())
     }
 }
 

@@ -585,6 +585,36 @@ fn invalid_requests_are_answered_here() {
             ErrorCode::Perm,
         ),
         (
+            "write zeroes on read-only",
+            "ro",
+            req(0, CMD_WRITE_ZEROES, 1, 0, 512, &[]),
+            ErrorCode::Perm,
+        ),
+        (
+            "write with FUA on read-only",
+            "ro",
+            req(CMD_FLAG_FUA, CMD_WRITE, 1, 512, 4, b"abcd"),
+            ErrorCode::Perm,
+        ),
+        (
+            "zero-length write on read-only",
+            "ro",
+            req(0, CMD_WRITE, 1, 0, 0, &[]),
+            ErrorCode::Perm,
+        ),
+        (
+            "write past the end of read-only",
+            "ro",
+            req(0, CMD_WRITE, 1, 4095, 2, b"ab"),
+            ErrorCode::Perm,
+        ),
+        (
+            "trim past the end of read-only",
+            "ro",
+            req(0, CMD_TRIM, 1, 4096, 1, &[]),
+            ErrorCode::Perm,
+        ),
+        (
             "trim past the end",
             "disk",
             req(0, CMD_TRIM, 1, 1 << 20, 1, &[]),
@@ -676,6 +706,65 @@ fn invalid_requests_are_answered_here() {
         assert_eq!(r.len(), 1, "{name}: {r:?}");
         assert!(error_chunk(1, code)(&r[0]), "{name}: {r:?}");
         assert_eq!(c.in_flight(), 1, "{name}");
+    }
+}
+
+/// A read-only export: every kind of write is refused with `EPERM` and never handed up
+/// (so nothing can change), while reads and flushes are, in both reply modes.
+#[test]
+fn a_read_only_export_hands_up_reads_and_flushes_only() {
+    for structured in [false, true] {
+        let mut c = ready("ro", structured);
+        c.handle_input(
+            &[
+                req(0, CMD_WRITE, 1, 0, 3, b"abc"),
+                req(0, CMD_READ, 2, 0, 8, &[]),
+                req(0, CMD_TRIM, 3, 0, 4096, &[]),
+                req(0, CMD_FLUSH, 4, 0, 0, &[]),
+                req(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 8, 8, &[]),
+                req(0, CMD_READ, 6, 4088, 8, &[]),
+            ]
+            .concat(),
+        );
+        let handed: Vec<(u64, Command)> = events(&mut c)
+            .into_iter()
+            .map(|e| match e {
+                Event::Request(r) => (r.cookie.0, r.command),
+                other => panic!("structured {structured}: unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            handed,
+            vec![
+                (
+                    2,
+                    Command::Read {
+                        offset: Offset(0),
+                        len: 8
+                    }
+                ),
+                (4, Command::Flush),
+                (
+                    6,
+                    Command::Read {
+                        offset: Offset(4088),
+                        len: 8
+                    }
+                ),
+            ],
+            "structured {structured}"
+        );
+        let refused = replies(&mut c, &[]);
+        assert_eq!(refused.len(), 3, "structured {structured}: {refused:?}");
+        for (msg, cookie) in refused.iter().zip([1u64, 3, 5]) {
+            let ok = if structured {
+                error_chunk(cookie, ErrorCode::Perm)(msg)
+            } else {
+                matches!(msg, Msg::Simple { error: 1, cookie: c, .. } if *c == cookie)
+            };
+            assert!(ok, "structured {structured}: cookie {cookie}: {msg:?}");
+        }
+        assert_eq!(c.in_flight(), 3, "structured {structured}");
     }
 }
 

@@ -151,3 +151,22 @@ fn sizes_and_keys() {
     assert!(matches!(read_key(&p), Err(EngineError::Config(m)) if m.contains("64 hex")));
     assert!(read_key(&dir.path().join("missing")).is_err());
 }
+
+#[test]
+fn nbd_listen_is_kept_for_primaries_and_secondaries() {
+    let text = EXAMPLE
+        .replacen(
+            "journal_size = \"256MiB\"\n",
+            "journal_size = \"256MiB\"\nnbd_listen = \"127.0.0.1:10809\"\n",
+            1,
+        )
+        .replacen(
+            "journal_dir = \"run/site-b/journal\"\n",
+            "journal_dir = \"run/site-b/journal\"\nnbd_listen = \"unix:/run/b.sock\"\n",
+            1,
+        );
+    let c = parse(&text).expect("nbd_listen on both roles is valid");
+    assert_eq!(c.systems[0].nbd_listen.as_deref(), Some("127.0.0.1:10809"));
+    assert_eq!(c.systems[1].nbd_listen.as_deref(), Some("unix:/run/b.sock"));
+    assert_eq!(parse(EXAMPLE).expect("example").systems[1].nbd_listen, None);
+}
