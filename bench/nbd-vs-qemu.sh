@@ -10,7 +10,10 @@
 #                           shows the median round; use 3 on a busy machine)
 #                           CARGO_TARGET_DIR (default /work/target-nbd), TIDEMARK_BIN
 #                           to use a built binary as is, MTU / WINDOW / JOURNAL to
-#                           override tidemark's defaults (1400 / 64MiB / 256MiB),
+#                           override tidemark's defaults (64MiB / 256MiB for the last
+#                           two; MTU defaults to the loopback interface's, less IP and
+#                           UDP headers, at most 65000, as an operator would set `mtu`
+#                           for the path; MTU=1400 gives tidemark's WAN default),
 #                           OUT (default /tmp/tidemark-nbd-bench-last) keeps the
 #                           fio JSON, status samples, logs and perf reports;
 #                           PERF=1 to record `perf record --call-graph dwarf` of the
@@ -133,6 +136,11 @@ fill() {
         --size="$SIZE" --output-format=json --output="$RESULTS/fill-$2.json" >/dev/null
 }
 
+if [ -z "${MTU:-}" ]; then
+    LO_MTU=$(cat /sys/class/net/lo/mtu 2>/dev/null || echo 1428)
+    MTU=$((LO_MTU - 28 > 65000 ? 65000 : LO_MTU - 28))
+fi
+
 BYTES=$(python3 -c "
 s='$SIZE'.upper().rstrip('B').rstrip('I')
 m={'K':1<<10,'M':1<<20,'G':1<<30}
@@ -140,7 +148,7 @@ print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))")
 
 echo "work directory $WORK; size $SIZE, $RUNTIME s per job after ${RAMP} s ramp, QD 16"
 echo "machine: $(nproc) CPUs, $(uname -r); $(qemu-nbd --version | head -1); $(fio --version)"
-echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg); tidemark mtu $MTU"
 
 # ---------------------------------------------------------------- (a) qemu-nbd
 QPORT=$(free_port)

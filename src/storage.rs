@@ -101,22 +101,10 @@ impl FileStore {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        let found = file.metadata().map_err(io)?.len();
-        if found == 0 && size > 0 {
+        if file.metadata().map_err(io)?.len() == 0 && size > 0 {
             file.set_len(size).map_err(io)?;
-        } else if found != size {
-            return Err(StoreError::SizeMismatch {
-                path: path.to_path_buf(),
-                found,
-                want: size,
-            });
         }
-        Ok(FileStore {
-            file,
-            path: path.to_path_buf(),
-            size,
-            read_only: false,
-        })
+        Self::sized(file, path, size, false)
     }
 
     /// Opens an existing `path` of exactly `size` bytes for reading only: the file is
@@ -128,7 +116,18 @@ impl FileStore {
             source,
         };
         let file = OpenOptions::new().read(true).open(path).map_err(io)?;
-        let found = file.metadata().map_err(io)?.len();
+        Self::sized(file, path, size, true)
+    }
+
+    /// A store over `file`, which must be exactly `size` bytes long.
+    fn sized(file: File, path: &Path, size: u64, read_only: bool) -> Result<Self, StoreError> {
+        let found = file
+            .metadata()
+            .map_err(|source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
         if found != size {
             return Err(StoreError::SizeMismatch {
                 path: path.to_path_buf(),
@@ -140,7 +139,7 @@ impl FileStore {
             file,
             path: path.to_path_buf(),
             size,
-            read_only: true,
+            read_only,
         })
     }
 

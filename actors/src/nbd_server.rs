@@ -170,17 +170,7 @@ impl Backend for EngineBackend {
     }
 
     async fn read(&self, export: usize, offset: Offset, len: u32) -> Result<Bytes, BackendError> {
-        let store = self.unit(export)?.store.clone();
-        // Units may be files: read off the runtime's threads.
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            store
-                .read_at(offset, &mut buf)
-                .map(|()| Bytes::from(buf))
-                .map_err(|e| BackendError::from(EngineError::from(e)))
-        })
-        .await
-        .map_err(|e| BackendError::new(ErrorCode::Io, format!("read task failed: {e}")))?
+        read_store(self.unit(export)?.store.clone(), offset, len).await
     }
 
     async fn write(&self, export: usize, payloads: Vec<Payload>) -> Result<(), BackendError> {
@@ -193,6 +183,24 @@ impl Backend for EngineBackend {
         let pair = self.unit(export)?.pair;
         Ok(self.engine.flush(pair).await?)
     }
+}
+
+/// Reads `len` bytes at `offset` of `store` off the runtime's threads (units may be
+/// files).
+async fn read_store(
+    store: Arc<dyn BlockStore>,
+    offset: Offset,
+    len: u32,
+) -> Result<Bytes, BackendError> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        store
+            .read_at(offset, &mut buf)
+            .map(|()| Bytes::from(buf))
+            .map_err(|e| BackendError::from(EngineError::from(e)))
+    })
+    .await
+    .map_err(|e| BackendError::new(ErrorCode::Io, format!("read task failed: {e}")))?
 }
 
 /// Serves block stores read-only, one export each: `NBD_FLAG_READ_ONLY` is advertised,
@@ -239,16 +247,7 @@ impl Backend for ReadOnlyBackend {
     }
 
     async fn read(&self, export: usize, offset: Offset, len: u32) -> Result<Bytes, BackendError> {
-        let store = self.store(export)?.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            store
-                .read_at(offset, &mut buf)
-                .map(|()| Bytes::from(buf))
-                .map_err(|e| BackendError::from(EngineError::from(e)))
-        })
-        .await
-        .map_err(|e| BackendError::new(ErrorCode::Io, format!("read task failed: {e}")))?
+        read_store(self.store(export)?.clone(), offset, len).await
     }
 
     async fn write(&self, export: usize, _payloads: Vec<Payload>) -> Result<(), BackendError> {

@@ -15,33 +15,14 @@
 //! SKIPPED) if a client program is not installed.
 
 mod common;
+#[path = "nbd_support.rs"]
+mod support;
 use common::dependent::{as_want, written_seq, Client, EXPORTS, PATIENCE};
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output};
 use std::time::SystemTime;
 use tidemark::nbd::consts::*;
-
-fn have(programs: &[&str]) -> bool {
-    let missing: Vec<&str> = programs
-        .iter()
-        .copied()
-        .filter(|p| {
-            Command::new(p)
-                .arg("--version")
-                .output()
-                .map(|o| !o.status.success())
-                .unwrap_or(true)
-        })
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "SKIPPED: not installed: {} (apt-get install qemu-utils libnbd-bin)",
-            missing.join(", ")
-        );
-    }
-    missing.is_empty()
-}
 
 /// Runs a program and fails the test with its output unless it exits 0.
 fn must(program: &str, args: &[&str]) -> Output {
@@ -116,7 +97,7 @@ fn reply_header(c: &mut Client) -> (u32, u64) {
 
 #[test]
 fn a_promoted_secondary_is_served_read_only_over_nbd() {
-    if !have(&["qemu-img", "qemu-io", "nbdinfo"]) {
+    if !support::have(&["qemu-img", "qemu-io", "nbdinfo"]) {
         return;
     }
     let seed = seed_or(20261129);
