@@ -703,28 +703,30 @@ impl Journal {
             return Ok(());
         }
         let segment_size = self.options.segment_size;
-        self.staging.clear();
+        // Frames are encoded straight after the active segment's pending bytes (where
+        // they go unless the batch seals the segment): no copy in the common case. Until
+        // the commit below, `buf[base..]` is scratch, cut off again on any error.
+        let base = self.active.buf.len();
         self.frame_ends.clear();
         for record in records {
-            let start = self.staging.len();
-            match format::encode_frame(&mut self.staging, &EntryRef::Record(record)) {
+            match format::encode_frame(&mut self.active.buf, &EntryRef::Record(record)) {
                 Some(len) if len as u64 <= segment_size => {}
                 other => {
                     let len = other.map_or(u64::MAX, |l| l as u64);
-                    self.staging.truncate(start);
+                    self.active.buf.truncate(base);
                     return Err(JournalError::TooLarge {
                         len,
                         max: segment_size,
                     });
                 }
             }
-            self.frame_ends.push(self.staging.len());
+            self.frame_ends.push(self.active.buf.len() - base);
         }
 
         // Plan: where the batch seals segments, what their successors start with, and how
         // many bytes it takes in all. Nothing changes yet.
         let mut rotations: Vec<(usize, Vec<u8>, State)> = Vec::new();
-        let mut end = self.active.end();
+        let mut end = self.active.info.len + base as u64;
         let mut has_records = self.active.has_records;
         let mut segno = self.active.info.segno;
         let mut sim: Option<State> = None;
@@ -757,6 +759,7 @@ impl Journal {
             self.options.capacity + self.options.reserve
         };
         if self.used + needed > limit {
+            self.active.buf.truncate(base);
             self.stats.full += 1;
             self.pressure = true;
             return Err(JournalError::Full {
@@ -766,7 +769,14 @@ impl Journal {
             });
         }
 
-        // Commit: cannot fail from here on.
+        // Commit: cannot fail from here on. A batch that seals segments is spread over
+        // them from `staging`; otherwise its frames are where they belong already.
+        let in_place = rotations.is_empty();
+        if !in_place {
+            self.staging.clear();
+            self.staging.extend_from_slice(&self.active.buf[base..]);
+            self.active.buf.truncate(base);
+        }
         let mut rotations = rotations.into_iter().peekable();
         let mut start = 0;
         for (i, record) in records.iter().enumerate() {
@@ -778,9 +788,11 @@ impl Journal {
                 self.pressure = false;
             }
             let frame_end = self.frame_ends[i];
-            self.active
-                .buf
-                .extend_from_slice(&self.staging[start..frame_end]);
+            if !in_place {
+                self.active
+                    .buf
+                    .extend_from_slice(&self.staging[start..frame_end]);
+            }
             self.active.has_records = true;
             if let Record::Packet(p) = record {
                 let max = self.active.info.max_seq.entry(p.pair).or_default();
