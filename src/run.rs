@@ -235,16 +235,22 @@ impl RunTracker {
     }
 
     /// The acknowledgement for what is held: cumulative up to the head, up to
-    /// [`MAX_SACK_RANGES`] ranges held above it (the lowest ones), and the receive window
-    /// ([`RunTracker::window_end`]): every packet up to it will be accepted. Costs
-    /// `O(MAX_SACK_RANGES)`.
+    /// [`MAX_SACK_RANGES`] ranges held above it, and the receive window
+    /// ([`RunTracker::window_end`]): every packet up to it will be accepted. With more
+    /// ranges than fit, half are the lowest (the holes the head waits for) and half the
+    /// highest (the newest arrivals: what tells the sender's loss detection most, as
+    /// TCP's first SACK block does). Costs `O(MAX_SACK_RANGES)`.
     pub fn ack(&self) -> Ack {
-        let sack = self
-            .ranges
-            .iter()
-            .take(MAX_SACK_RANGES)
-            .map(|(&first, &last)| SeqRange { first, last })
-            .collect();
+        let range = |(&first, &last): (&Seq, &Seq)| SeqRange { first, last };
+        let sack = if self.ranges.len() <= MAX_SACK_RANGES {
+            self.ranges.iter().map(range).collect()
+        } else {
+            let low = MAX_SACK_RANGES / 2;
+            let high = MAX_SACK_RANGES - low;
+            let mut v: Vec<SeqRange> = self.ranges.iter().take(low).map(range).collect();
+            v.extend(self.ranges.iter().rev().take(high).rev().map(range));
+            v
+        };
         Ack {
             pair: self.pair,
             cum: self.head.seq,

@@ -61,10 +61,20 @@ fn check_invariants(t: &RunTracker) {
     assert_eq!(ack.cum, t.head.seq);
     assert_eq!(ack.window, Seq(applied + t.window));
     let sack: Vec<(Seq, Seq)> = ack.sack.iter().map(|r| (r.first, r.last)).collect();
-    assert_eq!(
-        sack,
-        want.into_iter().take(MAX_SACK_RANGES).collect::<Vec<_>>()
-    );
+    assert_eq!(sack, reported(&want));
+}
+
+/// The ranges an acknowledgement carries out of all those held: all if they fit, else
+/// the lowest half and the highest half.
+fn reported(all: &[(Seq, Seq)]) -> Vec<(Seq, Seq)> {
+    if all.len() <= MAX_SACK_RANGES {
+        return all.to_vec();
+    }
+    let low = MAX_SACK_RANGES / 2;
+    let high = MAX_SACK_RANGES - low;
+    let mut v = all[..low].to_vec();
+    v.extend_from_slice(&all[all.len() - high..]);
+    v
 }
 
 /// One step of a scenario and what must hold after it.
@@ -462,15 +472,10 @@ impl Model {
         for &seq in self.held.range(self.head.seq.next()..).map(|(s, _)| s) {
             match sack.last_mut() {
                 Some((_, last)) if last.next() == seq => *last = seq,
-                _ => {
-                    if sack.len() == MAX_SACK_RANGES {
-                        break;
-                    }
-                    sack.push((seq, seq));
-                }
+                _ => sack.push((seq, seq)),
             }
         }
-        sack
+        reported(&sack)
     }
 
     fn select(&self, limit: Timestamp) -> Vec<Seq> {
@@ -701,4 +706,22 @@ fn flow_control_on_a_perfect_loop_never_retransmits() {
         }
         assert_eq!(s.unacked_len(), 0, "delay {ack_delay}");
     }
+}
+
+#[test]
+fn ack_with_more_ranges_than_fit_reports_the_lowest_and_the_newest() {
+    // Held: every odd seq from 3 to 81 (40 single ranges) above a head of 1.
+    let mut t = RunTracker::new(PairId(1), Stamp::ZERO);
+    t.handle_packet(pkt(1, 10));
+    for s in (3..=81).step_by(2) {
+        t.handle_packet(pkt(s, s * 10));
+    }
+    let ranges: Vec<u64> = t.ack().sack.iter().map(|r| r.first.0).collect();
+    let low: Vec<u64> = (3..).step_by(2).take(MAX_SACK_RANGES / 2).collect();
+    let high: Vec<u64> = (3..=81)
+        .step_by(2)
+        .skip(40 - (MAX_SACK_RANGES - MAX_SACK_RANGES / 2))
+        .collect();
+    assert_eq!(ranges, [low, high].concat());
+    assert!(t.ack().sack.iter().all(|r| r.first == r.last));
 }
