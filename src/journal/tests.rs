@@ -362,6 +362,22 @@ fn round_trip_and_unsynced_appends_are_not_recovered() {
     }
 }
 
+/// Appends generated packets (kept in `records`) until one starts a new segment; returns
+/// the segment that was active before.
+fn append_packets_into_next_segment(
+    j: &mut Journal,
+    g: &mut Gen,
+    records: &mut Vec<Record>,
+) -> u64 {
+    let start = j.position().0;
+    while j.position().0 == start {
+        let r = g.packet();
+        j.append(std::slice::from_ref(&r)).unwrap();
+        records.push(r);
+    }
+    start
+}
+
 #[test]
 fn write_survives_a_process_restart_and_sync_makes_it_durable() {
     let ctx = "seed 101";
@@ -395,12 +411,7 @@ fn write_survives_a_process_restart_and_sync_makes_it_durable() {
 
     // A write that starts a segment creates it (durably, flagged: its predecessor is
     // not synced) without syncing the one it sealed; the next sync does that.
-    let start = j.position().0;
-    while j.position().0 == start {
-        let r = g.packet();
-        j.append(std::slice::from_ref(&r)).unwrap();
-        records.push(r);
-    }
+    let start = append_packets_into_next_segment(&mut j, &mut g, &mut records);
     j.write().unwrap();
     assert_eq!(j.stats().syncs, 1, "{ctx}: sealing by write must not sync");
     assert_eq!(
@@ -421,12 +432,7 @@ fn write_survives_a_process_restart_and_sync_makes_it_durable() {
     let r = g.record();
     j.append(std::slice::from_ref(&r)).unwrap();
     records.push(r);
-    let start = j.position().0;
-    while j.position().0 == start {
-        let r = g.packet();
-        j.append(std::slice::from_ref(&r)).unwrap();
-        records.push(r);
-    }
+    append_packets_into_next_segment(&mut j, &mut g, &mut records);
     j.write().unwrap();
     let before = j.stats().syncs;
     j.sync().unwrap();
