@@ -9,8 +9,14 @@ use crate::remote::RemoteUnit;
 use crate::site::RemoteSite;
 use crate::timebase::{ProbeIn, ReplyIn, TimeBaseActor};
 use actix::prelude::*;
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 use tidemark::{Message as WireMessage, PairId, SystemId};
+
+/// Items without a recipient are logged at most once per this interval (the rest are
+/// counted and the next log line says how many): a stream of them must not flood the log.
+const MISROUTE_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// The actors of one system, by what they receive.
 #[derive(Clone, Default)]
@@ -21,6 +27,25 @@ pub struct Routes {
     pub site: Option<Addr<RemoteSite>>,
     /// The process's time base, if other primary processes stamp writes of the group.
     pub timebase: Option<Addr<TimeBaseActor>>,
+    misroute_log: LogLimit,
+}
+
+/// At most one log line per [`MISROUTE_LOG_EVERY`]; counts what it held back.
+#[derive(Clone, Default)]
+struct LogLimit(Cell<(Option<Instant>, u64)>);
+
+impl LogLimit {
+    /// Whether to log an event at `now`; if so, how many were held back before it.
+    fn allow(&self, now: Instant) -> Option<u64> {
+        let (last, held) = self.0.get();
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= MISROUTE_LOG_EVERY) {
+            self.0.set((Some(now), 0));
+            Some(held)
+        } else {
+            self.0.set((last, held + 1));
+            None
+        }
+    }
 }
 
 #[derive(Message)]
@@ -38,7 +63,9 @@ impl Routes {
         let mut misrouted = 0;
         let mut miss = |what: &str| {
             misrouted += 1;
-            tracing::warn!(system = %me, %from, what, "no recipient here; dropped");
+            if let Some(held_back) = self.misroute_log.allow(Instant::now()) {
+                tracing::warn!(system = %me, %from, what, held_back, "no recipient here; dropped");
+            }
         };
         for m in msgs {
             match m {
@@ -107,5 +134,42 @@ impl Routes {
             }
         }
         misrouted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark::{Heartbeat, Seq, Stamp, Timestamp};
+
+    #[test]
+    fn items_without_recipient_are_counted() {
+        let routes = Routes::default();
+        let hbs = (0..100)
+            .map(|i| Heartbeat {
+                pair: PairId(i),
+                stamp: Stamp {
+                    ts: Timestamp(1),
+                    seq: Seq(1),
+                },
+            })
+            .collect();
+        let n = routes.deliver(SystemId(0), SystemId(1), vec![WireMessage::Heartbeats(hbs)]);
+        assert_eq!(n, 100);
+    }
+
+    #[test]
+    fn log_limit_allows_one_line_per_interval_and_counts_the_rest() {
+        let l = LogLimit::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(l.allow(at(0)), Some(0));
+        assert_eq!(l.allow(at(1)), None);
+        assert_eq!(l.allow(at(999)), None);
+        assert_eq!(l.allow(at(1000)), Some(2));
+        assert_eq!(l.allow(at(1500)), None);
+        assert_eq!(l.allow(at(5000)), Some(1));
+        // A clock that steps back holds back too, never panics.
+        assert_eq!(l.allow(at(10)), None);
     }
 }
