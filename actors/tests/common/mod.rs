@@ -130,11 +130,49 @@ remote = {{ system = "site-b", path = "run/site-b/data.img" }}
     }
 
     pub fn secondary(&self) -> Child {
-        self.spawn(&["secondary", "--config", self.cfg()])
+        self.spawn_daemon("secondary")
     }
 
     pub fn primary(&self) -> Child {
-        self.spawn(&["primary", "--config", self.cfg()])
+        self.spawn_daemon("primary")
+    }
+
+    /// Starts a daemon (`secondary`, `primary`) with its output in a file of its own under
+    /// `logs/` (nothing reads a daemon's pipes while it runs: one that logged more than a
+    /// pipe holds would block); [`Site::log_tails`] shows them when a test fails.
+    pub fn spawn_daemon(&self, role: &str) -> Child {
+        let logs = self.path("logs");
+        std::fs::create_dir_all(&logs).expect("logs dir");
+        let n = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
+        let file = std::fs::File::create(logs.join(format!("{n:02}-{role}.log"))).expect("log");
+        let err = file.try_clone().expect("log");
+        Command::new(bin())
+            .args([role, "--config", self.cfg()])
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn tidemark")
+    }
+
+    /// The last lines of every daemon log so far, for a failure message.
+    pub fn log_tails(&self) -> String {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.path("logs"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.sort();
+        let mut out = String::new();
+        for p in names {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            out += &format!(
+                "\n--- {} ({} lines)\n{}",
+                p.display(),
+                lines.len(),
+                tail.join("\n")
+            );
+        }
+        out
     }
 
     /// Writes per pair of the first `n` writes of workload `seed`.
@@ -178,10 +216,18 @@ remote = {{ system = "site-b", path = "run/site-b/data.img" }}
                     return s;
                 }
                 if Instant::now() > deadline {
-                    panic!("{system} did not apply {want:?} in {limit:?}; status: {s}");
+                    panic!(
+                        "{system} did not apply {want:?} in {limit:?}; status: {s}; other: {}; logs:{}",
+                        self.status(if system == "site-a" { "site-b" } else { "site-a" })
+                            .unwrap_or_default(),
+                        self.log_tails()
+                    );
                 }
             } else if Instant::now() > deadline {
-                panic!("{system} wrote no status in {limit:?}");
+                panic!(
+                    "{system} wrote no status in {limit:?}; logs:{}",
+                    self.log_tails()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
