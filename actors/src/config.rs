@@ -93,6 +93,14 @@ pub struct SystemConfig {
     pub nbd_listen: Option<String>,
 }
 
+impl SystemConfig {
+    /// Where the system's journal segments live (under `journal_dir`, beside its `LOCK`
+    /// and `status.json`).
+    pub fn segments_dir(&self) -> PathBuf {
+        self.journal_dir.join("segments")
+    }
+}
+
 /// A pair of the config; `local`/`remote` index [`Config::systems`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PairConfig {

@@ -69,11 +69,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
     let ids: Vec<SystemId> = here.iter().map(|&i| SystemId(i as u32)).collect();
     for &i in here {
         let s = &cfg.systems[i];
-        b.journal(
-            SystemId(i as u32),
-            s.journal_dir.join("segments"),
-            s.journal_size,
-        );
+        b.journal(SystemId(i as u32), s.segments_dir(), s.journal_size);
     }
     let listen = here
         .iter()

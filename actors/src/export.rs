@@ -96,8 +96,7 @@ impl Exporter {
             )));
         }
         let lock = lock_system(cfg, system)?;
-        let (journal, recovered) =
-            SharedJournal::open(&sys.journal_dir.join("segments"), sys.journal_size)?;
+        let (journal, recovered) = SharedJournal::open(&sys.segments_dir(), sys.journal_size)?;
         drop(journal);
         let behind = unapplied_at_or_below_limit(cfg, system, &recovered);
         if !behind.is_empty() {
@@ -220,8 +219,7 @@ remote = { system = "site-b", path = "b/data.img" }
     /// made durable, nothing applied.
     fn journal_unapplied(cfg: &Config) {
         let sys = &cfg.systems[1];
-        let (j, _) =
-            SharedJournal::open(&sys.journal_dir.join("segments"), sys.journal_size).expect("j");
+        let (j, _) = SharedJournal::open(&sys.segments_dir(), sys.journal_size).expect("j");
         j.append(
             &[
                 packet(0, 10, 1, 0, 0xa1),
@@ -336,8 +334,7 @@ remote = { system = "site-b", path = "b/data.img" }
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = config(dir.path());
         let sys = &cfg.systems[1];
-        let (j, _) =
-            SharedJournal::open(&sys.journal_dir.join("segments"), sys.journal_size).expect("j");
+        let (j, _) = SharedJournal::open(&sys.segments_dir(), sys.journal_size).expect("j");
         // Seq 2 of "log" never arrived; seq 3 lies below the limit.
         j.append(
             &[

@@ -43,7 +43,7 @@ pub fn promote(cfg: &Config, systems: &[usize], all: bool) -> Result<PromoteRepo
     let mut opened = Vec::new();
     for &s in systems {
         let sys = &cfg.systems[s];
-        let (j, r) = SharedJournal::open(&sys.journal_dir.join("segments"), sys.journal_size)?;
+        let (j, r) = SharedJournal::open(&sys.segments_dir(), sys.journal_size)?;
         opened.push((s, j, r));
     }
     let target = if all {

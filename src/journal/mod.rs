@@ -305,6 +305,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     }
 }
 
+/// Segment `segno` of the journal in `dir` is corrupt at `offset`.
+fn corrupt_at(dir: &Path, segno: u64, offset: u64, reason: String) -> JournalError {
+    JournalError::Corrupt {
+        segment: segno,
+        offset,
+        path: dir.join(format::segment_name(segno)),
+        reason,
+    }
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), JournalError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -419,15 +429,15 @@ impl Journal {
                             ),
                         });
                     } else {
-                        return Err(JournalError::Corrupt {
+                        return Err(corrupt_at(
+                            dir,
                             segment,
-                            offset: prev.info.len.min(loaded.prev_len),
-                            path: dir.join(format::segment_name(segment)),
-                            reason: format!(
+                            prev.info.len.min(loaded.prev_len),
+                            format!(
                                 "segment is {} bytes long, segment {segno} says it ended at {}",
                                 prev.info.len, loaded.prev_len
                             ),
-                        });
+                        ));
                     }
                 }
             }
@@ -521,7 +531,7 @@ impl Journal {
                     .write(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                file.sync_data().map_err(io_err(&path))?;
+                // Made durable above, with every possibly unsynced segment.
                 active_cp = last.cp;
                 sealed.extend(scanned.into_iter().map(|s| s.info));
                 OpenSegment {
@@ -580,12 +590,7 @@ impl Journal {
     fn load(dir: &Path, segno: u64) -> Result<Loaded, JournalError> {
         let path = dir.join(format::segment_name(segno));
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let corrupt = |offset: u64, reason: String| JournalError::Corrupt {
-            segment: segno,
-            offset,
-            path: path.clone(),
-            reason,
-        };
+        let corrupt = |offset: u64, reason: String| corrupt_at(dir, segno, offset, reason);
         let flags = format::check_header(&bytes, segno).map_err(|e| corrupt(0, e.to_string()))?;
         let mut frames = Frames::new(&bytes);
         match frames.next() {
@@ -648,12 +653,12 @@ impl Journal {
         for frame in frames {
             match frame {
                 Ok((offset, Entry::Checkpoint(_))) => {
-                    return Err(JournalError::Corrupt {
-                        segment: segno,
+                    return Err(corrupt_at(
+                        dir,
+                        segno,
                         offset,
-                        path: dir.join(format::segment_name(segno)),
-                        reason: "checkpoint after the first frame".into(),
-                    });
+                        "checkpoint after the first frame".into(),
+                    ));
                 }
                 Ok((_, Entry::Record(record))) => {
                     if let Record::Packet(p) = &record {
@@ -673,14 +678,7 @@ impl Journal {
                     info.len = offset;
                     repairs.push(Repair::Cut(segno, offset));
                 }
-                Err((offset, reason)) => {
-                    return Err(JournalError::Corrupt {
-                        segment: segno,
-                        offset,
-                        path: dir.join(format::segment_name(segno)),
-                        reason,
-                    })
-                }
+                Err((offset, reason)) => return Err(corrupt_at(dir, segno, offset, reason)),
             }
         }
         Ok(Scanned {
