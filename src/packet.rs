@@ -32,6 +32,23 @@ impl Payload {
         }
     }
 
+    /// This payload as pieces of at most `max` bytes of data each (`max` at least 1), in
+    /// order: applying them in order does what applying it does. The data is shared, not
+    /// copied. A zero payload carries no data and stays whole.
+    pub fn split(self, max: usize) -> Vec<Payload> {
+        let max = max.max(1);
+        match self {
+            Payload::Write { offset, data } if data.len() > max => (0..data.len())
+                .step_by(max)
+                .map(|at| Payload::Write {
+                    offset: Offset(offset.0 + at as u64),
+                    data: data.slice(at..(at + max).min(data.len())),
+                })
+                .collect(),
+            whole => vec![whole],
+        }
+    }
+
     /// Bytes this payload occupies in memory and on the wire (roughly).
     pub fn wire_len(&self) -> usize {
         match self {
@@ -128,4 +145,38 @@ pub struct Part {
     pub total: u32,
     pub at: u32,
     pub data: Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_the_write_in_order_without_overlap() {
+        let data = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<_>>());
+        let whole = Payload::Write {
+            offset: Offset(4096),
+            data: data.clone(),
+        };
+        for max in [1, 7, 4096, 9_999, 10_000, 20_000] {
+            let parts = whole.clone().split(max);
+            assert_eq!(parts.len(), data.len().div_ceil(max), "max {max}");
+            let mut at = 4096;
+            let mut joined = Vec::new();
+            for p in &parts {
+                assert!(p.len() as usize <= max);
+                assert_eq!(p.offset(), Offset(at));
+                at += p.len();
+                if let Payload::Write { data, .. } = p {
+                    joined.extend_from_slice(data);
+                }
+            }
+            assert_eq!(joined, data.to_vec(), "max {max}");
+        }
+        let zero = Payload::Zero {
+            offset: Offset(0),
+            len: 1 << 30,
+        };
+        assert_eq!(zero.clone().split(4096), vec![zero]);
+    }
 }

@@ -554,6 +554,33 @@ impl Sender {
         self.writable = self.writable.max(seq.min(self.last.seq));
     }
 
+    /// Forgets the held packets (stamped but never marked written, so never on the
+    /// wire): their writes were given up before they were journaled. Their sequence
+    /// numbers are handed out again; nothing outside this sender ever saw them. Returns
+    /// how many were dropped.
+    pub fn drop_held(&mut self) -> usize {
+        let mut dropped = 0;
+        while let Some(f) = self.unacked.pop_back() {
+            if f.packet.stamp.seq <= self.writable {
+                self.unacked.push_back(f);
+                break;
+            }
+            self.unacked_bytes -= f.packet.payload.wire_len();
+            self.stats.packets -= 1;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            let seq = self.writable.max(self.acked);
+            let ts = self
+                .unacked
+                .back()
+                .map_or(self.acked_stamp.ts, |f| f.packet.stamp.ts);
+            // Keep the time stamp: stamps after this stay above every one handed out.
+            self.last = Stamp::new(self.last.ts.max(ts), seq);
+        }
+        dropped
+    }
+
     /// Re-queues a packet recovered from the journal after a restart (already stamped and
     /// written); packets must come in `seq` order with no gaps, above the released point.
     pub fn push_recovered(&mut self, packet: Packet) {
@@ -959,6 +986,29 @@ mod tests {
 
     fn seqs(v: &[Packet]) -> Vec<u64> {
         v.iter().map(|p| p.stamp.seq.0).collect()
+    }
+
+    #[test]
+    fn dropping_held_packets_forgets_only_the_unwritten_tail() {
+        let mut s = sender();
+        for n in 1..=5u8 {
+            s.push_held(Timestamp(10 * n as u64), w(n));
+        }
+        s.mark_written(Seq(3));
+        let bytes_before = s.unacked_bytes();
+        assert_eq!(s.drop_held(), 2);
+        assert_eq!(s.unacked_len(), 3);
+        assert_eq!(s.unacked_bytes(), bytes_before - 2 * w(0).wire_len());
+        assert_eq!(s.last().seq, Seq(3));
+        assert!(s.last().ts >= Timestamp(50), "time stamps never move back");
+        let mut out = Vec::new();
+        s.poll_transmit(Instant::now(), &mut out);
+        assert_eq!(seqs(&out), vec![1, 2, 3]);
+        // The next write takes seq 4 again, with a later time stamp.
+        let next = s.push(Timestamp(60), w(9));
+        assert_eq!(next.seq, Seq(4));
+        assert!(next.ts > Timestamp(50));
+        assert_eq!(s.drop_held(), 0, "a pushed packet is writable");
     }
 
     /// One step of a scenario; times in microseconds after the start.

@@ -242,16 +242,37 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     }
     tracing::info!(systems = ?names, "stopping");
     let _ = stop_tx.send(true);
-    engine.abandon_held();
-    for s in servers {
-        let _ = s.await;
-    }
-    write_status(cfg, here, &engine).await;
-    match std::sync::Arc::try_unwrap(engine) {
-        Ok(engine) => engine.shutdown().await,
-        Err(_) => Err(EngineError::Stopped),
+    // No client waits any more: writes not yet journaled are failed, and so are
+    // acknowledgements the time base holds. What is journaled stays and replicates
+    // after a restart.
+    engine.stopping();
+    let graceful = async {
+        for s in servers {
+            let _ = s.await;
+        }
+        write_status(cfg, here, &engine).await;
+        match std::sync::Arc::try_unwrap(engine) {
+            Ok(engine) => engine.shutdown().await,
+            Err(_) => Err(EngineError::Stopped),
+        }
+    };
+    // Bounded whatever state the disks and the network are in: past the grace period
+    // (or on a second signal) the process exits; recovery at the next start is the
+    // same as after a crash, which loses nothing acknowledged (I3).
+    tokio::select! {
+        r = graceful => r,
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::error!(grace_s = SHUTDOWN_GRACE.as_secs(), "shutdown did not finish; exiting (the journal recovers as after a crash)");
+            Err(EngineError::Unit(format!("shutdown did not finish within {} s", SHUTDOWN_GRACE.as_secs())))
+        }
+        _ = tokio::signal::ctrl_c() => Err(EngineError::Unit("interrupted again while stopping".into())),
+        _ = term.recv() => Err(EngineError::Unit("terminated again while stopping".into())),
     }
 }
+
+/// How long a stopping daemon waits for its clients to be answered and its units and
+/// journals to be flushed before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Reads a status file written by a running (or stopped) system.
 pub fn read_status(dir: &Path) -> Option<serde_json::Value> {

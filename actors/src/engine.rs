@@ -527,6 +527,30 @@ impl EngineBuilder {
             window_bytes: self.window_bytes,
             rtt: self.rtt,
         };
+        // Admission never promises more than a primary's journal can hold (I5): the
+        // local units of a system share its journal, so each may keep at most its share
+        // of what the journal admits unreleased. A larger `window` is clamped, once, with
+        // a log line.
+        let window_of: BTreeMap<SystemId, usize> = journals
+            .iter()
+            .filter_map(|(s, (j, _))| {
+                let units = self.pairs.iter().filter(|p| p.local == *s).count();
+                (units > 0).then(|| {
+                    let share = (j.options().admissible() / units as u64) as usize;
+                    if share < self.window_bytes {
+                        tracing::warn!(
+                            system = %self.systems[s.0 as usize].0,
+                            window = self.window_bytes,
+                            clamped = share,
+                            units,
+                            journal = j.options().capacity,
+                            "window clamped to what the journal admits per unit; raise journal_size to lift it"
+                        );
+                    }
+                    (*s, share.min(self.window_bytes))
+                })
+            })
+            .collect();
         let mut pairs = Vec::new();
         let mut site_units: BTreeMap<SystemId, Vec<Addr<RemoteUnit>>> = BTreeMap::new();
         let mut remote_systems = BTreeSet::new();
@@ -581,7 +605,13 @@ impl EngineBuilder {
                         resume,
                         lane(),
                         link(p.local),
-                        local_cfg,
+                        LocalConfig {
+                            window_bytes: window_of
+                                .get(&p.local)
+                                .copied()
+                                .unwrap_or(local_cfg.window_bytes),
+                            ..local_cfg
+                        },
                     )
                     .with_commit_gate(gate.clone()),
                 )
@@ -826,12 +856,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Stopping: writes whose acknowledgement the time base holds are answered with an
-    /// error (they stay journaled and still replicate), so their clients let go.
-    pub fn abandon_held(&self) {
+    /// Stopping: no client waits on anything any more. Writes not yet journaled are
+    /// answered with an error (and never written); writes whose acknowledgement the
+    /// time base holds too (they stay journaled and still replicate); later writes are
+    /// refused. See [`crate::local::Stopping`].
+    pub fn stopping(&self) {
         for p in &self.pairs {
             if let Some(l) = &p.local {
-                l.do_send(crate::local::AbandonHeld);
+                l.do_send(crate::local::Stopping);
             }
         }
     }

@@ -91,6 +91,11 @@ impl SharedJournal {
         self.lock().sync()
     }
 
+    /// The journal's sizes.
+    pub fn options(&self) -> JournalOptions {
+        self.lock().options()
+    }
+
     /// Bytes in use, for status.
     pub fn used(&self) -> u64 {
         self.lock().used()

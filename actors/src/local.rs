@@ -48,7 +48,8 @@ struct Batch {
     ops: Vec<Op>,
     stamps: Vec<Vec<Stamp>>,
     records: Arc<Vec<Record>>,
-    last: Seq,
+    /// Its last packet, if it has any: the lane having written it lets it go on the wire.
+    last: Option<Seq>,
 }
 
 /// How the disk job ended.
@@ -86,6 +87,14 @@ impl Pending {
     }
 }
 
+/// A write larger than this is journaled and shipped as several packets (a block device
+/// promises no atomicity beyond a sector, so a crash may show some pieces of an
+/// unacknowledged large write and not others, at the primary as at the remote)…
+const MAX_PART: usize = 4 << 20;
+/// …nor larger than a quarter of a journal segment (a record must fit in a segment), but
+/// never cut finer than this.
+const MIN_PART: usize = 4 << 10;
+
 /// Writers may run this many congestion windows ahead of the acknowledgements…
 const ADMIT_CWNDS: usize = 2;
 /// …and at least this much.
@@ -109,7 +118,16 @@ pub struct LocalUnit {
     /// Batches to submit again (in order) once the lane is empty: a full journal.
     retry: Vec<Batch>,
     failed: Option<String>,
+    /// The release watermark the journal holds (the remote has every packet up to it).
     released: Stamp,
+    /// The highest watermark handed to the lane, in a batch or on its own.
+    released_sent: Stamp,
+    /// A job that writes the watermark on its own is on the lane.
+    marking: bool,
+    /// Largest payload piece journaled as one record (a larger write is split).
+    max_part: usize,
+    /// The process is stopping: new writes are refused, waiting ones answered with an error.
+    stopping: bool,
     window_bytes: usize,
     tick: Duration,
     bytes: u64,
@@ -120,12 +138,16 @@ pub struct LocalUnit {
     abandon_held: bool,
 }
 
-/// The process is stopping: fail the replies the commit gate holds (their writes are
-/// journaled and will still reach the remote; they are just not acknowledged), so that
-/// clients waiting for them let go.
+/// The process is stopping, so that no client waits on anything any more:
+/// - replies the commit gate holds are failed (their writes are journaled and will still
+///   reach the remote; they are just not acknowledged);
+/// - writes not yet journaled (waiting for the window, or for journal space) are failed
+///   and never written: the client is told, nothing of them is anywhere;
+/// - later writes are refused at once. Flushes still run: they make what was
+///   acknowledged durable.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AbandonHeld;
+pub struct Stopping;
 
 /// Settings of a local unit.
 #[derive(Clone, Copy, Debug)]
@@ -174,7 +196,6 @@ impl LocalUnit {
             sender,
             clock,
             store,
-            journal,
             disk,
             link,
             queue: Vec::new(),
@@ -184,6 +205,14 @@ impl LocalUnit {
             retry: Vec::new(),
             failed: None,
             released: resume.released,
+            released_sent: resume.released,
+            marking: false,
+            max_part: journal.as_ref().map_or(MAX_PART, |j| {
+                let seg = j.options().segment_size as usize;
+                (seg / 4).clamp(MIN_PART, MAX_PART)
+            }),
+            stopping: false,
+            journal,
             window_bytes: cfg.window_bytes,
             tick: (cfg.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_millis(5)),
             bytes: 0,
@@ -253,11 +282,20 @@ impl LocalUnit {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight.len() >= MAX_IN_FLIGHT
-            || !self.retry.is_empty()
-            || self.queue.is_empty()
-            || self.sender.unacked_bytes() > self.admit_bytes()
-        {
+        if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() || self.queue.is_empty() {
+            return;
+        }
+        if self.sender.unacked_bytes() > self.admit_bytes() && self.failed.is_none() {
+            // Writes wait for acknowledgements; a flush need not (it covers only writes
+            // already told complete, none of which is queued): it goes ahead alone, so a
+            // flush never waits on the remote.
+            if self.queue.iter().any(|op| matches!(op, Op::Flush(_))) {
+                let (flushes, writes) = std::mem::take(&mut self.queue)
+                    .into_iter()
+                    .partition(|op| matches!(op, Op::Flush(_)));
+                self.queue = writes;
+                self.submit_ops(flushes, ctx);
+            }
             return;
         }
         if let Some(e) = &self.failed {
@@ -272,19 +310,30 @@ impl LocalUnit {
             return;
         }
         let ops = std::mem::take(&mut self.queue);
+        self.submit_ops(ops, ctx);
+    }
+
+    /// Stamps `ops` and hands them to the lane as one batch.
+    fn submit_ops(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
         let mut records = Vec::new();
         let mut stamps = Vec::with_capacity(ops.len());
         for op in &ops {
             let mut v = Vec::new();
             if let Op::Write(payloads, _) = op {
                 for p in payloads {
-                    let stamp = self.sender.push_held(self.clock.now(), p.clone());
-                    v.push(stamp);
-                    records.push(Record::Packet(Packet {
-                        pair: self.pair,
-                        stamp,
-                        payload: p.clone(),
-                    }));
+                    // A client learns the stamp of the last piece: its write is complete
+                    // as of that stamp.
+                    let mut last = None;
+                    for part in p.clone().split(self.max_part) {
+                        let stamp = self.sender.push_held(self.clock.now(), part.clone());
+                        last = Some(stamp);
+                        records.push(Record::Packet(Packet {
+                            pair: self.pair,
+                            stamp,
+                            payload: part,
+                        }));
+                    }
+                    v.extend(last);
                 }
             }
             stamps.push(v);
@@ -292,8 +341,11 @@ impl LocalUnit {
         let batch = Batch {
             ops,
             stamps,
+            last: records.iter().rev().find_map(|r| match r {
+                Record::Packet(p) => Some(p.stamp.seq),
+                _ => None,
+            }),
             records: Arc::new(records),
-            last: self.sender.last().seq,
         };
         self.submit(batch, ctx);
     }
@@ -310,6 +362,7 @@ impl LocalUnit {
                 pair: self.pair,
                 stamp: acked,
             });
+            self.released_sent = self.released_sent.max(acked);
         }
         let flush = batch.ops.iter().any(|o| matches!(o, Op::Flush(_)));
         let job = self.disk.run(move || {
@@ -397,7 +450,9 @@ impl LocalUnit {
             match outcome {
                 Outcome::Done => {
                     self.released = self.released.max(acked);
-                    self.sender.mark_written(batch.last);
+                    if let Some(last) = batch.last {
+                        self.sender.mark_written(last);
+                    }
                     for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
                         match op {
                             Op::Write(payloads, reply) => {
@@ -414,8 +469,10 @@ impl LocalUnit {
                     sent = true;
                 }
                 Outcome::Full | Outcome::Skipped if self.failed.is_none() => {
-                    // Back-pressure: writers wait until acknowledgements free journal space.
+                    // Back-pressure: writers wait until acknowledgements free journal
+                    // space. The watermark this batch carried was not recorded either.
                     tracing::debug!(pair = %self.pair, "journal full; retrying");
+                    self.released_sent = self.released;
                     self.retry.push(batch);
                 }
                 Outcome::Failed(e) => {
@@ -433,16 +490,84 @@ impl LocalUnit {
             self.release_replies(ctx);
             self.transmit();
         }
-        if self.inflight.is_empty() && self.stalled.load(Ordering::Acquire) {
-            self.stalled.store(false, Ordering::Release);
-            if !self.retry.is_empty() {
-                ctx.run_later(Duration::from_millis(5), |act, ctx| {
-                    for batch in std::mem::take(&mut act.retry) {
-                        act.submit(batch, ctx);
+        if self.retry.is_empty() {
+            self.pump(ctx);
+        } else {
+            // The journal was full. What frees it is the watermark of what the remote
+            // acknowledged: record it on its own (never refused for space); the retry
+            // follows when it lands (or on the next tick: another unit's watermark may
+            // free a shared journal), never at once, which would only spin.
+            self.mark_released(ctx);
+        }
+    }
+
+    /// Records the acknowledged point in the journal on its own, if no job on the lane
+    /// carries it yet. Such a batch has no packet, so the journal never refuses it, and a
+    /// journal full of acknowledged packets frees them (I5: a full journal waits only on
+    /// acknowledgements, never on new data to carry the watermark).
+    fn mark_released(&mut self, ctx: &mut Context<Self>) {
+        let acked = self.sender.acked_stamp();
+        if self.marking || acked.seq <= self.released_sent.seq || self.failed.is_some() {
+            return;
+        }
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        self.marking = true;
+        self.released_sent = acked;
+        let rec = [Record::Released {
+            pair: self.pair,
+            stamp: acked,
+        }];
+        // Not behind the lane's `stalled` flag: a watermark may go in whatever happened
+        // to the data batches before it.
+        let job = self
+            .disk
+            .run(move || journal.append(&rec, Durability::Written));
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.marking = false;
+            match res {
+                Some(Ok(())) => act.released = act.released.max(acked),
+                Some(Err(e)) => {
+                    let e = format!("journal: {e}");
+                    tracing::error!(pair = %act.pair, error = %e, "local unit failed");
+                    act.failed = Some(e);
+                }
+                None => act.failed = Some("disk pool stopped".into()),
+            }
+            act.resubmit(ctx);
+        }));
+    }
+
+    /// Once the lane is done with everything a full journal refused, hands those batches
+    /// to it again, in order (or fails them, if the unit failed); then takes new work.
+    fn resubmit(&mut self, ctx: &mut Context<Self>) {
+        if !self.inflight.is_empty() || self.marking {
+            // `pump` takes no new work while batches wait for a retry.
+            self.pump(ctx);
+            return;
+        }
+        self.stalled.store(false, Ordering::Release);
+        let retry = std::mem::take(&mut self.retry);
+        if self.stopping && !retry.is_empty() {
+            // Stamped, never journaled, written or sent: the clients are told, and the
+            // sender forgets the packets (with the lane idle, every held one is theirs).
+            let dropped = self.sender.drop_held();
+            tracing::info!(pair = %self.pair, packets = dropped, "stopping: writes a full journal refused are failed");
+            for batch in retry {
+                for op in batch.ops {
+                    match op {
+                        Op::Write(_, r) => drop(r.send(Err(EngineError::Unit(
+                            "stopping: the write was not journaled and is not written".into(),
+                        )))),
+                        flush => self.queue.push(flush),
                     }
-                    act.pump(ctx);
-                });
-                return;
+                }
+            }
+        } else {
+            match self.failed.clone() {
+                Some(e) => retry.into_iter().for_each(|b| self.fail_batch(b, &e)),
+                None => retry.into_iter().for_each(|b| self.submit(b, ctx)),
             }
         }
         self.pump(ctx);
@@ -477,6 +602,12 @@ impl LocalUnit {
         if !self.pending.is_empty() {
             self.release_replies(ctx);
         }
+        if !self.retry.is_empty() {
+            // Space in a journal shared with other units may come back from their
+            // watermarks too: retry every tick while batches wait.
+            self.mark_released(ctx);
+            self.resubmit(ctx);
+        }
         self.transmit();
         let t = now();
         if self.sender.heartbeat_due(t) {
@@ -510,6 +641,9 @@ impl Handler<Write> for LocalUnit {
         {
             return Box::pin(async move { Err(EngineError::Store(e)) });
         }
+        if self.stopping {
+            return Box::pin(async { Err(EngineError::Stopped) });
+        }
         let (tx, rx) = oneshot::channel();
         self.queue.push(Op::Write(msg.0, tx));
         self.pump(ctx);
@@ -517,12 +651,28 @@ impl Handler<Write> for LocalUnit {
     }
 }
 
-impl Handler<AbandonHeld> for LocalUnit {
+impl Handler<Stopping> for LocalUnit {
     type Result = ();
 
-    fn handle(&mut self, _: AbandonHeld, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: Stopping, ctx: &mut Context<Self>) {
         self.abandon_held = true;
+        self.stopping = true;
         self.release_replies(ctx);
+        let stopped = |r: Reply<Vec<Stamp>>| {
+            drop(r.send(Err(EngineError::Unit(
+                "stopping: the write was not journaled and is not written".into(),
+            ))))
+        };
+        let mut flushes = Vec::new();
+        for op in std::mem::take(&mut self.queue) {
+            match op {
+                Op::Write(_, r) => stopped(r),
+                flush => flushes.push(flush),
+            }
+        }
+        self.queue = flushes;
+        // Batches a full journal refused are failed once the lane is done with them.
+        self.resubmit(ctx);
     }
 }
 
@@ -548,6 +698,12 @@ impl Handler<AcksIn> for LocalUnit {
         // Acknowledgements open the congestion window and reveal losses: send at once.
         self.transmit();
         self.pump(ctx);
+        if self.inflight.is_empty() || !self.retry.is_empty() {
+            // No batch on the lane carries the watermark: record it on its own, so space
+            // comes back (and a restart resends less) when writes have stopped or the
+            // journal is full.
+            self.mark_released(ctx);
+        }
     }
 }
 

@@ -345,9 +345,11 @@ impl Handler<PacketsIn> for RemoteUnit {
     fn handle(&mut self, msg: PacketsIn, ctx: &mut Context<Self>) {
         if self.journal.is_some() {
             // Flow control: out-of-order packets may fill three quarters of this unit's
-            // share of the journal; the rest is kept for packets at the head of the run,
-            // so a packet that closes a gap (and lets the limit, and space, move) always
-            // finds room. What does not fit is dropped and retransmitted later.
+            // share of the journal; the rest is kept for packets near the head of the
+            // run. The packet right after the head (the one that closes the gap and lets
+            // the limit, and space, move) is always taken, whatever is held: with large
+            // packets, those just after it can fill the whole share (I5). What does not
+            // fit is dropped and retransmitted later.
             let head = self.tracker.head().seq;
             let applied = self.tracker.applied().seq;
             for p in msg.0 {
@@ -358,8 +360,9 @@ impl Handler<PacketsIn> for RemoteUnit {
                     continue;
                 }
                 let len = p.payload.wire_len();
-                let near_head = p.stamp.seq.0 <= head.0 + 64;
-                let room = if near_head {
+                let room = if p.stamp.seq == head.next() {
+                    usize::MAX
+                } else if p.stamp.seq.0 <= head.0 + 64 {
                     self.budget
                 } else {
                     self.budget / 4 * 3

@@ -3,12 +3,14 @@
 //! the secondary, `promote` on a copy of its state must give a cut of the write history;
 //! at the end the remote equals the local byte for byte.
 //!
-//! Kill points come from a seeded RNG (printed); `TIDEMARK_SEED=<n>` replays one.
+//! A kill happens at an observed point (the secondary seen receiving writes, in the
+//! status file it writes every 500 ms), plus a delay from a seeded RNG (printed);
+//! `TIDEMARK_SEED=<n>` replays one.
 
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 fn seed() -> u64 {
     seed_or(20261129)
@@ -31,8 +33,10 @@ fn secondary_killed_repeatedly(proxied: bool) {
     } else {
         (2500usize, seed % 1000, 65536u64)
     };
+    // The statuses of the secondary running now are those written after `since`.
+    let mut since = SystemTime::now();
     let mut sec = site.secondary();
-    let load = site.spawn(&[
+    let mut load = site.spawn(&[
         "load",
         "--config",
         site.cfg(),
@@ -49,13 +53,29 @@ fn secondary_killed_repeatedly(proxied: bool) {
     ]);
     let mut cuts = Vec::new();
     for k in 0..4 {
-        // A random crash point: fault injection, not synchronisation.
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..700)));
+        // The crash point: once the (restarted) secondary is seen receiving writes, a
+        // seeded extra delay (fault injection after the event, not synchronisation).
+        let journal = site.path("run/site-b/journal");
+        let receiving = wait_receiving(&[journal], since, Duration::from_secs(60), || {
+            matches!(load.try_wait(), Ok(Some(_)))
+        })
+        .unwrap_or_else(|e| panic!("seed {seed}, kill {k}: {e}; logs:{}", site.log_tails()));
+        let extra = rng.random_range(0..500);
+        eprintln!(
+            "kill {k}: {} the secondary {extra} ms later",
+            if receiving {
+                "receiving; killing"
+            } else {
+                "load has finished; killing"
+            }
+        );
+        std::thread::sleep(Duration::from_millis(extra));
         kill9(sec);
         match site.promote_copy_and_check(&format!("copy{k}"), wl_seed, writes, max_write) {
             Ok(cut) => cuts.push(cut),
             Err(e) => panic!("seed {seed}, kill {k}: {e}"),
         }
+        since = SystemTime::now();
         sec = site.secondary();
     }
     let out = load.wait_with_output().expect("load");
@@ -104,7 +124,7 @@ fn primary_killed_and_restarted_loses_nothing_journaled() {
     let site = Site::new(false);
     let (writes, wl_seed, max_write) = (3000usize, seed % 1000 + 1, 65536u64);
     let sec = site.secondary();
-    let load = site.spawn(&[
+    let mut load = site.spawn(&[
         "load",
         "--config",
         site.cfg(),
@@ -115,30 +135,60 @@ fn primary_killed_and_restarted_loses_nothing_journaled() {
         "--seed",
         &wl_seed.to_string(),
     ]);
-    std::thread::sleep(Duration::from_millis(rng.random_range(200..900)));
+    // Kill at an observed point: once the secondary holds a write, the primary has
+    // journaled it (a packet leaves only after its write is journaled and written
+    // locally); then a seeded extra delay (fault injection after the event).
+    let held = wait_until(Duration::from_secs(60), || {
+        if let Ok(Some(st)) = load.try_wait() {
+            return Ok(format!("load exited ({st}) first"));
+        }
+        match site.status("site-b") {
+            Some(s) if heads(&s).iter().any(|&h| h > 0) => {
+                Ok(format!("site-b holds {:?}", heads(&s)))
+            }
+            Some(s) => Err(format!("site-b holds {:?}", heads(&s))),
+            None => Err("site-b wrote no status".into()),
+        }
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "seed {seed}: the secondary never held a write of the load: {e}; logs:{}",
+            site.log_tails()
+        )
+    });
+    let extra = rng.random_range(0..500);
+    eprintln!("{held}; killing load {extra} ms later");
+    std::thread::sleep(Duration::from_millis(extra));
     kill9(load);
     // Restart the primary without new writes: it must ship whatever its journal holds.
     let primary = site.primary();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let written = loop {
-        if let Some(s) = site.status("site-a") {
-            let pairs = &s["stats"]["pairs"];
-            let w: Vec<u64> = (0..2)
-                .map(|i| pairs[i]["written_seq"].as_u64().unwrap_or(0))
-                .collect();
-            let a: Vec<u64> = (0..2)
-                .map(|i| pairs[i]["acked_seq"].as_u64().unwrap_or(0))
-                .collect();
-            if s["pid"].as_u64() == Some(u64::from(primary.id())) && w == a {
-                break w;
-            }
+    let written = wait_until(Duration::from_secs(60), || {
+        let Some(s) = site.status("site-a") else {
+            return Err("site-a wrote no status".into());
+        };
+        let pairs = &s["stats"]["pairs"];
+        let w: Vec<u64> = (0..2)
+            .map(|i| pairs[i]["written_seq"].as_u64().unwrap_or(0))
+            .collect();
+        let a: Vec<u64> = (0..2)
+            .map(|i| pairs[i]["acked_seq"].as_u64().unwrap_or(0))
+            .collect();
+        if s["pid"].as_u64() == Some(u64::from(primary.id())) && w == a {
+            Ok(w)
+        } else {
+            Err(format!(
+                "pid {} (restarted primary {}), written {w:?}, acked {a:?}",
+                s["pid"],
+                primary.id()
+            ))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "seed {seed}: the restarted primary never caught up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "seed {seed}: the restarted primary never caught up: {e}; logs:{}",
+            site.log_tails()
+        )
+    });
     let want = written
         .iter()
         .enumerate()

@@ -187,7 +187,8 @@ fn dependent_writes_across_two_primary_processes_with_skewed_clocks_give_cuts() 
     procs.add("site-a", a);
     procs.add("site-c", c);
 
-    let run = writes_through_crashes(seed, g.nbd, (600, 20_000), 3, |k| {
+    let remotes = [g.site.path("run/site-b/journal")];
+    let run = writes_through_crashes(seed, g.nbd, (600, 20_000), 3, &remotes, |k| {
         kill9(procs.take("site-b"));
         let result = g.site.promote_copy(&format!("copy{k}"));
         procs.put("site-b", g.site.secondary());

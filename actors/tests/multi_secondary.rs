@@ -5,9 +5,10 @@
 //! durable on both.
 //!
 //! Dependent NBD writes alternate between the exports while both secondaries are
-//! SIGKILLed together (a site disaster) at seeded points and restarted; after every
-//! kill, `promote` without `--system` on a copy of both must bring both remote units to
-//! one cut of the write sequence (I1), byte for byte. At the end remote == local.
+//! SIGKILLed together (a site disaster) once both are seen receiving, plus a seeded
+//! delay, and restarted; after every kill, `promote` without `--system` on a copy of
+//! both must bring both remote units to one cut of the write sequence (I1), byte for
+//! byte. At the end remote == local.
 //!
 //! The seed is printed; `TIDEMARK_SEED=<n>` replays one.
 
@@ -165,7 +166,8 @@ fn dependent_writes_to_two_secondary_processes_promote_together_to_cuts() {
     wait_tcp(nbd, &mut primary, PATIENCE);
     procs.0[0] = Some(primary);
 
-    let run = writes_through_crashes(seed, [nbd, nbd], (600, 20_000), 3, |k| {
+    let remotes = ["site-b", "site-d"].map(|s| dir.join(format!("run/{s}/journal")));
+    let run = writes_through_crashes(seed, [nbd, nbd], (600, 20_000), 3, &remotes, |k| {
         for i in [1, 2] {
             kill9(procs.0[i].take().expect("running"));
         }

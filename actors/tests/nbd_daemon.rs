@@ -3,11 +3,11 @@
 //!
 //! - Dependent writes (each issued after the previous reply) go alternately to the two
 //!   exports from a small raw NBD client while the secondary is killed with SIGKILL and
-//!   restarted at seeded random points; after every kill, `promote` on a copy of the
-//!   secondary's state must give a consistent cut (invariant I1) across both exports: a
-//!   global prefix of the write sequence, holding exactly the bytes of that prefix. At
-//!   the end the remote units equal the local units, and both equal the replay of every
-//!   write.
+//!   restarted (each kill once the secondary is seen receiving, plus a seeded random
+//!   delay); after every kill, `promote` on a copy of the secondary's state must give a
+//!   consistent cut (invariant I1) across both exports: a global prefix of the write
+//!   sequence, holding exactly the bytes of that prefix. At the end the remote units
+//!   equal the local units, and both equal the replay of every write.
 //! - fio (`--ioengine=nbd`) random writes with verify at queue depth 16 against the
 //!   daemon; the remote units equal the local units once the secondary applied
 //!   everything.
@@ -91,7 +91,8 @@ fn dependent_writes_over_nbd_while_the_secondary_is_killed_promote_gives_cuts() 
     let mut daemons = Daemons::start(&site, port);
     // Enough writes that the writer is still busy when the kills end; it stops early
     // once they have and 1,500 writes were sent.
-    let run = writes_through_crashes(seed, [port, port], (1_500, 40_000), 4, |k| {
+    let remotes = [site.path("run/site-b/journal")];
+    let run = writes_through_crashes(seed, [port, port], (1_500, 40_000), 4, &remotes, |k| {
         kill9(daemons.secondary.take().expect("the secondary runs"));
         let result = site.promote_copy(&format!("copy{k}"));
         daemons.secondary = Some(site.secondary());

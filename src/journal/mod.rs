@@ -105,9 +105,14 @@
 //! free a segment starts a new segment at once instead of waiting for the active one to
 //! fill. [`JournalOptions::capacity`] bounds the bytes of all segments, synced or not; a
 //! batch with a packet that would pass it is refused with [`JournalError::Full`] and
-//! nothing changes (the caller applies back-pressure). A batch without packets may use
-//! [`JournalOptions::reserve`] bytes more, so a full journal can always take the
-//! watermarks that free it.
+//! nothing changes (the caller applies back-pressure). A batch without packets
+//! (watermarks, limits) is never refused for space: it may use
+//! [`JournalOptions::reserve`] bytes more, and once even the reserve is taken its records
+//! go into the in-memory state only, which the checkpoint of the next segment carries
+//! (the next `sync` starts that segment at once, so a limit still becomes durable when
+//! synced). A full journal can therefore always take the watermarks that free it.
+//! [`JournalOptions::admissible`] is how many bytes of unreleased packets a writer may
+//! keep and still never be refused.
 
 pub mod format;
 mod state;
@@ -187,6 +192,18 @@ impl JournalOptions {
         }
     }
 
+    /// Bytes of packets a writer may keep unreleased and still never be refused: the
+    /// capacity less the reserve and two segments (the oldest segment still holding an
+    /// unreleased packet may hold a segment of released ones before it, and the active
+    /// segment is only reclaimed once sealed). Frames add a few dozen bytes per packet
+    /// on top of the payload; tiny writes can still meet `Full`, which back-pressures.
+    pub fn admissible(&self) -> u64 {
+        self.capacity.saturating_sub(
+            self.reserve
+                .saturating_add(self.segment_size.saturating_mul(2)),
+        )
+    }
+
     fn validate(&self) -> Result<(), JournalError> {
         let bad = |m: String| Err(JournalError::Options(m));
         if !(4096..=1 << 30).contains(&self.segment_size) {
@@ -221,6 +238,9 @@ pub struct JournalStats {
     pub full: u64,
     /// New segments started before the active one was full, to free space.
     pub early_rotations: u64,
+    /// Records without packets that found no room even in the reserve: folded into the
+    /// state, to be carried by the next segment's checkpoint.
+    pub folded: u64,
 }
 
 /// A segment's bookkeeping: its length on disk and, per pair, its highest packet seq
@@ -295,6 +315,9 @@ pub struct Journal {
     failed: bool,
     /// An append was refused since the last new segment.
     pressure: bool,
+    /// `state` holds records that are in no frame (folded when even the reserve was
+    /// full): the next `sync` starts a segment whose checkpoint carries them.
+    unframed: bool,
     stats: JournalStats,
 }
 
@@ -566,6 +589,7 @@ impl Journal {
             frame_ends: Vec::new(),
             failed: false,
             pressure: false,
+            unframed: false,
             stats,
         };
         journal.reclaim()?;
@@ -692,9 +716,11 @@ impl Journal {
     /// Buffers `records`, all or none. Nothing is written before [`Journal::sync`].
     ///
     /// Errors: [`JournalError::TooLarge`] if one record's frame exceeds the segment size;
-    /// [`JournalError::Full`] if the batch would take the journal past its capacity (plus
-    /// the reserve, for a batch without packets); [`JournalError::Failed`] after an I/O
-    /// error. On any error the journal is as before the call.
+    /// [`JournalError::Full`] if a batch with a packet would take the journal past its
+    /// capacity; [`JournalError::Failed`] after an I/O error. On any error the journal is
+    /// as before the call. A batch without packets is never refused for space: past the
+    /// capacity it uses the reserve, past the reserve it is folded into the state that
+    /// the next segment's checkpoint carries (the next `sync` makes it durable).
     pub fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
         self.check()?;
         if records.is_empty() {
@@ -758,8 +784,19 @@ impl Journal {
         };
         if self.used + needed > limit {
             self.active.buf.truncate(base);
-            self.stats.full += 1;
             self.pressure = true;
+            if !has_packet {
+                // Watermarks and limits are what free space: never refused. Past the
+                // reserve they go into the state only; the checkpoint of the next
+                // segment carries them (`sync` starts one for them).
+                for record in records {
+                    self.state.apply(record);
+                }
+                self.unframed = true;
+                self.stats.folded += records.len() as u64;
+                return Ok(());
+            }
+            self.stats.full += 1;
             return Err(JournalError::Full {
                 needed,
                 used: self.used,
@@ -814,6 +851,7 @@ impl Journal {
             && self.lazily_sealed.is_empty()
             && self.active.buf.is_empty()
             && !self.active.unsynced
+            && !self.unframed
         {
             return Ok(());
         }
@@ -905,7 +943,7 @@ impl Journal {
         // Everything is durable now, so the state may go into a checkpoint. After
         // segments sealed unsynced, a new segment (unflagged) also tells recovery that
         // everything before it is durable: corruption there is an error again, not a tail.
-        if self.early_rotation_due() || lazy {
+        if self.early_rotation_due() || lazy || self.unframed {
             let segno = self.active.info.segno + 1;
             let first = segment_start(segno, self.active.end(), &self.state);
             let mut next = OpenSegment::new(segno, first);
@@ -915,6 +953,7 @@ impl Journal {
             self.sealed.push_back(old.info);
             self.active_cp = self.state.clone();
             self.pressure = false;
+            self.unframed = false;
             self.stats.early_rotations += 1;
         }
         self.reclaim()

@@ -941,20 +941,31 @@ fn full_leaves_the_journal_unchanged_and_usable() {
     check(&rec, &records, &ctx);
     assert_eq!(rec.pair(PairId(0)).unwrap().live.len(), 4, "{ctx}");
 
-    // Even the reserve has an end.
+    // Control records are never refused: past the reserve they are folded into the
+    // state, and a sync makes the latest durable (the checkpoint of a new segment).
     let (mut j, _) = open(dir.path(), o);
-    let mut n = 0;
-    loop {
-        match j.append(&[Record::Limit { ts: Timestamp(n) }]) {
-            Ok(()) => n += 1,
-            Err(JournalError::Full { limit, .. }) => {
-                assert_eq!(limit, o.capacity + o.reserve, "{ctx}");
-                break;
-            }
-            Err(e) => panic!("{ctx}: {e}"),
-        }
-        assert!(n < 100_000, "{ctx}: control records never fill the journal");
+    let used = j.used();
+    let mut n = 1;
+    while j.stats().folded < 10 {
+        j.append(&[Record::Limit { ts: Timestamp(n) }])
+            .unwrap_or_else(|e| panic!("{ctx}: limit {n} refused: {e}"));
+        n += 1;
+        assert!(n < 100_000, "{ctx}: control records never fill the reserve");
     }
+    assert!(
+        j.used() <= o.capacity + o.reserve,
+        "{ctx}: past the reserve"
+    );
+    assert!(j.used() > used, "{ctx}: the reserve was used");
+    assert_eq!(j.limit(), Timestamp(n - 1), "{ctx}");
+    j.sync().unwrap();
+    drop(j);
+    let (_, rec) = open(dir.path(), o);
+    assert_eq!(
+        rec.limit,
+        Timestamp(n - 1),
+        "{ctx}: the folded limit is durable"
+    );
 }
 
 #[test]
@@ -1590,5 +1601,83 @@ fn power_loss_tearing_segments_sealed_unsynced_cuts_at_the_first_tear() {
             tears >= 20 && corrupt >= 5,
             "{ctx}: {tears} tears, {corrupt} corrupt"
         );
+    }
+}
+
+/// A packet of `pair` at `seq` with `len` bytes of data.
+fn packet_of(pair: u32, seq: u64, len: usize) -> Record {
+    Record::Packet(Packet {
+        pair: PairId(pair),
+        stamp: Stamp::new(Timestamp(seq * 10 + pair as u64), Seq(seq)),
+        payload: Payload::Write {
+            offset: Offset(seq * 512),
+            data: Bytes::from(vec![seq as u8; len]),
+        },
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// A journal filled to capacity with packets, whose acknowledgements then arrive in
+    /// any order and in any steps (each a watermark-only batch, as the primary writes
+    /// them when the journal is full), while pair 0, whose packet is oldest, is
+    /// acknowledged last and pins every segment: every watermark is taken (in frames, in
+    /// the reserve, or folded into the state past it) and, once written, the journal
+    /// takes packets again; a reopen recovers the final watermarks and nothing released.
+    #[test]
+    fn a_full_journal_takes_the_watermarks_that_free_it(
+        seg_kib in 4u64..32,
+        segments in 2u64..6,
+        reserve in 0u64..2048,
+        pairs in 2u32..5,
+        len in 8usize..400,
+        acks in any_vec((1u32..5, 1u64..6), 1..400),
+        sync_each in any::<bool>(),
+    ) {
+        let dir = fast_tempdir();
+        let o = JournalOptions { segment_size: seg_kib << 10, capacity: (seg_kib << 10) * segments, reserve };
+        let (mut j, _) = open(dir.path(), o);
+        // Fill: packets round-robin over the pairs until the journal refuses one.
+        let mut last = vec![0u64; pairs as usize];
+        for i in 0u64.. {
+            let p = (i % pairs as u64) as u32;
+            match j.append(&[packet_of(p, last[p as usize] + 1, len)]) {
+                Ok(()) => last[p as usize] += 1,
+                Err(JournalError::Full { .. }) => break,
+                Err(e) => panic!("fill: {e}"),
+            }
+            j.write().unwrap();
+        }
+        // Acknowledgements, each recorded on its own; never refused. Pair 0 comes last.
+        let stamp = |p: u32, seq: u64| Stamp::new(Timestamp(seq * 10 + p as u64), Seq(seq));
+        let mut released = vec![0u64; pairs as usize];
+        let steps = acks
+            .iter()
+            .map(|&(p, n)| (1 + p % (pairs - 1), n))
+            .chain((0..pairs).rev().map(|p| (p, u64::MAX)));
+        for (p, n) in steps {
+            let seq = released[p as usize].saturating_add(n).min(last[p as usize]);
+            if seq == released[p as usize] {
+                continue;
+            }
+            released[p as usize] = seq;
+            let rec = Record::Released { pair: PairId(p), stamp: stamp(p, seq) };
+            j.append(&[rec]).unwrap_or_else(|e| panic!("watermark of pair {p} to {seq} refused: {e}"));
+            if sync_each { j.sync().unwrap() } else { j.write().unwrap() }
+        }
+        // Everything is released: once the watermarks are written, packets fit again.
+        j.sync().unwrap();
+        j.append(&[packet_of(0, last[0] + 1, len)]).unwrap_or_else(|e| panic!("after release: {e}"));
+        j.sync().unwrap();
+        drop(j);
+        let (_, r) = open(dir.path(), o);
+        for p in 0..pairs {
+            let rp = &r.pairs[&PairId(p)];
+            proptest::prop_assert_eq!(rp.released, stamp(p, last[p as usize]));
+            let live: Vec<u64> = rp.live.iter().map(|q| q.stamp.seq.0).collect();
+            let want = if p == 0 { vec![last[0] + 1] } else { vec![] };
+            proptest::prop_assert_eq!(live, want);
+        }
     }
 }

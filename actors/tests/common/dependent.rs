@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tidemark::nbd::consts::*;
 use tidemark::PairId;
 
@@ -361,8 +361,11 @@ pub struct CrashRun {
 }
 
 /// Dependent writes go to `ports` (one NBD server port per export) in the background
-/// while `crash(k)` runs `rounds` times at seeded random points (fault injection, not
-/// synchronisation). `crash` kills what it kills, promotes a copy of the remote state
+/// while `crash(k)` runs `rounds` times. Each crash comes at an observed point plus a
+/// seeded random delay (fault injection after the event, not synchronisation): once the
+/// remote systems whose journal directories are `remotes` (those `crash` kills and
+/// restarts) are seen receiving writes (see [`super::wait_receiving`]), or the writer
+/// has finished. `crash` kills what it kills, promotes a copy of the remote state
 /// and returns each export's `applied_seq` and the promoted images (and restarts what
 /// it killed). Every promote must be a cut of the writes sent so far, byte for byte,
 /// and cuts never go backwards; a failure names the seed. The writer stops once the
@@ -372,6 +375,7 @@ pub fn writes_through_crashes(
     ports: [u16; 2],
     (min, max): (usize, usize),
     rounds: usize,
+    remotes: &[PathBuf],
     mut crash: impl FnMut(usize) -> Result<(Vec<u64>, Vec<PathBuf>), String>,
 ) -> CrashRun {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x6b69_6c6c);
@@ -383,9 +387,30 @@ pub fn writes_through_crashes(
         std::thread::spawn(move || dependent_writer(&ports, seed, plan, min, halt, sent))
     };
     let mut cuts = Vec::new();
+    // The remotes running now started before the test called this: any status counts.
+    let mut since = SystemTime::UNIX_EPOCH;
     for k in 0..rounds {
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..900)));
+        let receiving = super::wait_receiving(remotes, since, PATIENCE, || writer.is_finished())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "seed {seed}, crash {k}: {e}; {} writes sent",
+                    sent.load(Ordering::SeqCst)
+                )
+            });
+        let extra = rng.random_range(0..500);
+        eprintln!(
+            "crash {k}: {} ms after {}",
+            extra,
+            if receiving {
+                "the remote was seen receiving"
+            } else {
+                "the writer finished"
+            }
+        );
+        std::thread::sleep(Duration::from_millis(extra));
         let result = crash(k);
+        // What `crash` restarted writes its statuses after this.
+        since = SystemTime::now();
         // Every write the promoted units can hold was sent before this load.
         let bound = sent.load(Ordering::SeqCst);
         let (applied, images) = result.unwrap_or_else(|e| panic!("seed {seed}, crash {k}: {e}"));

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tidemark::PairId;
 use tidemark_actors::workload::Workload;
 
@@ -376,7 +376,13 @@ impl Site {
     /// [`Site::new`] without wan-sims, and the primary (site-a) serves its units over
     /// NBD on a free TCP port of 127.0.0.1, which is returned.
     pub fn with_nbd() -> (Site, u16) {
-        let site = Site::new(false);
+        Site::with_nbd_proxied(false)
+    }
+
+    /// [`Site::with_nbd`], with the advertise addresses on other ports for relays if
+    /// `proxied` (as [`Site::new`]).
+    pub fn with_nbd_proxied(proxied: bool) -> (Site, u16) {
+        let site = Site::new(proxied);
         let port = free_tcp_port();
         let text = std::fs::read_to_string(&site.config).expect("config");
         let anchor = "name = \"site-a\"\nrole = \"primary\"\n";
@@ -507,5 +513,103 @@ impl Site {
             sim(self.b_advertise, self.b_port, seed),
             sim(self.a_advertise, self.a_port, seed + 1),
         ]
+    }
+}
+
+// ---- Kill points at observed events (not after a sleep) ----
+
+/// Polls `poll` every 20 ms until it gives `Ok`, for at most `limit`; `Err` describes the
+/// state seen so far and is returned (with the limit) if the deadline passes, for the
+/// caller's panic. A bound against a hung test, never a measurement.
+pub fn wait_until<T>(
+    limit: Duration,
+    mut poll: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match poll() {
+            Ok(t) => return Ok(t),
+            Err(state) if Instant::now() > deadline => {
+                return Err(format!("not seen in {limit:?}; last state: {state}"))
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The status in `journal_dir` if its file was written after `since`: one that a process
+/// killed (and waited for) before `since` cannot have written.
+pub fn status_since(journal_dir: &Path, since: SystemTime) -> Option<serde_json::Value> {
+    let modified = std::fs::metadata(journal_dir.join("status.json"))
+        .and_then(|m| m.modified())
+        .ok()?;
+    if modified <= since {
+        return None;
+    }
+    tidemark_actors::daemon::read_status(journal_dir)
+}
+
+/// Each pair's `head_seq` in a status: the packets its remote unit holds in an unbroken
+/// run (0 for a pair whose remote unit is not in that system).
+pub fn heads(status: &serde_json::Value) -> Vec<u64> {
+    status["stats"]["pairs"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| p["head_seq"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (bounded by `limit`) until the remote systems with journals `dirs`, all
+/// (re)started before `since`, receive writes: each has written a status after `since`,
+/// and a later status shows their remote units together holding more (the sum of
+/// `head_seq`) than the first one did. Returns `Ok(false)` at once if `finished()` says
+/// no more writes will come (then nothing can move); `Err` shows the state if the
+/// deadline passes.
+pub fn wait_receiving(
+    dirs: &[PathBuf],
+    since: SystemTime,
+    limit: Duration,
+    mut finished: impl FnMut() -> bool,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + limit;
+    let mut first: Option<u64> = None;
+    loop {
+        if finished() {
+            return Ok(false);
+        }
+        let statuses: Vec<Option<serde_json::Value>> =
+            dirs.iter().map(|d| status_since(d, since)).collect();
+        if statuses.iter().all(Option::is_some) {
+            let held: u64 = statuses
+                .iter()
+                .flatten()
+                .map(|s| heads(s).iter().sum::<u64>())
+                .sum();
+            match first {
+                None => first = Some(held),
+                Some(f) if held > f => return Ok(true),
+                Some(_) => {}
+            }
+        }
+        if Instant::now() > deadline {
+            let state: Vec<String> = dirs
+                .iter()
+                .zip(&statuses)
+                .map(|(d, s)| match s {
+                    Some(s) => format!("{}: heads {:?}", d.display(), heads(s)),
+                    None => format!("{}: no status written since the (re)start", d.display()),
+                })
+                .collect();
+            return Err(format!(
+                "the remote systems did not receive writes in {limit:?} (heads in their \
+                 first status since the (re)start: {first:?}; now: {})",
+                state.join("; ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,0 +1,180 @@
+//! Issue 9 with real processes: a primary whose journal (8 MiB) is far smaller than the
+//! default window (64 MiB), fio writing 64 KiB blocks at queue depth 16 for 20 s through
+//! the primary's NBD export, directly and through relays that delay every datagram (so
+//! acknowledgements lag). fio must finish without an error, the secondary must apply
+//! every write, both daemons must stop on SIGTERM, and the remote units must equal the
+//! local ones byte for byte.
+//!
+//! Before the fix the primary's journal filled, the release watermark that would have
+//! freed it could only ride in a batch of new packets, which the full journal refused:
+//! fio hung with about the queue depth of writes stamped and never journaled.
+
+mod common;
+use common::dependent::PATIENCE;
+use common::*;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+const RUNTIME_S: u64 = 20;
+
+/// A site whose primary has an 8 MiB journal and serves NBD; `relayed` puts a wan-sim
+/// that only delays (2 ms, 1 ms jitter) in each direction. Returns the NBD port and the
+/// relays.
+fn site(relayed: bool) -> (Site, u16, Vec<Child>) {
+    let (site, port) = Site::with_nbd_proxied(relayed);
+    let text = std::fs::read_to_string(&site.config).expect("config");
+    let anchor = "journal_dir = \"run/site-a/journal\"\njournal_size = \"64MiB\"";
+    assert!(
+        text.contains(anchor),
+        "the config has site-a's journal size"
+    );
+    let text = text.replacen(
+        anchor,
+        "journal_dir = \"run/site-a/journal\"\njournal_size = \"8MiB\"",
+        1,
+    );
+    std::fs::write(&site.config, text).expect("config");
+    let relays = if relayed {
+        let relay = |listen: u16, forward: u16| {
+            site.spawn(&[
+                "wan-sim",
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--forward",
+                &format!("127.0.0.1:{forward}"),
+                "--delay-ms",
+                "2",
+                "--jitter-ms",
+                "1",
+            ])
+        };
+        vec![
+            relay(site.b_advertise, site.b_port),
+            relay(site.a_advertise, site.a_port),
+        ]
+    } else {
+        Vec::new()
+    };
+    (site, port, relays)
+}
+
+/// Runs fio's sequential 64 KiB writes at QD16 on the `data` export for `RUNTIME_S`;
+/// fails (with the daemons' logs) if fio errs or is still running well after its runtime.
+fn fio_seq_write(site: &Site, port: u16) {
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=seqwrite",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://127.0.0.1:{port}/data"),
+            "--rw=write",
+            "--bs=64k",
+            "--iodepth=16",
+            "--size=8m",
+            "--time_based",
+            &format!("--runtime={RUNTIME_S}"),
+            "--output-format=json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fio");
+    let limit = Duration::from_secs(RUNTIME_S) + PATIENCE;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = fio.try_wait().expect("fio") {
+            break s;
+        }
+        if started.elapsed() > limit {
+            let _ = fio.kill();
+            panic!(
+                "fio still running {limit:?} after its start (a hung disk); primary: {}; secondary: {}; logs:{}",
+                site.status("site-a").unwrap_or_default(),
+                site.status("site-b").unwrap_or_default(),
+                site.log_tails()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = fio.wait_with_output().expect("fio output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.success(),
+        "fio failed ({status}):\n{text}\n{}\nlogs:{}",
+        String::from_utf8_lossy(&out.stderr),
+        site.log_tails()
+    );
+    let json = text.find('{').map(|i| &text[i..]).unwrap_or(&text);
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}: {text}"));
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"].as_i64(), Some(0), "{job}");
+    let bytes = job["write"]["io_bytes"].as_u64().unwrap_or(0);
+    // Far more than the journal holds went through it.
+    assert!(bytes > 8 << 20, "fio wrote only {bytes} bytes: {job}");
+    eprintln!("fio wrote {} MiB in {RUNTIME_S} s", bytes >> 20);
+}
+
+fn run(relayed: bool) {
+    if !have("fio") {
+        return;
+    }
+    let (site, port, relays) = site(relayed);
+    let secondary = site.secondary();
+    let mut primary = site.primary();
+    wait_tcp(port, &mut primary, PATIENCE);
+    fio_seq_write(&site, port);
+    let status = site.status_after("site-a", SystemTime::now(), PATIENCE);
+    let written: std::collections::BTreeMap<tidemark::PairId, u64> = (0..2)
+        .map(|p| {
+            let n = status["stats"]["pairs"][p]["written_seq"]
+                .as_u64()
+                .unwrap_or(0);
+            (tidemark::PairId(p as u32), n)
+        })
+        .collect();
+    site.wait_applied("site-b", &written, PATIENCE);
+    for (name, child) in [("primary", primary), ("secondary", secondary)] {
+        let out = stop(child);
+        assert!(
+            out.status.success(),
+            "the {name} did not stop cleanly ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for r in relays {
+        kill9(r);
+    }
+    for unit in ["log", "data"] {
+        assert!(
+            same_file(
+                &site.path(&format!("run/site-a/{unit}.img")),
+                &site.path(&format!("run/site-b/{unit}.img"))
+            ),
+            "{unit}: remote differs from local"
+        );
+    }
+}
+
+/// Whether `program` runs; if not, says so (the test then skips).
+fn have(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIPPED: {program} is not installed (apt-get install -y fio)");
+    }
+    ok
+}
+
+#[test]
+fn an_8mib_journal_under_20s_of_fio_seq_writes_never_stalls() {
+    run(false);
+}
+
+#[test]
+fn an_8mib_journal_with_lagging_acknowledgements_never_stalls() {
+    run(true);
+}
