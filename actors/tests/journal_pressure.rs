@@ -113,14 +113,28 @@ fn fio_write(site: &Site, port: u16, rw: &str, bs: &str) {
     eprintln!("fio wrote {} MiB in {RUNTIME_S} s", bytes >> 20);
 }
 
+/// Processes of a test; those still held are killed when it ends, so a failed assertion
+/// leaves none behind.
+struct Held(Vec<Child>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for child in self.0.drain(..) {
+            kill9(child);
+        }
+    }
+}
+
 fn run(relayed: bool) {
     if !have("fio") {
         return;
     }
     let (site, port, relays) = site(relayed);
+    let _relays = Held(relays);
     let secondary = site.secondary();
     let mut primary = site.primary();
     wait_tcp(port, &mut primary, PATIENCE);
+    let mut daemons = Held(vec![primary, secondary]);
     if relayed {
         fio_write(&site, port, "randwrite", "4k");
     } else {
@@ -136,7 +150,9 @@ fn run(relayed: bool) {
         })
         .collect();
     site.wait_applied("site-b", &written, PATIENCE);
+    let (secondary, primary) = (daemons.0.pop(), daemons.0.pop());
     for (name, child) in [("primary", primary), ("secondary", secondary)] {
+        let child = child.expect("held");
         let out = stop(child);
         assert!(
             out.status.success(),
@@ -144,9 +160,6 @@ fn run(relayed: bool) {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-    for r in relays {
-        kill9(r);
     }
     for unit in ["log", "data"] {
         assert!(
