@@ -6,6 +6,9 @@
 //! every write, both daemons must stop on SIGTERM, and the remote units must equal the
 //! local ones byte for byte.
 //!
+//! Also: SIGTERM to a primary whose writers wait on an unreachable secondary answers them
+//! and exits (bounded shutdown).
+//!
 //! Before the fix the primary's journal filled, the release watermark that would have
 //! freed it could only ride in a batch of new packets, which the full journal refused:
 //! fio hung with about the queue depth of writes stamped and never journaled.
@@ -193,4 +196,93 @@ fn an_8mib_journal_under_20s_of_fio_seq_writes_never_stalls() {
 #[test]
 fn an_8mib_journal_with_lagging_acknowledgements_never_stalls() {
     run(true);
+}
+
+/// The secondary is stopped (SIGSTOP) under fio's writes, so the primary's writers soon
+/// wait on a full window; SIGTERM to the primary must answer them (fio ends) and the
+/// primary must exit, whatever it waits on. Before the fix its shutdown flush queued
+/// behind the writers and it never exited.
+#[test]
+fn sigterm_stops_a_primary_whose_writers_wait_on_an_unreachable_secondary() {
+    if !have("fio") {
+        return;
+    }
+    let (site, port, _) = site(false);
+    let secondary = site.secondary();
+    let mut primary = site.primary();
+    wait_tcp(port, &mut primary, PATIENCE);
+    let sec_pid = secondary.id().to_string();
+    let mut held = Held(vec![secondary]);
+    let signal = |sig: &str, pid: &str| {
+        let ok = Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .map(|s| s.success());
+        assert_eq!(ok.ok(), Some(true), "kill {sig} {pid}");
+    };
+    signal("-STOP", &sec_pid);
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=blocked",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://127.0.0.1:{port}/data"),
+            "--rw=write",
+            "--bs=64k",
+            "--iodepth=16",
+            "--size=8m",
+            "--time_based",
+            "--runtime=600",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run fio");
+    // Observed, not slept on: the primary has written, and its written count stands
+    // still across two of its status reports (its writers wait on the window).
+    let mut last = (0u64, SystemTime::now());
+    let waiting = wait_until(PATIENCE, || {
+        let s = site.status_after("site-a", last.1, PATIENCE);
+        let written: u64 = (0..2)
+            .map(|p| s["stats"]["pairs"][p]["written_seq"].as_u64().unwrap_or(0))
+            .sum();
+        let still = written > 0 && written == last.0;
+        last = (written, SystemTime::now());
+        if still {
+            Ok(written)
+        } else {
+            Err(format!("written {written}"))
+        }
+    });
+    let written = waiting.unwrap_or_else(|e| panic!("the writers never waited: {e}"));
+    eprintln!("writers wait with {written} writes stamped; SIGTERM to the primary");
+    let pid = primary.id().to_string();
+    signal("-TERM", &pid);
+    let exited = wait_until(PATIENCE, || match primary.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => Err("the primary still runs".into()),
+    });
+    let status = match exited {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = primary.kill();
+            let _ = fio.kill();
+            signal("-CONT", &sec_pid);
+            panic!(
+                "SIGTERM did not stop the primary: {e}; logs:{}",
+                site.log_tails()
+            );
+        }
+    };
+    eprintln!("the primary exited ({status})");
+    let fio_done = wait_until(PATIENCE, || match fio.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => Err("fio still runs".into()),
+    });
+    let _ = fio.kill();
+    signal("-CONT", &sec_pid);
+    assert!(
+        fio_done.is_ok(),
+        "fio's waiting writes were never answered after the primary stopped"
+    );
+    held.0.drain(..).for_each(kill9);
 }
