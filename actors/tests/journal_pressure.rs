@@ -175,19 +175,6 @@ fn run(relayed: bool) {
     }
 }
 
-/// Whether `program` runs; if not, says so (the test then skips).
-fn have(program: &str) -> bool {
-    let ok = Command::new(program)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIPPED: {program} is not installed (apt-get install -y fio)");
-    }
-    ok
-}
-
 #[test]
 fn an_8mib_journal_under_20s_of_fio_seq_writes_never_stalls() {
     run(false);

@@ -120,21 +120,6 @@ fn dependent_writes_over_nbd_while_the_secondary_is_killed_promote_gives_cuts() 
     }
 }
 
-/// Whether `program` runs; if not, says so (the test then skips).
-fn have(program: &str) -> bool {
-    let ok = Command::new(program)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!(
-            "SKIPPED: {program} is not installed (apt-get install -y qemu-utils libnbd-bin fio)"
-        );
-    }
-    ok
-}
-
 #[test]
 fn fio_random_writes_with_verify_at_qd16_against_the_daemon_replicate() {
     if !have("fio") {

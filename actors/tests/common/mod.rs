@@ -613,3 +613,18 @@ pub fn wait_receiving(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether `program` runs; if not, says so (the test then skips).
+pub fn have(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!(
+            "SKIPPED: {program} is not installed (apt-get install -y qemu-utils libnbd-bin fio)"
+        );
+    }
+    ok
+}
