@@ -119,7 +119,7 @@ one() { # $1 case, $2 run number
         sleep 0.1
     done
     wait "$pri" "$sec" 2>/dev/null || true
-    for q in "${PIDS[@]}"; do kill -9 "$q" 2>/dev/null || true; done
+    for q in "${PIDS[@]}"; do kill -9 "$q" 2>/dev/null || true; wait "$q" 2>/dev/null || true; done
     PIDS=()
     echo "$c #$2: fio rc $fio_rc, written/acked/applied ${p:-none}, $([ $ok = 1 ] && echo complete || echo STALLED)" >> "$ROOT/results"
     [ $ok = 1 ] && [ -z "${KEEP:-}" ] && rm -rf "$dir"
