@@ -14,7 +14,7 @@ use crate::msg::*;
 use crate::Stop;
 use actix::prelude::*;
 use std::sync::Arc;
-use tidemark::journal::Record;
+use tidemark::journal::{JournalError, Record};
 use tidemark::run::RunTracker;
 use tidemark::{BlockStore, HeadReport, Message as WireMessage, Packet, PairId, Seq, Stamp};
 use tidemark::{SystemId, Timestamp};
@@ -175,7 +175,10 @@ impl RemoteUnit {
                     act.answer();
                     act.apply(ctx);
                 }
-                // Not durable: not acknowledged either; the primary resends them.
+                // Not durable: not acknowledged either; the primary resends them. A full
+                // journal is back-pressure (it frees as the unit applies), not a fault:
+                // counted with the flow-control drops, not logged each time.
+                Some(Err(JournalError::Full { .. })) => act.flow_dropped += batch.len() as u64,
                 Some(Err(e)) => tracing::warn!(pair = %act.pair, error = %e, "journal append failed; packets dropped"),
                 None => {}
             }
