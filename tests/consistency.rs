@@ -59,6 +59,7 @@ fn run(seed: u64, writes: usize) -> Outcome {
     let system = actix_rt::System::new();
     system.block_on(async move {
         tokio::time::pause();
+        tidemark_actors::align_paused_clock().await;
         let mut rng = Pcg64::seed_from_u64(seed);
         let mut b = EngineBuilder::new();
         b.simulated().seed(seed);

@@ -9,6 +9,7 @@ use tidemark_actors::{EngineBuilder, EngineError, Impairment, PairSpec, StoreSpe
 fn sim<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) {
     actix_rt::System::new().block_on(async move {
         tokio::time::pause();
+        tidemark_actors::align_paused_clock().await;
         f().await
     });
 }

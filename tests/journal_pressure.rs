@@ -45,6 +45,7 @@ fn run(case: &Case, seed: u64) {
     let dir = dir.path().to_path_buf();
     actix_rt::System::new().block_on(async move {
         tokio::time::pause();
+        tidemark_actors::align_paused_clock().await;
         let mut b = EngineBuilder::new();
         b.simulated().seed(seed).impairment(case.impair);
         let a = b.primary("a");
