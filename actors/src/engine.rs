@@ -12,11 +12,10 @@ use crate::local::{LocalConfig, LocalResume, LocalUnit};
 use crate::msg::*;
 use crate::orderer::OrdererActor;
 use crate::remote::{ApplyHook, RemoteResume, RemoteUnit, RemoteWiring};
-use crate::route::{Routes, SetRoutes};
+use crate::route::{OrdererRoute, RemoteUnitRoute, Routes, SetRoutes, SiteRoute, TimeBaseRoute};
 use crate::site::RemoteSite;
 use crate::timebase::{TimeBaseActor, TimeStatus};
 use crate::udp::{UdpLink, UdpStatus};
-use crate::Stop;
 use actix::prelude::*;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,9 +54,6 @@ pub struct PairSpec {
     pub local_store: StoreSpec,
     pub remote_store: StoreSpec,
 }
-
-/// A wall clock in nanoseconds.
-pub type Wall = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Describes a consistency group and how to run it.
 pub struct EngineBuilder {
@@ -514,7 +510,7 @@ impl EngineBuilder {
                 );
                 for s in primaries.iter().filter(|s| runs(**s)) {
                     if let Some(r) = routes.get_mut(s) {
-                        r.timebase = Some(t.clone());
+                        r.timebase = Some(TimeBaseRoute::of(&t));
                     }
                 }
                 timebase = Some(t);
@@ -617,10 +613,10 @@ impl EngineBuilder {
                 )
             });
             if let (Some(l), Some(r)) = (&local, routes.get_mut(&p.local)) {
-                r.local_units.insert(id, l.clone());
+                r.local_units.insert(id, l.clone().recipient());
             }
             if let (Some(u), Some(r)) = (&remote, routes.get_mut(&p.remote)) {
-                r.remote_units.insert(id, u.clone());
+                r.remote_units.insert(id, RemoteUnitRoute::of(u));
                 site_units.entry(p.remote).or_default().push(u.clone());
             }
             pairs.push(PairHandle {
@@ -658,7 +654,7 @@ impl EngineBuilder {
                 ),
             );
             if let Some(r) = routes.get_mut(&sys) {
-                r.site = Some(site.clone());
+                r.site = Some(SiteRoute::of(&site));
             }
             sites.push(site);
         }
@@ -674,7 +670,7 @@ impl EngineBuilder {
                 OrdererActor::new(core, remote_systems, link(orderer_system), self.heartbeat),
             );
             if let Some(r) = routes.get_mut(&orderer_system) {
-                r.orderer = Some(o.clone());
+                r.orderer = Some(OrdererRoute::of(&o));
             }
             Some(o)
         } else {

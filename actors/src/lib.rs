@@ -29,15 +29,5 @@ pub mod workload;
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;
 pub use impair::Impairment;
+pub use msg::{now, Stop, Wall};
 pub use remote::{Applied, ApplyHook};
-
-/// Asks any actor to stop.
-#[derive(actix::Message)]
-#[rtype(result = "()")]
-pub struct Stop;
-
-/// The actors' "now": tokio's clock, so that a simulation with paused time is
-/// deterministic.
-pub fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
-}

@@ -11,7 +11,6 @@
 use crate::impair::Impairment;
 use crate::msg::*;
 use crate::route::{Routes, SetRoutes};
-use crate::Stop;
 use actix::prelude::*;
 use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;

@@ -19,9 +19,7 @@
 use crate::disk::Disk;
 use crate::error::EngineError;
 use crate::journaling::{Durability, SharedJournal};
-use crate::msg::Outbound;
 use crate::msg::*;
-use crate::{now, Stop};
 use actix::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

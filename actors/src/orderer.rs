@@ -3,9 +3,7 @@
 //! per flush (head reports that arrive together coalesce), and the pending announcement
 //! and released limit again every heartbeat interval, since the network may lose them.
 
-use crate::msg::Outbound;
 use crate::msg::*;
-use crate::Stop;
 use actix::prelude::*;
 use std::time::Duration;
 use tidemark::{Message as WireMessage, OrderAction, Orderer, SystemId};

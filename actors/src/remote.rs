@@ -9,9 +9,7 @@ use crate::disk::Disk;
 use crate::error::EngineError;
 use crate::journaling::{Durability, SharedJournal};
 use crate::lag::LagSamples;
-use crate::msg::Outbound;
 use crate::msg::*;
-use crate::Stop;
 use actix::prelude::*;
 use std::sync::Arc;
 use tidemark::journal::Record;
@@ -54,7 +52,7 @@ pub struct RemoteWiring {
     pub disk: Disk,
     pub link: Recipient<Outbound>,
     pub hook: Option<ApplyHook>,
-    pub wall: crate::engine::Wall,
+    pub wall: Wall,
     /// Bytes of received, unapplied packets this unit may keep in the journal.
     pub budget: usize,
 }
@@ -91,7 +89,7 @@ pub struct RemoteUnit {
     reported: Stamp,
     waiters: Vec<(Seq, oneshot::Sender<Result<(), EngineError>>)>,
     hook: Option<ApplyHook>,
-    wall: crate::engine::Wall,
+    wall: Wall,
     lag: LagSamples,
     applying_ts: Vec<Timestamp>,
     applies: u64,

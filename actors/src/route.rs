@@ -1,13 +1,12 @@
 //! Where a system's link delivers what arrives: data and heartbeats to remote units by
 //! pair, acknowledgements to local units, head reports and durable acknowledgements to
 //! the orderer, announcements and releases to the remote site. Shared by every link.
+//!
+//! Recipients are held by the messages they take (`Recipient<..>`), not as addresses of
+//! concrete actors: the network knows the messages (`crate::msg`) and nothing else.
 
-use crate::local::LocalUnit;
 use crate::msg::*;
-use crate::orderer::OrdererActor;
-use crate::remote::RemoteUnit;
-use crate::site::RemoteSite;
-use crate::timebase::{ProbeIn, ReplyIn, TimeBaseActor};
+use actix::dev::ToEnvelope;
 use actix::prelude::*;
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -21,13 +20,94 @@ const MISROUTE_LOG_EVERY: Duration = Duration::from_secs(1);
 /// The actors of one system, by what they receive.
 #[derive(Clone, Default)]
 pub struct Routes {
-    pub local_units: BTreeMap<PairId, Addr<LocalUnit>>,
-    pub remote_units: BTreeMap<PairId, Addr<RemoteUnit>>,
-    pub orderer: Option<Addr<OrdererActor>>,
-    pub site: Option<Addr<RemoteSite>>,
+    /// Local units take acknowledgements.
+    pub local_units: BTreeMap<PairId, Recipient<AcksIn>>,
+    pub remote_units: BTreeMap<PairId, RemoteUnitRoute>,
+    pub orderer: Option<OrdererRoute>,
+    pub site: Option<SiteRoute>,
     /// The process's time base, if other primary processes stamp writes of the group.
-    pub timebase: Option<Addr<TimeBaseActor>>,
+    pub timebase: Option<TimeBaseRoute>,
     misroute_log: LogLimit,
+}
+
+/// A remote unit: data packets and heartbeats of its pair.
+#[derive(Clone)]
+pub struct RemoteUnitRoute {
+    pub packets: Recipient<PacketsIn>,
+    pub heartbeats: Recipient<HeartbeatsIn>,
+}
+
+impl RemoteUnitRoute {
+    pub fn of<A>(a: &Addr<A>) -> Self
+    where
+        A: Handler<PacketsIn> + Handler<HeartbeatsIn>,
+        A::Context: ToEnvelope<A, PacketsIn> + ToEnvelope<A, HeartbeatsIn>,
+    {
+        RemoteUnitRoute {
+            packets: a.clone().recipient(),
+            heartbeats: a.clone().recipient(),
+        }
+    }
+}
+
+/// The group's orderer: head reports and durable acknowledgements.
+#[derive(Clone)]
+pub struct OrdererRoute {
+    pub heads: Recipient<HeadsIn>,
+    pub durable: Recipient<DurableIn>,
+}
+
+impl OrdererRoute {
+    pub fn of<A>(a: &Addr<A>) -> Self
+    where
+        A: Handler<HeadsIn> + Handler<DurableIn>,
+        A::Context: ToEnvelope<A, HeadsIn> + ToEnvelope<A, DurableIn>,
+    {
+        OrdererRoute {
+            heads: a.clone().recipient(),
+            durable: a.clone().recipient(),
+        }
+    }
+}
+
+/// A remote system's site: announced and released limits.
+#[derive(Clone)]
+pub struct SiteRoute {
+    pub announce: Recipient<AnnounceIn>,
+    pub release: Recipient<LimitIn>,
+}
+
+impl SiteRoute {
+    pub fn of<A>(a: &Addr<A>) -> Self
+    where
+        A: Handler<AnnounceIn> + Handler<LimitIn>,
+        A::Context: ToEnvelope<A, AnnounceIn> + ToEnvelope<A, LimitIn>,
+    {
+        SiteRoute {
+            announce: a.clone().recipient(),
+            release: a.clone().recipient(),
+        }
+    }
+}
+
+/// The process's time base: clock probes and their answers.
+#[derive(Clone)]
+pub struct TimeBaseRoute {
+    pub probe: Recipient<ProbeIn>,
+    pub reply: Recipient<ReplyIn>,
+}
+
+impl TimeBaseRoute {
+    pub fn of<A>(a: &Addr<A>) -> Self
+    where
+        A: Handler<ProbeIn> + Handler<ReplyIn>,
+        A::Context: ToEnvelope<A, ProbeIn> + ToEnvelope<A, ReplyIn>,
+    {
+        TimeBaseRoute {
+            probe: a.clone().recipient(),
+            reply: a.clone().recipient(),
+        }
+    }
 }
 
 /// At most one log line per [`MISROUTE_LOG_EVERY`]; counts what it held back.
@@ -86,23 +166,23 @@ impl Routes {
                 }
                 WireMessage::Heads(h) => heads.extend(h),
                 WireMessage::Announce { limit } => match &self.site {
-                    Some(s) => s.do_send(AnnounceIn(limit)),
+                    Some(s) => s.announce.do_send(AnnounceIn(limit)),
                     None => miss("announce"),
                 },
                 WireMessage::Release { limit } => match &self.site {
-                    Some(s) => s.do_send(LimitIn(limit)),
+                    Some(s) => s.release.do_send(LimitIn(limit)),
                     None => miss("release"),
                 },
                 WireMessage::Durable { system, limit } => match &self.orderer {
-                    Some(o) => o.do_send(DurableIn { system, limit }),
+                    Some(o) => o.durable.do_send(DurableIn { system, limit }),
                     None => miss("durable"),
                 },
                 WireMessage::TimeProbe { sent } => match &self.timebase {
-                    Some(t) => t.do_send(ProbeIn { at: me, from, sent }),
+                    Some(t) => t.probe.do_send(ProbeIn { at: me, from, sent }),
                     None => miss("clock probe"),
                 },
                 WireMessage::TimeReply { sent, remote } => match &self.timebase {
-                    Some(t) => t.do_send(ReplyIn { from, sent, remote }),
+                    Some(t) => t.reply.do_send(ReplyIn { from, sent, remote }),
                     None => miss("clock answer"),
                 },
                 // Links reassemble parts before delivering.
@@ -111,13 +191,13 @@ impl Routes {
         }
         for (pair, ps) in data {
             match self.remote_units.get(&pair) {
-                Some(u) => u.do_send(PacketsIn(ps)),
+                Some(u) => u.packets.do_send(PacketsIn(ps)),
                 None => miss("data"),
             }
         }
         for (pair, hs) in hbs {
             match self.remote_units.get(&pair) {
-                Some(u) => u.do_send(HeartbeatsIn(hs)),
+                Some(u) => u.heartbeats.do_send(HeartbeatsIn(hs)),
                 None => miss("heartbeat"),
             }
         }
@@ -129,7 +209,7 @@ impl Routes {
         }
         if !heads.is_empty() {
             match &self.orderer {
-                Some(o) => o.do_send(HeadsIn(heads)),
+                Some(o) => o.heads.do_send(HeadsIn(heads)),
                 None => miss("head report"),
             }
         }

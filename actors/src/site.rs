@@ -9,7 +9,6 @@ use crate::disk::Disk;
 use crate::journaling::{Durability, SharedJournal};
 use crate::msg::*;
 use crate::remote::RemoteUnit;
-use crate::Stop;
 use actix::prelude::*;
 use tidemark::journal::Record;
 use tidemark::{Message as WireMessage, SystemId, Timestamp};

@@ -7,8 +7,7 @@
 //! the wall clock passed `t + E`, `E` the measured skew bound; while a peer's clock is
 //! unmeasured or beyond `max_clock_skew_ms` nothing is acknowledged.
 
-use crate::msg::Outbound;
-use crate::Stop;
+use crate::msg::{Outbound, ProbeIn, ReplyIn, Stop};
 use actix::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -16,24 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tidemark::timebase::{Allowance, CommitGate, TimeBase};
 use tidemark::{HybridClock, Message as WireMessage, SystemId};
-
-/// A probe from `from` arrived at system `at` of this process.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ProbeIn {
-    pub at: SystemId,
-    pub from: SystemId,
-    pub sent: u64,
-}
-
-/// An answer from `from` to one of our probes.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ReplyIn {
-    pub from: SystemId,
-    pub sent: u64,
-    pub remote: u64,
-}
 
 /// The time base as `status.json` shows it.
 #[derive(Clone, Debug, Default, Serialize)]

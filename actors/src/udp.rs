@@ -12,9 +12,7 @@
 //! missing or fails, datagrams leave one per syscall.
 
 use crate::msg::*;
-use crate::now;
 use crate::route::{Routes, SetRoutes};
-use crate::Stop;
 use actix::prelude::*;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
