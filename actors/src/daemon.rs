@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::engine::{Engine, EngineBuilder, PairSpec, Stats, StoreSpec, UdpTransport};
 use crate::error::EngineError;
-use crate::udp::UdpStatus;
+use crate::net::udp::UdpStatus;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
@@ -144,7 +144,7 @@ struct Status<'a> {
     stats: &'a Stats,
     link: Option<&'a UdpStatus>,
     /// The time base, if other processes stamp writes of the group too.
-    clock: Option<&'a crate::timebase::TimeStatus>,
+    clock: Option<&'a crate::units::timebase::TimeStatus>,
 }
 
 /// Writes each running system's status file (atomically: write, then rename).
@@ -176,7 +176,7 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
 /// Runs the systems `here` until SIGINT or SIGTERM, then shuts down cleanly: NBD
 /// clients are answered what they have in flight, units and journals are flushed.
 pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), EngineError> {
-    use crate::nbd_server::{AnyListener, EngineBackend, Limits, ListenAddr};
+    use crate::nbd::{AnyListener, EngineBackend, Limits, ListenAddr};
     let _locks: Vec<SystemLock> = here
         .iter()
         .map(|&i| lock_system(cfg, i))

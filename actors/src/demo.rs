@@ -5,8 +5,8 @@
 
 use crate::engine::{EngineBuilder, PairSpec, StoreSpec};
 use crate::error::EngineError;
-use crate::impair::Impairment;
-use crate::remote::Applied;
+use crate::net::impair::Impairment;
+use crate::units::remote::Applied;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;

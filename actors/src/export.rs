@@ -18,8 +18,8 @@
 use crate::config::Config;
 use crate::daemon::{lock_system, SystemLock};
 use crate::error::EngineError;
-use crate::journaling::SharedJournal;
-use crate::nbd_server::ReadOnlyBackend;
+use crate::nbd::ReadOnlyBackend;
+use crate::units::journaling::SharedJournal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tidemark::journal::Recovered;
@@ -165,8 +165,8 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journaling::Durability;
-    use crate::nbd_server::Backend;
+    use crate::nbd::Backend;
+    use crate::units::journaling::Durability;
     use std::path::Path;
     use tidemark::journal::Record;
     use tidemark::{Offset, Packet, Payload, Seq, Timestamp};
@@ -300,7 +300,7 @@ remote = { system = "site-b", path = "b/data.img" }
                 }],
             ))
             .expect_err("read-only");
-        assert_eq!(e.code, crate::nbd_server::ErrorCode::Perm);
+        assert_eq!(e.code, crate::nbd::ErrorCode::Perm);
         rt.block_on(b.flush(0)).expect("flush");
         // While it serves, the system is locked: no secondary, no second export.
         assert!(matches!(

@@ -247,7 +247,7 @@ fn promote(a: SystemArgs) -> Result<(), EngineError> {
 
 fn export(a: ExportArgs) -> Result<(), EngineError> {
     use tidemark_actors::export::Exporter;
-    use tidemark_actors::nbd_server::{AnyListener, Limits, ListenAddr};
+    use tidemark_actors::nbd::{AnyListener, Limits, ListenAddr};
     let cfg = Config::load(&a.config)?;
     let system = cfg.select(Some(&a.system), false)?[0];
     let (key, text) = match (&a.listen, &cfg.systems[system].nbd_listen) {

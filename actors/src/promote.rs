@@ -9,7 +9,7 @@
 use crate::config::Config;
 use crate::daemon::lock_system;
 use crate::error::EngineError;
-use crate::journaling::{Durability, SharedJournal};
+use crate::units::journaling::{Durability, SharedJournal};
 use tidemark::journal::Record;
 use tidemark::run::RunTracker;
 use tidemark::{BlockStore, FileStore, PairId, Stamp, Timestamp};

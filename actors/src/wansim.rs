@@ -2,7 +2,7 @@
 //! every datagram arriving at `listen` is forwarded to `forward`, unless the seeded
 //! network drops it; it may also be duplicated, delayed, reordered or corrupted.
 
-use crate::impair::Impairment;
+use crate::net::impair::Impairment;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use std::net::SocketAddr;

@@ -306,7 +306,7 @@ fn a_promoted_secondary_is_served_read_only_over_nbd() {
     {
         use tidemark::journal::Record;
         use tidemark::{Offset, Packet, PairId, Payload, Seq, Stamp, Timestamp};
-        use tidemark_actors::journaling::{Durability, SharedJournal};
+        use tidemark_actors::units::journaling::{Durability, SharedJournal};
         let (j, _) = SharedJournal::open(&site.path("run/site-b/journal/segments"), 64 << 20)
             .expect("journal");
         j.append(

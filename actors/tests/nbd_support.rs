@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tidemark::{BlockStore, Offset};
-use tidemark_actors::nbd_server::{serve, AnyListener, EngineBackend, Limits, ListenAddr};
+use tidemark_actors::nbd::{serve, AnyListener, EngineBackend, Limits, ListenAddr};
 use tidemark_actors::{EngineBuilder, PairSpec, StoreSpec};
 
 /// One pair to create: name, size, whether its units are files (else memory).

@@ -5,10 +5,10 @@
 //!
 //! I4 on this system: the durable limit is at least every limit its units apply under.
 
-use crate::disk::Disk;
-use crate::journaling::{Durability, SharedJournal};
 use crate::msg::*;
-use crate::remote::RemoteUnit;
+use crate::units::disk::Disk;
+use crate::units::journaling::{Durability, SharedJournal};
+use crate::units::remote::RemoteUnit;
 use actix::prelude::*;
 use tidemark::journal::Record;
 use tidemark::{Message as WireMessage, SystemId, Timestamp};

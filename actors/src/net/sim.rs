@@ -8,9 +8,9 @@
 //! Reliability is end to end, not here: local units retransmit until acknowledged, and
 //! heads, announcements and releases are state that is re-sent until superseded.
 
-use crate::impair::Impairment;
 use crate::msg::*;
-use crate::route::{Routes, SetRoutes};
+use crate::net::impair::Impairment;
+use crate::net::route::{Routes, SetRoutes};
 use actix::prelude::*;
 use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;

@@ -5,11 +5,11 @@
 //! I1 on this unit: after applying under limit `L` the unit holds exactly the pair's
 //! writes with `ts <= L` (the run from the applied point, cut at the first `ts > L`).
 
-use crate::disk::Disk;
 use crate::error::EngineError;
-use crate::journaling::{Durability, SharedJournal};
-use crate::lag::LagSamples;
 use crate::msg::*;
+use crate::units::disk::Disk;
+use crate::units::journaling::{Durability, SharedJournal};
+use crate::units::lag::LagSamples;
 use actix::prelude::*;
 use std::sync::Arc;
 use tidemark::journal::Record;

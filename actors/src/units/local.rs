@@ -16,10 +16,10 @@
 //! is told complete only once the wall clock passed `t` plus the measured skew bound;
 //! replies leave in stamp order.
 
-use crate::disk::Disk;
 use crate::error::EngineError;
-use crate::journaling::{Durability, SharedJournal};
 use crate::msg::*;
+use crate::units::disk::Disk;
+use crate::units::journaling::{Durability, SharedJournal};
 use actix::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -12,7 +12,7 @@
 //! missing or fails, datagrams leave one per syscall.
 
 use crate::msg::*;
-use crate::route::{Routes, SetRoutes};
+use crate::net::route::{Routes, SetRoutes};
 use actix::prelude::*;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
