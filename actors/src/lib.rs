@@ -1,20 +1,24 @@
-//! tidemark's actor layer: `LocalUnit`, `Link`, `RemoteUnit`, `RemoteSite` and
-//! `OrdererActor` wire the runtime-free core (crate `tidemark`) to threads, disks and the
-//! network; [`EngineBuilder`] starts a consistency group.
+//! tidemark's actor layer: the actix actors (`LocalUnit`, `RemoteUnit`, `RemoteSite`,
+//! `OrdererActor`, `TimeBaseActor`, the links) that wire the runtime-free core (crate
+//! `tidemark`) to threads, disks and the network; [`EngineBuilder`] starts a
+//! consistency group; `nbd` serves its units to NBD clients.
+//!
+//! - [`msg`]: the messages, [`Stop`], [`Wall`], [`now`]: what every actor shares;
+//! - [`units`]: the actors of a system and the disk pools and journal they use;
+//! - [`net`]: routing what arrives, the in-process link with impairment, the UDP link;
+//!   it depends on [`msg`] alone;
+//! - [`engine`]: [`EngineBuilder`] and the running [`Engine`];
+//! - [`nbd`]: the tokio NBD driver over the core's sans-IO protocol.
+//!
+//! The `tidemark` binary (config, daemons, promote, export, demo) is crate
+//! `tidemark-cli`.
 
-pub mod config;
-pub mod daemon;
-pub mod demo;
 pub mod engine;
 pub mod error;
-pub mod export;
 pub mod msg;
 pub mod nbd;
 pub mod net;
-pub mod promote;
 pub mod units;
-pub mod wansim;
-pub mod workload;
 
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;

@@ -1,6 +1,7 @@
-//! Shared by the NBD tests (included with `#[path]`): an engine with one primary and one
-//! secondary plus the NBD server on 127.0.0.1, running in an actix system on a
-//! background thread, and helpers to run client programs.
+//! Shared by the NBD tests of this crate (included with `#[path]`; in a folder, so it is
+//! no test target of its own): an engine with one primary and one secondary plus the
+//! NBD server on 127.0.0.1, running in an actix system on a background thread, and
+//! helpers to run client programs.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;

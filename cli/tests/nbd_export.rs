@@ -15,8 +15,6 @@
 //! SKIPPED) if a client program is not installed.
 
 mod common;
-#[path = "nbd_support.rs"]
-mod support;
 use common::dependent::{as_want, written_seq, Client, EXPORTS, PATIENCE};
 use common::*;
 use std::io::{BufRead, BufReader};
@@ -97,7 +95,7 @@ fn reply_header(c: &mut Client) -> (u32, u64) {
 
 #[test]
 fn a_promoted_secondary_is_served_read_only_over_nbd() {
-    if !support::have(&["qemu-img", "qemu-io", "nbdinfo"]) {
+    if !have(&["qemu-img", "qemu-io", "nbdinfo"]) {
         return;
     }
     let seed = seed_or(20261129);

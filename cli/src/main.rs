@@ -5,11 +5,11 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tidemark::StoreError;
-use tidemark_actors::config::Config;
-use tidemark_actors::daemon;
-use tidemark_actors::demo::{self, DemoConfig};
-use tidemark_actors::wansim::{WanCounters, WanSim};
 use tidemark_actors::{EngineError, Impairment};
+use tidemark_cli::config::Config;
+use tidemark_cli::demo::{self, DemoConfig};
+use tidemark_cli::wansim::{WanCounters, WanSim};
+use tidemark_cli::{daemon, load};
 
 /// The engine moves large buffers between threads (NBD reads, journal frames, datagrams);
 /// glibc's allocator spent ~12 % of the link thread consolidating and freeing them.
@@ -234,7 +234,7 @@ fn run_system(a: SystemArgs, primary: bool) -> Result<(), EngineError> {
 fn promote(a: SystemArgs) -> Result<(), EngineError> {
     let cfg = Config::load(&a.config)?;
     let systems = cfg.select(a.system.as_deref(), false)?;
-    let report = tidemark_actors::promote::promote(&cfg, &systems, a.system.is_none())?;
+    let report = tidemark_cli::promote::promote(&cfg, &systems, a.system.is_none())?;
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     if report.consistent {
         Ok(())
@@ -246,8 +246,8 @@ fn promote(a: SystemArgs) -> Result<(), EngineError> {
 }
 
 fn export(a: ExportArgs) -> Result<(), EngineError> {
-    use tidemark_actors::export::Exporter;
     use tidemark_actors::nbd::{AnyListener, Limits, ListenAddr};
+    use tidemark_cli::export::Exporter;
     let cfg = Config::load(&a.config)?;
     let system = cfg.select(Some(&a.system), false)?[0];
     let (key, text) = match (&a.listen, &cfg.systems[system].nbd_listen) {
@@ -310,9 +310,9 @@ fn load(a: LoadArgs) -> Result<(), EngineError> {
     let cfg = Config::load(&a.config)?;
     let here = cfg.select(Some(&a.system), true)?;
     let report = if a.baseline {
-        daemon::baseline(&cfg, here[0], a.writes, a.seed, a.max_write, a.depth)?
+        load::baseline(&cfg, here[0], a.writes, a.seed, a.max_write, a.depth)?
     } else {
-        actix_rt::System::new().block_on(daemon::load(
+        actix_rt::System::new().block_on(load::load(
             &cfg,
             here[0],
             a.writes,

@@ -145,7 +145,7 @@ fn forged_datagrams_change_nothing_and_are_counted() {
 
     let site = Site::new(false);
     let sec = site.secondary();
-    let key = tidemark_actors::config::read_key(&site.path("cluster.key")).expect("key");
+    let key = tidemark_cli::config::read_key(&site.path("cluster.key")).expect("key");
     let to = format!("127.0.0.1:{}", site.b_port);
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let (a, b) = (SystemId(0), SystemId(1));

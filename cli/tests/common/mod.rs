@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 use tidemark::PairId;
-use tidemark_actors::workload::Workload;
+use tidemark_cli::workload::Workload;
 
 /// `TIDEMARK_SEED` if set (to replay a run), else `default`.
 pub fn seed_or(default: u64) -> u64 {
@@ -192,7 +192,7 @@ remote = {{ system = "site-b", path = "run/site-b/data.img" }}
 
     /// The status a system wrote last.
     pub fn status(&self, system: &str) -> Option<serde_json::Value> {
-        tidemark_actors::daemon::read_status(&self.path(&format!("run/{system}/journal")))
+        tidemark_cli::daemon::read_status(&self.path(&format!("run/{system}/journal")))
     }
 
     /// Waits (polling the status file, bounded) until `system`'s remote units have applied
@@ -547,7 +547,7 @@ pub fn status_since(journal_dir: &Path, since: SystemTime) -> Option<serde_json:
     if modified <= since {
         return None;
     }
-    tidemark_actors::daemon::read_status(journal_dir)
+    tidemark_cli::daemon::read_status(journal_dir)
 }
 
 /// Each pair's `head_seq` in a status: the packets its remote unit holds in an unbroken
@@ -612,4 +612,29 @@ pub fn wait_receiving(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether every program is installed; if not, says which are missing (the test then
+/// skips).
+pub fn have(programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED: NBD client program(s) not installed: {} \
+         (apt-get install qemu-utils libnbd-bin fio)",
+        missing.join(", ")
+    );
+    false
 }

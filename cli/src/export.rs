@@ -17,13 +17,13 @@
 
 use crate::config::Config;
 use crate::daemon::{lock_system, SystemLock};
-use crate::error::EngineError;
-use crate::nbd::ReadOnlyBackend;
-use crate::units::journaling::SharedJournal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tidemark::journal::Recovered;
 use tidemark::{BlockStore, FileStore, PairId, Stamp};
+use tidemark_actors::error::EngineError;
+use tidemark_actors::nbd::ReadOnlyBackend;
+use tidemark_actors::units::journaling::SharedJournal;
 
 /// One served remote unit.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -165,11 +165,11 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::Backend;
-    use crate::units::journaling::Durability;
     use std::path::Path;
     use tidemark::journal::Record;
     use tidemark::{Offset, Packet, Payload, Seq, Timestamp};
+    use tidemark_actors::nbd::Backend;
+    use tidemark_actors::units::journaling::Durability;
 
     fn config(dir: &Path) -> Config {
         let text = r#"
@@ -300,7 +300,7 @@ remote = { system = "site-b", path = "b/data.img" }
                 }],
             ))
             .expect_err("read-only");
-        assert_eq!(e.code, crate::nbd::ErrorCode::Perm);
+        assert_eq!(e.code, tidemark_actors::nbd::ErrorCode::Perm);
         rt.block_on(b.flush(0)).expect("flush");
         // While it serves, the system is locked: no secondary, no second export.
         assert!(matches!(

@@ -3,10 +3,6 @@
 //! every remote unit was a cut of the write history (I1), and every remote unit equals
 //! its local unit byte for byte.
 
-use crate::engine::{EngineBuilder, PairSpec, StoreSpec};
-use crate::error::EngineError;
-use crate::net::impair::Impairment;
-use crate::units::remote::Applied;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -15,6 +11,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidemark::{Offset, PairId, Timestamp};
+use tidemark_actors::engine::{EngineBuilder, PairSpec, StoreSpec};
+use tidemark_actors::error::EngineError;
+use tidemark_actors::net::impair::Impairment;
+use tidemark_actors::units::remote::Applied;
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
@@ -223,7 +223,11 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
     })
 }
 
-fn same_bytes(engine: &crate::Engine, pair: PairId, size: u64) -> Result<bool, EngineError> {
+fn same_bytes(
+    engine: &tidemark_actors::Engine,
+    pair: PairId,
+    size: u64,
+) -> Result<bool, EngineError> {
     let l = engine.store(pair, false)?;
     let r = engine.store(pair, true)?;
     let mut a = vec![0u8; 1 << 20];

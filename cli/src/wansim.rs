@@ -2,12 +2,12 @@
 //! every datagram arriving at `listen` is forwarded to `forward`, unless the seeded
 //! network drops it; it may also be duplicated, delayed, reordered or corrupted.
 
-use crate::net::impair::Impairment;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tidemark_actors::net::impair::Impairment;
 use tokio::net::UdpSocket;
 
 /// What the proxy does to traffic.
@@ -32,10 +32,10 @@ pub struct WanCounters {
 }
 
 impl WanSim {
-    pub fn validate(&self) -> Result<(), crate::EngineError> {
+    pub fn validate(&self) -> Result<(), tidemark_actors::EngineError> {
         self.impair.validate()?;
         if !(self.corrupt.is_finite() && (0.0..=1.0).contains(&self.corrupt)) {
-            return Err(crate::EngineError::Impairment(format!(
+            return Err(tidemark_actors::EngineError::Impairment(format!(
                 "corrupt = {} is outside [0, 1]",
                 self.corrupt
             )));

@@ -4,12 +4,12 @@
 //! of the config file. Loading checks everything it can without touching the disks;
 //! each problem is an error naming the key.
 
-use crate::error::EngineError;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tidemark_actors::error::EngineError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

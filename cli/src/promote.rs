@@ -8,11 +8,11 @@
 
 use crate::config::Config;
 use crate::daemon::lock_system;
-use crate::error::EngineError;
-use crate::units::journaling::{Durability, SharedJournal};
 use tidemark::journal::Record;
 use tidemark::run::RunTracker;
 use tidemark::{BlockStore, FileStore, PairId, Stamp, Timestamp};
+use tidemark_actors::error::EngineError;
+use tidemark_actors::units::journaling::{Durability, SharedJournal};
 
 #[derive(Debug, serde::Serialize)]
 pub struct PromotedPair {
