@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Replication between two tidemark processes on loopback: throughput against writing the
 # same workload to plain files, and commit lag (a write's stamp -> applied at the remote),
-# clean and through wan-sim (5% loss, 20% reordering). Run from the repository root:
-#   bash bench/replication.sh [writes] [depth]
+# clean and through wan-sim (5% loss, 20% reordering). Run from anywhere (it works in the
+# repository root):
+#   bash scripts/replication.sh [writes] [depth]
 # PORT=N (default 17100) moves the UDP ports (N, N+1, N+100, N+101), so two runs on
 # one machine do not clash.
 set -euo pipefail
 WRITES=${1:-4000}
 DEPTH=${2:-4}
 A=${PORT:-17100}; B=$((A + 100))
+cd "$(dirname "$0")/.."
 cargo build --release --bin tidemark >/dev/null 2>&1
-T=$PWD/target/release/tidemark
+T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$DIR"; }

@@ -5,10 +5,10 @@
 # then a table: MB/s, IOPS, p99 latency, ratio tidemark/qemu-nbd, and the secondary's
 # commit lag and backlog during the tidemark write jobs.
 #
-# Run from the repo root:   bench/nbd-vs-qemu.sh
+# Run from anywhere:        bash scripts/nbd-vs-qemu.sh (it works in the repo root)
 # Settings (environment):   SIZE=256M RUNTIME=10 RAMP=2 (seconds) ROUNDS=1 (the table
 #                           shows the median round; use 3 on a busy machine)
-#                           CARGO_TARGET_DIR (default /work/target-nbd), TIDEMARK_BIN
+#                           CARGO_TARGET_DIR (default: the workspace's target/), TIDEMARK_BIN
 #                           to use a built binary as is, MTU / WINDOW / JOURNAL to
 #                           override tidemark's defaults (64MiB / 256MiB for the last
 #                           two; MTU defaults to the loopback interface's, less IP and
@@ -25,12 +25,13 @@ SIZE=${SIZE:-256M}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-2}
 ROUNDS=${ROUNDS:-1}
-TARGET=${CARGO_TARGET_DIR:-/work/target-nbd}
 OUT=${OUT:-/tmp/tidemark-nbd-bench-last}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY="python3 $HERE/nbdbench.py"
 
-[ -f Cargo.toml ] && [ -d actors ] || { echo "run from the repo root" >&2; exit 2; }
+cd "$HERE/.."
+[ -f Cargo.toml ] && [ -d cli ] || { echo "$HERE/.. is not the tidemark workspace" >&2; exit 2; }
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 for p in qemu-nbd fio python3; do
     command -v "$p" >/dev/null || { echo "missing $p (apt-get install -y qemu-utils fio)" >&2; exit 2; }
 done

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Helpers for bench/nbd-vs-qemu.sh: fio JSON summaries, replication sampling from
+"""Helpers for scripts/nbd-vs-qemu.sh: fio JSON summaries, replication sampling from
 tidemark's status.json files, and the final table. Standard library only."""
 
 import json
