@@ -26,7 +26,7 @@ for p in fio python3; do
 done
 cd "$(dirname "$0")/.."
 cargo build --release --bin tidemark >/dev/null 2>&1
-T=$PWD/target/release/tidemark
+T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
 ROOT=$(mktemp -d)
 PIDS=()
 cleanup() {

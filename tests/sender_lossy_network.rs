@@ -271,8 +271,20 @@ fn scenarios() {
     );
 }
 
+/// Where this test's regression cases live: with the others of the workspace, in the
+/// top-level `proptest-regressions/` (proptest's default would put them beside this file).
+const REGRESSIONS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/proptest-regressions/tests/sender_lossy_network.txt"
+);
+
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct(REGRESSIONS),
+        )),
+        ..proptest::prelude::ProptestConfig::with_cases(24)
+    })]
     /// No packet is ever forgotten: under any loss rate below 100 % (both directions),
     /// with reordering and delay, everything is delivered, and the congestion window
     /// is respected (up to one packet, see below).

@@ -1,40 +1,30 @@
-//! tidemark's actor layer: `LocalUnit`, `Link`, `RemoteUnit`, `RemoteSite` and
-//! `OrdererActor` wire the runtime-free core (crate `tidemark`) to threads, disks and the
-//! network; [`EngineBuilder`] starts a consistency group.
+//! tidemark's actor layer: the actix actors (`LocalUnit`, `RemoteUnit`, `RemoteSite`,
+//! `OrdererActor`, `TimeBaseActor`, the links) that wire the runtime-free core (crate
+//! `tidemark`) to threads, disks and the network; [`EngineBuilder`] starts a
+//! consistency group; `nbd` serves its units to NBD clients.
+//!
+//! - [`msg`]: the messages, [`Stop`], [`Wall`], [`now`]: what every actor shares;
+//! - [`units`]: the actors of a system and the disk pools and journal they use;
+//! - [`net`]: routing what arrives, the in-process link with impairment, the UDP link;
+//!   it depends on [`msg`] alone;
+//! - [`engine`]: [`EngineBuilder`] and the running [`Engine`];
+//! - [`nbd`]: the tokio NBD driver over the core's sans-IO protocol.
+//!
+//! The `tidemark` binary (config, daemons, promote, export, demo) is crate
+//! `tidemark-cli`.
 
-pub mod config;
-pub mod daemon;
-pub mod demo;
-pub mod disk;
 pub mod engine;
 pub mod error;
-pub mod export;
-pub mod impair;
-pub mod journaling;
-pub mod lag;
-pub mod link;
-pub mod local;
 pub mod msg;
-pub mod nbd_server;
-pub mod orderer;
-pub mod promote;
-pub mod remote;
-pub mod route;
-pub mod site;
-pub mod timebase;
-pub mod udp;
-pub mod wansim;
-pub mod workload;
+pub mod nbd;
+pub mod net;
+pub mod units;
 
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;
-pub use impair::Impairment;
-pub use remote::{Applied, ApplyHook};
-
-/// Asks any actor to stop.
-#[derive(actix::Message)]
-#[rtype(result = "()")]
-pub struct Stop;
+pub use msg::{now, Stop, Wall};
+pub use net::impair::Impairment;
+pub use units::remote::{Applied, ApplyHook};
 
 /// For a simulation on tokio's paused clock: puts the clock on tokio's 1 ms timer grid.
 /// Call it once right after `tokio::time::pause()`, before building the engine.
@@ -46,10 +36,4 @@ pub struct Stop;
 /// lets auto-advance move the clock exactly onto a grid point, the same for every run.
 pub async fn align_paused_clock() {
     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-}
-
-/// The actors' "now": tokio's clock, so that a simulation with paused time is
-/// deterministic.
-pub fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
 }

@@ -1,9 +1,26 @@
-//! The messages actors exchange inside one process.
+//! What every actor shares: the messages actors exchange inside one process, [`Stop`],
+//! the wall clock type [`Wall`] and the actors' [`now`]. The network code (`net`) needs
+//! nothing else of this crate, so it can hand messages to actors it does not know.
 
 use crate::error::EngineError;
 use actix::prelude::*;
+use std::sync::Arc;
 use tidemark::{Ack, HeadReport, Heartbeat, Message as WireMessage, Packet, Payload};
 use tidemark::{PairId, Seq, Stamp, SystemId, Timestamp};
+
+/// Asks any actor to stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// A wall clock in nanoseconds.
+pub type Wall = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The actors' "now": tokio's clock, so that a simulation with paused time is
+/// deterministic.
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 // ---- to a LocalUnit ----
 
@@ -109,6 +126,26 @@ pub struct GetOrdererStats;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AnnounceIn(pub Timestamp);
+
+// ---- to a TimeBaseActor ----
+
+/// A probe from `from` arrived at system `at` of this process.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProbeIn {
+    pub at: SystemId,
+    pub from: SystemId,
+    pub sent: u64,
+}
+
+/// An answer from `from` to one of our probes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReplyIn {
+    pub from: SystemId,
+    pub sent: u64,
+    pub remote: u64,
+}
 
 // ---- to a Link ----
 

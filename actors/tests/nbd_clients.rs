@@ -3,7 +3,7 @@
 //! drain the remote units must equal the local units. Each test skips (with a message)
 //! only if a client program is missing.
 
-#[path = "nbd_support.rs"]
+#[path = "nbd_support/mod.rs"]
 mod support;
 
 use support::{have, image_bytes, run, write_file, Harness, Unit};

@@ -3,7 +3,7 @@
 //! vanish. Every bad client ends only its own connection: a well-behaved client is
 //! served afterwards, and nothing bad reaches the units.
 
-#[path = "nbd_support.rs"]
+#[path = "nbd_support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;

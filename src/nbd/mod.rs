@@ -1,7 +1,7 @@
 //! The server side of the NBD protocol (the block protocol qemu, libnbd, fio and the
 //! Linux kernel speak), as a state machine with no I/O: [`Connection`] takes the bytes
 //! a client sends and gives back the bytes to send it and the requests to carry out.
-//! The socket layer lives in the actor crate (`tidemark_actors::nbd_server`).
+//! The socket layer lives in the actor crate (`tidemark_actors::nbd`).
 //!
 //! Written from the protocol document (`doc/proto.md` of NetworkBlockDevice/nbd):
 //! fixed newstyle handshake; `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,

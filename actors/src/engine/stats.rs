@@ -1,0 +1,114 @@
+//! [`Engine::stats`]: the figures of the units, orderer and links of this process.
+
+use super::{Engine, LinkAddr};
+use crate::error::EngineError;
+use crate::msg::*;
+use crate::units::lag::percentile;
+use std::sync::atomic::Ordering;
+
+/// Per-pair figures.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PairStats {
+    pub name: String,
+    pub written_seq: u64,
+    pub acked_seq: u64,
+    pub head_seq: u64,
+    pub head_ts: u64,
+    pub applied_seq: u64,
+    pub commit_limit: u64,
+    pub bytes: u64,
+    pub retransmits: u64,
+    pub heartbeats: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub duplicates_received: u64,
+    pub limit_violations: u64,
+    pub flow_dropped: u64,
+    pub srtt_us: Option<u64>,
+    pub lag_p50_us: u64,
+    pub lag_p99_us: u64,
+}
+
+/// The engine's figures.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub pairs: Vec<PairStats>,
+    pub commit_limit: u64,
+    pub commits: u64,
+    pub laggard: Option<String>,
+    pub items_sent: u64,
+    pub items_dropped: u64,
+    pub items_duplicated: u64,
+    /// Commit lag over every remote unit here (recent samples): stamp to applied.
+    pub lag_p50_us: u64,
+    pub lag_p99_us: u64,
+    pub lag_samples: usize,
+}
+
+impl Stats {
+    pub fn retransmits(&self) -> u64 {
+        self.pairs.iter().map(|p| p.retransmits).sum()
+    }
+}
+
+impl Engine {
+    /// Figures of the units, orderer and links that run in this process.
+    pub async fn stats(&self) -> Result<Stats, EngineError> {
+        let mut out = Stats::default();
+        let mut all_lags = Vec::new();
+        for p in &self.pairs {
+            let l = match &p.local {
+                Some(a) => a.send(GetLocalStats).await?,
+                None => LocalStats::default(),
+            };
+            let r = match &p.remote {
+                Some(a) => a.send(GetRemoteStats).await?,
+                None => RemoteStats::default(),
+            };
+            let c = &self.counters[p.id.0 as usize];
+            out.pairs.push(PairStats {
+                name: p.name.clone(),
+                written_seq: l.last.seq.0,
+                acked_seq: l.acked.0,
+                head_seq: r.head.seq.0,
+                head_ts: r.head.ts.0,
+                applied_seq: r.applied.seq.0,
+                commit_limit: r.limit.0,
+                bytes: l.bytes,
+                retransmits: l.retransmits,
+                heartbeats: l.heartbeats,
+                dropped: c.dropped.load(Ordering::Relaxed),
+                duplicated: c.duplicated.load(Ordering::Relaxed),
+                duplicates_received: r.duplicates,
+                limit_violations: r.limit_violations,
+                flow_dropped: r.flow_dropped,
+                srtt_us: l.srtt_us,
+                lag_p50_us: percentile(&mut r.lag_ns.clone(), 50.0) / 1000,
+                lag_p99_us: percentile(&mut r.lag_ns.clone(), 99.0) / 1000,
+            });
+            all_lags.extend_from_slice(&r.lag_ns);
+        }
+        out.lag_samples = all_lags.len();
+        out.lag_p50_us = percentile(&mut all_lags, 50.0) / 1000;
+        out.lag_p99_us = percentile(&mut all_lags, 99.0) / 1000;
+        if let Some(o) = &self.orderer {
+            let o = o.send(GetOrdererStats).await?;
+            out.commit_limit = o.released.0;
+            out.commits = o.releases;
+            out.laggard = o
+                .laggard
+                .and_then(|p| self.pairs.get(p.0 as usize))
+                .map(|p| p.name.clone());
+        }
+        for l in &self.links {
+            let s = match l {
+                LinkAddr::InProcess(a) => a.send(GetLinkStats).await?,
+                LinkAddr::Udp(a) => a.send(GetLinkStats).await?,
+            };
+            out.items_sent += s.items_sent;
+            out.items_dropped += s.dropped;
+            out.items_duplicated += s.duplicated;
+        }
+        Ok(out)
+    }
+}

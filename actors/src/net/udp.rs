@@ -1,0 +1,372 @@
+//! `UdpLink`: a system's link over a real UDP socket, wrapping the sans-IO
+//! [`tidemark::link::LinkCore`]: sealed datagrams, packing, splitting, pacing, liveness.
+//!
+//! Peers are known by the system id inside the authenticated datagram, never by source
+//! address; every datagram goes to the peer's configured `advertise` address, so a proxy
+//! or NAT in between works both ways.
+//!
+//! Syscalls are batched through `quinn-udp`: consecutive datagrams to one peer that have
+//! the same length (the full-MTU parts of split writes; the last one may be shorter) leave
+//! in one `sendmsg` with UDP GSO where the kernel has it, and arrive through `recvmmsg`
+//! (with UDP GRO: one buffer of several datagrams, split at `stride`). Where GSO is
+//! missing or fails, datagrams leave one per syscall.
+
+use crate::msg::*;
+use crate::net::route::{Routes, SetRoutes};
+use actix::prelude::*;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tidemark::link::{LinkCore, LinkCounters, LinkEvent};
+use tidemark::SystemId;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Most bytes one GSO send carries (the kernel's limit is 64 KiB of UDP payload).
+const GSO_BYTES: usize = 60_000;
+/// Bytes of one receive buffer: room for the largest datagram, or a GRO batch.
+const RECV_SLOT: usize = 65_536;
+
+/// What a UDP link shows the outside: counters and which peers are up.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct UdpStatus {
+    pub counters: LinkCounters,
+    pub peers_up: BTreeMap<String, bool>,
+    pub send_errors: u64,
+}
+
+/// Datagrams read from the socket.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Datagrams(Vec<Vec<u8>>);
+
+pub struct UdpLink {
+    me: SystemId,
+    core: LinkCore,
+    std_socket: Option<std::net::UdpSocket>,
+    socket: Option<Arc<UdpSocket>>,
+    state: Option<Arc<quinn_udp::UdpSocketState>>,
+    /// Datagrams to one address waiting to leave in one GSO send.
+    gso: GsoBatch,
+    addrs: BTreeMap<SystemId, SocketAddr>,
+    names: BTreeMap<SystemId, String>,
+    routes: Routes,
+    flush_scheduled: bool,
+    wake_scheduled: bool,
+    send_errors: u64,
+    status: Arc<Mutex<UdpStatus>>,
+    tick: Duration,
+}
+
+impl UdpLink {
+    /// `socket` is bound already (so a bad address fails before anything starts);
+    /// `addrs` are the peers' advertise addresses.
+    pub fn new(
+        me: SystemId,
+        core: LinkCore,
+        socket: std::net::UdpSocket,
+        addrs: BTreeMap<SystemId, SocketAddr>,
+        names: BTreeMap<SystemId, String>,
+        status: Arc<Mutex<UdpStatus>>,
+        tick: Duration,
+    ) -> Self {
+        UdpLink {
+            me,
+            core,
+            std_socket: Some(socket),
+            socket: None,
+            state: None,
+            gso: GsoBatch::default(),
+            addrs,
+            names,
+            routes: Routes::default(),
+            flush_scheduled: false,
+            wake_scheduled: false,
+            send_errors: 0,
+            status,
+            tick,
+        }
+    }
+
+    fn name(&self, s: SystemId) -> &str {
+        self.names.get(&s).map(String::as_str).unwrap_or("?")
+    }
+
+    /// Sends what the pacer lets out; schedules a wake-up for the rest.
+    fn transmit(&mut self, ctx: &mut Context<Self>) {
+        let (Some(socket), Some(state)) = (self.socket.clone(), self.state.clone()) else {
+            return;
+        };
+        let t = now();
+        let max_segments = state.max_gso_segments().max(1);
+        while let Some((to, d)) = self.core.poll_transmit(t) {
+            let Some(addr) = self.addrs.get(&to).copied() else {
+                self.send_errors += 1;
+                continue;
+            };
+            if !self.gso.takes(addr, d.len(), max_segments) {
+                self.send_errors += self.gso.send(&socket, &state);
+            }
+            self.gso.push(addr, &d);
+        }
+        self.send_errors += self.gso.send(&socket, &state);
+        if self.core.backlog() > 0 && !self.wake_scheduled {
+            self.wake_scheduled = true;
+            let wait = self
+                .core
+                .poll_timeout(t)
+                .map(|w| w.saturating_duration_since(t))
+                .unwrap_or(Duration::from_millis(1))
+                .max(Duration::from_micros(100));
+            ctx.run_later(wait, |act, ctx| {
+                act.wake_scheduled = false;
+                act.transmit(ctx);
+            });
+        }
+    }
+
+    fn events(&mut self) {
+        while let Some(e) = self.core.poll_event() {
+            match e {
+                LinkEvent::Up(p) => {
+                    tracing::info!(system = %self.name(self.me), peer = %self.name(p), "peer connected")
+                }
+                LinkEvent::Down(p) => {
+                    tracing::warn!(system = %self.name(self.me), peer = %self.name(p), "peer disconnected (silent for peer_timeout)")
+                }
+                LinkEvent::Restarted(p) => {
+                    tracing::info!(system = %self.name(self.me), peer = %self.name(p), "peer restarted (new session)")
+                }
+            }
+        }
+        if let Ok(mut s) = self.status.lock() {
+            s.counters = self.core.counters();
+            s.send_errors = self.send_errors;
+            for (id, name) in &self.names {
+                if *id != self.me {
+                    s.peers_up.insert(name.clone(), self.core.is_up(*id));
+                }
+            }
+        }
+    }
+}
+
+/// Consecutive datagrams to one address, all `segment` bytes long but the last, which may
+/// be shorter: what one `sendmsg` with UDP GSO sends as separate datagrams.
+#[derive(Default)]
+struct GsoBatch {
+    addr: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    /// A shorter datagram ended the batch.
+    closed: bool,
+}
+
+impl GsoBatch {
+    /// Whether a datagram of `len` bytes to `addr` can join this batch.
+    fn takes(&self, addr: SocketAddr, len: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (self.addr == Some(addr)
+                && !self.closed
+                && len <= self.segment
+                && self.count < max_segments
+                && self.buf.len() + len <= GSO_BYTES)
+    }
+
+    /// Adds a datagram; the caller checked [`GsoBatch::takes`].
+    fn push(&mut self, addr: SocketAddr, d: &[u8]) {
+        if self.count == 0 {
+            self.addr = Some(addr);
+            self.segment = d.len();
+        } else if d.len() < self.segment {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(d);
+        self.count += 1;
+    }
+
+    /// Sends the batch (empty afterwards) and returns how many datagrams could not be
+    /// sent. A full socket buffer drops them, as the network might: the units retransmit
+    /// end to end. If the GSO send fails otherwise (quinn-udp then turns GSO off for this
+    /// socket), the datagrams are sent one by one.
+    fn send(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) -> u64 {
+        let Some(addr) = self.addr.take() else {
+            return 0;
+        };
+        let count = std::mem::take(&mut self.count);
+        let segment = std::mem::take(&mut self.segment);
+        self.closed = false;
+        let one = |contents: &[u8], segment_size: Option<usize>| {
+            let t = quinn_udp::Transmit {
+                destination: addr,
+                ecn: None,
+                contents,
+                segment_size,
+                src_ip: None,
+            };
+            socket.try_io(Interest::WRITABLE, || state.try_send(socket.into(), &t))
+        };
+        let failed = match one(&self.buf, (count > 1).then_some(segment)) {
+            Ok(()) => 0,
+            Err(e) if count == 1 || e.kind() == std::io::ErrorKind::WouldBlock => count as u64,
+            Err(_) => self
+                .buf
+                .chunks(segment.max(1))
+                .filter(|d| one(d, None).is_err())
+                .count() as u64,
+        };
+        self.buf.clear();
+        failed
+    }
+}
+
+impl Actor for UdpLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(std_socket) = self.std_socket.take() else {
+            return;
+        };
+        let socket = match UdpSocket::from_std(std_socket) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use the UDP socket");
+                ctx.stop();
+                return;
+            }
+        };
+        let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the UDP socket");
+                ctx.stop();
+                return;
+            }
+        };
+        self.socket = Some(socket.clone());
+        self.state = Some(state.clone());
+        let me = ctx.address();
+        // The reader: one task per socket, taking up to BATCH_SIZE buffers (each one
+        // datagram, or several coalesced by GRO) per syscall, up to 64 datagrams per
+        // message to the actor.
+        ctx.spawn(
+            async move {
+                let slots = quinn_udp::BATCH_SIZE.max(1);
+                let mut bufs = vec![vec![0u8; RECV_SLOT]; slots];
+                let mut meta = vec![quinn_udp::RecvMeta::default(); slots];
+                loop {
+                    if let Err(e) = socket.readable().await {
+                        tracing::debug!(error = %e, "udp receive error");
+                        continue;
+                    }
+                    let mut batch = Vec::new();
+                    while batch.len() < 64 {
+                        let mut io: Vec<std::io::IoSliceMut<'_>> = bufs
+                            .iter_mut()
+                            .map(|b| std::io::IoSliceMut::new(b))
+                            .collect();
+                        let got = socket.try_io(Interest::READABLE, || {
+                            state.recv((&*socket).into(), &mut io, &mut meta)
+                        });
+                        let n = match got {
+                            Ok(n) => n,
+                            Err(e) => {
+                                if e.kind() != std::io::ErrorKind::WouldBlock {
+                                    tracing::debug!(error = %e, "udp receive error");
+                                }
+                                break;
+                            }
+                        };
+                        drop(io);
+                        for (m, b) in meta.iter().zip(&bufs).take(n) {
+                            let len = m.len.min(b.len());
+                            let stride = if m.stride == 0 { len.max(1) } else { m.stride };
+                            batch.extend(b[..len].chunks(stride).map(<[u8]>::to_vec));
+                        }
+                    }
+                    if !batch.is_empty() {
+                        me.do_send(Datagrams(batch));
+                    }
+                }
+            }
+            .into_actor(self),
+        );
+        ctx.run_interval(self.tick, |act, ctx| {
+            act.core.handle_timeout(now());
+            act.events();
+            act.transmit(ctx);
+        });
+    }
+}
+
+impl Handler<SetRoutes> for UdpLink {
+    type Result = ();
+    fn handle(&mut self, msg: SetRoutes, _: &mut Context<Self>) {
+        self.routes = msg.0;
+    }
+}
+
+impl Handler<Outbound> for UdpLink {
+    type Result = ();
+    fn handle(&mut self, msg: Outbound, ctx: &mut Context<Self>) {
+        if msg.to == self.me {
+            self.routes.deliver(self.me, self.me, vec![msg.msg]);
+            return;
+        }
+        self.core.send(msg.to, msg.msg);
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(FlushQueued);
+        }
+    }
+}
+
+impl Handler<FlushQueued> for UdpLink {
+    type Result = ();
+    fn handle(&mut self, _: FlushQueued, ctx: &mut Context<Self>) {
+        self.flush_scheduled = false;
+        self.core.flush();
+        self.transmit(ctx);
+    }
+}
+
+impl Handler<Datagrams> for UdpLink {
+    type Result = ();
+    fn handle(&mut self, msg: Datagrams, _: &mut Context<Self>) {
+        let t = now();
+        let mut by_peer: BTreeMap<SystemId, Vec<tidemark::Message>> = BTreeMap::new();
+        for mut d in msg.0 {
+            if let Some((from, msgs)) = self.core.handle_datagram(t, &mut d) {
+                by_peer.entry(from).or_default().extend(msgs);
+            }
+        }
+        for (from, msgs) in by_peer {
+            self.routes.deliver(self.me, from, msgs);
+        }
+        self.events();
+    }
+}
+
+impl Handler<GetLinkStats> for UdpLink {
+    type Result = MessageResult<GetLinkStats>;
+    fn handle(&mut self, _: GetLinkStats, _: &mut Context<Self>) -> Self::Result {
+        let c = self.core.counters();
+        MessageResult(LinkStats {
+            items_sent: c.datagrams_out,
+            dropped: c.dropped(),
+            duplicated: c.dropped_replay,
+            delayed: 0,
+        })
+    }
+}
+
+impl Handler<Stop> for UdpLink {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        self.core.flush();
+        self.transmit(ctx);
+        ctx.stop();
+    }
+}

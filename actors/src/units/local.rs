@@ -1,0 +1,731 @@
+//! `LocalUnit`: owns one local disk. Takes client writes, stamps them, journals them and
+//! writes them locally (off the actor thread, on the unit's own disk lane: one thread
+//! that runs the unit's jobs in the order they were stamped, several batches in flight,
+//! so the journal and the disk see them in stamp order while the actor stamps the next
+//! batch), tells the clients, hands the packets to the link, retransmits what the
+//! remote has not acknowledged, and sends heartbeats when idle.
+//!
+//! I2: a write is stamped from the process-wide hybrid clock after its client issued it
+//! and before its client is told it completed, so a write issued after another completed
+//! gets a later stamp.
+//! I3: a write is told complete only after its packet is in the journal (written to the
+//! operating system; synced too on flush/FUA), so a restarted primary ships it; the
+//! packet leaves for the remote only after the local write finished; the journal forgets
+//! it only once the remote acknowledged it as durable.
+//! I2 across primary processes: with a commit gate (see `timebase`), a write stamped `t`
+//! is told complete only once the wall clock passed `t` plus the measured skew bound;
+//! replies leave in stamp order.
+
+use crate::error::EngineError;
+use crate::msg::*;
+use crate::units::disk::Disk;
+use crate::units::journaling::{Durability, SharedJournal};
+use actix::prelude::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark::journal::{JournalError, Record};
+use tidemark::ship::Sender;
+use tidemark::storage::check;
+use tidemark::timebase::{Commit, CommitGate};
+use tidemark::{BlockStore, HybridClock, Message as WireMessage, Packet, PairId, Payload};
+use tidemark::{Rtt, Seq, Stamp, SystemId};
+use tokio::sync::oneshot;
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+enum Op {
+    Write(Vec<Payload>, Reply<Vec<Stamp>>),
+    Flush(Reply<()>),
+}
+
+/// A batch of ops, stamped, on its way through the journal and the local disk. Kept
+/// whole so that a full journal can be retried with the same stamps.
+struct Batch {
+    ops: Vec<Op>,
+    stamps: Vec<Vec<Stamp>>,
+    records: Arc<Vec<Record>>,
+    /// Its last packet, if it has any: the lane having written it lets it go on the wire.
+    last: Option<Seq>,
+}
+
+/// How the disk job ended.
+enum Outcome {
+    Done,
+    /// The journal has no room: nothing was appended; retry later.
+    Full,
+    Failed(String),
+    /// An earlier batch of the lane was full or failed: this one did nothing, so that
+    /// nothing is journaled or written out of stamp order.
+    Skipped,
+}
+
+/// Batches the lane may hold at once: enough to keep it busy while the actor stamps the
+/// next one and answers the last.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// A batch handed to the lane, and how its job ended (once it has).
+struct InFlight {
+    batch: Batch,
+    acked: Stamp,
+    outcome: Option<Outcome>,
+}
+
+/// A write's reply waiting for commit-wait.
+struct Pending {
+    reply: Reply<Vec<Stamp>>,
+    stamps: Vec<Stamp>,
+}
+
+impl Pending {
+    /// The last stamp the client is told about (0 if none: nothing to wait for).
+    fn ts(&self) -> u64 {
+        self.stamps.last().map_or(0, |s| s.ts.0)
+    }
+}
+
+/// A write larger than this is journaled and shipped as several packets (a block device
+/// promises no atomicity beyond a sector, so a crash may show some pieces of an
+/// unacknowledged large write and not others, at the primary as at the remote)…
+const MAX_PART: usize = 4 << 20;
+/// …nor larger than a quarter of a journal segment (a record must fit in a segment), but
+/// never cut finer than this.
+const MIN_PART: usize = 4 << 10;
+
+/// Writers may run this many congestion windows ahead of the acknowledgements…
+const ADMIT_CWNDS: usize = 2;
+/// …and at least this much.
+const ADMIT_MIN: usize = 1 << 20;
+
+pub struct LocalUnit {
+    pair: PairId,
+    remote_system: SystemId,
+    sender: Sender,
+    clock: Arc<HybridClock>,
+    store: Arc<dyn BlockStore>,
+    journal: Option<SharedJournal>,
+    disk: Disk,
+    link: Recipient<Outbound>,
+    queue: Vec<Op>,
+    /// Batches on the lane, oldest first; the oldest has id `next_id - inflight.len()`.
+    inflight: std::collections::VecDeque<InFlight>,
+    next_id: u64,
+    /// Set by a job that found the journal full or failed; later jobs then skip.
+    stalled: Arc<AtomicBool>,
+    /// Batches to submit again (in order) once the lane is empty: a full journal.
+    retry: Vec<Batch>,
+    failed: Option<String>,
+    /// The release watermark the journal holds (the remote has every packet up to it).
+    released: Stamp,
+    /// The highest watermark handed to the lane, in a batch or on its own.
+    released_sent: Stamp,
+    /// A job that writes the watermark on its own is on the lane.
+    marking: bool,
+    /// Largest payload piece journaled as one record (a larger write is split).
+    max_part: usize,
+    /// The process is stopping: new writes are refused, waiting ones answered with an error.
+    stopping: bool,
+    window_bytes: usize,
+    tick: Duration,
+    bytes: u64,
+    gate: Option<Arc<CommitGate>>,
+    pending: VecDeque<Pending>,
+    wake_at: Option<u64>,
+    /// Stopping: replies the gate holds are failed instead of kept.
+    abandon_held: bool,
+}
+
+/// The process is stopping, so that no client waits on anything any more:
+/// - replies the commit gate holds are failed (their writes are journaled and will still
+///   reach the remote; they are just not acknowledged);
+/// - writes not yet journaled (waiting for the window, or for journal space) are failed
+///   and never written: the client is told, nothing of them is anywhere;
+/// - later writes are refused at once. Flushes still run: they make what was
+///   acknowledged durable.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stopping;
+
+/// Settings of a local unit.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalConfig {
+    pub heartbeat: Duration,
+    /// Writers wait while this many bytes are unacknowledged by the remote.
+    pub window_bytes: usize,
+    pub rtt: (Duration, Duration, Duration),
+}
+
+/// Where a restarted local unit stands, from its system's journal.
+#[derive(Clone, Debug, Default)]
+pub struct LocalResume {
+    /// The remote holds everything up to here.
+    pub released: Stamp,
+    /// Journaled, not yet released: resent.
+    pub live: Vec<Packet>,
+}
+
+impl LocalUnit {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pair: PairId,
+        remote_system: SystemId,
+        clock: Arc<HybridClock>,
+        store: Arc<dyn BlockStore>,
+        journal: Option<SharedJournal>,
+        resume: LocalResume,
+        disk: Disk,
+        link: Recipient<Outbound>,
+        cfg: LocalConfig,
+    ) -> Self {
+        let (initial, min, max) = cfg.rtt;
+        let mut sender = Sender::new(
+            pair,
+            resume.released,
+            cfg.heartbeat,
+            Rtt::new(initial, min, max),
+        );
+        for p in resume.live {
+            sender.push_recovered(p);
+        }
+        LocalUnit {
+            pair,
+            remote_system,
+            sender,
+            clock,
+            store,
+            disk,
+            link,
+            queue: Vec::new(),
+            inflight: std::collections::VecDeque::new(),
+            next_id: 0,
+            stalled: Arc::new(AtomicBool::new(false)),
+            retry: Vec::new(),
+            failed: None,
+            released: resume.released,
+            released_sent: resume.released,
+            marking: false,
+            max_part: journal.as_ref().map_or(MAX_PART, |j| {
+                let seg = j.options().segment_size as usize;
+                (seg / 4).clamp(MIN_PART, MAX_PART)
+            }),
+            stopping: false,
+            journal,
+            window_bytes: cfg.window_bytes,
+            tick: (cfg.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_millis(5)),
+            bytes: 0,
+            gate: None,
+            pending: VecDeque::new(),
+            wake_at: None,
+            abandon_held: false,
+        }
+    }
+
+    /// Replies wait for `gate` (commit-wait across primary processes).
+    pub fn with_commit_gate(mut self, gate: Option<Arc<CommitGate>>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Sends every waiting reply the commit gate allows, in order; arranges to be woken
+    /// when the first one still waiting is due (a held gate is retried every tick).
+    fn release_replies(&mut self, ctx: &mut Context<Self>) {
+        while let Some(p) = self.pending.front() {
+            let verdict = match &self.gate {
+                None => Commit::Now,
+                Some(g) => g.check(p.ts(), self.clock.wall_ns()),
+            };
+            match verdict {
+                Commit::Now => {
+                    if let Some(p) = self.pending.pop_front() {
+                        let _ = p.reply.send(Ok(p.stamps));
+                    }
+                }
+                Commit::At(due) => {
+                    if self.wake_at.is_none_or(|w| w > due) {
+                        self.wake_at = Some(due);
+                        let wait = Duration::from_nanos(due.saturating_sub(self.clock.wall_ns()));
+                        ctx.run_later(wait, |act, ctx| {
+                            act.wake_at = None;
+                            act.release_replies(ctx);
+                        });
+                    }
+                    return;
+                }
+                Commit::Held if self.abandon_held => {
+                    for p in self.pending.drain(..) {
+                        let err = EngineError::Unit(format!(
+                            "{}: stopping while the time base holds acknowledgements",
+                            self.pair
+                        ));
+                        let _ = p.reply.send(Err(err));
+                    }
+                    return;
+                }
+                Commit::Held => return,
+            }
+        }
+    }
+
+    /// Starts the next batch if the lane has room and the window too: stamps it, then
+    /// journals and writes it on the lane (after every batch stamped before it).
+    /// How much may be unacknowledged before writers wait: a few congestion windows
+    /// (so writes queue unstamped at the client, not stamped behind the network, and
+    /// commit lag stays near the network's own delay), never more than `window_bytes`.
+    fn admit_bytes(&self) -> usize {
+        let cwnd = self.sender.congestion().cwnd();
+        (cwnd.saturating_mul(ADMIT_CWNDS))
+            .max(ADMIT_MIN)
+            .min(self.window_bytes)
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() || self.queue.is_empty() {
+            return;
+        }
+        if self.sender.unacked_bytes() > self.admit_bytes() && self.failed.is_none() {
+            // Writes wait for acknowledgements; a flush need not (it covers only writes
+            // already told complete, none of which is queued): it goes ahead alone, so a
+            // flush never waits on the remote.
+            if self.queue.iter().any(|op| matches!(op, Op::Flush(_))) {
+                let (flushes, writes) = std::mem::take(&mut self.queue)
+                    .into_iter()
+                    .partition(|op| matches!(op, Op::Flush(_)));
+                self.queue = writes;
+                self.submit_ops(flushes, ctx);
+            }
+            return;
+        }
+        if let Some(e) = &self.failed {
+            let e = e.clone();
+            for op in self.queue.drain(..) {
+                let err = EngineError::Unit(format!("{}: {e}", self.pair));
+                match op {
+                    Op::Write(_, r) => drop(r.send(Err(err))),
+                    Op::Flush(r) => drop(r.send(Err(err))),
+                }
+            }
+            return;
+        }
+        let ops = std::mem::take(&mut self.queue);
+        self.submit_ops(ops, ctx);
+    }
+
+    /// Stamps `ops` and hands them to the lane as one batch.
+    fn submit_ops(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
+        let mut records = Vec::new();
+        let mut stamps = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let mut v = Vec::new();
+            if let Op::Write(payloads, _) = op {
+                for p in payloads {
+                    // A client learns the stamp of the last piece: its write is complete
+                    // as of that stamp.
+                    let mut last = None;
+                    for part in p.clone().split(self.max_part) {
+                        let stamp = self.sender.push_held(self.clock.now(), part.clone());
+                        last = Some(stamp);
+                        records.push(Record::Packet(Packet {
+                            pair: self.pair,
+                            stamp,
+                            payload: part,
+                        }));
+                    }
+                    v.extend(last);
+                }
+            }
+            stamps.push(v);
+        }
+        let batch = Batch {
+            ops,
+            stamps,
+            last: records.iter().rev().find_map(|r| match r {
+                Record::Packet(p) => Some(p.stamp.seq),
+                _ => None,
+            }),
+            records: Arc::new(records),
+        };
+        self.submit(batch, ctx);
+    }
+
+    /// Hands `batch` to the lane, behind every batch handed to it before.
+    fn submit(&mut self, batch: Batch, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let journal = self.journal.clone();
+        let stalled = self.stalled.clone();
+        let mut records = (*batch.records).clone();
+        let acked = self.sender.acked_stamp();
+        if acked.seq > self.released.seq {
+            records.push(Record::Released {
+                pair: self.pair,
+                stamp: acked,
+            });
+            self.released_sent = self.released_sent.max(acked);
+        }
+        let flush = batch.ops.iter().any(|o| matches!(o, Op::Flush(_)));
+        let job = self.disk.run(move || {
+            if stalled.load(Ordering::Acquire) {
+                return Outcome::Skipped;
+            }
+            let outcome = Self::journal_and_write(journal, store, &records, flush);
+            if !matches!(outcome, Outcome::Done) {
+                stalled.store(true, Ordering::Release);
+            }
+            outcome
+        });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.inflight.push_back(InFlight {
+            batch,
+            acked,
+            outcome: None,
+        });
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.landed(
+                id,
+                res.unwrap_or(Outcome::Failed("disk pool stopped".into())),
+                ctx,
+            )
+        }));
+    }
+
+    /// The disk job of a batch: journal it (I3), then write it to the local unit.
+    fn journal_and_write(
+        journal: Option<SharedJournal>,
+        store: Arc<dyn BlockStore>,
+        records: &[Record],
+        flush: bool,
+    ) -> Outcome {
+        if let Some(j) = &journal {
+            let durability = if flush {
+                Durability::Synced
+            } else {
+                Durability::Written
+            };
+            match j.append(records, durability) {
+                Ok(()) => {}
+                Err(JournalError::Full { .. }) => return Outcome::Full,
+                Err(e) => return Outcome::Failed(format!("journal: {e}")),
+            }
+        }
+        for r in records {
+            if let Record::Packet(p) = r {
+                if let Err(e) = store.apply(&p.payload) {
+                    return Outcome::Failed(format!("local write: {e}"));
+                }
+            }
+        }
+        if flush {
+            if let Err(e) = store.flush() {
+                return Outcome::Failed(format!("local flush: {e}"));
+            }
+        }
+        Outcome::Done
+    }
+
+    /// The lane finished batch `id`. Batches are acted on strictly in the order they were
+    /// stamped: each done one tells its clients and lets its packets go (I3: journaled
+    /// and written locally); a full journal sends it and every later one (skipped by
+    /// the lane) round again once the lane is empty.
+    fn landed(&mut self, id: u64, outcome: Outcome, ctx: &mut Context<Self>) {
+        let first = self.next_id - self.inflight.len() as u64;
+        if let Some(f) = id
+            .checked_sub(first)
+            .and_then(|i| self.inflight.get_mut(i as usize))
+        {
+            f.outcome = Some(outcome);
+        }
+        let mut sent = false;
+        while self.inflight.front().is_some_and(|f| f.outcome.is_some()) {
+            let Some(InFlight {
+                batch,
+                acked,
+                outcome: Some(outcome),
+            }) = self.inflight.pop_front()
+            else {
+                break;
+            };
+            match outcome {
+                Outcome::Done => {
+                    self.released = self.released.max(acked);
+                    if let Some(last) = batch.last {
+                        self.sender.mark_written(last);
+                    }
+                    for (op, stamps) in batch.ops.into_iter().zip(batch.stamps) {
+                        match op {
+                            Op::Write(payloads, reply) => {
+                                self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
+                                self.pending.push_back(Pending { reply, stamps });
+                            }
+                            // A flush covers the writes already told complete; those
+                            // still in commit-wait are not (as NBD says): it need not wait.
+                            Op::Flush(reply) => {
+                                let _ = reply.send(Ok(()));
+                            }
+                        }
+                    }
+                    sent = true;
+                }
+                Outcome::Full | Outcome::Skipped if self.failed.is_none() => {
+                    // Back-pressure: writers wait until acknowledgements free journal
+                    // space. The watermark this batch carried was not recorded either.
+                    tracing::debug!(pair = %self.pair, "journal full; retrying");
+                    self.released_sent = self.released;
+                    self.retry.push(batch);
+                }
+                Outcome::Failed(e) => {
+                    tracing::error!(pair = %self.pair, error = %e, "local unit failed");
+                    self.fail_batch(batch, &e);
+                    self.failed = Some(e);
+                }
+                Outcome::Full | Outcome::Skipped => {
+                    let e = self.failed.clone().unwrap_or_default();
+                    self.fail_batch(batch, &e);
+                }
+            }
+        }
+        if sent {
+            self.release_replies(ctx);
+            self.transmit();
+        }
+        if self.retry.is_empty() {
+            self.pump(ctx);
+        } else {
+            // The journal was full. What frees it is the watermark of what the remote
+            // acknowledged: record it on its own (never refused for space); the retry
+            // follows when it lands (or on the next tick: another unit's watermark may
+            // free a shared journal), never at once, which would only spin.
+            self.mark_released(ctx);
+        }
+    }
+
+    /// Records the acknowledged point in the journal on its own, if no job on the lane
+    /// carries it yet. Such a batch has no packet, so the journal never refuses it, and a
+    /// journal full of acknowledged packets frees them (I5: a full journal waits only on
+    /// acknowledgements, never on new data to carry the watermark).
+    fn mark_released(&mut self, ctx: &mut Context<Self>) {
+        let acked = self.sender.acked_stamp();
+        if self.marking || acked.seq <= self.released_sent.seq || self.failed.is_some() {
+            return;
+        }
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        self.marking = true;
+        self.released_sent = acked;
+        let rec = [Record::Released {
+            pair: self.pair,
+            stamp: acked,
+        }];
+        // Not behind the lane's `stalled` flag: a watermark may go in whatever happened
+        // to the data batches before it.
+        let job = self
+            .disk
+            .run(move || journal.append(&rec, Durability::Written));
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.marking = false;
+            match res {
+                Some(Ok(())) => act.released = act.released.max(acked),
+                Some(Err(e)) => {
+                    let e = format!("journal: {e}");
+                    tracing::error!(pair = %act.pair, error = %e, "local unit failed");
+                    act.failed = Some(e);
+                }
+                None => act.failed = Some("disk pool stopped".into()),
+            }
+            act.resubmit(ctx);
+        }));
+    }
+
+    /// Once the lane is done with everything a full journal refused, hands those batches
+    /// to it again, in order (or fails them, if the unit failed); then takes new work.
+    fn resubmit(&mut self, ctx: &mut Context<Self>) {
+        if !self.inflight.is_empty() || self.marking {
+            // `pump` takes no new work while batches wait for a retry.
+            self.pump(ctx);
+            return;
+        }
+        self.stalled.store(false, Ordering::Release);
+        let retry = std::mem::take(&mut self.retry);
+        if self.stopping && !retry.is_empty() {
+            // Stamped, never journaled, written or sent: the clients are told, and the
+            // sender forgets the packets (with the lane idle, every held one is theirs).
+            let dropped = self.sender.drop_held();
+            tracing::info!(pair = %self.pair, packets = dropped, "stopping: writes a full journal refused are failed");
+            for batch in retry {
+                for op in batch.ops {
+                    match op {
+                        Op::Write(_, r) => drop(r.send(Err(EngineError::Unit(
+                            "stopping: the write was not journaled and is not written".into(),
+                        )))),
+                        flush => self.queue.push(flush),
+                    }
+                }
+            }
+        } else {
+            match self.failed.clone() {
+                Some(e) => retry.into_iter().for_each(|b| self.fail_batch(b, &e)),
+                None => retry.into_iter().for_each(|b| self.submit(b, ctx)),
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn fail_batch(&self, batch: Batch, e: &str) {
+        for op in batch.ops {
+            let err = EngineError::Unit(format!("{}: {e}", self.pair));
+            match op {
+                Op::Write(_, r) => drop(r.send(Err(err))),
+                Op::Flush(r) => drop(r.send(Err(err))),
+            }
+        }
+    }
+
+    fn transmit(&mut self) {
+        let mut out = Vec::new();
+        let re = self.sender.poll_transmit(now(), &mut out);
+        if re > 0 {
+            tracing::debug!(pair = %self.pair, retransmits = re, rto_us = self.sender.rtt().rto().as_micros() as u64,
+                unacked = self.sender.unacked_len(), acked = %self.sender.acked(), "retransmit");
+        }
+        if !out.is_empty() {
+            self.link.do_send(Outbound {
+                to: self.remote_system,
+                msg: WireMessage::Data(out),
+            });
+        }
+    }
+
+    fn on_tick(&mut self, ctx: &mut Context<Self>) {
+        if !self.pending.is_empty() {
+            self.release_replies(ctx);
+        }
+        if !self.retry.is_empty() {
+            // Space in a journal shared with other units may come back from their
+            // watermarks too: retry every tick while batches wait.
+            self.mark_released(ctx);
+            self.resubmit(ctx);
+        }
+        self.transmit();
+        let t = now();
+        if self.sender.heartbeat_due(t) {
+            let hb = self.sender.heartbeat(t, self.clock.now());
+            self.link.do_send(Outbound {
+                to: self.remote_system,
+                msg: WireMessage::Heartbeats(vec![hb]),
+            });
+        }
+    }
+}
+
+impl Actor for LocalUnit {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.tick, |act, ctx| act.on_tick(ctx));
+    }
+}
+
+impl Handler<Write> for LocalUnit {
+    type Result = ResponseFuture<Result<Vec<Stamp>, EngineError>>;
+
+    fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
+        // Range-check everything first: a bad request changes nothing.
+        let size = self.store.size();
+        if let Some(e) = msg
+            .0
+            .iter()
+            .find_map(|p| check(size, p.offset(), p.len()).err())
+        {
+            return Box::pin(async move { Err(EngineError::Store(e)) });
+        }
+        if self.stopping {
+            return Box::pin(async { Err(EngineError::Stopped) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.queue.push(Op::Write(msg.0, tx));
+        self.pump(ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<Stopping> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, _: Stopping, ctx: &mut Context<Self>) {
+        self.abandon_held = true;
+        self.stopping = true;
+        self.release_replies(ctx);
+        let stopped = |r: Reply<Vec<Stamp>>| {
+            drop(r.send(Err(EngineError::Unit(
+                "stopping: the write was not journaled and is not written".into(),
+            ))))
+        };
+        let mut flushes = Vec::new();
+        for op in std::mem::take(&mut self.queue) {
+            match op {
+                Op::Write(_, r) => stopped(r),
+                flush => flushes.push(flush),
+            }
+        }
+        self.queue = flushes;
+        // Batches a full journal refused are failed once the lane is done with them.
+        self.resubmit(ctx);
+    }
+}
+
+impl Handler<Flush> for LocalUnit {
+    type Result = ResponseFuture<Result<(), EngineError>>;
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.queue.push(Op::Flush(tx));
+        self.pump(ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<AcksIn> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, msg: AcksIn, ctx: &mut Context<Self>) {
+        let t = now();
+        for ack in &msg.0 {
+            self.sender.handle_ack(t, ack);
+        }
+        // Acknowledgements open the congestion window and reveal losses: send at once.
+        self.transmit();
+        self.pump(ctx);
+        if self.inflight.is_empty() || !self.retry.is_empty() {
+            // No batch on the lane carries the watermark: record it on its own, so space
+            // comes back (and a restart resends less) when writes have stopped or the
+            // journal is full.
+            self.mark_released(ctx);
+        }
+    }
+}
+
+impl Handler<GetLocalStats> for LocalUnit {
+    type Result = MessageResult<GetLocalStats>;
+
+    fn handle(&mut self, _: GetLocalStats, _: &mut Context<Self>) -> Self::Result {
+        let s = self.sender.stats();
+        MessageResult(LocalStats {
+            last: self.sender.last(),
+            acked: self.sender.acked(),
+            unacked: self.sender.unacked_len(),
+            packets: s.packets,
+            retransmits: s.retransmits,
+            heartbeats: s.heartbeats,
+            bytes: self.bytes,
+            srtt_us: self.sender.rtt().srtt().map(|d| d.as_micros() as u64),
+        })
+    }
+}
+
+impl Handler<Stop> for LocalUnit {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,404 @@
+//! The deployment config (TOML): systems, pairs, the group's key and orderer.
+//!
+//! Every key is documented in the README. Relative paths are relative to the directory
+//! of the config file. Loading checks everything it can without touching the disks;
+//! each problem is an error naming the key.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tidemark_actors::error::EngineError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    key_file: PathBuf,
+    orderer: String,
+    #[serde(default = "default_heartbeat")]
+    heartbeat_ms: u64,
+    #[serde(default = "default_peer_timeout")]
+    peer_timeout_ms: u64,
+    #[serde(default = "default_mtu")]
+    mtu: usize,
+    /// Pacing per link, e.g. "1GiB" (per second); absent or "0" = unpaced.
+    #[serde(default)]
+    rate: Option<String>,
+    /// Per pair: writers wait while this much is unacknowledged by the remote.
+    #[serde(default)]
+    window: Option<String>,
+    /// Largest clock skew tolerated between primary processes (commit-wait bound).
+    #[serde(default = "default_max_clock_skew")]
+    max_clock_skew_ms: u64,
+    #[serde(default)]
+    system: Vec<RawSystem>,
+    #[serde(default)]
+    pair: Vec<RawPair>,
+}
+
+fn default_heartbeat() -> u64 {
+    10
+}
+fn default_peer_timeout() -> u64 {
+    3000
+}
+fn default_max_clock_skew() -> u64 {
+    20
+}
+fn default_mtu() -> usize {
+    1400
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSystem {
+    name: String,
+    role: String,
+    listen: String,
+    advertise: Option<String>,
+    journal_dir: PathBuf,
+    journal_size: Option<String>,
+    nbd_listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPair {
+    name: String,
+    size: String,
+    local: RawEnd,
+    remote: RawEnd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnd {
+    system: String,
+    path: PathBuf,
+}
+
+/// A system of the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SystemConfig {
+    pub name: String,
+    pub primary: bool,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub journal_dir: PathBuf,
+    pub journal_size: u64,
+    /// Primary: where `tidemark primary` serves the local units. Secondary: where
+    /// `tidemark export` serves the remote units read-only after a promote (the
+    /// `secondary` daemon itself never serves NBD).
+    pub nbd_listen: Option<String>,
+}
+
+impl SystemConfig {
+    /// Where the system's journal segments live (under `journal_dir`, beside its `LOCK`
+    /// and `status.json`).
+    pub fn segments_dir(&self) -> PathBuf {
+        self.journal_dir.join("segments")
+    }
+}
+
+/// A pair of the config; `local`/`remote` index [`Config::systems`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairConfig {
+    pub name: String,
+    pub size: u64,
+    pub local: usize,
+    pub local_path: PathBuf,
+    pub remote: usize,
+    pub remote_path: PathBuf,
+}
+
+/// A checked config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub key_file: PathBuf,
+    pub orderer: usize,
+    pub heartbeat: Duration,
+    pub peer_timeout: Duration,
+    pub mtu: usize,
+    pub rate: u64,
+    pub window: u64,
+    pub max_clock_skew: Duration,
+    pub systems: Vec<SystemConfig>,
+    pub pairs: Vec<PairConfig>,
+}
+
+fn bad<T>(m: impl Into<String>) -> Result<T, EngineError> {
+    Err(EngineError::Config(m.into()))
+}
+
+/// Parses a size like `64MiB`, `1GiB`, `4096`.
+pub fn parse_size(key: &str, s: &str) -> Result<u64, EngineError> {
+    match s.trim().parse::<bytesize::ByteSize>() {
+        Ok(b) => Ok(b.as_u64()),
+        Err(e) => bad(format!("{key}: {s:?} is not a size ({e})")),
+    }
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, EngineError> {
+    match s.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => bad(format!("{key}: {s:?} resolves to no address")),
+        Err(e) => bad(format!("{key}: {s:?} is not an address ({e})")),
+    }
+}
+
+impl Config {
+    /// Reads and checks the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, EngineError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::parse(&text, &base, path)
+    }
+
+    /// Checks a config's text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path, path: &Path) -> Result<Config, EngineError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
+            return bad(format!(
+                "heartbeat_ms: {} is outside 1..=10000",
+                raw.heartbeat_ms
+            ));
+        }
+        if raw.max_clock_skew_ms == 0 || raw.max_clock_skew_ms > 10_000 {
+            return bad(format!(
+                "max_clock_skew_ms: {} is outside 1..=10000",
+                raw.max_clock_skew_ms
+            ));
+        }
+        if raw.peer_timeout_ms < raw.heartbeat_ms * 2 {
+            return bad("peer_timeout_ms: must be at least twice heartbeat_ms");
+        }
+        if !(576..=65_000).contains(&raw.mtu) {
+            return bad(format!("mtu: {} is outside 576..=65000", raw.mtu));
+        }
+        let rate = match &raw.rate {
+            Some(r) => parse_size("rate", r)?,
+            None => 0,
+        };
+        let window = match &raw.window {
+            Some(w) => parse_size("window", w)?,
+            None => 64 << 20,
+        };
+        if raw.system.is_empty() {
+            return bad("system: at least one [[system]] is needed");
+        }
+        let mut systems = Vec::new();
+        let mut index = BTreeMap::new();
+        let mut listens = BTreeSet::new();
+        let mut journals = BTreeSet::new();
+        for (i, s) in raw.system.iter().enumerate() {
+            let key = |k: &str| format!("system[{i}] ({}).{k}", s.name);
+            if s.name.is_empty() {
+                return bad(format!("system[{i}].name: must not be empty"));
+            }
+            if index.insert(s.name.clone(), i).is_some() {
+                return bad(format!("system[{i}].name: {:?} is used twice", s.name));
+            }
+            let primary = match s.role.as_str() {
+                "primary" => true,
+                "secondary" => false,
+                other => {
+                    return bad(format!(
+                        "{}: {other:?} is neither \"primary\" nor \"secondary\"",
+                        key("role")
+                    ))
+                }
+            };
+            let listen = parse_addr(&key("listen"), &s.listen)?;
+            if !listens.insert(listen) {
+                return bad(format!(
+                    "{}: {listen} is used by another system",
+                    key("listen")
+                ));
+            }
+            let advertise = match &s.advertise {
+                Some(a) => parse_addr(&key("advertise"), a)?,
+                None => listen,
+            };
+            let journal_dir = abs(&s.journal_dir);
+            if !journals.insert(journal_dir.clone()) {
+                return bad(format!(
+                    "{}: {} is used by another system",
+                    key("journal_dir"),
+                    journal_dir.display()
+                ));
+            }
+            let journal_size = match &s.journal_size {
+                Some(j) => parse_size(&key("journal_size"), j)?,
+                None => 256 << 20,
+            };
+            if journal_size < 4 << 20 {
+                return bad(format!("{}: at least 4MiB", key("journal_size")));
+            }
+            systems.push(SystemConfig {
+                name: s.name.clone(),
+                primary,
+                listen,
+                advertise,
+                journal_dir,
+                journal_size,
+                nbd_listen: s.nbd_listen.clone(),
+            });
+        }
+        let Some(&orderer) = index.get(&raw.orderer) else {
+            return bad(format!("orderer: no system is named {:?}", raw.orderer));
+        };
+        if raw.pair.is_empty() {
+            return bad("pair: at least one [[pair]] is needed");
+        }
+        let mut pairs = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut paths: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for (i, p) in raw.pair.iter().enumerate() {
+            let key = |k: &str| format!("pair[{i}] ({}).{k}", p.name);
+            if p.name.is_empty() {
+                return bad(format!("pair[{i}].name: must not be empty"));
+            }
+            if !names.insert(p.name.clone()) {
+                return bad(format!("{}: {:?} is used twice", key("name"), p.name));
+            }
+            let size = parse_size(&key("size"), &p.size)?;
+            if size == 0 || size % 512 != 0 {
+                return bad(format!(
+                    "{}: {size} is not a positive multiple of 512",
+                    key("size")
+                ));
+            }
+            let end = |which: &str,
+                       e: &RawEnd,
+                       want_primary: bool|
+             -> Result<(usize, PathBuf), EngineError> {
+                let Some(&s) = index.get(&e.system) else {
+                    return bad(format!(
+                        "{}: no system is named {:?}",
+                        key(&format!("{which}.system")),
+                        e.system
+                    ));
+                };
+                if systems[s].primary != want_primary {
+                    let role = if want_primary { "primary" } else { "secondary" };
+                    return bad(format!(
+                        "{}: {:?} is not a {role}",
+                        key(&format!("{which}.system")),
+                        e.system
+                    ));
+                }
+                Ok((s, abs(&e.path)))
+            };
+            let (local, local_path) = end("local", &p.local, true)?;
+            let (remote, remote_path) = end("remote", &p.remote, false)?;
+            for (which, path) in [("local", &local_path), ("remote", &remote_path)] {
+                if let Some(other) = paths.insert(path.clone(), p.name.clone()) {
+                    return bad(format!(
+                        "{}: {} is also used by pair {other:?}",
+                        key(&format!("{which}.path")),
+                        path.display()
+                    ));
+                }
+                for s in &systems {
+                    if path.starts_with(&s.journal_dir) {
+                        return bad(format!(
+                            "{}: {} lies inside the journal_dir of {}",
+                            key(&format!("{which}.path")),
+                            path.display(),
+                            s.name
+                        ));
+                    }
+                }
+            }
+            pairs.push(PairConfig {
+                name: p.name.clone(),
+                size,
+                local,
+                local_path,
+                remote,
+                remote_path,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            key_file: abs(&raw.key_file),
+            orderer,
+            heartbeat: Duration::from_millis(raw.heartbeat_ms),
+            peer_timeout: Duration::from_millis(raw.peer_timeout_ms),
+            mtu: raw.mtu,
+            rate,
+            window,
+            max_clock_skew: Duration::from_millis(raw.max_clock_skew_ms),
+            systems,
+            pairs,
+        })
+    }
+
+    /// The index of the system called `name`.
+    pub fn system(&self, name: &str) -> Result<usize, EngineError> {
+        self.systems
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                EngineError::Config(format!(
+                    "--system: no system is named {name:?} in {}",
+                    self.path.display()
+                ))
+            })
+    }
+
+    /// The systems of one role, or the one named (which must have that role).
+    pub fn select(&self, name: Option<&str>, primary: bool) -> Result<Vec<usize>, EngineError> {
+        let role = if primary { "primary" } else { "secondary" };
+        match name {
+            Some(n) => {
+                let i = self.system(n)?;
+                if self.systems[i].primary != primary {
+                    return bad(format!("--system: {n:?} is not a {role}"));
+                }
+                Ok(vec![i])
+            }
+            None => Ok((0..self.systems.len())
+                .filter(|&i| self.systems[i].primary == primary)
+                .collect()),
+        }
+    }
+
+    /// Reads the group key: exactly 32 bytes (raw) or 64 hex digits.
+    pub fn read_key(&self) -> Result<[u8; 32], EngineError> {
+        read_key(&self.key_file)
+    }
+}
+
+/// Reads a key file written by `tidemark keygen`.
+pub fn read_key(path: &Path) -> Result<[u8; 32], EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Config(format!("key_file: {}: {e}", path.display())))?;
+    let hex = text.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad(format!(
+            "key_file: {} does not hold 64 hex digits",
+            path.display()
+        ));
+    }
+    let mut key = [0u8; 32];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| EngineError::Config(format!("key_file: {} is not hex", path.display())))?;
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests;

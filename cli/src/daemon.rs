@@ -1,0 +1,282 @@
+//! Running systems of a config as a process: `tidemark primary`, `secondary` (and the
+//! engine start-up that `load` shares with them).
+
+use crate::config::Config;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+use tidemark::link::LinkConfig;
+use tidemark::SystemId;
+use tidemark_actors::engine::{Engine, EngineBuilder, PairSpec, Stats, StoreSpec, UdpTransport};
+use tidemark_actors::error::EngineError;
+use tidemark_actors::net::udp::UdpStatus;
+
+/// Held while a system runs: an exclusive lock on `journal_dir/LOCK`. The kernel drops
+/// it when the process dies, even by `kill -9`.
+pub struct SystemLock {
+    _file: File,
+}
+
+/// Takes the lock of a system's journal directory, creating the directory.
+pub fn lock_system(cfg: &Config, system: usize) -> Result<SystemLock, EngineError> {
+    let s = &cfg.systems[system];
+    std::fs::create_dir_all(&s.journal_dir).map_err(|e| {
+        EngineError::Config(format!(
+            "{} journal_dir {}: {e}",
+            s.name,
+            s.journal_dir.display()
+        ))
+    })?;
+    let path = s.journal_dir.join("LOCK");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(SystemLock { _file: file }),
+        Err(_) => Err(EngineError::Running(s.name.clone())),
+    }
+}
+
+/// The engine description for the systems `here` of `cfg`, over UDP.
+pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineError> {
+    let key = cfg.read_key()?;
+    let mut b = EngineBuilder::new();
+    for s in &cfg.systems {
+        if s.primary {
+            b.primary(&s.name);
+        } else {
+            b.secondary(&s.name);
+        }
+    }
+    for p in &cfg.pairs {
+        for path in [&p.local_path, &p.remote_path] {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+        }
+        b.pair(PairSpec {
+            name: p.name.clone(),
+            local: SystemId(p.local as u32),
+            remote: SystemId(p.remote as u32),
+            size: p.size,
+            local_store: StoreSpec::File(p.local_path.clone()),
+            remote_store: StoreSpec::File(p.remote_path.clone()),
+        });
+    }
+    let ids: Vec<SystemId> = here.iter().map(|&i| SystemId(i as u32)).collect();
+    for &i in here {
+        let s = &cfg.systems[i];
+        b.journal(SystemId(i as u32), s.segments_dir(), s.journal_size);
+    }
+    let listen = here
+        .iter()
+        .map(|&i| (SystemId(i as u32), cfg.systems[i].listen))
+        .collect();
+    let advertise = cfg
+        .systems
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (SystemId(i as u32), s.advertise))
+        .collect();
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    b.orderer(SystemId(cfg.orderer as u32))
+        .heartbeat(cfg.heartbeat)
+        .window_bytes(cfg.window as usize)
+        .time_base(tidemark::timebase::TimeBaseConfig {
+            max_skew: cfg.max_clock_skew,
+            ..Default::default()
+        })
+        .run_only(&ids)
+        .udp(UdpTransport {
+            key,
+            listen,
+            advertise,
+            link: LinkConfig {
+                mtu: cfg.mtu,
+                // Peers send at most `mtu`; anything much larger is not from a peer.
+                max_datagram: (cfg.mtu * 2).max(2048),
+                rate: cfg.rate,
+                peer_timeout: cfg.peer_timeout,
+                ..LinkConfig::default()
+            },
+            epoch,
+        });
+    if let Some(offset) = test_clock_offset()? {
+        b.wall_clock(move || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0);
+            (now + offset).max(0) as u64
+        });
+    }
+    Ok(b)
+}
+
+/// Test hook: `TIDEMARK_TEST_CLOCK_OFFSET_MS` (signed) shifts this process's wall clock,
+/// to try the time base with skewed hosts on one machine. Not for production.
+fn test_clock_offset() -> Result<Option<i128>, EngineError> {
+    match std::env::var("TIDEMARK_TEST_CLOCK_OFFSET_MS") {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse::<i64>()
+            .map(|ms| Some(i128::from(ms) * 1_000_000))
+            .map_err(|e| {
+                EngineError::Config(format!(
+                    "TIDEMARK_TEST_CLOCK_OFFSET_MS: {v:?} is not a number of milliseconds ({e})"
+                ))
+            }),
+    }
+}
+
+/// What a running process reports in `journal_dir/status.json`.
+#[derive(serde::Serialize)]
+struct Status<'a> {
+    system: &'a str,
+    pid: u32,
+    stats: &'a Stats,
+    link: Option<&'a UdpStatus>,
+    /// The time base, if other processes stamp writes of the group too.
+    clock: Option<&'a tidemark_actors::units::timebase::TimeStatus>,
+}
+
+/// Writes each running system's status file (atomically: write, then rename).
+pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
+    let Ok(stats) = engine.stats().await else {
+        return;
+    };
+    let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
+    let clock = engine.time_status();
+    for &i in here {
+        let s = &cfg.systems[i];
+        let status = Status {
+            system: &s.name,
+            pid: std::process::id(),
+            stats: &stats,
+            link: links.get(&SystemId(i as u32)),
+            clock: clock.as_ref().filter(|_| s.primary),
+        };
+        let Ok(text) = serde_json::to_string_pretty(&status) else {
+            continue;
+        };
+        let tmp = s.journal_dir.join("status.json.tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, s.journal_dir.join("status.json"));
+        }
+    }
+}
+
+/// Runs the systems `here` until SIGINT or SIGTERM, then shuts down cleanly: NBD
+/// clients are answered what they have in flight, units and journals are flushed.
+pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), EngineError> {
+    use tidemark_actors::nbd::{AnyListener, EngineBackend, Limits, ListenAddr};
+    let _locks: Vec<SystemLock> = here
+        .iter()
+        .map(|&i| lock_system(cfg, i))
+        .collect::<Result<_, _>>()?;
+    // Bind the NBD listeners before starting anything: a bad address is a config error.
+    let mut listeners = Vec::new();
+    // Only a primary serves NBD here; a secondary's `nbd_listen` is for `tidemark export`.
+    for &i in here.iter().filter(|&&i| cfg.systems[i].primary) {
+        if let Some(a) = &cfg.systems[i].nbd_listen {
+            let key = format!("system[{i}] ({}).nbd_listen", cfg.systems[i].name);
+            let addr: ListenAddr = a
+                .parse()
+                .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+            let l = AnyListener::bind(&addr)
+                .await
+                .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
+            let l = l
+                .into_std()
+                .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+            listeners.push((SystemId(i as u32), l));
+        }
+    }
+    let engine = std::sync::Arc::new(builder(cfg, here)?.start()?);
+    let names: Vec<&str> = here.iter().map(|&i| cfg.systems[i].name.as_str()).collect();
+    tracing::info!(systems = ?names, "running");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for (system, l) in listeners {
+        let backend = std::sync::Arc::new(EngineBackend::new(engine.clone()));
+        let mut rx = stop_rx.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        // The server runs on the thread of the system's units: a client's requests reach
+        // them, and their answers come back, without waking another thread.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = async move {
+            match AnyListener::from_std(l) {
+                Ok(l) => l.serve(backend, Limits::default(), stop).await,
+                Err(e) => tracing::error!("nbd: cannot serve: {e}"),
+            }
+            let _ = done_tx.send(());
+        };
+        match engine.unit_arbiter(system) {
+            Some(arbiter) => {
+                if !arbiter.spawn(run) {
+                    return Err(EngineError::Stopped);
+                }
+            }
+            None => drop(actix_rt::spawn(run)),
+        }
+        servers.push(done_rx);
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| EngineError::Config(format!("cannot watch SIGTERM: {e}")))?;
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = every.tick() => write_status(cfg, here, &engine).await,
+        }
+    }
+    tracing::info!(systems = ?names, "stopping");
+    let _ = stop_tx.send(true);
+    // No client waits any more: writes not yet journaled are failed, and so are
+    // acknowledgements the time base holds. What is journaled stays and replicates
+    // after a restart.
+    engine.stopping();
+    let graceful = async {
+        for s in servers {
+            let _ = s.await;
+        }
+        write_status(cfg, here, &engine).await;
+        match std::sync::Arc::try_unwrap(engine) {
+            Ok(engine) => engine.shutdown().await,
+            Err(_) => Err(EngineError::Stopped),
+        }
+    };
+    // Bounded whatever state the disks and the network are in: past the grace period
+    // (or on a second signal) the process exits; recovery at the next start is the
+    // same as after a crash, which loses nothing acknowledged (I3).
+    tokio::select! {
+        r = graceful => r,
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::error!(grace_s = SHUTDOWN_GRACE.as_secs(), "shutdown did not finish; exiting (the journal recovers as after a crash)");
+            Err(EngineError::Unit(format!("shutdown did not finish within {} s", SHUTDOWN_GRACE.as_secs())))
+        }
+        _ = tokio::signal::ctrl_c() => Err(EngineError::Unit("interrupted again while stopping".into())),
+        _ = term.recv() => Err(EngineError::Unit("terminated again while stopping".into())),
+    }
+}
+
+/// How long a stopping daemon waits for its clients to be answered and its units and
+/// journals to be flushed before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Reads a status file written by a running (or stopped) system.
+pub fn read_status(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("status.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}

@@ -1,0 +1,251 @@
+//! `tidemark demo`: a two-site topology in one process with file-backed units, a
+//! workload of dependent writes, a drain, and two checks: every commit limit applied on
+//! every remote unit was a cut of the write history (I1), and every remote unit equals
+//! its local unit byte for byte.
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tidemark::{Offset, PairId, Timestamp};
+use tidemark_actors::engine::{EngineBuilder, PairSpec, StoreSpec};
+use tidemark_actors::error::EngineError;
+use tidemark_actors::net::impair::Impairment;
+use tidemark_actors::units::remote::Applied;
+
+/// What the demo runs.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    pub pairs: usize,
+    pub idle: usize,
+    pub writes: usize,
+    pub unit_size: u64,
+    pub max_write: u64,
+    pub impair: Impairment,
+    pub seed: u64,
+    pub dir: Option<PathBuf>,
+    pub progress: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            pairs: 4,
+            idle: 0,
+            writes: 5_000,
+            unit_size: 16 << 20,
+            max_write: 64 << 10,
+            impair: Impairment::none(),
+            seed: 1,
+            dir: None,
+            progress: false,
+        }
+    }
+}
+
+/// What the demo found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DemoReport {
+    pub pairs: usize,
+    pub idle_pairs: usize,
+    pub writes: usize,
+    pub bytes: u64,
+    pub retransmits: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub commits: u64,
+    pub applications_checked: usize,
+    pub consistent: bool,
+    pub identical: bool,
+    pub problems: Vec<String>,
+    pub elapsed_ms: u64,
+    /// Of `elapsed_ms`, the time the drain took after the last write completed.
+    pub drain_ms: u64,
+    /// Commit lag, a write's stamp to its application at the remote (recent samples).
+    pub lag_p50_us: u64,
+    pub lag_p99_us: u64,
+    pub dir: String,
+}
+
+impl DemoConfig {
+    /// Checks the settings; a bad one is a clear error before anything starts.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: &str| Err(EngineError::Topology(m.to_string()));
+        if self.pairs == 0 {
+            return bad("--pairs must be at least 1 (the writes need somewhere to go)");
+        }
+        if self.pairs + self.idle > 1024 {
+            return bad("--pairs plus --idle must be at most 1024");
+        }
+        if self.max_write == 0 || self.max_write > self.unit_size {
+            return bad("the largest write must fit in a unit");
+        }
+        self.impair.validate()
+    }
+}
+
+/// Runs the demo inside the current actix system.
+pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
+    cfg.validate()?;
+    let (_tmp, dir) = match &cfg.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| {
+                EngineError::Topology(format!("cannot create {}: {e}", d.display()))
+            })?;
+            (None, d.clone())
+        }
+        None => {
+            let t = tempfile::tempdir().map_err(|e| {
+                EngineError::Topology(format!("cannot make a temporary directory: {e}"))
+            })?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    let mut b = EngineBuilder::new();
+    let a = b.primary("site-a");
+    let r = b.secondary("site-b");
+    let total = cfg.pairs + cfg.idle;
+    for i in 0..total {
+        let name = if i < cfg.pairs {
+            format!("unit{i}")
+        } else {
+            format!("idle{}", i - cfg.pairs)
+        };
+        b.pair(PairSpec {
+            local: a,
+            remote: r,
+            size: cfg.unit_size,
+            local_store: StoreSpec::File(dir.join(format!("{name}.local.img"))),
+            remote_store: StoreSpec::File(dir.join(format!("{name}.remote.img"))),
+            name,
+        });
+    }
+    b.impairment(cfg.impair).seed(cfg.seed);
+    let applied: Arc<Mutex<Vec<(PairId, Timestamp, u64)>>> = Arc::default();
+    let rec = applied.clone();
+    b.on_applied(Arc::new(move |a: &Applied<'_>| {
+        if let Ok(mut v) = rec.lock() {
+            v.push((a.pair, a.limit, a.applied.seq.0));
+        }
+    }));
+    let engine = b.start()?;
+    let started = Instant::now();
+    let bar = cfg.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(cfg.writes as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} writes {pos}/{len} {wide_bar} {per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+
+    let mut rng = Pcg64::seed_from_u64(cfg.seed);
+    let mut stamps: BTreeMap<PairId, Vec<Timestamp>> = BTreeMap::new();
+    let mut bytes = 0;
+    for i in 0..cfg.writes {
+        // Dependent writes: each one issued after the previous one completed.
+        let pair = PairId(rng.random_range(0..cfg.pairs as u32));
+        let len = rng.random_range(1..=cfg.max_write);
+        let offset = rng.random_range(0..=cfg.unit_size - len);
+        let mut data = vec![0u8; len as usize];
+        rng.fill(&mut data[..]);
+        let stamp = engine.write(pair, offset, Bytes::from(data)).await?;
+        stamps.entry(pair).or_default().push(stamp.ts);
+        bytes += len;
+        if let Some(bar) = &bar {
+            if i % 64 == 0 {
+                bar.set_position(i as u64);
+            }
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.set_position(cfg.writes as u64);
+        bar.set_message("draining");
+    }
+    let writes_done = started.elapsed();
+    engine.drain().await?;
+    let elapsed = started.elapsed();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+
+    let mut problems = Vec::new();
+    // I1: under every applied limit, each unit holds exactly its writes with ts <= limit.
+    let events = applied.lock().map(|v| v.clone()).unwrap_or_default();
+    for (pair, limit, seq) in &events {
+        let want = stamps
+            .get(pair)
+            .map_or(0, |v| v.partition_point(|ts| ts <= limit));
+        if *seq as usize != want {
+            problems.push(format!(
+                "pair {pair} under limit {limit}: applied {seq} writes, the cut has {want}"
+            ));
+        }
+    }
+    let consistent = problems.is_empty();
+    let mut identical = true;
+    for p in engine.pairs() {
+        if !same_bytes(&engine, p.id, p.size)? {
+            identical = false;
+            problems.push(format!("{}: remote differs from local", p.name));
+        }
+    }
+    let stats = engine.stats().await?;
+    engine.shutdown().await?;
+    Ok(DemoReport {
+        pairs: cfg.pairs,
+        idle_pairs: cfg.idle,
+        writes: cfg.writes,
+        bytes,
+        retransmits: stats.retransmits(),
+        dropped: stats.items_dropped,
+        duplicated: stats.items_duplicated,
+        commits: stats.commits,
+        applications_checked: events.len(),
+        consistent,
+        identical,
+        problems,
+        elapsed_ms: elapsed.as_millis() as u64,
+        drain_ms: (elapsed - writes_done).as_millis() as u64,
+        lag_p50_us: stats.lag_p50_us,
+        lag_p99_us: stats.lag_p99_us,
+        dir: cfg
+            .dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+    })
+}
+
+fn same_bytes(
+    engine: &tidemark_actors::Engine,
+    pair: PairId,
+    size: u64,
+) -> Result<bool, EngineError> {
+    let l = engine.store(pair, false)?;
+    let r = engine.store(pair, true)?;
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(a.len() as u64) as usize;
+        l.read_at(Offset(off), &mut a[..n])?;
+        r.read_at(Offset(off), &mut b[..n])?;
+        if a[..n] != b[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
+}
+
+/// A millisecond count as a duration (for the CLI).
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}

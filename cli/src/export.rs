@@ -1,0 +1,359 @@
+//! `tidemark export`: after `promote`, serve the remote units of a stopped secondary
+//! system read-only over NBD, one export per pair, named after the pair.
+//!
+//! The rule for serving (checked by [`Exporter::open`]):
+//! - the system's `journal_dir/LOCK` is taken and held while serving, so the secondary
+//!   is not running and cannot start meanwhile (its units do not change under clients);
+//! - the recovered journal holds no packet of the system's pairs at or below the
+//!   system's durable commit limit that is not applied. `promote` leaves exactly that
+//!   state (it applies every packet up to the limit it records; only packets above it
+//!   stay, `beyond_cut`), and so does a secondary that had applied everything up to its
+//!   limit when it stopped. Then each remote unit holds exactly its writes at or below
+//!   the limit: together a consistent cut (I1). Otherwise the units may lag the limit
+//!   (or show a gap) and export refuses, naming `promote`.
+//!
+//! The unit files are opened read-only ([`FileStore::open_read_only`]): nothing served
+//! can change them.
+
+use crate::config::Config;
+use crate::daemon::{lock_system, SystemLock};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tidemark::journal::Recovered;
+use tidemark::{BlockStore, FileStore, PairId, Stamp};
+use tidemark_actors::error::EngineError;
+use tidemark_actors::nbd::ReadOnlyBackend;
+use tidemark_actors::units::journaling::SharedJournal;
+
+/// One served remote unit.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExportedUnit {
+    /// The pair's name, which is the export name.
+    pub name: String,
+    pub size: u64,
+    pub path: PathBuf,
+    /// The last packet applied to the unit, as the journal records it.
+    pub applied_seq: u64,
+    pub applied_ts: u64,
+}
+
+/// What `tidemark export` prints once it listens.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExportReport {
+    pub system: String,
+    /// The address bound (the real port when port 0 was asked for).
+    pub listen: String,
+    /// The durable commit limit the units are a cut at.
+    pub limit_ts: u64,
+    pub read_only: bool,
+    pub exports: Vec<ExportedUnit>,
+}
+
+/// The pairs of `system` (by name) whose journal still holds packets at or below the
+/// durable limit that are not applied, with how many. Empty exactly when the remote
+/// units of `system` are the cut at `recovered.limit` (every packet up to it applied,
+/// none missing).
+pub fn unapplied_at_or_below_limit(
+    cfg: &Config,
+    system: usize,
+    recovered: &Recovered,
+) -> Vec<(String, usize)> {
+    cfg.pairs
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.remote == system)
+        .filter_map(|(i, p)| {
+            let rp = recovered.pair(PairId(i as u32))?;
+            let n = rp
+                .live
+                .iter()
+                .filter(|pkt| pkt.stamp.ts <= recovered.limit)
+                .count();
+            (n > 0).then(|| (p.name.clone(), n))
+        })
+        .collect()
+}
+
+/// A stopped, promoted secondary's remote units, open read-only, with the system's lock
+/// held for as long as this lives.
+pub struct Exporter {
+    _lock: SystemLock,
+    backend: Arc<ReadOnlyBackend>,
+    report: ExportReport,
+}
+
+impl Exporter {
+    /// Takes the lock of secondary `system` ([`EngineError::Running`] if it runs),
+    /// recovers its journal, checks the rule of this module
+    /// ([`EngineError::NotPromoted`] if it does not hold) and opens every remote unit
+    /// of the system read-only.
+    pub fn open(cfg: &Config, system: usize) -> Result<Exporter, EngineError> {
+        let sys = &cfg.systems[system];
+        if sys.primary {
+            return Err(EngineError::Config(format!(
+                "--system: {:?} is not a secondary",
+                sys.name
+            )));
+        }
+        let lock = lock_system(cfg, system)?;
+        let (journal, recovered) = SharedJournal::open(&sys.segments_dir(), sys.journal_size)?;
+        drop(journal);
+        let behind = unapplied_at_or_below_limit(cfg, system, &recovered);
+        if !behind.is_empty() {
+            let detail = behind
+                .iter()
+                .map(|(name, n)| format!("{name}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(EngineError::NotPromoted {
+                system: sys.name.clone(),
+                detail: format!(
+                    "its journal holds packets at or below its durable commit limit {} \
+                     that are not applied ({detail})",
+                    recovered.limit.0
+                ),
+            });
+        }
+        let mut units: Vec<(String, Arc<dyn BlockStore>)> = Vec::new();
+        let mut exports = Vec::new();
+        for (i, p) in cfg.pairs.iter().enumerate() {
+            if p.remote != system {
+                continue;
+            }
+            let store = FileStore::open_read_only(&p.remote_path, p.size)?;
+            let applied = recovered
+                .pair(PairId(i as u32))
+                .map_or(Stamp::ZERO, |r| r.applied);
+            exports.push(ExportedUnit {
+                name: p.name.clone(),
+                size: p.size,
+                path: p.remote_path.clone(),
+                applied_seq: applied.seq.0,
+                applied_ts: applied.ts.0,
+            });
+            units.push((p.name.clone(), Arc::new(store)));
+        }
+        if units.is_empty() {
+            return Err(EngineError::Config(format!(
+                "system {:?} holds no remote unit: no [[pair]] has it as remote.system",
+                sys.name
+            )));
+        }
+        Ok(Exporter {
+            _lock: lock,
+            backend: Arc::new(ReadOnlyBackend::new(units)),
+            report: ExportReport {
+                system: sys.name.clone(),
+                listen: String::new(),
+                limit_ts: recovered.limit.0,
+                read_only: true,
+                exports,
+            },
+        })
+    }
+
+    /// What is served (`listen` is filled in by the caller once bound).
+    pub fn report(&self) -> &ExportReport {
+        &self.report
+    }
+
+    pub fn backend(&self) -> &Arc<ReadOnlyBackend> {
+        &self.backend
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use tidemark::journal::Record;
+    use tidemark::{Offset, Packet, Payload, Seq, Timestamp};
+    use tidemark_actors::nbd::Backend;
+    use tidemark_actors::units::journaling::Durability;
+
+    fn config(dir: &Path) -> Config {
+        let text = r#"
+key_file = "cluster.key"
+orderer = "site-b"
+
+[[system]]
+name = "site-a"
+role = "primary"
+listen = "127.0.0.1:7100"
+journal_dir = "a/journal"
+
+[[system]]
+name = "site-b"
+role = "secondary"
+listen = "127.0.0.1:7200"
+journal_dir = "b/journal"
+journal_size = "4MiB"
+
+[[pair]]
+name = "log"
+size = "4KiB"
+local  = { system = "site-a", path = "a/log.img" }
+remote = { system = "site-b", path = "b/log.img" }
+
+[[pair]]
+name = "data"
+size = "8KiB"
+local  = { system = "site-a", path = "a/data.img" }
+remote = { system = "site-b", path = "b/data.img" }
+"#;
+        Config::parse(text, dir, &dir.join("t.toml")).expect("config")
+    }
+
+    fn packet(pair: u32, ts: u64, seq: u64, offset: u64, byte: u8) -> Record {
+        Record::Packet(Packet {
+            pair: PairId(pair),
+            stamp: Stamp::new(Timestamp(ts), Seq(seq)),
+            payload: Payload::Write {
+                offset: Offset(offset),
+                data: bytes::Bytes::from(vec![byte; 512]),
+            },
+        })
+    }
+
+    /// Site-b's journal as a killed secondary may leave it: packets received, a limit
+    /// made durable, nothing applied.
+    fn journal_unapplied(cfg: &Config) {
+        let sys = &cfg.systems[1];
+        let (j, _) = SharedJournal::open(&sys.segments_dir(), sys.journal_size).expect("j");
+        j.append(
+            &[
+                packet(0, 10, 1, 0, 0xa1),
+                packet(1, 12, 1, 512, 0xb1),
+                packet(0, 20, 2, 1024, 0xa2),
+                Record::Limit { ts: Timestamp(15) },
+                packet(1, 30, 2, 0, 0xb2),
+            ],
+            Durability::Synced,
+        )
+        .expect("append");
+    }
+
+    fn read(backend: &ReadOnlyBackend, export: usize, offset: u64, len: u32) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(backend.read(export, Offset(offset), len))
+            .expect("read")
+            .to_vec()
+    }
+
+    #[test]
+    fn refuses_until_promoted_then_serves_the_cut_read_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        journal_unapplied(&cfg);
+        match Exporter::open(&cfg, 1) {
+            Err(EngineError::NotPromoted { system, detail }) => {
+                assert_eq!(system, "site-b");
+                assert!(detail.contains("limit 15"), "{detail}");
+                assert!(
+                    detail.contains("log: 1") && detail.contains("data: 1"),
+                    "{detail}"
+                );
+            }
+            Err(e) => panic!("wrong refusal: {e}"),
+            Ok(_) => panic!("served an unpromoted secondary"),
+        }
+        // Refusing touched no unit.
+        assert!(!cfg.pairs[0].remote_path.exists());
+        let report = crate::promote::promote(&cfg, &[1], false).expect("promote");
+        assert!(report.consistent);
+        assert_eq!(report.limit_ts, 15);
+        let before: Vec<Vec<u8>> = cfg
+            .pairs
+            .iter()
+            .map(|p| std::fs::read(&p.remote_path).expect("unit"))
+            .collect();
+        let ex = Exporter::open(&cfg, 1).expect("promoted: served");
+        let r = ex.report();
+        assert_eq!(r.limit_ts, 15);
+        let seqs: Vec<(&str, u64, u64)> = r
+            .exports
+            .iter()
+            .map(|e| (e.name.as_str(), e.size, e.applied_seq))
+            .collect();
+        assert_eq!(seqs, vec![("log", 4096, 1), ("data", 8192, 1)]);
+        let b = ex.backend();
+        let exports = b.exports();
+        assert!(exports.iter().all(|e| e.flags.read_only && !e.flags.trim));
+        // The cut: each pair's packets with ts <= 15, nothing above.
+        assert_eq!(read(b, 0, 0, 512), vec![0xa1; 512]);
+        assert_eq!(read(b, 0, 1024, 512), vec![0; 512]);
+        assert_eq!(read(b, 1, 512, 512), vec![0xb1; 512]);
+        assert_eq!(read(b, 1, 0, 512), vec![0; 512]);
+        // A write that reached the backend anyway is refused and changes nothing.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let e = rt
+            .block_on(b.write(
+                0,
+                vec![Payload::Write {
+                    offset: Offset(0),
+                    data: bytes::Bytes::from_static(b"x"),
+                }],
+            ))
+            .expect_err("read-only");
+        assert_eq!(e.code, tidemark_actors::nbd::ErrorCode::Perm);
+        rt.block_on(b.flush(0)).expect("flush");
+        // While it serves, the system is locked: no secondary, no second export.
+        assert!(matches!(
+            Exporter::open(&cfg, 1),
+            Err(EngineError::Running(_))
+        ));
+        drop(ex);
+        for (p, bytes) in cfg.pairs.iter().zip(before) {
+            assert_eq!(std::fs::read(&p.remote_path).expect("unit"), bytes);
+        }
+        // A primary is not exported.
+        assert!(matches!(
+            Exporter::open(&cfg, 0),
+            Err(EngineError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn a_running_secondary_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let _running = lock_system(&cfg, 1).expect("lock");
+        assert!(matches!(
+            Exporter::open(&cfg, 1),
+            Err(EngineError::Running(s)) if s == "site-b"
+        ));
+    }
+
+    #[test]
+    fn a_gap_below_the_limit_is_refused_after_promote_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let sys = &cfg.systems[1];
+        let (j, _) = SharedJournal::open(&sys.segments_dir(), sys.journal_size).expect("j");
+        // Seq 2 of "log" never arrived; seq 3 lies below the limit.
+        j.append(
+            &[
+                packet(0, 10, 1, 0, 1),
+                packet(0, 30, 3, 512, 3),
+                Record::Limit { ts: Timestamp(40) },
+            ],
+            Durability::Synced,
+        )
+        .expect("append");
+        drop(j);
+        let report = crate::promote::promote(&cfg, &[1], false).expect("promote");
+        assert!(!report.consistent);
+        match Exporter::open(&cfg, 1) {
+            Err(EngineError::NotPromoted { detail, .. }) => {
+                assert!(detail.contains("log: 1"), "{detail}")
+            }
+            Err(e) => panic!("wrong refusal: {e}"),
+            Ok(_) => panic!("served units with a gap below the limit"),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The `tidemark` binary's library: what the subcommands run (daemons, `load`,
+//! `promote`, `export`, the demo, `wan-sim`) and the TOML config they read. Kept apart
+//! from `tidemark-actors` so that library users do not inherit the binary's
+//! dependencies (clap, toml, tracing-subscriber, mimalloc, ...); the process tests in
+//! `cli/tests` use it to read status files, keys and workloads.
+
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod export;
+pub mod load;
+pub mod promote;
+pub mod wansim;
+pub mod workload;

@@ -1,0 +1,172 @@
+//! `tidemark load`: a primary system running a deterministic workload of dependent
+//! writes until the remote holds them, and its baseline on plain files.
+
+use crate::config::Config;
+use crate::daemon::{builder, lock_system, write_status};
+use std::time::Duration;
+use tidemark_actors::EngineError;
+
+/// What `tidemark load` reports.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct LoadReport {
+    pub writes: usize,
+    pub bytes: u64,
+    /// From the first write until the last was acknowledged to the writer.
+    pub write_ms: u64,
+    /// From the first write until the remote acknowledged everything as held.
+    pub replicated_ms: u64,
+    pub mb_per_s: f64,
+    pub retransmits: u64,
+}
+
+/// Runs primary `system` with `writes` dependent writes of the workload `seed`, waits
+/// until the remote holds all of them (or `timeout`), then shuts down.
+pub async fn load(
+    cfg: &Config,
+    system: usize,
+    writes: usize,
+    seed: u64,
+    max_write: u64,
+    depth: usize,
+    timeout: Duration,
+) -> Result<LoadReport, EngineError> {
+    let _lock = lock_system(cfg, system)?;
+    let engine = builder(cfg, &[system])?.start()?;
+    let pairs: Vec<(tidemark::PairId, u64)> = engine
+        .pairs()
+        .iter()
+        .filter(|p| p.is_local())
+        .map(|p| (p.id, p.size))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut bytes = 0;
+    let items: Vec<_> = crate::workload::Workload::new(seed, &pairs, max_write)
+        .take(writes)
+        .collect();
+    if depth <= 1 {
+        for w in items {
+            bytes += w.data.len() as u64;
+            engine.write(w.pair, w.offset, w.data).await?;
+        }
+    } else {
+        // `depth` chains of dependent writes in flight at once.
+        bytes = items.iter().map(|w| w.data.len() as u64).sum();
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(items.into_iter()));
+        let engine_ref = &engine;
+        let chains = (0..depth).map(|_| {
+            let queue = queue.clone();
+            async move {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some(w) = next else {
+                        return Ok::<(), EngineError>(());
+                    };
+                    engine_ref.write(w.pair, w.offset, w.data).await?;
+                }
+            }
+        });
+        for r in futures_util::future::join_all(chains).await {
+            r?;
+        }
+    }
+    let write_ms = started.elapsed().as_millis() as u64;
+    let deadline = started + timeout;
+    let stats = loop {
+        let s = engine.stats().await?;
+        let done = s
+            .pairs
+            .iter()
+            .zip(engine.pairs())
+            .filter(|(_, p)| p.is_local())
+            .all(|(s, _)| s.acked_seq >= s.written_seq);
+        if done {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            engine.shutdown().await?;
+            return Err(EngineError::Timeout(
+                "the remote did not acknowledge every write".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let replicated = started.elapsed();
+    write_status(cfg, &[system], &engine).await;
+    engine.shutdown().await?;
+    Ok(LoadReport {
+        writes,
+        bytes,
+        write_ms,
+        replicated_ms: replicated.as_millis() as u64,
+        mb_per_s: bytes as f64 / 1e6 / replicated.as_secs_f64().max(1e-9),
+        retransmits: stats.retransmits(),
+    })
+}
+
+/// The baseline for `load`: the same workload written with the same concurrency to plain
+/// files beside the primary's units (`*.baseline`, removed afterwards), no replication.
+pub fn baseline(
+    cfg: &Config,
+    system: usize,
+    writes: usize,
+    seed: u64,
+    max_write: u64,
+    depth: usize,
+) -> Result<LoadReport, EngineError> {
+    use tidemark::{BlockStore, FileStore, Offset};
+    let mut files = Vec::new();
+    let mut pairs = Vec::new();
+    for (i, p) in cfg.pairs.iter().enumerate() {
+        if p.local == system {
+            let path = p.local_path.with_extension("baseline");
+            if let Some(d) = path.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            let _ = std::fs::remove_file(&path);
+            files.push((
+                path.clone(),
+                std::sync::Arc::new(FileStore::open_or_create(&path, p.size)?),
+            ));
+            pairs.push((tidemark::PairId(i as u32), p.size));
+        }
+    }
+    let items: Vec<_> = crate::workload::Workload::new(seed, &pairs, max_write)
+        .take(writes)
+        .collect();
+    let bytes: u64 = items.iter().map(|w| w.data.len() as u64).sum();
+    let store_of = |pair: tidemark::PairId| {
+        pairs
+            .iter()
+            .position(|(p, _)| *p == pair)
+            .map(|i| files[i].1.clone())
+    };
+    let started = std::time::Instant::now();
+    let queue = std::sync::Mutex::new(items.into_iter());
+    std::thread::scope(|s| {
+        for _ in 0..depth.max(1) {
+            s.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some(w) = next else { break };
+                if let Some(st) = store_of(w.pair) {
+                    let _ = st.write_at(Offset(w.offset), &w.data);
+                }
+            });
+        }
+    });
+    // As the same-session baseline in ECOSYSTEM.md: psync writes, one fsync at the end.
+    for (_, f) in &files {
+        f.flush()?;
+    }
+    let took = started.elapsed();
+    for (path, _) in &files {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(LoadReport {
+        writes,
+        bytes,
+        write_ms: took.as_millis() as u64,
+        replicated_ms: took.as_millis() as u64,
+        mb_per_s: bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9),
+        retransmits: 0,
+    })
+}

@@ -1,0 +1,640 @@
+//! Helpers for tests that run `tidemark` processes on loopback.
+#![allow(dead_code)]
+
+pub mod dependent;
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+use tidemark::PairId;
+use tidemark_cli::workload::Workload;
+
+/// `TIDEMARK_SEED` if set (to replay a run), else `default`.
+pub fn seed_or(default: u64) -> u64 {
+    std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tidemark")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("tidemark runs")
+}
+
+/// A UDP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A two-site set-up in a temporary directory.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub a_port: u16,
+    pub b_port: u16,
+    /// Where each side sends to (a wan-sim may sit there).
+    pub a_advertise: u16,
+    pub b_advertise: u16,
+    pub sizes: Vec<u64>,
+}
+
+impl Site {
+    /// Two pairs ("log" 4 MiB, "data" 8 MiB) from site-a to site-b; `proxied` puts the
+    /// advertise addresses on other ports for wan-sims.
+    pub fn new(proxied: bool) -> Site {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("cluster.key");
+        let out = run(&["keygen", "--out", key.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "keygen: {out:?}");
+        let (a_port, b_port) = (free_port(), free_port());
+        let (a_adv, b_adv) = if proxied {
+            (free_port(), free_port())
+        } else {
+            (a_port, b_port)
+        };
+        let text = format!(
+            r#"key_file = "cluster.key"
+orderer = "site-b"
+heartbeat_ms = 10
+peer_timeout_ms = 1000
+
+[[system]]
+name = "site-a"
+role = "primary"
+listen = "127.0.0.1:{a_port}"
+advertise = "127.0.0.1:{a_adv}"
+journal_dir = "run/site-a/journal"
+journal_size = "64MiB"
+
+[[system]]
+name = "site-b"
+role = "secondary"
+listen = "127.0.0.1:{b_port}"
+advertise = "127.0.0.1:{b_adv}"
+journal_dir = "run/site-b/journal"
+journal_size = "64MiB"
+
+[[pair]]
+name = "log"
+size = "4MiB"
+local  = {{ system = "site-a", path = "run/site-a/log.img" }}
+remote = {{ system = "site-b", path = "run/site-b/log.img" }}
+
+[[pair]]
+name = "data"
+size = "8MiB"
+local  = {{ system = "site-a", path = "run/site-a/data.img" }}
+remote = {{ system = "site-b", path = "run/site-b/data.img" }}
+"#
+        );
+        let config = dir.path().join("tidemark.toml");
+        std::fs::write(&config, text).expect("config");
+        Site {
+            dir,
+            config,
+            a_port,
+            b_port,
+            a_advertise: a_adv,
+            b_advertise: b_adv,
+            sizes: vec![4 << 20, 8 << 20],
+        }
+    }
+
+    pub fn cfg(&self) -> &str {
+        self.config.to_str().expect("utf-8")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new(bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tidemark")
+    }
+
+    pub fn secondary(&self) -> Child {
+        self.spawn_daemon("secondary")
+    }
+
+    pub fn primary(&self) -> Child {
+        self.spawn_daemon("primary")
+    }
+
+    /// Starts a daemon (`secondary`, `primary`) with its output in a file of its own under
+    /// `logs/` (nothing reads a daemon's pipes while it runs: one that logged more than a
+    /// pipe holds would block); [`Site::log_tails`] shows them when a test fails.
+    pub fn spawn_daemon(&self, role: &str) -> Child {
+        let logs = self.path("logs");
+        std::fs::create_dir_all(&logs).expect("logs dir");
+        let n = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
+        let file = std::fs::File::create(logs.join(format!("{n:02}-{role}.log"))).expect("log");
+        let err = file.try_clone().expect("log");
+        Command::new(bin())
+            .args([role, "--config", self.cfg()])
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn tidemark")
+    }
+
+    /// The last lines of every daemon log so far, for a failure message.
+    pub fn log_tails(&self) -> String {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.path("logs"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.sort();
+        let mut out = String::new();
+        for p in names {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            out += &format!(
+                "\n--- {} ({} lines)\n{}",
+                p.display(),
+                lines.len(),
+                tail.join("\n")
+            );
+        }
+        out
+    }
+
+    /// Writes per pair of the first `n` writes of workload `seed`.
+    pub fn counts(&self, seed: u64, n: usize, max_write: u64) -> BTreeMap<PairId, u64> {
+        let pairs: Vec<(PairId, u64)> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PairId(i as u32), *s))
+            .collect();
+        let mut c = BTreeMap::new();
+        for w in Workload::new(seed, &pairs, max_write).take(n) {
+            *c.entry(w.pair).or_insert(0) += 1;
+        }
+        c
+    }
+
+    /// The status a system wrote last.
+    pub fn status(&self, system: &str) -> Option<serde_json::Value> {
+        tidemark_cli::daemon::read_status(&self.path(&format!("run/{system}/journal")))
+    }
+
+    /// Waits (polling the status file, bounded) until `system`'s remote units have applied
+    /// at least `want[pair]`; returns the last status seen.
+    pub fn wait_applied(
+        &self,
+        system: &str,
+        want: &BTreeMap<PairId, u64>,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.status(system) {
+                let ok = want.iter().all(|(p, n)| {
+                    s["stats"]["pairs"][p.0 as usize]["applied_seq"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        >= *n
+                });
+                if ok {
+                    return s;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "{system} did not apply {want:?} in {limit:?}; status: {s}; other: {}; logs:{}",
+                        self.status(if system == "site-a" { "site-b" } else { "site-a" })
+                            .unwrap_or_default(),
+                        self.log_tails()
+                    );
+                }
+            } else if Instant::now() > deadline {
+                panic!(
+                    "{system} wrote no status in {limit:?}; logs:{}",
+                    self.log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Stops a child with SIGTERM and waits for it; returns its output.
+pub fn stop(child: Child) -> Output {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait_with_output().expect("wait")
+}
+
+/// Kills a child with SIGKILL and waits for it.
+pub fn kill9(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+impl Site {
+    /// Checks that unit images holding `applied[p]` writes of pair `p` are a cut of the
+    /// workload `seed` (dependent writes: a cut is a global prefix, writes `0..k`), and
+    /// that each image holds exactly those bytes. Returns `k`.
+    pub fn check_cut(
+        &self,
+        seed: u64,
+        planned: usize,
+        max_write: u64,
+        applied: &[u64],
+        images: &[PathBuf],
+    ) -> Result<usize, String> {
+        let pairs: Vec<(PairId, u64)> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PairId(i as u32), *s))
+            .collect();
+        let items: Vec<_> = Workload::new(seed, &pairs, max_write)
+            .take(planned)
+            .collect();
+        let mut seen = vec![0u64; pairs.len()];
+        let mut last_in: Option<usize> = None;
+        let mut first_out: Option<usize> = None;
+        for (i, w) in items.iter().enumerate() {
+            let p = w.pair.0 as usize;
+            seen[p] += 1;
+            if seen[p] <= applied[p] {
+                last_in = Some(i);
+            } else if first_out.is_none() {
+                first_out = Some(i);
+            }
+        }
+        for (p, n) in applied.iter().enumerate() {
+            if *n > seen[p] {
+                return Err(format!(
+                    "pair {p} applied {n} writes, only {} were planned",
+                    seen[p]
+                ));
+            }
+        }
+        if let (Some(a), Some(b)) = (last_in, first_out) {
+            if a > b {
+                return Err(format!(
+                    "not a cut: write {a} is applied but write {b} before it is not ({applied:?})"
+                ));
+            }
+        }
+        for (p, image) in images.iter().enumerate() {
+            let mut want = vec![0u8; pairs[p].1 as usize];
+            for w in items
+                .iter()
+                .filter(|w| w.pair.0 as usize == p)
+                .take(applied[p] as usize)
+            {
+                want[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+            }
+            let got = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+            if got != want {
+                return Err(format!(
+                    "pair {p}: {} does not hold its first {} writes",
+                    image.display(),
+                    applied[p]
+                ));
+            }
+        }
+        Ok(last_in.map_or(0, |a| a + 1))
+    }
+
+    /// Copies the secondary's state (journal, units) and the config next to it, runs
+    /// `promote` on the copy, and checks the result is a cut of the workload.
+    pub fn promote_copy_and_check(
+        &self,
+        tag: &str,
+        seed: u64,
+        planned: usize,
+        max_write: u64,
+    ) -> Result<usize, String> {
+        // Only the secondary's own state: the primary keeps running meanwhile.
+        let (applied, images) = self.promote_copy(tag)?;
+        self.check_cut(seed, planned, max_write, &applied, &images)
+    }
+}
+
+// ---- For the NBD daemon tests (actors/tests/nbd_daemon.rs) ----
+
+/// A TCP port of 127.0.0.1 nobody listens on right now.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port")
+}
+
+/// Waits (bounded) until something accepts TCP connections on 127.0.0.1:`port`; fails
+/// early with the child's output if `child` exits first.
+pub fn wait_tcp(port: u16, child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the process exited ({status}) before listening on {port}: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on 127.0.0.1:{port} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Site {
+    /// [`Site::new`] without wan-sims, and the primary (site-a) serves its units over
+    /// NBD on a free TCP port of 127.0.0.1, which is returned.
+    pub fn with_nbd() -> (Site, u16) {
+        Site::with_nbd_proxied(false)
+    }
+
+    /// [`Site::with_nbd`], with the advertise addresses on other ports for relays if
+    /// `proxied` (as [`Site::new`]).
+    pub fn with_nbd_proxied(proxied: bool) -> (Site, u16) {
+        let site = Site::new(proxied);
+        let port = free_tcp_port();
+        let text = std::fs::read_to_string(&site.config).expect("config");
+        let anchor = "name = \"site-a\"\nrole = \"primary\"\n";
+        assert!(text.contains(anchor), "the config has site-a as a primary");
+        let text = text.replacen(
+            anchor,
+            &format!("{anchor}nbd_listen = \"127.0.0.1:{port}\"\n"),
+            1,
+        );
+        std::fs::write(&site.config, text).expect("config");
+        (site, port)
+    }
+
+    /// The status `system` wrote after `after` (polling its status file, bounded): a
+    /// status that includes everything the system did before `after`.
+    pub fn status_after(
+        &self,
+        system: &str,
+        after: std::time::SystemTime,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let file = self.path(&format!("run/{system}/journal/status.json"));
+        let deadline = Instant::now() + limit;
+        loop {
+            let fresh = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .map(|t| t > after)
+                .unwrap_or(false);
+            if fresh {
+                if let Some(s) = self.status(system) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{system} wrote no status after {after:?} in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Copies the secondary's state (journal, units) and the config and key next to it
+    /// under `tag`, runs `promote --system site-b` on the copy and returns each pair's
+    /// `applied_seq` (in config order) and the promoted unit images; an error if
+    /// promote fails or does not call the result consistent.
+    pub fn promote_copy(&self, tag: &str) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
+        let copy = self.path(tag);
+        std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.path("run/site-b"))
+            .arg(copy.join("run"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("copy failed".into());
+        }
+        std::fs::copy(&self.config, copy.join("tidemark.toml")).map_err(|e| e.to_string())?;
+        std::fs::copy(self.path("cluster.key"), copy.join("cluster.key"))
+            .map_err(|e| e.to_string())?;
+        let out = run(&[
+            "promote",
+            "--config",
+            copy.join("tidemark.toml").to_str().unwrap_or(""),
+            "--system",
+            "site-b",
+        ]);
+        if !out.status.success() {
+            return Err(format!(
+                "promote failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if v["consistent"] != true {
+            return Err(format!("promote says inconsistent: {v}"));
+        }
+        let names = ["log", "data"];
+        let mut applied = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let p = &v["pairs"][i];
+            if p["name"] != *name {
+                return Err(format!("promote's pair {i} is not {name}: {v}"));
+            }
+            applied.push(
+                p["applied_seq"]
+                    .as_u64()
+                    .ok_or(format!("no applied_seq: {v}"))?,
+            );
+        }
+        let images = names
+            .iter()
+            .map(|n| copy.join(format!("run/site-b/{n}.img")))
+            .collect();
+        Ok((applied, images))
+    }
+}
+
+impl Site {
+    /// One wan-sim per direction in front of the advertise addresses (a `proxied` site):
+    /// 5 % loss, 5 % duplication, 20 % reordering, 1 ms delay and jitter, 1 % corruption.
+    pub fn wan_sims(&self, seed: u64) -> Vec<Child> {
+        let sim = |listen: u16, forward: u16, seed: u64| {
+            self.spawn(&[
+                "wan-sim",
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--forward",
+                &format!("127.0.0.1:{forward}"),
+                "--loss",
+                "0.05",
+                "--dup",
+                "0.05",
+                "--reorder",
+                "0.2",
+                "--delay-ms",
+                "1",
+                "--jitter-ms",
+                "1",
+                "--corrupt",
+                "0.01",
+                "--seed",
+                &seed.to_string(),
+            ])
+        };
+        vec![
+            sim(self.b_advertise, self.b_port, seed),
+            sim(self.a_advertise, self.a_port, seed + 1),
+        ]
+    }
+}
+
+// ---- Kill points at observed events (not after a sleep) ----
+
+/// Polls `poll` every 20 ms until it gives `Ok`, for at most `limit`; `Err` describes the
+/// state seen so far and is returned (with the limit) if the deadline passes, for the
+/// caller's panic. A bound against a hung test, never a measurement.
+pub fn wait_until<T>(
+    limit: Duration,
+    mut poll: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match poll() {
+            Ok(t) => return Ok(t),
+            Err(state) if Instant::now() > deadline => {
+                return Err(format!("not seen in {limit:?}; last state: {state}"))
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The status in `journal_dir` if its file was written after `since`: one that a process
+/// killed (and waited for) before `since` cannot have written.
+pub fn status_since(journal_dir: &Path, since: SystemTime) -> Option<serde_json::Value> {
+    let modified = std::fs::metadata(journal_dir.join("status.json"))
+        .and_then(|m| m.modified())
+        .ok()?;
+    if modified <= since {
+        return None;
+    }
+    tidemark_cli::daemon::read_status(journal_dir)
+}
+
+/// Each pair's `head_seq` in a status: the packets its remote unit holds in an unbroken
+/// run (0 for a pair whose remote unit is not in that system).
+pub fn heads(status: &serde_json::Value) -> Vec<u64> {
+    status["stats"]["pairs"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| p["head_seq"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (bounded by `limit`) until the remote systems with journals `dirs`, all
+/// (re)started before `since`, receive writes: each has written a status after `since`,
+/// and a later status shows their remote units together holding more (the sum of
+/// `head_seq`) than the first one did. Returns `Ok(false)` at once if `finished()` says
+/// no more writes will come (then nothing can move); `Err` shows the state if the
+/// deadline passes.
+pub fn wait_receiving(
+    dirs: &[PathBuf],
+    since: SystemTime,
+    limit: Duration,
+    mut finished: impl FnMut() -> bool,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + limit;
+    let mut first: Option<u64> = None;
+    loop {
+        if finished() {
+            return Ok(false);
+        }
+        let statuses: Vec<Option<serde_json::Value>> =
+            dirs.iter().map(|d| status_since(d, since)).collect();
+        if statuses.iter().all(Option::is_some) {
+            let held: u64 = statuses
+                .iter()
+                .flatten()
+                .map(|s| heads(s).iter().sum::<u64>())
+                .sum();
+            match first {
+                None => first = Some(held),
+                Some(f) if held > f => return Ok(true),
+                Some(_) => {}
+            }
+        }
+        if Instant::now() > deadline {
+            let state: Vec<String> = dirs
+                .iter()
+                .zip(&statuses)
+                .map(|(d, s)| match s {
+                    Some(s) => format!("{}: heads {:?}", d.display(), heads(s)),
+                    None => format!("{}: no status written since the (re)start", d.display()),
+                })
+                .collect();
+            return Err(format!(
+                "the remote systems did not receive writes in {limit:?} (heads in their \
+                 first status since the (re)start: {first:?}; now: {})",
+                state.join("; ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether every program is installed; if not, says which are missing (the test then
+/// skips).
+pub fn have(programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED: NBD client program(s) not installed: {} \
+         (apt-get install qemu-utils libnbd-bin fio)",
+        missing.join(", ")
+    );
+    false
+}
