@@ -9,7 +9,7 @@
 //! `ts <= L`. Since every unit is checked at every limit it applied, the remote units at
 //! any one limit together form a cut of the history.
 //!
-//! A failing seed is printed; `TIDEMARK_SEED=<seed> cargo test --test consistency`
+//! A failing seed is printed; `TIDEMARK_SEED=<seed> cargo test -p tidemark-actors --test consistency`
 //! replays just that one.
 
 use bytes::Bytes;
@@ -245,7 +245,7 @@ fn every_applied_limit_is_a_cut_for_many_seeds() {
         dups += o.stats.items_duplicated;
         if let Err(e) = check(&o) {
             panic!(
-                "seed {seed} failed: {e}\n  topology: {}\n  replay: TIDEMARK_SEED={seed} cargo test --test consistency",
+                "seed {seed} failed: {e}\n  topology: {}\n  replay: TIDEMARK_SEED={seed} cargo test -p tidemark-actors --test consistency",
                 o.described
             );
         }

@@ -122,7 +122,7 @@ fn dependent_writes_over_nbd_while_the_secondary_is_killed_promote_gives_cuts() 
 
 #[test]
 fn fio_random_writes_with_verify_at_qd16_against_the_daemon_replicate() {
-    if !have("fio") {
+    if !have(&["fio"]) {
         return;
     }
     let seed = seed();
