@@ -553,14 +553,7 @@ impl LocalUnit {
             let dropped = self.sender.drop_held();
             tracing::info!(pair = %self.pair, packets = dropped, "stopping: writes a full journal refused are failed");
             for batch in retry {
-                for op in batch.ops {
-                    match op {
-                        Op::Write(_, r) => drop(r.send(Err(EngineError::Unit(
-                            "stopping: the write was not journaled and is not written".into(),
-                        )))),
-                        flush => self.queue.push(flush),
-                    }
-                }
+                self.fail_unjournaled_writes(batch.ops);
             }
         } else {
             match self.failed.clone() {
@@ -569,6 +562,19 @@ impl LocalUnit {
             }
         }
         self.pump(ctx);
+    }
+
+    /// Stopping: answers the writes among `ops` with an error (they were never
+    /// journaled, so nothing of them is anywhere) and queues the flushes again.
+    fn fail_unjournaled_writes(&mut self, ops: Vec<Op>) {
+        for op in ops {
+            match op {
+                Op::Write(_, r) => drop(r.send(Err(EngineError::Unit(
+                    "stopping: the write was not journaled and is not written".into(),
+                )))),
+                flush => self.queue.push(flush),
+            }
+        }
     }
 
     fn fail_batch(&self, batch: Batch, e: &str) {
@@ -656,19 +662,8 @@ impl Handler<Stopping> for LocalUnit {
         self.abandon_held = true;
         self.stopping = true;
         self.release_replies(ctx);
-        let stopped = |r: Reply<Vec<Stamp>>| {
-            drop(r.send(Err(EngineError::Unit(
-                "stopping: the write was not journaled and is not written".into(),
-            ))))
-        };
-        let mut flushes = Vec::new();
-        for op in std::mem::take(&mut self.queue) {
-            match op {
-                Op::Write(_, r) => stopped(r),
-                flush => flushes.push(flush),
-            }
-        }
-        self.queue = flushes;
+        let queued = std::mem::take(&mut self.queue);
+        self.fail_unjournaled_writes(queued);
         // Batches a full journal refused are failed once the lane is done with them.
         self.resubmit(ctx);
     }
