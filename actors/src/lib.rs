@@ -8,6 +8,7 @@
 //! - [`net`]: routing what arrives, the in-process link with impairment, the UDP link;
 //!   it depends on [`msg`] alone;
 //! - [`engine`]: [`EngineBuilder`] and the running [`Engine`];
+//! - [`health`]: the first fatal failure of a part, which stops the process;
 //! - [`nbd`]: the tokio NBD driver over the core's sans-IO protocol.
 //!
 //! The `tidemark` binary (config, daemons, promote, export, demo) is crate
@@ -15,6 +16,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod health;
 pub mod msg;
 pub mod nbd;
 pub mod net;
@@ -22,6 +24,7 @@ pub mod units;
 
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;
+pub use health::{Failure, Health};
 pub use msg::{now, Stop, Wall};
 pub use net::impair::Impairment;
 pub use units::remote::{Applied, ApplyHook};

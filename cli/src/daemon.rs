@@ -21,20 +21,18 @@ pub struct SystemLock {
 /// Takes the lock of a system's journal directory, creating the directory.
 pub fn lock_system(cfg: &Config, system: usize) -> Result<SystemLock, EngineError> {
     let s = &cfg.systems[system];
-    std::fs::create_dir_all(&s.journal_dir).map_err(|e| {
-        EngineError::Config(format!(
-            "{} journal_dir {}: {e}",
-            s.name,
-            s.journal_dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(&s.journal_dir).map_err(EngineError::io(format!(
+        "{} journal_dir {}",
+        s.name,
+        s.journal_dir.display()
+    )))?;
     let path = s.journal_dir.join("LOCK");
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+        .map_err(EngineError::io(path.display().to_string()))?;
     match file.try_lock() {
         Ok(()) => Ok(SystemLock { _file: file }),
         Err(_) => Err(EngineError::Running(s.name.clone())),
@@ -146,6 +144,8 @@ struct Status<'a> {
     link: Option<&'a UdpStatus>,
     /// The time base, if other processes stamp writes of the group too.
     clock: Option<&'a tidemark_actors::units::timebase::TimeStatus>,
+    /// The first fatal failure of the process (it is stopping because of it), or null.
+    failed: Option<&'a tidemark_actors::Failure>,
 }
 
 /// Writes each running system's status file (atomically: write, then rename).
@@ -155,6 +155,7 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
     };
     let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
     let clock = engine.time_status();
+    let failed = engine.failure();
     for &i in here {
         let s = &cfg.systems[i];
         let status = Status {
@@ -163,6 +164,7 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
             stats: &stats,
             link: links.get(&SystemId(i as u32)),
             clock: clock.as_ref().filter(|_| s.primary),
+            failed: failed.as_ref(),
         };
         let Ok(text) = serde_json::to_string_pretty(&status) else {
             continue;
@@ -193,10 +195,8 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
                 .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
             let l = AnyListener::bind(&addr)
                 .await
-                .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
-            let l = l
-                .into_std()
-                .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+                .map_err(EngineError::io(format!("{key}: cannot listen on {addr}")))?;
+            let l = l.into_std().map_err(EngineError::io(key))?;
             listeners.push((SystemId(i as u32), l));
         }
     }
@@ -232,16 +232,18 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         servers.push(done_rx);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| EngineError::Config(format!("cannot watch SIGTERM: {e}")))?;
+        .map_err(EngineError::io("cannot watch SIGTERM"))?;
     let mut every = tokio::time::interval(Duration::from_millis(500));
-    loop {
+    let health = engine.health().clone();
+    let failure = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = term.recv() => break None,
+            f = health.failed() => break Some(f),
             _ = every.tick() => write_status(cfg, here, &engine).await,
         }
-    }
-    tracing::info!(systems = ?names, "stopping");
+    };
+    tracing::info!(systems = ?names, failed = failure.is_some(), "stopping");
     let _ = stop_tx.send(true);
     // No client waits any more: writes not yet journaled are failed, and so are
     // acknowledgements the time base holds. What is journaled stays and replicates
@@ -261,13 +263,17 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     // (or on a second signal) the process exits; recovery at the next start is the
     // same as after a crash, which loses nothing acknowledged (I3).
     tokio::select! {
-        r = graceful => r,
+        // A failed part makes the exit non-zero whatever the shutdown did.
+        r = graceful => match failure {
+            Some(f) => Err(EngineError::Failed(f)),
+            None => r,
+        },
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::error!(grace_s = SHUTDOWN_GRACE.as_secs(), "shutdown did not finish; exiting (the journal recovers as after a crash)");
-            Err(EngineError::Unit(format!("shutdown did not finish within {} s", SHUTDOWN_GRACE.as_secs())))
+            Err(EngineError::Shutdown(format!("did not finish within {} s", SHUTDOWN_GRACE.as_secs())))
         }
-        _ = tokio::signal::ctrl_c() => Err(EngineError::Unit("interrupted again while stopping".into())),
-        _ = term.recv() => Err(EngineError::Unit("terminated again while stopping".into())),
+        _ = tokio::signal::ctrl_c() => Err(EngineError::Shutdown("interrupted again while stopping".into())),
+        _ = term.recv() => Err(EngineError::Shutdown("terminated again while stopping".into())),
     }
 }
 

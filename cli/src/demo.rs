@@ -92,15 +92,13 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
     cfg.validate()?;
     let (_tmp, dir) = match &cfg.dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| {
-                EngineError::Topology(format!("cannot create {}: {e}", d.display()))
-            })?;
+            std::fs::create_dir_all(d)
+                .map_err(EngineError::io(format!("cannot create {}", d.display())))?;
             (None, d.clone())
         }
         None => {
-            let t = tempfile::tempdir().map_err(|e| {
-                EngineError::Topology(format!("cannot make a temporary directory: {e}"))
-            })?;
+            let t = tempfile::tempdir()
+                .map_err(EngineError::io("cannot make a temporary directory"))?;
             let p = t.path().to_path_buf();
             (Some(t), p)
         }

@@ -4,7 +4,6 @@ use clap::{Parser, Subcommand};
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tidemark::StoreError;
 use tidemark_actors::{EngineError, Impairment};
 use tidemark_cli::config::Config;
 use tidemark_cli::demo::{self, DemoConfig};
@@ -180,22 +179,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit codes: 0 success, 2 bad usage or config, 1 runtime failure.
+/// Exit codes: 0 success, 2 bad usage or config ([`EngineError::is_usage`]), 1 a
+/// failure while running.
 fn exit(r: Result<(), EngineError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tidemark: {e}");
-            let usage = matches!(
-                e,
-                EngineError::Config(_)
-                    | EngineError::Running(_)
-                    | EngineError::NotPromoted { .. }
-                    | EngineError::Topology(_)
-                    | EngineError::Impairment(_)
-                    | EngineError::Store(StoreError::SizeMismatch { .. })
-            );
-            ExitCode::from(if usage { 2 } else { 1 })
+            ExitCode::from(if e.is_usage() { 2 } else { 1 })
         }
     }
 }
@@ -211,10 +202,10 @@ fn keygen(out: &Path) -> Result<(), EngineError> {
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .map_err(|e| EngineError::Config(format!("--out {}: {e}", out.display())))?;
+        .map_err(EngineError::io(format!("--out {}", out.display())))?;
     f.write_all(format!("{hex}\n").as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| EngineError::Config(format!("--out {}: {e}", out.display())))?;
+        .map_err(EngineError::io(format!("--out {}", out.display())))?;
     Ok(())
 }
 
@@ -239,7 +230,7 @@ fn promote(a: SystemArgs) -> Result<(), EngineError> {
     if report.consistent {
         Ok(())
     } else {
-        Err(EngineError::Journal(
+        Err(EngineError::JournalState(
             "the journal has a gap below the durable limit: not a consistent cut".into(),
         ))
     }
@@ -270,16 +261,15 @@ fn export(a: ExportArgs) -> Result<(), EngineError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| EngineError::Config(format!("runtime: {e}")))?;
+        .map_err(EngineError::io("cannot start the runtime"))?;
     rt.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let listener = AnyListener::bind(&addr)
             .await
-            .map_err(|e| EngineError::Config(format!("{key}: cannot listen on {addr}: {e}")))?;
+            .map_err(EngineError::io(format!("{key}: cannot listen on {addr}")))?;
         // Watch the signals before saying we serve: a client told so may stop us at once.
-        let watch = |kind: SignalKind| {
-            signal(kind).map_err(|e| EngineError::Config(format!("cannot watch signals: {e}")))
-        };
+        let watch =
+            |kind: SignalKind| signal(kind).map_err(EngineError::io("cannot watch signals"));
         let (mut int, mut term) = (
             watch(SignalKind::interrupt())?,
             watch(SignalKind::terminate())?,
@@ -348,12 +338,12 @@ fn wan_sim(a: WanSimArgs) -> Result<(), EngineError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| EngineError::Config(format!("runtime: {e}")))?;
+        .map_err(EngineError::io("cannot start the runtime"))?;
     rt.block_on(async move {
         let (inbound, outbound) = sim
             .bind()
             .await
-            .map_err(|e| EngineError::Config(format!("--listen {}: {e}", sim.listen)))?;
+            .map_err(EngineError::io(format!("--listen {}", sim.listen)))?;
         let counters = std::sync::Arc::new(WanCounters::default());
         tokio::select! {
             _ = sim.run(inbound, outbound, counters.clone()) => {}

@@ -101,7 +101,10 @@ pub fn promote(cfg: &Config, systems: &[usize], all: bool) -> Result<PromoteRepo
         }
         journal
             .append(&records, Durability::Synced)
-            .map_err(|e| EngineError::Journal(e.to_string()))?;
+            .map_err(|source| EngineError::Journal {
+                dir: cfg.systems[*s].segments_dir(),
+                source,
+            })?;
     }
     Ok(PromoteReport {
         limit_ts: target.0,

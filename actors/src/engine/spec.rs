@@ -21,10 +21,34 @@ pub enum Role {
 }
 
 /// Where a unit's bytes live.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum StoreSpec {
     Memory,
     File(PathBuf),
+    /// A store the caller made (its own device driver, or a faulty disk in a test). Its
+    /// size must be the pair's.
+    Shared(Arc<dyn BlockStore>),
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("Memory"),
+            StoreSpec::File(p) => f.debug_tuple("File").field(p).finish(),
+            StoreSpec::Shared(s) => write!(f, "Shared({} bytes)", s.size()),
+        }
+    }
+}
+
+impl PartialEq for StoreSpec {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StoreSpec::Memory, StoreSpec::Memory) => true,
+            (StoreSpec::File(a), StoreSpec::File(b)) => a == b,
+            (StoreSpec::Shared(a), StoreSpec::Shared(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// A remote copy pair: a local unit on a primary system mirrored to a remote unit on a
@@ -303,6 +327,13 @@ impl EngineBuilder {
         Ok(match spec {
             StoreSpec::Memory => Arc::new(MemStore::new(size)),
             StoreSpec::File(p) => Arc::new(FileStore::open_or_create(p, size)?),
+            StoreSpec::Shared(s) if s.size() == size => s.clone(),
+            StoreSpec::Shared(s) => {
+                return Err(EngineError::Topology(format!(
+                    "a shared store of {} bytes for a pair of {size} bytes",
+                    s.size()
+                )))
+            }
         })
     }
 }

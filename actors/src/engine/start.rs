@@ -1,8 +1,10 @@
 //! [`EngineBuilder::start`]: opens what runs here (units, journals, sockets), then
-//! starts and wires the actors of every system of this process.
+//! starts and wires the actors of every system of this process, in named phases that
+//! share one [`Startup`] context.
 
 use super::{Engine, EngineBuilder, LinkAddr, PairHandle};
 use crate::error::EngineError;
+use crate::health::Health;
 use crate::msg::*;
 use crate::net::route::{
     OrdererRoute, RemoteUnitRoute, Routes, SetRoutes, SiteRoute, TimeBaseRoute,
@@ -11,24 +13,53 @@ use crate::net::sim::{Link, PairCounters, SetPeers};
 use crate::net::udp::{UdpLink, UdpStatus};
 use crate::units::disk::Disk;
 use crate::units::journaling::SharedJournal;
-use crate::units::local::{LocalConfig, LocalResume, LocalUnit};
+use crate::units::local::{LocalConfig, LocalResume, LocalUnit, LocalWiring};
 use crate::units::orderer::OrdererActor;
 use crate::units::remote::{RemoteResume, RemoteUnit, RemoteWiring};
-use crate::units::site::RemoteSite;
+use crate::units::site::{RemoteSite, SiteWiring};
 use crate::units::timebase::{TimeBaseActor, TimeStatus};
 use actix::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tidemark::journal::Recovered;
+use tidemark::journal::{Recovered, RecoveredPair};
 use tidemark::timebase::{CommitGate, TimeBase};
-use tidemark::{HybridClock, Orderer, PairId, Stamp, SystemId, Timestamp};
+use tidemark::{BlockStore, HybridClock, Orderer, PairId, Stamp, SystemId, Timestamp};
+
+/// A pair's units opened here: (local, remote); `None` where the unit runs elsewhere.
+type Stores = (Option<Arc<dyn BlockStore>>, Option<Arc<dyn BlockStore>>);
+/// The journals of the systems here, with what each recovered.
+type Journals = BTreeMap<SystemId, (SharedJournal, Recovered)>;
 
 impl EngineBuilder {
     /// Starts the actors. Must run inside an actix system. Nothing is started if the
-    /// description is invalid or a unit cannot be opened.
+    /// description is invalid or a unit, a journal or a socket cannot be opened: every
+    /// phase that can fail runs before the first actor starts.
     pub fn start(&self) -> Result<Engine, EngineError> {
+        let orderer_system = self.check()?;
+        let stores = self.open_stores()?;
+        let journals = self.open_journals()?;
+        self.redo_journals(&stores, &journals)?;
+        let sockets = self.bind_sockets()?;
+        let orderer_core = self.orderer_core(orderer_system, &journals)?;
+
+        let mut s = Startup::place(self, orderer_system, journals);
+        s.start_links(sockets);
+        let gate = s.start_time_base();
+        s.start_pairs(stores, gate);
+        s.start_sites();
+        s.start_orderer(orderer_core);
+        Ok(s.wire_routes())
+    }
+
+    /// Whether `s` runs in this process.
+    fn runs(&self, s: SystemId) -> bool {
+        self.run.as_ref().is_none_or(|r| r.contains(&s))
+    }
+
+    /// Validates the description; returns the orderer's system.
+    fn check(&self) -> Result<SystemId, EngineError> {
         let orderer_system = self.validate()?;
         self.impair.validate()?;
         if self.heartbeat.is_zero() {
@@ -36,202 +67,110 @@ impl EngineBuilder {
                 "heartbeat interval must be above 0".into(),
             ));
         }
-        let runs = |s: SystemId| self.run.as_ref().is_none_or(|r| r.contains(&s));
         if self.udp.is_none() && self.run.is_some() {
             return Err(EngineError::Topology(
                 "the in-process link needs every system in this process".into(),
             ));
         }
-        // Open what runs here first: a unit that cannot be opened starts nothing.
-        let mut stores = Vec::new();
-        for p in &self.pairs {
-            let l = if runs(p.local) {
-                Some(Self::open(&p.local_store, p.size)?)
+        Ok(orderer_system)
+    }
+
+    /// Opens (or creates) the units of the systems here, in pair order.
+    fn open_stores(&self) -> Result<Vec<Stores>, EngineError> {
+        let open = |s: SystemId, spec, size| -> Result<_, EngineError> {
+            Ok(if self.runs(s) {
+                Some(Self::open(spec, size)?)
             } else {
                 None
-            };
-            let r = if runs(p.remote) {
-                Some(Self::open(&p.remote_store, p.size)?)
-            } else {
-                None
-            };
-            stores.push((l, r));
-        }
-        // Journals of the systems here; a primary redoes what its journal holds but its
-        // local units may have missed (a crash between journal and disk write).
-        let mut journals: BTreeMap<SystemId, (SharedJournal, Recovered)> = BTreeMap::new();
+            })
+        };
+        self.pairs
+            .iter()
+            .map(|p| {
+                Ok((
+                    open(p.local, &p.local_store, p.size)?,
+                    open(p.remote, &p.remote_store, p.size)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Opens and recovers the journals of the systems here.
+    fn open_journals(&self) -> Result<Journals, EngineError> {
+        let mut journals = Journals::new();
         for (s, (dir, capacity)) in &self.journals {
-            if runs(*s) {
+            if self.runs(*s) {
                 journals.insert(*s, SharedJournal::open(dir, *capacity)?);
             }
         }
-        for (i, (p, (ls, _))) in self.pairs.iter().zip(&stores).enumerate() {
+        Ok(journals)
+    }
+
+    /// A primary redoes what its journal holds but its local units may have missed (a
+    /// crash between journal and disk write): I3 for writes acknowledged before a crash.
+    fn redo_journals(&self, stores: &[Stores], journals: &Journals) -> Result<(), EngineError> {
+        for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
             let live = journals
                 .get(&p.local)
                 .and_then(|(_, r)| r.pairs.get(&PairId(i as u32)));
-            if let (Some(store), Some(rp)) = (ls, live) {
+            if let (Some(store), Some(rp)) = (local, live) {
                 for pkt in &rp.live {
                     store.apply(&pkt.payload)?;
                 }
                 store.flush()?;
             }
         }
+        Ok(())
+    }
+
+    /// Binds the UDP socket of every system here (none for the in-process link).
+    fn bind_sockets(&self) -> Result<BTreeMap<SystemId, std::net::UdpSocket>, EngineError> {
         let mut sockets = BTreeMap::new();
-        if let Some(udp) = &self.udp {
-            for i in 0..self.systems.len() {
-                let s = SystemId(i as u32);
-                if runs(s) {
-                    let addr = udp.listen.get(&s).copied().ok_or_else(|| {
-                        EngineError::Topology(format!(
-                            "system {} has no listen address",
-                            self.systems[i].0
-                        ))
-                    })?;
-                    sockets.insert(s, bind_udp(addr)?);
-                }
-            }
-        }
-
-        let mut arbiters: Vec<Arbiter> = (0..self.threads).map(|_| Arbiter::new()).collect();
-        // A UDP link (sealing, encoding, syscalls) gets a thread of its own, so a
-        // system's units are not serialized behind it; what a unit hands it is bounded
-        // by the unit's congestion window.
-        let mut link_arbiters: Vec<Arbiter> = Vec::new();
-        // The systems that run here, in order: the k-th runs its actors on arbiter k
-        // (modulo the arbiters there are). A UDP link runs on a thread of its own (see
-        // below); the in-process link shares its system's thread.
-        let here: Vec<SystemId> = (0..self.systems.len() as u32)
-            .map(SystemId)
-            .filter(|s| runs(*s))
-            .collect();
-        let place = |s: SystemId| -> Option<ArbiterHandle> {
-            let k = here.iter().position(|h| *h == s).unwrap_or(s.0 as usize);
-            (!arbiters.is_empty()).then(|| arbiters[k % arbiters.len()].handle())
+        let Some(udp) = &self.udp else {
+            return Ok(sockets);
         };
-        // One pool per system, as separate hosts would have: a remote system's applies
-        // never queue in front of a primary's client writes.
-        let disks: BTreeMap<SystemId, Disk> = (0..self.systems.len() as u32)
-            .map(SystemId)
-            .filter(|s| runs(*s))
-            .map(|s| (s, Disk::new(self.disk_threads)))
-            .collect();
-        let disk = |s: SystemId| disks.get(&s).cloned().unwrap_or_else(|| Disk::new(0));
-        // Each local unit has a lane of its own: one disk thread, so its batches are
-        // journaled and written in the order they were stamped while several are in
-        // flight.
-        let lanes = std::cell::RefCell::new(Vec::new());
-        let lane = || {
-            let d = Disk::new(self.disk_threads.min(1));
-            lanes.borrow_mut().push(d.clone());
-            d
-        };
-        let wall: Wall = self.wall.clone().unwrap_or_else(|| {
-            Arc::new(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0)
-            })
-        });
-        let wall2 = wall.clone();
-        let clock: Arc<HybridClock> = Arc::new(HybridClock::new(move || wall2()));
-        for (_, r) in journals.values() {
-            // Stamps after a restart stay above every stamp handed out before it.
-            clock.observe(r.max_ts);
-        }
-        let counters: Arc<[PairCounters]> =
-            self.pairs.iter().map(|_| PairCounters::default()).collect();
-
-        let mut links: BTreeMap<SystemId, LinkAddr> = BTreeMap::new();
-        let mut link_status = BTreeMap::new();
-        for i in 0..self.systems.len() {
+        for (i, (name, _)) in self.systems.iter().enumerate() {
             let s = SystemId(i as u32);
-            if !runs(s) {
-                continue;
+            if self.runs(s) {
+                let addr = udp.listen.get(&s).copied().ok_or_else(|| {
+                    EngineError::Topology(format!("system {name} has no listen address"))
+                })?;
+                sockets.insert(s, bind_udp(addr)?);
             }
-            let addr = match (&self.udp, sockets.remove(&s)) {
-                (Some(udp), Some(socket)) => {
-                    let ids: Vec<SystemId> = (0..self.systems.len() as u32).map(SystemId).collect();
-                    let session = tidemark::seal::Session {
-                        epoch: udp.epoch,
-                        nonce: random_nonce(),
-                    };
-                    let core = tidemark::link::LinkCore::new(s, &ids, &udp.key, session, udp.link);
-                    let status = Arc::new(Mutex::new(UdpStatus::default()));
-                    link_status.insert(s, status.clone());
-                    let names = self.system_names();
-                    let tick = (udp.link.peer_timeout / 4)
-                        .clamp(Duration::from_millis(1), Duration::from_millis(250));
-                    let own = (!arbiters.is_empty()).then(|| {
-                        let a = Arbiter::new();
-                        let h = a.handle();
-                        link_arbiters.push(a);
-                        h
-                    });
-                    LinkAddr::Udp(spawn(
-                        own,
-                        UdpLink::new(s, core, socket, udp.advertise.clone(), names, status, tick),
-                    ))
-                }
-                _ => LinkAddr::InProcess(spawn(
-                    place(s),
-                    Link::new(s, self.impair, self.seed, counters.clone()),
-                )),
-            };
-            links.insert(s, addr);
         }
-        let link = |s: SystemId| -> Recipient<Outbound> {
-            match &links[&s] {
-                LinkAddr::InProcess(a) => a.clone().recipient(),
-                LinkAddr::Udp(a) => a.clone().recipient(),
-            }
-        };
+        Ok(sockets)
+    }
 
-        let mut routes: BTreeMap<SystemId, Routes> =
-            links.keys().map(|s| (*s, Routes::default())).collect();
-        // Primary systems here and elsewhere: if writes are stamped in other processes
-        // too, this process measures their clocks and commit-waits (I2 across hosts).
-        let primaries: BTreeSet<SystemId> = self.pairs.iter().map(|p| p.local).collect();
-        let elsewhere: Vec<SystemId> = primaries.iter().copied().filter(|s| !runs(*s)).collect();
-        let time_status = Arc::new(Mutex::new(TimeStatus::default()));
-        let mut timebase = None;
-        let gate = match primaries.iter().find(|s| runs(**s)) {
-            Some(prober) if !elsewhere.is_empty() => {
-                let gate = Arc::new(CommitGate::default());
-                let names = self.system_names();
-                let here_links = links.keys().map(|s| (*s, link(*s))).collect();
-                let t = spawn(
-                    place(*prober),
-                    TimeBaseActor::new(
-                        TimeBase::new(self.time_base, elsewhere.iter().copied()),
-                        gate.clone(),
-                        clock.clone(),
-                        *prober,
-                        here_links,
-                        names,
-                        time_status.clone(),
-                    ),
-                );
-                for s in primaries.iter().filter(|s| runs(**s)) {
-                    if let Some(r) = routes.get_mut(s) {
-                        r.timebase = Some(TimeBaseRoute::of(&t));
-                    }
-                }
-                timebase = Some(t);
-                Some(gate)
-            }
-            _ => None,
-        };
-        let local_cfg = LocalConfig {
-            heartbeat: self.heartbeat,
-            window_bytes: self.window_bytes,
-            rtt: self.rtt,
-        };
-        // Admission never promises more than a primary's journal can hold (I5): the
-        // local units of a system share its journal, so each may keep at most its share
-        // of what the journal admits unreleased. A larger `window` is clamped, once, with
-        // a log line.
-        let window_of: BTreeMap<SystemId, usize> = journals
+    /// The orderer's core, if the orderer runs here; it resumes from the limit its
+    /// system's journal made durable (I4: the limit only moves forward).
+    fn orderer_core(
+        &self,
+        orderer_system: SystemId,
+        journals: &Journals,
+    ) -> Result<Option<Orderer>, EngineError> {
+        if !self.runs(orderer_system) {
+            return Ok(None);
+        }
+        let ids: Vec<PairId> = (0..self.pairs.len() as u32).map(PairId).collect();
+        let released = journals
+            .get(&orderer_system)
+            .map_or(Timestamp::ZERO, |(_, r)| r.limit);
+        Orderer::new(&ids, &self.remote_systems(), released)
+            .map(Some)
+            .map_err(|e| EngineError::Topology(e.to_string()))
+    }
+
+    /// The systems that hold remote units, in order.
+    fn remote_systems(&self) -> Vec<SystemId> {
+        let set: BTreeSet<SystemId> = self.pairs.iter().map(|p| p.remote).collect();
+        set.into_iter().collect()
+    }
+
+    /// Admission never promises more than a primary's journal can hold (I5): the local
+    /// units of a system share its journal, so each may keep at most its share of what
+    /// the journal admits unreleased. A larger `window` is clamped, once, with a log line.
+    fn windows(&self, journals: &Journals) -> BTreeMap<SystemId, usize> {
+        journals
             .iter()
             .filter_map(|(s, (j, _))| {
                 let units = self.pairs.iter().filter(|p| p.local == *s).count();
@@ -250,80 +189,282 @@ impl EngineBuilder {
                     (*s, share.min(self.window_bytes))
                 })
             })
+            .collect()
+    }
+
+    /// Bytes of received, unapplied packets each remote unit of `system` may keep in its
+    /// journal: half the journal, shared evenly by the system's remote units.
+    fn remote_budget(&self, system: SystemId) -> usize {
+        self.journals.get(&system).map_or(usize::MAX, |(_, cap)| {
+            let n = self.pairs.iter().filter(|q| q.remote == system).count();
+            (*cap as usize / 2) / n.max(1)
+        })
+    }
+}
+
+/// One start-up's context: where actors run, and what the phases have started so far,
+/// until [`Startup::wire_routes`] turns it into the [`Engine`].
+struct Startup<'a> {
+    b: &'a EngineBuilder,
+    orderer_system: SystemId,
+    journals: Journals,
+    /// The systems that run here, in order: the k-th runs its actors on arbiter k
+    /// (modulo the arbiters there are).
+    here: Vec<SystemId>,
+    arbiters: Vec<Arbiter>,
+    /// A UDP link (sealing, encoding, syscalls) gets a thread of its own, so a system's
+    /// units are not serialized behind it; what a unit hands it is bounded by the unit's
+    /// congestion window.
+    link_arbiters: Vec<Arbiter>,
+    /// One pool per system, as separate hosts would have: a remote system's applies
+    /// never queue in front of a primary's client writes.
+    disks: BTreeMap<SystemId, Disk>,
+    /// Each local unit's lane (see [`LocalWiring::lane`]).
+    lanes: Vec<Disk>,
+    wall: Wall,
+    clock: Arc<HybridClock>,
+    counters: Arc<[PairCounters]>,
+    health: Health,
+    links: BTreeMap<SystemId, LinkAddr>,
+    link_status: BTreeMap<SystemId, Arc<Mutex<UdpStatus>>>,
+    routes: BTreeMap<SystemId, Routes>,
+    timebase: Option<(Addr<TimeBaseActor>, Arc<Mutex<TimeStatus>>)>,
+    pairs: Vec<PairHandle>,
+    site_units: BTreeMap<SystemId, Vec<Addr<RemoteUnit>>>,
+    sites: Vec<Addr<RemoteSite>>,
+    orderer: Option<Addr<OrdererActor>>,
+}
+
+impl<'a> Startup<'a> {
+    /// Placement: the threads, disk pools and clock the actors will use.
+    fn place(b: &'a EngineBuilder, orderer_system: SystemId, journals: Journals) -> Self {
+        let here: Vec<SystemId> = (0..b.systems.len() as u32)
+            .map(SystemId)
+            .filter(|s| b.runs(*s))
             .collect();
-        let mut pairs = Vec::new();
-        let mut site_units: BTreeMap<SystemId, Vec<Addr<RemoteUnit>>> = BTreeMap::new();
-        let mut remote_systems = BTreeSet::new();
-        for (i, (p, (ls, rs))) in self.pairs.iter().zip(stores).enumerate() {
+        let disks = here
+            .iter()
+            .map(|s| (*s, Disk::new(b.disk_threads)))
+            .collect();
+        let wall: Wall = b.wall.clone().unwrap_or_else(|| {
+            Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+            })
+        });
+        let wall2 = wall.clone();
+        let clock = Arc::new(HybridClock::new(move || wall2()));
+        for (_, r) in journals.values() {
+            // Stamps after a restart stay above every stamp handed out before it (I2).
+            clock.observe(r.max_ts);
+        }
+        Startup {
+            b,
+            orderer_system,
+            journals,
+            here,
+            arbiters: (0..b.threads).map(|_| Arbiter::new()).collect(),
+            link_arbiters: Vec::new(),
+            disks,
+            lanes: Vec::new(),
+            wall,
+            clock,
+            counters: b.pairs.iter().map(|_| PairCounters::default()).collect(),
+            health: Health::default(),
+            links: BTreeMap::new(),
+            link_status: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            timebase: None,
+            pairs: Vec::new(),
+            site_units: BTreeMap::new(),
+            sites: Vec::new(),
+            orderer: None,
+        }
+    }
+
+    /// The arbiter system `s` runs its actors on (`None`: the caller's thread).
+    fn arbiter(&self, s: SystemId) -> Option<ArbiterHandle> {
+        let k = self
+            .here
+            .iter()
+            .position(|h| *h == s)
+            .unwrap_or(s.0 as usize);
+        (!self.arbiters.is_empty()).then(|| self.arbiters[k % self.arbiters.len()].handle())
+    }
+
+    fn disk(&self, s: SystemId) -> Disk {
+        self.disks.get(&s).cloned().unwrap_or_else(|| Disk::new(0))
+    }
+
+    /// A new lane for a local unit: one disk thread, so its batches are journaled and
+    /// written in the order they were stamped while several are in flight.
+    fn lane(&mut self) -> Disk {
+        let d = Disk::new(self.b.disk_threads.min(1));
+        self.lanes.push(d.clone());
+        d
+    }
+
+    fn link(&self, s: SystemId) -> Recipient<Outbound> {
+        match &self.links[&s] {
+            LinkAddr::InProcess(a) => a.clone().recipient(),
+            LinkAddr::Udp(a) => a.clone().recipient(),
+        }
+    }
+
+    fn journal(&self, s: SystemId) -> Option<SharedJournal> {
+        self.journals.get(&s).map(|(j, _)| j.clone())
+    }
+
+    fn recovered(&self, s: SystemId, pair: PairId) -> Option<&RecoveredPair> {
+        self.journals.get(&s).and_then(|(_, r)| r.pairs.get(&pair))
+    }
+
+    /// Links: a UDP link (on a thread of its own) per system here, or the in-process
+    /// link with impairment (on its system's thread). Each gets an empty routing table.
+    fn start_links(&mut self, mut sockets: BTreeMap<SystemId, std::net::UdpSocket>) {
+        let b = self.b;
+        for s in self.here.clone() {
+            let addr = match (&b.udp, sockets.remove(&s)) {
+                (Some(udp), Some(socket)) => {
+                    let ids: Vec<SystemId> = (0..b.systems.len() as u32).map(SystemId).collect();
+                    let session = tidemark::seal::Session {
+                        epoch: udp.epoch,
+                        nonce: random_nonce(),
+                    };
+                    let core = tidemark::link::LinkCore::new(s, &ids, &udp.key, session, udp.link);
+                    let status = Arc::new(Mutex::new(UdpStatus::default()));
+                    self.link_status.insert(s, status.clone());
+                    let tick = (udp.link.peer_timeout / 4)
+                        .clamp(Duration::from_millis(1), Duration::from_millis(250));
+                    let own = (!self.arbiters.is_empty()).then(|| {
+                        let a = Arbiter::new();
+                        let h = a.handle();
+                        self.link_arbiters.push(a);
+                        h
+                    });
+                    let link = UdpLink::new(
+                        s,
+                        core,
+                        socket,
+                        udp.advertise.clone(),
+                        b.system_names(),
+                        status,
+                        tick,
+                    );
+                    LinkAddr::Udp(spawn(own, link))
+                }
+                _ => LinkAddr::InProcess(spawn(
+                    self.arbiter(s),
+                    Link::new(s, b.impair, b.seed, self.counters.clone()),
+                )),
+            };
+            self.links.insert(s, addr);
+            self.routes.insert(s, Routes::default());
+        }
+    }
+
+    /// Time base: if writes of the group are also stamped in other processes, this
+    /// process measures their clocks and its replies commit-wait (I2 across hosts).
+    /// Returns the commit gate local units' replies wait on, if any.
+    fn start_time_base(&mut self) -> Option<Arc<CommitGate>> {
+        let b = self.b;
+        let primaries: BTreeSet<SystemId> = b.pairs.iter().map(|p| p.local).collect();
+        let elsewhere: Vec<SystemId> = primaries.iter().copied().filter(|s| !b.runs(*s)).collect();
+        let prober = *primaries.iter().find(|s| b.runs(**s))?;
+        if elsewhere.is_empty() {
+            return None;
+        }
+        let gate = Arc::new(CommitGate::default());
+        let status = Arc::new(Mutex::new(TimeStatus::default()));
+        let here_links = self.links.keys().map(|s| (*s, self.link(*s))).collect();
+        let t = spawn(
+            self.arbiter(prober),
+            TimeBaseActor::new(
+                TimeBase::new(b.time_base, elsewhere.iter().copied()),
+                gate.clone(),
+                self.clock.clone(),
+                prober,
+                here_links,
+                b.system_names(),
+                status.clone(),
+            ),
+        );
+        for s in primaries.iter().filter(|s| b.runs(**s)) {
+            if let Some(r) = self.routes.get_mut(s) {
+                r.timebase = Some(TimeBaseRoute::of(&t));
+            }
+        }
+        self.timebase = Some((t, status));
+        Some(gate)
+    }
+
+    /// Pairs: each pair's remote unit and local unit (those that run here), resumed from
+    /// their system's journal.
+    fn start_pairs(&mut self, stores: Vec<Stores>, gate: Option<Arc<CommitGate>>) {
+        let b = self.b;
+        let windows = b.windows(&self.journals);
+        for (i, (p, (ls, rs))) in b.pairs.iter().zip(stores).enumerate() {
             let id = PairId(i as u32);
-            remote_systems.insert(p.remote);
-            let recovered = |s: SystemId| journals.get(&s).and_then(|(_, r)| r.pairs.get(&id));
-            let journal = |s: SystemId| journals.get(&s).map(|(j, _)| j.clone());
             let remote = rs.as_ref().map(|rs| {
+                let recovered = self.recovered(p.remote, id);
                 let resume = RemoteResume {
-                    applied: recovered(p.remote).map_or(Stamp::ZERO, |r| r.applied),
-                    live: recovered(p.remote).map_or(Vec::new(), |r| r.live.clone()),
-                    limit: journals
+                    applied: recovered.map_or(Stamp::ZERO, |r| r.applied),
+                    live: recovered.map_or(Vec::new(), |r| r.live.clone()),
+                    limit: self
+                        .journals
                         .get(&p.remote)
                         .map_or(Timestamp::ZERO, |(_, r)| r.limit),
                 };
                 let wiring = RemoteWiring {
                     local_system: p.local,
-                    orderer_system,
+                    orderer_system: self.orderer_system,
                     store: rs.clone(),
-                    journal: journal(p.remote),
-                    disk: disk(p.remote),
-                    link: link(p.remote),
-                    hook: self.hook.clone(),
-                    wall: wall.clone(),
-                    // Half the journal, shared evenly by the system's remote units.
-                    budget: self.journals.get(&p.remote).map_or(usize::MAX, |(_, cap)| {
-                        let n = self
-                            .pairs
-                            .iter()
-                            .filter(|q| q.remote == p.remote)
-                            .count()
-                            .max(1);
-                        (*cap as usize / 2) / n
-                    }),
+                    journal: self.journal(p.remote),
+                    disk: self.disk(p.remote),
+                    link: self.link(p.remote),
+                    hook: b.hook.clone(),
+                    wall: self.wall.clone(),
+                    budget: b.remote_budget(p.remote),
+                    health: self.health.clone(),
                 };
-                spawn(place(p.remote), RemoteUnit::new(id, wiring, resume))
+                spawn(self.arbiter(p.remote), RemoteUnit::new(id, wiring, resume))
             });
             let local = ls.as_ref().map(|ls| {
+                let recovered = self.recovered(p.local, id);
                 let resume = LocalResume {
-                    released: recovered(p.local).map_or(Stamp::ZERO, |r| r.released),
-                    live: recovered(p.local).map_or(Vec::new(), |r| r.live.clone()),
+                    released: recovered.map_or(Stamp::ZERO, |r| r.released),
+                    live: recovered.map_or(Vec::new(), |r| r.live.clone()),
+                };
+                let cfg = LocalConfig {
+                    heartbeat: b.heartbeat,
+                    window_bytes: windows.get(&p.local).copied().unwrap_or(b.window_bytes),
+                    rtt: b.rtt,
+                };
+                let wiring = LocalWiring {
+                    remote_system: p.remote,
+                    clock: self.clock.clone(),
+                    store: ls.clone(),
+                    journal: self.journal(p.local),
+                    lane: self.lane(),
+                    link: self.link(p.local),
+                    gate: gate.clone(),
+                    health: self.health.clone(),
                 };
                 spawn(
-                    place(p.local),
-                    LocalUnit::new(
-                        id,
-                        p.remote,
-                        clock.clone(),
-                        ls.clone(),
-                        journal(p.local),
-                        resume,
-                        lane(),
-                        link(p.local),
-                        LocalConfig {
-                            window_bytes: window_of
-                                .get(&p.local)
-                                .copied()
-                                .unwrap_or(local_cfg.window_bytes),
-                            ..local_cfg
-                        },
-                    )
-                    .with_commit_gate(gate.clone()),
+                    self.arbiter(p.local),
+                    LocalUnit::new(id, wiring, resume, cfg),
                 )
             });
-            if let (Some(l), Some(r)) = (&local, routes.get_mut(&p.local)) {
+            if let (Some(l), Some(r)) = (&local, self.routes.get_mut(&p.local)) {
                 r.local_units.insert(id, l.clone().recipient());
             }
-            if let (Some(u), Some(r)) = (&remote, routes.get_mut(&p.remote)) {
+            if let (Some(u), Some(r)) = (&remote, self.routes.get_mut(&p.remote)) {
                 r.remote_units.insert(id, RemoteUnitRoute::of(u));
-                site_units.entry(p.remote).or_default().push(u.clone());
+                self.site_units.entry(p.remote).or_default().push(u.clone());
             }
-            pairs.push(PairHandle {
+            self.pairs.push(PairHandle {
                 id,
                 name: p.name.clone(),
                 size: p.size,
@@ -333,62 +474,70 @@ impl EngineBuilder {
                 remote_store: rs,
             });
         }
-        let unit_arbiters: BTreeMap<SystemId, ArbiterHandle> = here
-            .iter()
-            .filter_map(|s| place(*s).map(|h| (*s, h)))
-            .collect();
-        let remote_systems: Vec<SystemId> = remote_systems.into_iter().collect();
-        let mut sites = Vec::new();
-        for (sys, units) in site_units {
-            let (journal, prepared, released) = match journals.get(&sys) {
+    }
+
+    /// Sites: one per remote system here, speaking for its units to the orderer, resumed
+    /// from the limits its journal made durable.
+    fn start_sites(&mut self) {
+        for (sys, units) in std::mem::take(&mut self.site_units) {
+            let (journal, prepared, released) = match self.journals.get(&sys) {
                 Some((j, r)) => (Some(j.clone()), r.prepared.max(r.limit), r.limit),
                 None => (None, Timestamp::ZERO, Timestamp::ZERO),
             };
+            let wiring = SiteWiring {
+                me: sys,
+                orderer_system: self.orderer_system,
+                units,
+                link: self.link(sys),
+                journal,
+                disk: self.disk(sys),
+                health: self.health.clone(),
+            };
             let site = spawn(
-                place(sys),
-                RemoteSite::new(
-                    sys,
-                    orderer_system,
-                    units,
-                    link(sys),
-                    journal,
-                    disk(sys),
-                    prepared,
-                    released,
-                ),
+                self.arbiter(sys),
+                RemoteSite::new(wiring, prepared, released),
             );
-            if let Some(r) = routes.get_mut(&sys) {
+            if let Some(r) = self.routes.get_mut(&sys) {
                 r.site = Some(SiteRoute::of(&site));
             }
-            sites.push(site);
+            self.sites.push(site);
         }
-        let orderer = if runs(orderer_system) {
-            let ids: Vec<PairId> = pairs.iter().map(|p| p.id).collect();
-            let released = journals
-                .get(&orderer_system)
-                .map_or(Timestamp::ZERO, |(_, r)| r.limit);
-            let core = Orderer::new(&ids, &remote_systems, released)
-                .map_err(|e| EngineError::Topology(e.to_string()))?;
-            let o = spawn(
-                place(orderer_system),
-                OrdererActor::new(core, remote_systems, link(orderer_system), self.heartbeat),
-            );
-            if let Some(r) = routes.get_mut(&orderer_system) {
-                r.orderer = Some(OrdererRoute::of(&o));
-            }
-            Some(o)
-        } else {
-            None
+    }
+
+    /// The orderer, if it runs here.
+    fn start_orderer(&mut self, core: Option<Orderer>) {
+        let Some(core) = core else {
+            return;
         };
-        let peers: BTreeMap<SystemId, Addr<Link>> = links
+        let sys = self.orderer_system;
+        let o = spawn(
+            self.arbiter(sys),
+            OrdererActor::new(
+                core,
+                self.b.remote_systems(),
+                self.link(sys),
+                self.b.heartbeat,
+            ),
+        );
+        if let Some(r) = self.routes.get_mut(&sys) {
+            r.orderer = Some(OrdererRoute::of(&o));
+        }
+        self.orderer = Some(o);
+    }
+
+    /// Routes: each link learns where what arrives goes (and the in-process links learn
+    /// each other). Then the engine takes over what start-up built.
+    fn wire_routes(mut self) -> Engine {
+        let peers: BTreeMap<SystemId, Addr<Link>> = self
+            .links
             .iter()
             .filter_map(|(s, l)| match l {
                 LinkAddr::InProcess(a) => Some((*s, a.clone())),
                 LinkAddr::Udp(_) => None,
             })
             .collect();
-        for (s, l) in &links {
-            let r = routes.remove(s).unwrap_or_default();
+        for (s, l) in &self.links {
+            let r = self.routes.remove(s).unwrap_or_default();
             match l {
                 LinkAddr::InProcess(a) => {
                     a.do_send(SetPeers(peers.clone()));
@@ -397,35 +546,44 @@ impl EngineBuilder {
                 LinkAddr::Udp(a) => a.do_send(SetRoutes(r)),
             }
         }
-        arbiters.extend(link_arbiters);
-        Ok(Engine {
-            pairs,
-            orderer,
-            links: links.into_values().collect(),
-            link_status,
-            sites,
+        let unit_arbiters = self
+            .here
+            .iter()
+            .filter_map(|s| self.arbiter(*s).map(|h| (*s, h)))
+            .collect();
+        let mut arbiters = self.arbiters;
+        arbiters.extend(self.link_arbiters);
+        Engine {
+            pairs: self.pairs,
+            orderer: self.orderer,
+            links: self.links.into_values().collect(),
+            link_status: self.link_status,
+            sites: self.sites,
             arbiters,
             unit_arbiters,
-            disks: disks.into_values().chain(lanes.into_inner()).collect(),
-            counters,
-            timebase: timebase.map(|t| (t, time_status)),
-        })
+            disks: self.disks.into_values().chain(self.lanes).collect(),
+            counters: self.counters,
+            timebase: self.timebase,
+            health: self.health,
+        }
     }
 }
 
 /// Binds a UDP socket with generous buffers (bursts of datagrams arrive together).
 fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, EngineError> {
-    let err =
-        |e: std::io::Error| EngineError::Topology(format!("cannot listen on udp {addr}: {e}"));
+    let err = EngineError::io(format!("cannot listen on udp {addr}"));
     let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
-        .map_err(err)?;
+    let s = match socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)) {
+        Ok(s) => s,
+        Err(e) => return Err(err(e)),
+    };
     // Best effort: the kernel caps these at its own maximum.
     let _ = s.set_recv_buffer_size(8 << 20);
     let _ = s.set_send_buffer_size(8 << 20);
-    s.bind(&addr.into()).map_err(err)?;
-    s.set_nonblocking(true).map_err(err)?;
-    Ok(s.into())
+    match s.bind(&addr.into()).and_then(|()| s.set_nonblocking(true)) {
+        Ok(()) => Ok(s.into()),
+        Err(e) => Err(err(e)),
+    }
 }
 
 fn random_nonce() -> [u8; 16] {

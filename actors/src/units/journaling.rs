@@ -35,9 +35,14 @@ impl SharedJournal {
     /// Opens (recovering) the journal in `dir` of `capacity` bytes.
     pub fn open(dir: &Path, capacity: u64) -> Result<(SharedJournal, Recovered), EngineError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| EngineError::Journal(format!("{}: {e}", dir.display())))?;
-        let (j, r) = Journal::open(dir, JournalOptions::with_capacity(capacity))
-            .map_err(|e| EngineError::Journal(e.to_string()))?;
+            .map_err(EngineError::io(format!("journal {}", dir.display())))?;
+        let (j, r) =
+            Journal::open(dir, JournalOptions::with_capacity(capacity)).map_err(|source| {
+                EngineError::Journal {
+                    dir: dir.to_path_buf(),
+                    source,
+                }
+            })?;
         if let Some(t) = &r.tail {
             tracing::warn!(segment = t.segment, offset = t.offset, dropped = t.dropped, reason = %t.reason,
                 "journal: cut a torn tail on recovery");

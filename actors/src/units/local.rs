@@ -17,6 +17,7 @@
 //! replies leave in stamp order.
 
 use crate::error::EngineError;
+use crate::health::Health;
 use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
@@ -116,6 +117,7 @@ pub struct LocalUnit {
     /// Batches to submit again (in order) once the lane is empty: a full journal.
     retry: Vec<Batch>,
     failed: Option<String>,
+    health: Health,
     /// The release watermark the journal holds (the remote has every packet up to it).
     released: Stamp,
     /// The highest watermark handed to the lane, in a batch or on its own.
@@ -165,19 +167,37 @@ pub struct LocalResume {
     pub live: Vec<Packet>,
 }
 
+/// What a local unit is wired to.
+pub struct LocalWiring {
+    /// The system the pair's remote unit runs on.
+    pub remote_system: SystemId,
+    /// Stamps writes (I2): one per process, shared by its local units.
+    pub clock: Arc<HybridClock>,
+    pub store: Arc<dyn BlockStore>,
+    /// The system's journal (`None`: writes are not journaled, tests only).
+    pub journal: Option<SharedJournal>,
+    /// The unit's own lane: one disk thread, so its batches are journaled and written in
+    /// the order they were stamped while several are in flight.
+    pub lane: Disk,
+    pub link: Recipient<Outbound>,
+    /// Replies wait for this gate (commit-wait across primary processes), if any.
+    pub gate: Option<Arc<CommitGate>>,
+    /// Where the unit reports that its journal or disk failed.
+    pub health: Health,
+}
+
 impl LocalUnit {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        pair: PairId,
-        remote_system: SystemId,
-        clock: Arc<HybridClock>,
-        store: Arc<dyn BlockStore>,
-        journal: Option<SharedJournal>,
-        resume: LocalResume,
-        disk: Disk,
-        link: Recipient<Outbound>,
-        cfg: LocalConfig,
-    ) -> Self {
+    pub fn new(pair: PairId, wiring: LocalWiring, resume: LocalResume, cfg: LocalConfig) -> Self {
+        let LocalWiring {
+            remote_system,
+            clock,
+            store,
+            journal,
+            lane,
+            link,
+            gate,
+            health,
+        } = wiring;
         let (initial, min, max) = cfg.rtt;
         let mut sender = Sender::new(
             pair,
@@ -194,7 +214,7 @@ impl LocalUnit {
             sender,
             clock,
             store,
-            disk,
+            disk: lane,
             link,
             queue: Vec::new(),
             inflight: std::collections::VecDeque::new(),
@@ -202,6 +222,7 @@ impl LocalUnit {
             stalled: Arc::new(AtomicBool::new(false)),
             retry: Vec::new(),
             failed: None,
+            health,
             released: resume.released,
             released_sent: resume.released,
             marking: false,
@@ -214,17 +235,21 @@ impl LocalUnit {
             window_bytes: cfg.window_bytes,
             tick: (cfg.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_millis(5)),
             bytes: 0,
-            gate: None,
+            gate,
             pending: VecDeque::new(),
             wake_at: None,
             abandon_held: false,
         }
     }
 
-    /// Replies wait for `gate` (commit-wait across primary processes).
-    pub fn with_commit_gate(mut self, gate: Option<Arc<CommitGate>>) -> Self {
-        self.gate = gate;
-        self
+    /// The unit's journal or disk failed: it takes no more writes (they are answered
+    /// with `e`), and the engine's health says so, once.
+    fn fail(&mut self, e: String) {
+        if self.failed.is_none() {
+            self.health
+                .fail(format!("pair {} local unit", self.pair), &e);
+            self.failed = Some(e);
+        }
     }
 
     /// Sends every waiting reply the commit gate allows, in order; arranges to be woken
@@ -474,9 +499,8 @@ impl LocalUnit {
                     self.retry.push(batch);
                 }
                 Outcome::Failed(e) => {
-                    tracing::error!(pair = %self.pair, error = %e, "local unit failed");
                     self.fail_batch(batch, &e);
-                    self.failed = Some(e);
+                    self.fail(e);
                 }
                 Outcome::Full | Outcome::Skipped => {
                     let e = self.failed.clone().unwrap_or_default();
@@ -526,11 +550,7 @@ impl LocalUnit {
             act.marking = false;
             match res {
                 Some(Ok(())) => act.released = act.released.max(acked),
-                Some(Err(e)) => {
-                    let e = format!("journal: {e}");
-                    tracing::error!(pair = %act.pair, error = %e, "local unit failed");
-                    act.failed = Some(e);
-                }
+                Some(Err(e)) => act.fail(format!("journal: {e}")),
                 None => act.failed = Some("disk pool stopped".into()),
             }
             act.resubmit(ctx);

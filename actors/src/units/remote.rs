@@ -6,6 +6,7 @@
 //! writes with `ts <= L` (the run from the applied point, cut at the first `ts > L`).
 
 use crate::error::EngineError;
+use crate::health::Health;
 use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
@@ -55,6 +56,8 @@ pub struct RemoteWiring {
     pub wall: Wall,
     /// Bytes of received, unapplied packets this unit may keep in the journal.
     pub budget: usize,
+    /// Where the unit reports that its journal or disk failed.
+    pub health: Health,
 }
 
 pub struct RemoteUnit {
@@ -94,7 +97,10 @@ pub struct RemoteUnit {
     applying_ts: Vec<Timestamp>,
     applies: u64,
     limit_violations: u64,
-    failed: bool,
+    /// The journal or the disk failed: the unit applies and journals nothing more, and
+    /// the engine's health says why.
+    failed: Option<String>,
+    health: Health,
 }
 
 impl RemoteUnit {
@@ -139,13 +145,21 @@ impl RemoteUnit {
             applying_ts: Vec::new(),
             applies: 0,
             limit_violations: 0,
-            failed: false,
+            failed: None,
+            health: w.health,
         }
     }
 
     /// Makes received packets durable in the journal (one batch in flight); only then do
     /// they count in the head and get acknowledged (I3).
     fn journal_incoming(&mut self, ctx: &mut Context<Self>) {
+        if self.failed.is_some() {
+            // Nothing can be made durable: nothing is acknowledged either.
+            self.flow_dropped += self.incoming.len() as u64;
+            self.incoming.clear();
+            self.incoming_bytes = 0;
+            return;
+        }
         if self.journaling || self.incoming.is_empty() {
             return;
         }
@@ -177,7 +191,7 @@ impl RemoteUnit {
                 // journal is back-pressure (it frees as the unit applies), not a fault:
                 // counted with the flow-control drops, not logged each time.
                 Some(Err(JournalError::Full { .. })) => act.flow_dropped += batch.len() as u64,
-                Some(Err(e)) => tracing::warn!(pair = %act.pair, error = %e, "journal append failed; packets dropped"),
+                Some(Err(e)) => act.fail(format!("journal: {e}")),
                 None => {}
             }
             act.journal_incoming(ctx);
@@ -203,9 +217,22 @@ impl RemoteUnit {
         }
     }
 
+    /// The unit's journal or disk failed: it stops, and the engine's health says so, once.
+    /// Whoever waits for an apply is told at once.
+    fn fail(&mut self, e: String) {
+        if self.failed.is_none() {
+            self.health
+                .fail(format!("pair {} remote unit", self.pair), &e);
+            for (_, tx) in self.waiters.drain(..) {
+                let _ = tx.send(Err(EngineError::Unit(format!("{}: {e}", self.pair))));
+            }
+            self.failed = Some(e);
+        }
+    }
+
     /// Applies what the limit allows, one batch in flight.
     fn apply(&mut self, ctx: &mut Context<Self>) {
-        if self.applying || self.failed || self.limit <= self.applied_limit {
+        if self.applying || self.failed.is_some() || self.limit <= self.applied_limit {
             return;
         }
         let limit = self.limit;
@@ -253,13 +280,12 @@ impl RemoteUnit {
                     }
                 }
                 Some((last, Some(e))) => {
-                    act.failed = true;
-                    tracing::error!(pair = %act.pair, error = %e, "remote apply failed; unit stopped applying");
+                    act.fail(format!("apply: {e}"));
                     if let Some(seq) = last {
                         act.tracker.mark_applied(seq);
                     }
                 }
-                None => act.failed = true,
+                None => act.failed = Some("disk pool stopped".into()),
             }
             act.apply(ctx);
         }));
@@ -320,9 +346,10 @@ impl RemoteUnit {
         });
         ctx.spawn(job.into_actor(self).map(|res, act, _| {
             act.recording = false;
+            // A failed flush or journal write is not retried: after a failed fsync
+            // neither can be trusted again.
             if let Some(Err(e)) = res {
-                tracing::warn!(pair = %act.pair, error = %e, "applied point not recorded");
-                act.unflushed = true;
+                act.fail(format!("applied point not recorded: {e}"));
             }
         }));
     }
@@ -413,6 +440,10 @@ impl Handler<WaitApplied> for RemoteUnit {
     fn handle(&mut self, msg: WaitApplied, _: &mut Context<Self>) -> Self::Result {
         if self.tracker.applied().seq >= msg.0 {
             return Box::pin(async { Ok(()) });
+        }
+        if let Some(e) = &self.failed {
+            let e = EngineError::Unit(format!("{}: {e}", self.pair));
+            return Box::pin(async { Err(e) });
         }
         let (tx, rx) = oneshot::channel();
         self.waiters.push((msg.0, tx));

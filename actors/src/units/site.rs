@@ -5,6 +5,7 @@
 //!
 //! I4 on this system: the durable limit is at least every limit its units apply under.
 
+use crate::health::Health;
 use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
@@ -13,13 +14,22 @@ use actix::prelude::*;
 use tidemark::journal::Record;
 use tidemark::{Message as WireMessage, SystemId, Timestamp};
 
+/// What a remote site is wired to.
+pub struct SiteWiring {
+    pub me: SystemId,
+    pub orderer_system: SystemId,
+    /// The remote units of this system, to fan a released limit out to.
+    pub units: Vec<Addr<RemoteUnit>>,
+    pub link: Recipient<Outbound>,
+    /// The system's journal (`None`: limits are not made durable, tests only).
+    pub journal: Option<SharedJournal>,
+    pub disk: Disk,
+    /// Where the site reports that its journal failed.
+    pub health: Health,
+}
+
 pub struct RemoteSite {
-    me: SystemId,
-    orderer_system: SystemId,
-    units: Vec<Addr<RemoteUnit>>,
-    link: Recipient<Outbound>,
-    journal: Option<SharedJournal>,
-    disk: Disk,
+    w: SiteWiring,
     /// Announced and durable here.
     prepared: Timestamp,
     /// Released, durable here and handed to the units.
@@ -27,62 +37,51 @@ pub struct RemoteSite {
     want_prepare: Timestamp,
     want_release: Timestamp,
     busy: bool,
+    /// The journal failed to make a limit durable: the site acknowledges and releases
+    /// nothing more (the limit stays where it was, I4) and the engine's health says why.
+    failed: bool,
 }
 
 impl RemoteSite {
     /// `prepared`/`released` are what the journal recovered.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        me: SystemId,
-        orderer_system: SystemId,
-        units: Vec<Addr<RemoteUnit>>,
-        link: Recipient<Outbound>,
-        journal: Option<SharedJournal>,
-        disk: Disk,
-        prepared: Timestamp,
-        released: Timestamp,
-    ) -> Self {
+    pub fn new(wiring: SiteWiring, prepared: Timestamp, released: Timestamp) -> Self {
         RemoteSite {
-            me,
-            orderer_system,
-            units,
-            link,
-            journal,
-            disk,
+            w: wiring,
             prepared,
             released,
             want_prepare: prepared,
             want_release: released,
             busy: false,
+            failed: false,
         }
     }
 
     fn durable_ack(&self, limit: Timestamp) {
-        self.link.do_send(Outbound {
-            to: self.orderer_system,
+        self.w.link.do_send(Outbound {
+            to: self.w.orderer_system,
             msg: WireMessage::Durable {
-                system: self.me,
+                system: self.w.me,
                 limit,
             },
         });
     }
 
     fn fan_out(&self) {
-        for u in &self.units {
+        for u in &self.w.units {
             u.do_send(LimitIn(self.released));
         }
     }
 
     /// Makes the wanted limits durable (one job in flight), then acts on them.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
+        if self.busy || self.failed {
             return;
         }
         let (prepare, release) = (self.want_prepare, self.want_release);
         if prepare <= self.prepared && release <= self.released {
             return;
         }
-        let Some(journal) = self.journal.clone() else {
+        let Some(journal) = self.w.journal.clone() else {
             self.done(prepare, release);
             return;
         };
@@ -95,13 +94,23 @@ impl RemoteSite {
         }
         self.busy = true;
         let job = self
+            .w
             .disk
             .run(move || journal.append(&records, Durability::Synced));
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
             act.busy = false;
             match res {
                 Some(Ok(())) => act.done(prepare, release),
-                Some(Err(e)) => tracing::error!(error = %e, "journal: limit not made durable"),
+                // Not retried: after a failed sync the journal refuses everything, so a
+                // retry would spin. The limit stays where it is (nothing below an
+                // undurable limit is applied) and the process stops.
+                Some(Err(e)) => {
+                    act.failed = true;
+                    act.w.health.fail(
+                        format!("system {} remote site", act.w.me),
+                        format_args!("journal: limit not made durable: {e}"),
+                    );
+                }
                 None => {}
             }
             act.pump(ctx);
