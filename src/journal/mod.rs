@@ -115,6 +115,8 @@
 //! keep and still never be refused.
 
 pub mod format;
+mod recovery;
+mod repair;
 mod state;
 
 #[cfg(test)]
@@ -124,8 +126,8 @@ pub use format::FORMAT_VERSION;
 pub use state::{Record, Recovered, RecoveredPair, TailRepair};
 
 use crate::types::{PairId, Seq, Stamp, Timestamp};
-use format::{CheckpointRef, Entry, EntryRef, FileKind, Frames};
-use state::{Rebuild, State};
+use format::{CheckpointRef, EntryRef};
+use state::State;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -328,16 +330,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     }
 }
 
-/// Segment `segno` of the journal in `dir` is corrupt at `offset`.
-fn corrupt_at(dir: &Path, segno: u64, offset: u64, reason: String) -> JournalError {
-    JournalError::Corrupt {
-        segment: segno,
-        offset,
-        path: dir.join(format::segment_name(segno)),
-        reason,
-    }
-}
-
 fn fsync_dir(dir: &Path) -> Result<(), JournalError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -362,228 +354,54 @@ fn segment_start_with(segno: u64, flags: u32, prev_len: u64, state: &State) -> V
     bytes
 }
 
-/// One segment as read by `open`.
-struct Scanned {
-    info: SegmentInfo,
-    has_records: bool,
-    flags: u32,
-    /// The state the checkpoint holds.
-    cp: State,
-}
-
-/// What recovery does to a segment after a torn tail.
-enum Repair {
-    /// Cut it to this length.
-    Cut(u64, u64),
-    /// Replace it with these bytes (its header and checkpoint).
-    Rewrite(u64, Vec<u8>),
-}
-
-/// A segment's header and checkpoint, read by `open` before its records.
-struct Loaded {
-    bytes: Vec<u8>,
-    flags: u32,
-    prev_len: u64,
-    cp: State,
-}
-
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`, recovers it, and returns it with
-    /// what it holds. See the module documentation for what recovery does.
+    /// what it holds. See the module documentation for what recovery does: it reads the
+    /// directory, decides what to do (`recovery::plan`: nothing on disk changes unless all
+    /// of it is acceptable), makes the repairs durable, and only then deletes covered
+    /// segments.
     pub fn open(dir: &Path, options: JournalOptions) -> Result<(Journal, Recovered), JournalError> {
         options.validate()?;
-        if !dir.is_dir() {
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fsync_dir(parent)?;
-            }
-        }
-        let mut segnos = Vec::new();
-        let mut temps = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name();
-            match format::classify(&name.to_string_lossy()) {
-                FileKind::Segment(n) => segnos.push(n),
-                FileKind::Temp(_) => temps.push(entry.path()),
-                FileKind::Other => {}
-            }
-        }
-        segnos.sort_unstable();
-
-        // Which segments may hold records that were never synced (a power loss may have
-        // torn them): those after the newest segment started with everything before it
-        // synced (no FLAG_PREV_UNSYNCED), that one included. The last one always may.
-        let mut unsynced_from = 0;
-        for (i, &segno) in segnos.iter().enumerate() {
-            if Self::header_flags(dir, segno)? & format::FLAG_PREV_UNSYNCED == 0 {
-                unsynced_from = i;
-            }
-        }
-
-        // Read everything first; nothing on disk changes unless all of it is acceptable.
-        // The first bad frame in a segment that may be unsynced is a torn tail: it and
-        // every record after it (in that segment and the later ones) are dropped; the
-        // later segments' checkpoints (durable since their creation) still count.
-        let mut rebuild = Rebuild::default();
-        let mut scanned: Vec<Scanned> = Vec::with_capacity(segnos.len());
-        let mut tail: Option<TailRepair> = None;
-        // What to do to segments at and after a torn tail.
-        let mut repairs: Vec<Repair> = Vec::new();
-        for (i, &segno) in segnos.iter().enumerate() {
-            let loaded = Self::load(dir, segno)?;
-            // A sealed segment cut at a frame boundary reads clean; its successor's
-            // checkpoint knows how long it was.
-            if let Some(prev) = scanned
-                .last()
-                .filter(|p: &&Scanned| p.info.segno + 1 == segno)
-            {
-                if prev.info.len != loaded.prev_len && tail.is_none() {
-                    let segment = prev.info.segno;
-                    if i > unsynced_from && prev.info.len < loaded.prev_len {
-                        tail = Some(TailRepair {
-                            segment,
-                            offset: prev.info.len,
-                            dropped: 0,
-                            reason: format!(
-                                "segment ends at {}, segment {segno} says it ended at {} \
-                                 (sealed unsynced: torn by a crash)",
-                                prev.info.len, loaded.prev_len
-                            ),
-                        });
-                    } else {
-                        return Err(corrupt_at(
-                            dir,
-                            segment,
-                            prev.info.len.min(loaded.prev_len),
-                            format!(
-                                "segment is {} bytes long, segment {segno} says it ended at {}",
-                                prev.info.len, loaded.prev_len
-                            ),
-                        ));
-                    }
-                }
-            }
-            let prev_len = scanned.last().map_or(0, |p| p.info.len);
-            let may_tear = i >= unsynced_from;
-            let s = Self::scan(
-                dir,
-                segno,
-                loaded,
-                prev_len,
-                may_tear,
-                &mut tail,
-                &mut repairs,
-                &mut rebuild,
-            )?;
-            scanned.push(s);
-        }
-        // A gap is only acceptable as an interrupted reclamation: everything before the
-        // last gap must be covered by the newest checkpoint, as reclamation requires.
-        if let Some(gap) = segnos.windows(2).rposition(|w| w[1] != w[0] + 1) {
-            let newest = &scanned[scanned.len() - 1].cp;
-            if scanned[..=gap]
-                .iter()
-                .any(|s| !newest.covers(&s.info.max_seq))
-            {
-                return Err(JournalError::Missing {
-                    segment: segnos[gap] + 1,
-                    dir: dir.to_path_buf(),
-                });
-            }
-        }
-
-        // Segments that never got their name: their records were never synced.
-        for t in &temps {
-            match fs::remove_file(t) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(t)(e)),
-            }
-        }
+        repair::create_dir(dir)?;
+        let listing = repair::list(dir)?;
+        let plan = recovery::plan(dir, &listing, |segno| repair::read_segment(dir, segno))?;
+        repair::apply(dir, &plan.repairs)?;
         let mut stats = JournalStats::default();
-        let state = rebuild.state.clone();
-        let mut recovered = rebuild.finish();
-        let mut sealed = VecDeque::new();
-        let mut active_cp = State::default();
-        // Make durable what may not be (after a process crash the page cache may hold it
-        // all), then drop what recovery dropped: cut the torn segment, and rewrite every
-        // later one as its header and checkpoint naming the new length of the one before
-        // (oldest first, so an interrupted repair is found and finished by the next open).
-        for s in scanned.iter().skip(unsynced_from) {
-            let segno = s.info.segno;
-            if repairs
-                .iter()
-                .any(|r| matches!(r, Repair::Rewrite(n, _) if *n == segno))
-            {
-                continue;
-            }
-            let path = dir.join(format::segment_name(segno));
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            match repairs.iter().find_map(|r| match r {
-                Repair::Cut(n, len) if *n == segno => Some(*len),
-                _ => None,
-            }) {
-                Some(len) => {
-                    file.set_len(len).map_err(io_err(&path))?;
-                    file.sync_all().map_err(io_err(&path))?;
-                }
-                None => file.sync_data().map_err(io_err(&path))?,
-            }
-        }
-        for r in &repairs {
-            if let Repair::Rewrite(segno, bytes) = r {
-                let temp = dir.join(format::temp_name(*segno));
-                let path = dir.join(format::segment_name(*segno));
-                fs::write(&temp, bytes)
-                    .and_then(|()| File::open(&temp).and_then(|f| f.sync_all()))
-                    .map_err(io_err(&temp))?;
-                fs::rename(&temp, &path).map_err(io_err(&path))?;
-                fsync_dir(dir)?;
-            }
-        }
-        recovered.tail = tail;
-        let active = match scanned.pop() {
+        let (active, active_cp) = match plan.active {
+            // Made durable by the repairs, with every possibly unsynced segment.
             Some(last) => {
-                let path = dir.join(format::segment_name(last.info.segno));
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                // Made durable above, with every possibly unsynced segment.
-                active_cp = last.cp;
-                sealed.extend(scanned.into_iter().map(|s| s.info));
-                OpenSegment {
+                let file = repair::open_active(dir, last.info.segno)?;
+                let active = OpenSegment {
                     info: last.info,
                     file: Some(file),
                     buf: Vec::new(),
                     has_records: last.has_records,
                     unsynced: false,
                     flags: last.flags,
-                }
+                };
+                (active, last.cp)
             }
             None => {
-                let mut seg = OpenSegment::new(1, segment_start(1, 0, &state));
+                let mut seg = OpenSegment::new(1, segment_start(1, 0, &plan.state));
                 Self::write_segment(dir, &mut seg, &mut stats, true, 0)?;
-                seg
+                (seg, State::default())
             }
         };
         fsync_dir(dir)?;
+        // Only now, with the repairs durable, may the covered segments go.
+        repair::delete(dir, &plan.delete)?;
+        stats.segments_deleted = plan.delete.len() as u64;
 
-        let used = sealed.iter().map(|s| s.len).sum::<u64>() + active.info.len;
-        let mut journal = Journal {
+        let used = plan.sealed.iter().map(|s| s.len).sum::<u64>() + active.info.len;
+        let journal = Journal {
             dir: dir.to_path_buf(),
             options,
-            sealed,
+            sealed: plan.sealed,
             rotated: Vec::new(),
             lazily_sealed: Vec::new(),
             active,
             active_cp,
-            state,
+            state: plan.state,
             used,
             staging: Vec::new(),
             frame_ends: Vec::new(),
@@ -592,125 +410,7 @@ impl Journal {
             unframed: false,
             stats,
         };
-        journal.reclaim()?;
-        recovered.segments = journal.segments();
-        Ok((journal, recovered))
-    }
-
-    /// The header flags of segment `segno`, or 0 if its header cannot be read (`load`
-    /// then reports why).
-    fn header_flags(dir: &Path, segno: u64) -> Result<u32, JournalError> {
-        use std::io::Read;
-        let path = dir.join(format::segment_name(segno));
-        let mut head = Vec::with_capacity(format::HEADER_LEN);
-        File::open(&path)
-            .and_then(|f| f.take(format::HEADER_LEN as u64).read_to_end(&mut head))
-            .map_err(io_err(&path))?;
-        Ok(format::check_header(&head, segno).unwrap_or(0))
-    }
-
-    /// Reads segment `segno` and checks its header and checkpoint: both were durable
-    /// before the segment got its name, so any fault in them is corruption.
-    fn load(dir: &Path, segno: u64) -> Result<Loaded, JournalError> {
-        let path = dir.join(format::segment_name(segno));
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let corrupt = |offset: u64, reason: String| corrupt_at(dir, segno, offset, reason);
-        let flags = format::check_header(&bytes, segno).map_err(|e| corrupt(0, e.to_string()))?;
-        let mut frames = Frames::new(&bytes);
-        match frames.next() {
-            Some(Ok((_, Entry::Checkpoint(cp)))) => Ok(Loaded {
-                flags,
-                prev_len: cp.prev_len,
-                cp: cp.state,
-                bytes,
-            }),
-            Some(Ok((offset, Entry::Record(_)))) => Err(corrupt(
-                offset,
-                "segment does not start with a checkpoint".into(),
-            )),
-            Some(Err((offset, reason))) => Err(corrupt(offset, reason)),
-            None => Err(corrupt(frames.pos(), "segment has no checkpoint".into())),
-        }
-    }
-
-    /// Folds the records of a loaded segment into `rebuild`, after its checkpoint. With
-    /// a `tail` already found, the records are dropped: the segment is to be rewritten
-    /// as its header and checkpoint, naming `prev_len` (the cut length of the segment
-    /// before it). Otherwise the first bad frame of a segment that `may_tear` becomes
-    /// the tail (the segment is to be cut there); in any other segment it is corruption.
-    #[allow(clippy::too_many_arguments)]
-    fn scan(
-        dir: &Path,
-        segno: u64,
-        loaded: Loaded,
-        prev_len: u64,
-        may_tear: bool,
-        tail: &mut Option<TailRepair>,
-        repairs: &mut Vec<Repair>,
-        rebuild: &mut Rebuild,
-    ) -> Result<Scanned, JournalError> {
-        let Loaded {
-            bytes, flags, cp, ..
-        } = loaded;
-        rebuild.checkpoint(&cp);
-        let mut info = SegmentInfo {
-            segno,
-            len: bytes.len() as u64,
-            max_seq: BTreeMap::new(),
-        };
-        if let Some(t) = tail {
-            // After a torn tail: nothing here was ever synced; only the checkpoint counts.
-            let start = segment_start_with(segno, flags, prev_len, &cp);
-            t.dropped += info.len.saturating_sub(start.len() as u64);
-            info.len = start.len() as u64;
-            repairs.push(Repair::Rewrite(segno, start));
-            return Ok(Scanned {
-                info,
-                has_records: false,
-                flags,
-                cp,
-            });
-        }
-        let mut has_records = false;
-        let mut frames = Frames::new(&bytes);
-        frames.next(); // the checkpoint, checked by `load`
-        for frame in frames {
-            match frame {
-                Ok((offset, Entry::Checkpoint(_))) => {
-                    return Err(corrupt_at(
-                        dir,
-                        segno,
-                        offset,
-                        "checkpoint after the first frame".into(),
-                    ));
-                }
-                Ok((_, Entry::Record(record))) => {
-                    if let Record::Packet(p) = &record {
-                        let max = info.max_seq.entry(p.pair).or_default();
-                        *max = (*max).max(p.stamp.seq);
-                    }
-                    has_records = true;
-                    rebuild.record(record);
-                }
-                Err((offset, reason)) if may_tear => {
-                    *tail = Some(TailRepair {
-                        segment: segno,
-                        offset,
-                        dropped: bytes.len() as u64 - offset,
-                        reason,
-                    });
-                    info.len = offset;
-                    repairs.push(Repair::Cut(segno, offset));
-                }
-                Err((offset, reason)) => return Err(corrupt_at(dir, segno, offset, reason)),
-            }
-        }
-        Ok(Scanned {
-            info,
-            has_records,
-            flags,
-            cp,
-        })
+        Ok((journal, plan.recovered))
     }
 
     /// Buffers `records`, all or none. Nothing is written before [`Journal::sync`].
