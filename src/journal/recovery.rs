@@ -125,11 +125,25 @@ pub(super) struct RecoveryPlan {
 /// Returns [`JournalError::Corrupt`] if damage may hide a synced record,
 /// [`JournalError::Missing`] if a segment with records still needed is gone, and any
 /// error of `read`. See the [module documentation](self) for what a plan guarantees.
+/// The largest segment number a journal accepts: far above any real one (a new segment
+/// every microsecond for 290,000 years), far below where `segno + 1` overflows.
+pub(super) const MAX_SEGNO: u64 = 1 << 63;
+
 pub(super) fn plan(
     dir: &Path,
     listing: &Listing,
     mut read: impl FnMut(u64) -> Result<Vec<u8>, JournalError>,
 ) -> Result<RecoveryPlan, JournalError> {
+    if let Some(l) = listing.segments.iter().find(|l| l.segno > MAX_SEGNO) {
+        // Not one this journal made (it counts up from 0): a later segment number would
+        // overflow.
+        return Err(corrupt_at(
+            dir,
+            l.segno,
+            0,
+            format!("segment number above {MAX_SEGNO}"),
+        ));
+    }
     let may_tear_from = may_tear_from(&listing.segments);
     let mut scan = Scan {
         dir,

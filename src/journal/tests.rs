@@ -1681,3 +1681,17 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_segment_number_near_the_top_is_refused_not_overflowed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = format!("{:020}.seg", u64::MAX);
+    std::fs::write(dir.path().join(&name), format::encode_header(u64::MAX)).expect("write");
+    match Journal::open(dir.path(), JournalOptions::default()) {
+        Err(JournalError::Corrupt { segment, .. }) => assert_eq!(segment, u64::MAX),
+        Err(e) => panic!("{name}: {e}"),
+        Ok(_) => panic!("{name} was accepted"),
+    }
+    // Nothing was changed.
+    assert!(dir.path().join(&name).exists());
+}
