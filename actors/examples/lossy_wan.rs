@@ -8,19 +8,17 @@
 //! local unit, and every application under a limit `L` applied exactly the pair's writes
 //! with `ts <= L` (I1), however the network mangled the packets.
 //!
-//! `cargo run --release --example lossy_wan`
+//! `cargo run --release -p tidemark-actors --example lossy_wan`
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::error::Error;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tidemark::{Offset, PairId, Seq, Timestamp};
-use tidemark_actors::{Applied, Engine, EngineBuilder, Impairment};
+use tidemark::PairId;
+use tidemark_actors::{units_differ, CutChecker, Engine, EngineBuilder, Impairment};
 
 const UNIT: u64 = 256 * 1024;
 const PAIRS: usize = 3;
@@ -81,13 +79,8 @@ async fn run() -> Result<(), Box<dyn Error>> {
         jitter: Duration::from_millis(2),
     };
     b.impairment(impair).seed(30);
-    let applied: Arc<Mutex<Vec<(PairId, Timestamp, Seq)>>> = Arc::default();
-    let log = applied.clone();
-    b.on_applied(Arc::new(move |a: &Applied<'_>| {
-        log.lock()
-            .expect("apply log")
-            .push((a.pair, a.limit, a.applied.seq));
-    }));
+    let mut checker = CutChecker::new();
+    b.on_applied(checker.hook());
     let engine = Rc::new(b.start()?);
     println!("lossy WAN: {PAIRS} pairs, {impair:?}");
 
@@ -111,7 +104,6 @@ async fn run() -> Result<(), Box<dyn Error>> {
     };
 
     let mut rng = Pcg64::seed_from_u64(30);
-    let mut history: BTreeMap<PairId, Vec<Timestamp>> = BTreeMap::new();
     let mut tick = actix_rt::time::interval(EVERY);
     while started.elapsed() < WRITING {
         tick.tick().await;
@@ -123,7 +115,7 @@ async fn run() -> Result<(), Box<dyn Error>> {
             let mut bytes = vec![0u8; len as usize];
             rng.fill(&mut bytes[..]);
             let stamp = engine.write(pair, offset, Bytes::from(bytes)).await?;
-            history.entry(pair).or_default().push(stamp.ts);
+            checker.wrote(pair, stamp);
         }
     }
     writing.set(false);
@@ -134,32 +126,18 @@ async fn run() -> Result<(), Box<dyn Error>> {
     report(&engine, started).await?;
     let stats = engine.stats().await?;
 
-    let mut differ = Vec::new();
-    for &pair in &pairs {
-        let (mut local, mut remote) = (vec![0u8; UNIT as usize], vec![0u8; UNIT as usize]);
-        engine.store(pair, false)?.read_at(Offset(0), &mut local)?;
-        engine.store(pair, true)?.read_at(Offset(0), &mut remote)?;
-        if local != remote {
-            differ.push(pair);
-        }
-    }
+    let differ = units_differ(&engine)?;
     let engine = Rc::try_unwrap(engine).map_err(|_| "engine still shared")?;
     engine.shutdown().await?;
 
-    let events = applied.lock().expect("apply log").clone();
-    let mut cut_violations = 0;
-    for (pair, limit, seq) in &events {
-        let stamps = history.get(pair).map(Vec::as_slice).unwrap_or(&[]);
-        let expected = stamps.partition_point(|ts| ts <= limit) as u64;
-        if seq.0 != expected {
-            cut_violations += 1;
-            if cut_violations <= 5 {
-                eprintln!("{pair}: under limit {limit} applied {seq}, expected #{expected}");
-            }
-        }
+    let violations = checker.violations();
+    for v in violations.iter().take(5) {
+        eprintln!("{v}");
     }
+    let cut_violations = violations.len();
+    let events = checker.applications();
 
-    let writes: usize = history.values().map(Vec::len).sum();
+    let writes = checker.writes();
     println!(
         "  {writes} writes in {written_at:.2?}; drained {:.0?} after the last write",
         drained_at - written_at

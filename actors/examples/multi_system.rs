@@ -11,17 +11,15 @@
 //! remote unit applied under a limit `L`, it had applied exactly its pair's writes with
 //! `ts <= L` (so the remote units at any limit form a consistent cut, I1).
 //!
-//! `cargo run --release --example multi_system`
+//! `cargo run --release -p tidemark-actors --example multi_system`
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
-use std::collections::BTreeMap;
 use std::error::Error;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidemark::{Offset, PairId, Seq, Timestamp};
-use tidemark_actors::{Applied, EngineBuilder, Impairment};
+use tidemark::Timestamp;
+use tidemark_actors::{units_differ, CutChecker, EngineBuilder, Impairment};
 
 const UNIT: u64 = 256 * 1024;
 const WRITES: usize = 6_000;
@@ -49,18 +47,12 @@ async fn run() -> Result<(), Box<dyn Error>> {
         jitter: Duration::from_micros(200),
     };
     b.impairment(impair).seed(17).orderer(secondaries[0]);
-    let applied: Arc<Mutex<Vec<(PairId, Timestamp, Seq)>>> = Arc::default();
-    let log = applied.clone();
-    b.on_applied(Arc::new(move |a: &Applied<'_>| {
-        log.lock()
-            .expect("apply log")
-            .push((a.pair, a.limit, a.applied.seq));
-    }));
+    let mut checker = CutChecker::new();
+    b.on_applied(checker.hook());
     let engine = b.start()?;
 
     let started = Instant::now();
     let mut rng = Pcg64::seed_from_u64(17);
-    let mut history: BTreeMap<PairId, Vec<Timestamp>> = BTreeMap::new();
     let mut last_ts = Timestamp::ZERO;
     let mut not_increasing = 0;
     for _ in 0..WRITES {
@@ -74,37 +66,23 @@ async fn run() -> Result<(), Box<dyn Error>> {
             not_increasing += 1;
         }
         last_ts = stamp.ts;
-        history.entry(pair).or_default().push(stamp.ts);
+        checker.wrote(pair, stamp);
     }
     let written = started.elapsed();
     engine.drain().await?;
     let drained = started.elapsed();
     let stats = engine.stats().await?;
 
-    let mut differ = Vec::new();
-    for &pair in &pairs {
-        let (mut local, mut remote) = (vec![0u8; UNIT as usize], vec![0u8; UNIT as usize]);
-        engine.store(pair, false)?.read_at(Offset(0), &mut local)?;
-        engine.store(pair, true)?.read_at(Offset(0), &mut remote)?;
-        if local != remote {
-            differ.push(pair);
-        }
-    }
+    let differ = units_differ(&engine)?;
     engine.shutdown().await?;
 
     // Every application under a limit L applied exactly the writes with ts <= L.
-    let events = applied.lock().expect("apply log").clone();
-    let mut cut_violations = 0;
-    for (pair, limit, seq) in &events {
-        let stamps = history.get(pair).map(Vec::as_slice).unwrap_or(&[]);
-        let expected = stamps.partition_point(|ts| ts <= limit) as u64;
-        if seq.0 != expected {
-            cut_violations += 1;
-            if cut_violations <= 5 {
-                eprintln!("{pair}: under limit {limit} applied {seq}, expected #{expected}");
-            }
-        }
+    let violations = checker.violations();
+    for v in violations.iter().take(5) {
+        eprintln!("{v}");
     }
+    let cut_violations = violations.len();
+    let events = checker.applications();
 
     println!("multi system: 3 primaries, 2 secondaries, orderer on s0, {impair:?}");
     for (i, (&(l, r), p)) in mapping.iter().zip(&stats.pairs).enumerate() {

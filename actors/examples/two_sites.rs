@@ -6,7 +6,7 @@
 //! drain the remote files must equal the local ones byte for byte, and every data write
 //! must carry a later time stamp than the log record it depends on (I2).
 //!
-//! `cargo run --release --example two_sites`
+//! `cargo run --release -p tidemark-actors --example two_sites`
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
@@ -14,8 +14,7 @@ use rand_pcg::Pcg64;
 use std::error::Error;
 use std::path::Path;
 use std::time::Instant;
-use tidemark::Offset;
-use tidemark_actors::{EngineBuilder, PairSpec, StoreSpec};
+use tidemark_actors::{units_differ, EngineBuilder, PairSpec, StoreSpec};
 
 const UNIT: u64 = 4 << 20;
 const RECORD: u64 = 512;
@@ -71,15 +70,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn Error>> {
     let drained = started.elapsed();
     let stats = engine.stats().await?;
 
-    let mut differ = Vec::new();
-    for &pair in &pairs {
-        let (mut local, mut remote) = (vec![0u8; UNIT as usize], vec![0u8; UNIT as usize]);
-        engine.store(pair, false)?.read_at(Offset(0), &mut local)?;
-        engine.store(pair, true)?.read_at(Offset(0), &mut remote)?;
-        if local != remote {
-            differ.push(pair);
-        }
-    }
+    let differ = units_differ(&engine)?;
     engine.shutdown().await?;
 
     // The files themselves, after shutdown flushed them.

@@ -9,11 +9,14 @@
 //!   it depends on [`msg`] alone;
 //! - [`engine`]: [`EngineBuilder`] and the running [`Engine`];
 //! - [`health`]: the first fatal failure of a part, which stops the process;
-//! - [`nbd`]: the tokio NBD driver over the core's sans-IO protocol.
+//! - [`nbd`]: the tokio NBD driver over the core's sans-IO protocol;
+//! - [`check`]: whether a run's applications were consistent cuts (I1) and the remote
+//!   units equal the local ones: one checker for the demo, the examples and the tests.
 //!
 //! The `tidemark` binary (config, daemons, promote, export, demo) is crate
 //! `tidemark-cli`.
 
+pub mod check;
 pub mod engine;
 pub mod error;
 pub mod health;
@@ -22,6 +25,7 @@ pub mod nbd;
 pub mod net;
 pub mod units;
 
+pub use check::{units_differ, CutChecker};
 pub use engine::{Engine, EngineBuilder, PairSpec, Role, Stats, StoreSpec};
 pub use error::EngineError;
 pub use health::{Failure, Health};

@@ -131,18 +131,9 @@ fn run(seed: u64, writes: usize) -> Outcome {
             }
         }
         engine.drain().await.expect("drain");
-        let mut identical = true;
-        for p in engine.pairs() {
-            let (l, r) = (
-                engine.store(p.id, false).expect("pair"),
-                engine.store(p.id, true).expect("pair"),
-            );
-            let mut a = vec![0u8; UNIT as usize];
-            let mut c = vec![0u8; UNIT as usize];
-            l.read_at(Offset(0), &mut a).expect("read");
-            r.read_at(Offset(0), &mut c).expect("read");
-            identical &= a == c;
-        }
+        let identical = tidemark_actors::units_differ(&engine)
+            .expect("memory units read")
+            .is_empty();
         let stats = engine.stats().await.expect("stats");
         engine.shutdown().await.expect("shutdown");
         let events = events.lock().expect("events").clone();

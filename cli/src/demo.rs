@@ -6,15 +6,13 @@
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidemark::{Offset, PairId, Timestamp};
+use tidemark::PairId;
+use tidemark_actors::check::{units_differ, CutChecker};
 use tidemark_actors::engine::{EngineBuilder, PairSpec, StoreSpec};
 use tidemark_actors::error::EngineError;
 use tidemark_actors::net::impair::Impairment;
-use tidemark_actors::units::remote::Applied;
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
@@ -123,13 +121,8 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         });
     }
     b.impairment(cfg.impair).seed(cfg.seed);
-    let applied: Arc<Mutex<Vec<(PairId, Timestamp, u64)>>> = Arc::default();
-    let rec = applied.clone();
-    b.on_applied(Arc::new(move |a: &Applied<'_>| {
-        if let Ok(mut v) = rec.lock() {
-            v.push((a.pair, a.limit, a.applied.seq.0));
-        }
-    }));
+    let mut checker = CutChecker::new();
+    b.on_applied(checker.hook());
     let engine = b.start()?;
     let started = Instant::now();
     let bar = cfg.progress.then(|| {
@@ -144,7 +137,6 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
     });
 
     let mut rng = Pcg64::seed_from_u64(cfg.seed);
-    let mut stamps: BTreeMap<PairId, Vec<Timestamp>> = BTreeMap::new();
     let mut bytes = 0;
     for i in 0..cfg.writes {
         // Dependent writes: each one issued after the previous one completed.
@@ -154,7 +146,7 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         let mut data = vec![0u8; len as usize];
         rng.fill(&mut data[..]);
         let stamp = engine.write(pair, offset, Bytes::from(data)).await?;
-        stamps.entry(pair).or_default().push(stamp.ts);
+        checker.wrote(pair, stamp);
         bytes += len;
         if let Some(bar) = &bar {
             if i % 64 == 0 {
@@ -173,26 +165,14 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         bar.finish_and_clear();
     }
 
-    let mut problems = Vec::new();
     // I1: under every applied limit, each unit holds exactly its writes with ts <= limit.
-    let events = applied.lock().map(|v| v.clone()).unwrap_or_default();
-    for (pair, limit, seq) in &events {
-        let want = stamps
-            .get(pair)
-            .map_or(0, |v| v.partition_point(|ts| ts <= limit));
-        if *seq as usize != want {
-            problems.push(format!(
-                "pair {pair} under limit {limit}: applied {seq} writes, the cut has {want}"
-            ));
-        }
-    }
+    let mut problems: Vec<String> = checker.violations().iter().map(|v| v.to_string()).collect();
     let consistent = problems.is_empty();
-    let mut identical = true;
-    for p in engine.pairs() {
-        if !same_bytes(&engine, p.id, p.size)? {
-            identical = false;
-            problems.push(format!("{}: remote differs from local", p.name));
-        }
+    let differ = units_differ(&engine)?;
+    let identical = differ.is_empty();
+    for p in differ {
+        let name = engine.pairs().get(p.0 as usize).map_or("?", |h| &h.name);
+        problems.push(format!("{name}: remote differs from local"));
     }
     let stats = engine.stats().await?;
     engine.shutdown().await?;
@@ -205,7 +185,7 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         dropped: stats.items_dropped,
         duplicated: stats.items_duplicated,
         commits: stats.commits,
-        applications_checked: events.len(),
+        applications_checked: checker.applications().len(),
         consistent,
         identical,
         problems,
@@ -219,28 +199,6 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
     })
-}
-
-fn same_bytes(
-    engine: &tidemark_actors::Engine,
-    pair: PairId,
-    size: u64,
-) -> Result<bool, EngineError> {
-    let l = engine.store(pair, false)?;
-    let r = engine.store(pair, true)?;
-    let mut a = vec![0u8; 1 << 20];
-    let mut b = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(a.len() as u64) as usize;
-        l.read_at(Offset(off), &mut a[..n])?;
-        r.read_at(Offset(off), &mut b[..n])?;
-        if a[..n] != b[..n] {
-            return Ok(false);
-        }
-        off += n as u64;
-    }
-    Ok(true)
 }
 
 /// A millisecond count as a duration (for the CLI).
