@@ -1,8 +1,9 @@
 //! The deployment config (TOML): systems, pairs, the group's key and orderer.
 //!
-//! Every key is documented in the README. Relative paths are relative to the directory
-//! of the config file. Loading checks everything it can without touching the disks;
-//! each problem is an error naming the key.
+//! Every key is documented in the README and, with its unit and default, in the
+//! commented example `examples/tidemark.toml` (a unit test parses it). Relative paths
+//! are relative to the directory of the config file. Loading checks everything it can
+//! without touching the disks; each problem is an error naming the key.
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};

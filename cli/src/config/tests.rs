@@ -369,6 +369,51 @@ fn load_resolves_paths_against_the_config_files_directory() {
     }
 }
 
+/// The shipped example (`examples/tidemark.toml`, the README's quick start) is a valid
+/// config: one primary, one secondary that runs the orderer, small units.
+#[test]
+fn the_shipped_example_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tidemark.toml");
+    let c = Config::load(&path).expect("examples/tidemark.toml is valid");
+    let base = path.parent().expect("a directory");
+    assert_eq!(c.key_file, base.join("cluster.key"));
+    let roles: Vec<(&str, bool)> = c
+        .systems
+        .iter()
+        .map(|s| (s.name.as_str(), s.primary))
+        .collect();
+    assert_eq!(roles, [("site-a", true), ("site-b", false)]);
+    assert_eq!(c.systems[c.orderer].name, "site-b");
+    assert!(c.systems[0].nbd_listen.is_some(), "the primary serves NBD");
+    assert!(!c.pairs.is_empty());
+    for p in &c.pairs {
+        assert!(
+            p.size <= 64 << 20,
+            "{}: a quick start has small units",
+            p.name
+        );
+        assert!(p.local_path.starts_with(base) && p.remote_path.starts_with(base));
+    }
+    for s in &c.systems {
+        assert!(s.listen.ip().is_loopback(), "{}: loopback only", s.name);
+        assert!(s.journal_dir.starts_with(base));
+    }
+}
+
+#[test]
+fn sizes_and_keys() {
+    assert_eq!(parse_size("k", "64MiB").ok(), Some(64 << 20));
+    assert_eq!(parse_size("k", "4096").ok(), Some(4096));
+    assert!(parse_size("k", "-1").is_err());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("k");
+    std::fs::write(&p, "ab".repeat(32) + "\n").expect("write");
+    assert_eq!(read_key(&p).ok(), Some([0xab; 32]));
+    std::fs::write(&p, "abc").expect("write");
+    assert!(matches!(read_key(&p), Err(EngineError::Config(m)) if m.contains("64 hex")));
+    assert!(read_key(&dir.path().join("missing")).is_err());
+}
+
 #[test]
 fn nbd_listen_is_kept_for_primaries_and_secondaries() {
     let text = EXAMPLE
