@@ -14,7 +14,8 @@
 #                           two; MTU defaults to the loopback interface's, less IP and
 #                           UDP headers, at most 65000, as an operator would set `mtu`
 #                           for the path; MTU=1400 gives tidemark's WAN default),
-#                           OUT (default /tmp/tidemark-nbd-bench-last) keeps the
+#                           OUT (default: nbd-bench-last in the target directory, so
+#                           checkouts do not overwrite each other's) keeps the
 #                           fio JSON, status samples, logs and perf reports;
 #                           PERF=1 to record `perf record --call-graph dwarf` of the
 #                           tidemark primary during each tidemark job, KEEP=1 to keep the work directory.
@@ -25,13 +26,14 @@ SIZE=${SIZE:-256M}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-2}
 ROUNDS=${ROUNDS:-1}
-OUT=${OUT:-/tmp/tidemark-nbd-bench-last}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY="python3 $HERE/nbdbench.py"
 
 cd "$HERE/.."
 [ -f Cargo.toml ] && [ -d cli ] || { echo "$HERE/.. is not the tidemark workspace" >&2; exit 2; }
+. "$HERE/config.sh"   # example_config: examples/tidemark.toml with a few values changed
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+OUT=${OUT:-$TARGET/nbd-bench-last}
 for p in qemu-nbd fio python3; do
     command -v "$p" >/dev/null || { echo "missing $p (apt-get install -y qemu-utils fio)" >&2; exit 2; }
 done
@@ -169,38 +171,15 @@ APORT=$(free_udp_port)
 BPORT=$(free_udp_port)
 TM=$WORK/tidemark
 mkdir -p "$TM"
-JLINE=""
-[ -n "${JOURNAL:-}" ] && JLINE="journal_size = \"$JOURNAL\""
 "$TIDEMARK_BIN" keygen --out "$TM/cluster.key" >/dev/null
-{
-    echo 'key_file = "cluster.key"'
-    echo 'orderer = "site-b"'
-    [ -n "${MTU:-}" ] && echo "mtu = $MTU"
-    [ -n "${WINDOW:-}" ] && echo "window = \"$WINDOW\""
-    cat <<EOF
-
-[[system]]
-name = "site-a"
-role = "primary"
-listen = "127.0.0.1:$APORT"
-journal_dir = "run/site-a/journal"
-nbd_listen = "127.0.0.1:$NPORT"
-$JLINE
-
-[[system]]
-name = "site-b"
-role = "secondary"
-listen = "127.0.0.1:$BPORT"
-journal_dir = "run/site-b/journal"
-$JLINE
-
-[[pair]]
-name = "bench"
-size = "$BYTES"
-local  = { system = "site-a", path = "run/site-a/bench.img" }
-remote = { system = "site-b", path = "run/site-b/bench.img" }
-EOF
-} >"$TM/tidemark.toml"
+# examples/tidemark.toml with one pair ("data", SIZE) and free ports; advertise is left
+# out (it is then listen).
+EDITS=(-log data.size="$BYTES" mtu="$MTU"
+    site-a.listen="127.0.0.1:$APORT" site-a.advertise= site-a.nbd_listen="127.0.0.1:$NPORT"
+    site-b.listen="127.0.0.1:$BPORT" site-b.advertise= site-b.nbd_listen=)
+[ -n "${WINDOW:-}" ] && EDITS+=(window="$WINDOW")
+[ -n "${JOURNAL:-}" ] && EDITS+=(site-a.journal_size="$JOURNAL" site-b.journal_size="$JOURNAL")
+example_config "$TM/tidemark.toml" "${EDITS[@]}"
 
 "$TIDEMARK_BIN" secondary --config "$TM/tidemark.toml" >"$WORK/secondary.log" 2>&1 &
 SPID=$!
@@ -209,7 +188,7 @@ PIDS+=("$SPID")
 PPID_TM=$!
 PIDS+=("$PPID_TM")
 wait_port "$NPORT" "$PPID_TM"
-TURI="nbd://127.0.0.1:$NPORT/bench"
+TURI="nbd://127.0.0.1:$NPORT/data"
 echo "tidemark primary (pid $PPID_TM) on $TURI, secondary (pid $SPID) on loopback UDP"
 PSTATUS=$TM/run/site-a/journal/status.json
 SSTATUS=$TM/run/site-b/journal/status.json

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Replication between two tidemark processes on loopback: throughput against writing the
 # same workload to plain files, and commit lag (a write's stamp -> applied at the remote),
-# clean and through wan-sim (5% loss, 20% reordering). Run from anywhere (it works in the
-# repository root):
+# clean and through wan-sim (5% loss, 20% reordering). The config is
+# examples/tidemark.toml with other ports, 512 MiB journals and two 256 MiB pairs. Run
+# from anywhere (it works in the repository root):
 #   bash scripts/replication.sh [writes] [depth]
 # PORT=N (default 17100) moves the UDP ports (N, N+1, N+100, N+101), so two runs on
 # one machine do not clash.
@@ -11,6 +12,7 @@ WRITES=${1:-4000}
 DEPTH=${2:-4}
 A=${PORT:-17100}; B=$((A + 100))
 cd "$(dirname "$0")/.."
+. scripts/config.sh   # example_config: examples/tidemark.toml with a few values changed
 cargo build --release --bin tidemark >/dev/null 2>&1
 T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
 DIR=$(mktemp -d)
@@ -20,37 +22,11 @@ trap cleanup EXIT
 cd "$DIR"
 "$T" keygen --out cluster.key
 config() { # $1 = site-a advertise port, $2 = site-b advertise port
-cat > tm.toml <<CFG
-key_file = "cluster.key"
-orderer = "site-b"
-heartbeat_ms = 10
-[[system]]
-name = "site-a"
-role = "primary"
-listen = "127.0.0.1:$A"
-advertise = "127.0.0.1:$1"
-journal_dir = "run/site-a/journal"
-journal_size = "512MiB"
-[[system]]
-name = "site-b"
-role = "secondary"
-listen = "127.0.0.1:$B"
-advertise = "127.0.0.1:$2"
-journal_dir = "run/site-b/journal"
-journal_size = "512MiB"
-[[pair]]
-name = "log"
-size = "256MiB"
-local  = { system = "site-a", path = "run/site-a/log.img" }
-remote = { system = "site-b", path = "run/site-b/log.img" }
-[[pair]]
-name = "data"
-size = "256MiB"
-local  = { system = "site-a", path = "run/site-a/data.img" }
-remote = { system = "site-b", path = "run/site-b/data.img" }
-CFG
+  example_config tm.toml \
+    site-a.listen="127.0.0.1:$A" site-a.advertise="127.0.0.1:$1" site-a.journal_size=512MiB \
+    site-b.listen="127.0.0.1:$B" site-b.advertise="127.0.0.1:$2" site-b.journal_size=512MiB \
+    site-a.nbd_listen= site-b.nbd_listen= log.size=256MiB data.size=256MiB
 }
-field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 run_case() { # $1 = name, $2 = a advertise, $3 = b advertise
   rm -rf run; config "$2" "$3"
   "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 --baseline > base.json

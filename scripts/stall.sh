@@ -7,6 +7,7 @@
 #
 #   bash scripts/stall.sh [N]          # default N=10; prints "case: K of N complete"
 #
+# The config is examples/tidemark.toml with one pair ("data", 1 GiB) and other ports.
 # Cases (every setting not named is the default: mtu 1400, window 64 MiB):
 #   j64-seq     journal_size 64MiB, fio --rw=write --bs=64k --iodepth=16 --runtime=RUNTIME
 #   j256-seq    the default 256MiB journal, the same job
@@ -25,6 +26,7 @@ for p in fio python3; do
     command -v "$p" >/dev/null || { echo "missing $p (apt-get install -y fio python3)" >&2; exit 2; }
 done
 cd "$(dirname "$0")/.."
+. scripts/config.sh   # example_config: examples/tidemark.toml with a few values changed
 cargo build --release --bin tidemark >/dev/null 2>&1
 T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
 ROOT=$(mktemp -d)
@@ -36,34 +38,15 @@ cleanup() {
 trap cleanup EXIT
 
 config() { # $1 dir, $2 journal size, $3 port site-b is reached at, $4 port site-a is reached at
-cat > "$1/tm.toml" <<CFG
-key_file = "cluster.key"
-orderer = "site-b"
-[[system]]
-name = "site-a"
-role = "primary"
-listen = "127.0.0.1:$A"
-advertise = "127.0.0.1:$4"
-journal_dir = "site-a/journal"
-journal_size = "$2"
-nbd_listen = "127.0.0.1:$NBD"
-[[system]]
-name = "site-b"
-role = "secondary"
-listen = "127.0.0.1:$B"
-advertise = "127.0.0.1:$3"
-journal_dir = "site-b/journal"
-[[pair]]
-name = "disk"
-size = "1GiB"
-local  = { system = "site-a", path = "site-a/disk.img" }
-remote = { system = "site-b", path = "site-b/disk.img" }
-CFG
+    example_config "$1/tm.toml" -log data.size=1GiB \
+        site-a.listen="127.0.0.1:$A" site-a.advertise="127.0.0.1:$4" site-a.journal_size="$2" \
+        site-a.nbd_listen="127.0.0.1:$NBD" \
+        site-b.listen="127.0.0.1:$B" site-b.advertise="127.0.0.1:$3" site-b.nbd_listen=
 }
 
 # Prints "written acked applied" from the two status files (or nothing yet).
 progress() {
-    python3 - "$1/site-a/journal/status.json" "$1/site-b/journal/status.json" <<'PY' 2>/dev/null || true
+    python3 - "$1/run/site-a/journal/status.json" "$1/run/site-b/journal/status.json" <<'PY' 2>/dev/null || true
 import json, sys
 a, b = (json.load(open(f))["stats"]["pairs"][0] for f in sys.argv[1:])
 print(a["written_seq"], a["acked_seq"], b["applied_seq"])
@@ -91,13 +74,13 @@ one() { # $1 case, $2 run number
     (cd "$dir" && exec "$T" secondary --config tm.toml 2>secondary.log) & local sec=$!; PIDS+=($sec)
     (cd "$dir" && exec "$T" primary --config tm.toml 2>primary.log) & local pri=$!; PIDS+=($pri)
     local i=0
-    until fio --name=probe --ioengine=nbd --uri="nbd://127.0.0.1:$NBD/disk" --rw=read --bs=4k \
+    until fio --name=probe --ioengine=nbd --uri="nbd://127.0.0.1:$NBD/data" --rw=read --bs=4k \
         --size=4k --output=/dev/null >/dev/null 2>&1; do
         i=$((i + 1)); [ $i -gt 100 ] && { echo "$c #$2: the primary never served NBD" >> "$ROOT/results"; return 1; }
         sleep 0.1
     done
     local ok=1 fio_rc=0
-    timeout $((RUNTIME + DEADLINE)) fio --name=job --ioengine=nbd --uri="nbd://127.0.0.1:$NBD/disk" \
+    timeout $((RUNTIME + DEADLINE)) fio --name=job --ioengine=nbd --uri="nbd://127.0.0.1:$NBD/data" \
         $fio_args --iodepth=16 --runtime="$RUNTIME" --time_based --size=1g \
         --output="$dir/fio.txt" >/dev/null 2>&1 || fio_rc=$?
     [ "$fio_rc" = 0 ] || ok=0

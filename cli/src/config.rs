@@ -1,8 +1,9 @@
 //! The deployment config (TOML): systems, pairs, the group's key and orderer.
 //!
-//! Every key is documented in the README. Relative paths are relative to the directory
-//! of the config file. Loading checks everything it can without touching the disks;
-//! each problem is an error naming the key.
+//! Every key is documented in the README and, with its unit and default, in the
+//! commented example `examples/tidemark.toml` (a unit test parses it). Relative paths
+//! are relative to the directory of the config file. Loading checks everything it can
+//! without touching the disks; each problem is an error naming the key.
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -157,191 +158,48 @@ impl Config {
         Self::parse(&text, &base, path)
     }
 
-    /// Checks a config's text; relative paths are taken relative to `base`.
+    /// Checks a config's text; relative paths are taken relative to `base`, and `path`
+    /// (the file the text came from) names the file in TOML syntax errors and is kept in
+    /// [`Config::path`].
+    ///
+    /// The checks run in this order, and the first failure is the error: the TOML
+    /// itself and its keys (unknown keys, missing required keys, wrong types), the
+    /// group-wide settings (`Globals::parse`), the systems (`parse_system`, each in
+    /// file order), `orderer` (names a system), the pairs (`parse_pair`, each in file
+    /// order). `key_file` is only resolved here; [`Config::read_key`] reads it.
     pub fn parse(text: &str, base: &Path, path: &Path) -> Result<Config, EngineError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
-        let abs = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-        if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
-            return bad(format!(
-                "heartbeat_ms: {} is outside 1..=10000",
-                raw.heartbeat_ms
-            ));
-        }
-        if raw.max_clock_skew_ms == 0 || raw.max_clock_skew_ms > 10_000 {
-            return bad(format!(
-                "max_clock_skew_ms: {} is outside 1..=10000",
-                raw.max_clock_skew_ms
-            ));
-        }
-        if raw.peer_timeout_ms < raw.heartbeat_ms * 2 {
-            return bad("peer_timeout_ms: must be at least twice heartbeat_ms");
-        }
-        if !(576..=65_000).contains(&raw.mtu) {
-            return bad(format!("mtu: {} is outside 576..=65000", raw.mtu));
-        }
-        let rate = match &raw.rate {
-            Some(r) => parse_size("rate", r)?,
-            None => 0,
-        };
-        let window = match &raw.window {
-            Some(w) => parse_size("window", w)?,
-            None => 64 << 20,
-        };
+        let globals = Globals::parse(&raw)?;
         if raw.system.is_empty() {
             return bad("system: at least one [[system]] is needed");
         }
-        let mut systems = Vec::new();
-        let mut index = BTreeMap::new();
-        let mut listens = BTreeSet::new();
-        let mut journals = BTreeSet::new();
+        let mut systems = Systems::default();
         for (i, s) in raw.system.iter().enumerate() {
-            let key = |k: &str| format!("system[{i}] ({}).{k}", s.name);
-            if s.name.is_empty() {
-                return bad(format!("system[{i}].name: must not be empty"));
-            }
-            if index.insert(s.name.clone(), i).is_some() {
-                return bad(format!("system[{i}].name: {:?} is used twice", s.name));
-            }
-            let primary = match s.role.as_str() {
-                "primary" => true,
-                "secondary" => false,
-                other => {
-                    return bad(format!(
-                        "{}: {other:?} is neither \"primary\" nor \"secondary\"",
-                        key("role")
-                    ))
-                }
-            };
-            let listen = parse_addr(&key("listen"), &s.listen)?;
-            if !listens.insert(listen) {
-                return bad(format!(
-                    "{}: {listen} is used by another system",
-                    key("listen")
-                ));
-            }
-            let advertise = match &s.advertise {
-                Some(a) => parse_addr(&key("advertise"), a)?,
-                None => listen,
-            };
-            let journal_dir = abs(&s.journal_dir);
-            if !journals.insert(journal_dir.clone()) {
-                return bad(format!(
-                    "{}: {} is used by another system",
-                    key("journal_dir"),
-                    journal_dir.display()
-                ));
-            }
-            let journal_size = match &s.journal_size {
-                Some(j) => parse_size(&key("journal_size"), j)?,
-                None => 256 << 20,
-            };
-            if journal_size < 4 << 20 {
-                return bad(format!("{}: at least 4MiB", key("journal_size")));
-            }
-            systems.push(SystemConfig {
-                name: s.name.clone(),
-                primary,
-                listen,
-                advertise,
-                journal_dir,
-                journal_size,
-                nbd_listen: s.nbd_listen.clone(),
-            });
+            parse_system(i, s, base, &mut systems)?;
         }
-        let Some(&orderer) = index.get(&raw.orderer) else {
+        let Some(&orderer) = systems.index.get(&raw.orderer) else {
             return bad(format!("orderer: no system is named {:?}", raw.orderer));
         };
         if raw.pair.is_empty() {
             return bad("pair: at least one [[pair]] is needed");
         }
-        let mut pairs = Vec::new();
-        let mut names = BTreeSet::new();
-        let mut paths: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let mut pairs = Pairs::default();
         for (i, p) in raw.pair.iter().enumerate() {
-            let key = |k: &str| format!("pair[{i}] ({}).{k}", p.name);
-            if p.name.is_empty() {
-                return bad(format!("pair[{i}].name: must not be empty"));
-            }
-            if !names.insert(p.name.clone()) {
-                return bad(format!("{}: {:?} is used twice", key("name"), p.name));
-            }
-            let size = parse_size(&key("size"), &p.size)?;
-            if size == 0 || size % 512 != 0 {
-                return bad(format!(
-                    "{}: {size} is not a positive multiple of 512",
-                    key("size")
-                ));
-            }
-            let end = |which: &str,
-                       e: &RawEnd,
-                       want_primary: bool|
-             -> Result<(usize, PathBuf), EngineError> {
-                let Some(&s) = index.get(&e.system) else {
-                    return bad(format!(
-                        "{}: no system is named {:?}",
-                        key(&format!("{which}.system")),
-                        e.system
-                    ));
-                };
-                if systems[s].primary != want_primary {
-                    let role = if want_primary { "primary" } else { "secondary" };
-                    return bad(format!(
-                        "{}: {:?} is not a {role}",
-                        key(&format!("{which}.system")),
-                        e.system
-                    ));
-                }
-                Ok((s, abs(&e.path)))
-            };
-            let (local, local_path) = end("local", &p.local, true)?;
-            let (remote, remote_path) = end("remote", &p.remote, false)?;
-            for (which, path) in [("local", &local_path), ("remote", &remote_path)] {
-                if let Some(other) = paths.insert(path.clone(), p.name.clone()) {
-                    return bad(format!(
-                        "{}: {} is also used by pair {other:?}",
-                        key(&format!("{which}.path")),
-                        path.display()
-                    ));
-                }
-                for s in &systems {
-                    if path.starts_with(&s.journal_dir) {
-                        return bad(format!(
-                            "{}: {} lies inside the journal_dir of {}",
-                            key(&format!("{which}.path")),
-                            path.display(),
-                            s.name
-                        ));
-                    }
-                }
-            }
-            pairs.push(PairConfig {
-                name: p.name.clone(),
-                size,
-                local,
-                local_path,
-                remote,
-                remote_path,
-            });
+            parse_pair(i, p, base, &systems, &mut pairs)?;
         }
         Ok(Config {
             path: path.to_path_buf(),
-            key_file: abs(&raw.key_file),
+            key_file: resolve(base, &raw.key_file),
             orderer,
-            heartbeat: Duration::from_millis(raw.heartbeat_ms),
-            peer_timeout: Duration::from_millis(raw.peer_timeout_ms),
-            mtu: raw.mtu,
-            rate,
-            window,
-            max_clock_skew: Duration::from_millis(raw.max_clock_skew_ms),
-            systems,
-            pairs,
+            heartbeat: globals.heartbeat,
+            peer_timeout: globals.peer_timeout,
+            mtu: globals.mtu,
+            rate: globals.rate,
+            window: globals.window,
+            max_clock_skew: globals.max_clock_skew,
+            systems: systems.list,
+            pairs: pairs.list,
         })
     }
 
@@ -379,6 +237,235 @@ impl Config {
     pub fn read_key(&self) -> Result<[u8; 32], EngineError> {
         read_key(&self.key_file)
     }
+}
+
+/// `p` if absolute, else `p` under `base` (the config file's directory).
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// The group-wide settings (the top-level keys other than `key_file`, `orderer` and the
+/// tables), checked.
+struct Globals {
+    heartbeat: Duration,
+    peer_timeout: Duration,
+    mtu: usize,
+    rate: u64,
+    window: u64,
+    max_clock_skew: Duration,
+}
+
+impl Globals {
+    /// Checks, in this order: `heartbeat_ms` and `max_clock_skew_ms` lie in 1..=10000,
+    /// `peer_timeout_ms` is at least twice `heartbeat_ms`, `mtu` lies in 576..=65000,
+    /// `rate` and `window` (if given) are sizes. Fills in the defaults: `rate` 0
+    /// (unpaced), `window` 64 MiB.
+    fn parse(raw: &RawConfig) -> Result<Globals, EngineError> {
+        if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
+            return bad(format!(
+                "heartbeat_ms: {} is outside 1..=10000",
+                raw.heartbeat_ms
+            ));
+        }
+        if raw.max_clock_skew_ms == 0 || raw.max_clock_skew_ms > 10_000 {
+            return bad(format!(
+                "max_clock_skew_ms: {} is outside 1..=10000",
+                raw.max_clock_skew_ms
+            ));
+        }
+        if raw.peer_timeout_ms < raw.heartbeat_ms * 2 {
+            return bad("peer_timeout_ms: must be at least twice heartbeat_ms");
+        }
+        if !(576..=65_000).contains(&raw.mtu) {
+            return bad(format!("mtu: {} is outside 576..=65000", raw.mtu));
+        }
+        let rate = match &raw.rate {
+            Some(r) => parse_size("rate", r)?,
+            None => 0,
+        };
+        let window = match &raw.window {
+            Some(w) => parse_size("window", w)?,
+            None => 64 << 20,
+        };
+        Ok(Globals {
+            heartbeat: Duration::from_millis(raw.heartbeat_ms),
+            peer_timeout: Duration::from_millis(raw.peer_timeout_ms),
+            mtu: raw.mtu,
+            rate,
+            window,
+            max_clock_skew: Duration::from_millis(raw.max_clock_skew_ms),
+        })
+    }
+}
+
+/// The systems checked so far, and what later ones must not reuse.
+#[derive(Default)]
+struct Systems {
+    list: Vec<SystemConfig>,
+    /// Name -> index in `list`.
+    index: BTreeMap<String, usize>,
+    listens: BTreeSet<SocketAddr>,
+    journals: BTreeSet<PathBuf>,
+}
+
+/// Checks `[[system]]` number `i` and adds it to `systems`, in this order: `name` is
+/// not empty and not used by an earlier system; `role` is `"primary"` or
+/// `"secondary"`; `listen` is an address (resolved now) not used by an earlier system;
+/// `advertise`, if given, is an address (default: `listen`); `journal_dir` (relative
+/// to `base`) is not an earlier system's; `journal_size`, if given, is a size, and it
+/// is at least 4 MiB (default 256 MiB). `nbd_listen` is kept as written: the daemon
+/// that serves it checks it.
+fn parse_system(
+    i: usize,
+    s: &RawSystem,
+    base: &Path,
+    systems: &mut Systems,
+) -> Result<(), EngineError> {
+    let key = |k: &str| format!("system[{i}] ({}).{k}", s.name);
+    if s.name.is_empty() {
+        return bad(format!("system[{i}].name: must not be empty"));
+    }
+    if systems.index.insert(s.name.clone(), i).is_some() {
+        return bad(format!("system[{i}].name: {:?} is used twice", s.name));
+    }
+    let primary = match s.role.as_str() {
+        "primary" => true,
+        "secondary" => false,
+        other => {
+            return bad(format!(
+                "{}: {other:?} is neither \"primary\" nor \"secondary\"",
+                key("role")
+            ))
+        }
+    };
+    let listen = parse_addr(&key("listen"), &s.listen)?;
+    if !systems.listens.insert(listen) {
+        return bad(format!(
+            "{}: {listen} is used by another system",
+            key("listen")
+        ));
+    }
+    let advertise = match &s.advertise {
+        Some(a) => parse_addr(&key("advertise"), a)?,
+        None => listen,
+    };
+    let journal_dir = resolve(base, &s.journal_dir);
+    if !systems.journals.insert(journal_dir.clone()) {
+        return bad(format!(
+            "{}: {} is used by another system",
+            key("journal_dir"),
+            journal_dir.display()
+        ));
+    }
+    let journal_size = match &s.journal_size {
+        Some(j) => parse_size(&key("journal_size"), j)?,
+        None => 256 << 20,
+    };
+    if journal_size < 4 << 20 {
+        return bad(format!("{}: at least 4MiB", key("journal_size")));
+    }
+    systems.list.push(SystemConfig {
+        name: s.name.clone(),
+        primary,
+        listen,
+        advertise,
+        journal_dir,
+        journal_size,
+        nbd_listen: s.nbd_listen.clone(),
+    });
+    Ok(())
+}
+
+/// The pairs checked so far, and what later ones must not reuse.
+#[derive(Default)]
+struct Pairs {
+    list: Vec<PairConfig>,
+    names: BTreeSet<String>,
+    /// Unit path -> the pair that uses it.
+    paths: BTreeMap<PathBuf, String>,
+}
+
+/// Checks `[[pair]]` number `i` against the (complete) `systems` and adds it to
+/// `pairs`, in this order: `name` is not empty and not used by an earlier pair; `size`
+/// is a size and a positive multiple of 512; `local.system` names a primary and
+/// `remote.system` a secondary ([`parse_end`]); neither unit path (relative to `base`)
+/// is used by another unit so far (this pair's other end included) or lies inside any
+/// system's `journal_dir`.
+fn parse_pair(
+    i: usize,
+    p: &RawPair,
+    base: &Path,
+    systems: &Systems,
+    pairs: &mut Pairs,
+) -> Result<(), EngineError> {
+    let key = |k: &str| format!("pair[{i}] ({}).{k}", p.name);
+    if p.name.is_empty() {
+        return bad(format!("pair[{i}].name: must not be empty"));
+    }
+    if !pairs.names.insert(p.name.clone()) {
+        return bad(format!("{}: {:?} is used twice", key("name"), p.name));
+    }
+    let size = parse_size(&key("size"), &p.size)?;
+    if size == 0 || size % 512 != 0 {
+        return bad(format!(
+            "{}: {size} is not a positive multiple of 512",
+            key("size")
+        ));
+    }
+    let local = parse_end(&key("local.system"), &p.local, true, systems)?;
+    let remote = parse_end(&key("remote.system"), &p.remote, false, systems)?;
+    let local_path = resolve(base, &p.local.path);
+    let remote_path = resolve(base, &p.remote.path);
+    for (which, path) in [("local", &local_path), ("remote", &remote_path)] {
+        if let Some(other) = pairs.paths.insert(path.clone(), p.name.clone()) {
+            return bad(format!(
+                "{}: {} is also used by pair {other:?}",
+                key(&format!("{which}.path")),
+                path.display()
+            ));
+        }
+        for s in &systems.list {
+            if path.starts_with(&s.journal_dir) {
+                return bad(format!(
+                    "{}: {} lies inside the journal_dir of {}",
+                    key(&format!("{which}.path")),
+                    path.display(),
+                    s.name
+                ));
+            }
+        }
+    }
+    pairs.list.push(PairConfig {
+        name: p.name.clone(),
+        size,
+        local,
+        local_path,
+        remote,
+        remote_path,
+    });
+    Ok(())
+}
+
+/// Checks one end of a pair: `e.system` names a system (its index is returned) whose
+/// role is primary if `want_primary`, else secondary. `key` names `e.system` in errors.
+fn parse_end(
+    key: &str,
+    e: &RawEnd,
+    want_primary: bool,
+    systems: &Systems,
+) -> Result<usize, EngineError> {
+    let Some(&s) = systems.index.get(&e.system) else {
+        return bad(format!("{key}: no system is named {:?}", e.system));
+    };
+    if systems.list[s].primary != want_primary {
+        let role = if want_primary { "primary" } else { "secondary" };
+        return bad(format!("{key}: {:?} is not a {role}", e.system));
+    }
+    Ok(s)
 }
 
 /// Reads a key file written by `tidemark keygen`.

@@ -25,19 +25,8 @@ const RUNTIME_S: u64 = 20;
 /// that only delays (1 ms) in each direction. Returns the NBD port and the
 /// relays.
 fn site(relayed: bool) -> (Site, u16, Vec<Child>) {
-    let (site, port) = Site::with_nbd_proxied(relayed);
-    let text = std::fs::read_to_string(&site.config).expect("config");
-    let anchor = "journal_dir = \"run/site-a/journal\"\njournal_size = \"64MiB\"";
-    assert!(
-        text.contains(anchor),
-        "the config has site-a's journal size"
-    );
-    let text = text.replacen(
-        anchor,
-        "journal_dir = \"run/site-a/journal\"\njournal_size = \"8MiB\"",
-        1,
-    );
-    std::fs::write(&site.config, text).expect("config");
+    let (mut site, port) = Site::with_nbd_proxied(relayed);
+    site.edit_config(|c| c.system_mut("site-a").journal_size = Some(8 << 20));
     let relays = if relayed {
         let relay = |listen: u16, forward: u16| {
             site.spawn(&[

@@ -31,69 +31,16 @@ struct Group {
 
 impl Group {
     fn new(max_skew_ms: u64) -> Group {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("cluster.key");
-        let out = run(&["keygen", "--out", key.to_str().expect("utf-8")]);
-        assert!(out.status.success(), "keygen: {out:?}");
-        let (a, b, c) = (free_port(), free_port(), free_port());
         let nbd = [free_tcp_port(), free_tcp_port()];
-        let text = format!(
-            r#"key_file = "cluster.key"
-orderer = "site-b"
-heartbeat_ms = 10
-peer_timeout_ms = 1000
-max_clock_skew_ms = {max_skew_ms}
-
-[[system]]
-name = "site-a"
-role = "primary"
-listen = "127.0.0.1:{a}"
-nbd_listen = "127.0.0.1:{na}"
-journal_dir = "run/site-a/journal"
-journal_size = "64MiB"
-
-[[system]]
-name = "site-c"
-role = "primary"
-listen = "127.0.0.1:{c}"
-nbd_listen = "127.0.0.1:{nc}"
-journal_dir = "run/site-c/journal"
-journal_size = "64MiB"
-
-[[system]]
-name = "site-b"
-role = "secondary"
-listen = "127.0.0.1:{b}"
-journal_dir = "run/site-b/journal"
-journal_size = "64MiB"
-
-[[pair]]
-name = "log"
-size = "4MiB"
-local  = {{ system = "site-a", path = "run/site-a/log.img" }}
-remote = {{ system = "site-b", path = "run/site-b/log.img" }}
-
-[[pair]]
-name = "data"
-size = "8MiB"
-local  = {{ system = "site-c", path = "run/site-c/data.img" }}
-remote = {{ system = "site-b", path = "run/site-b/data.img" }}
-"#,
-            na = nbd[0],
-            nc = nbd[1],
-        );
-        let config = dir.path().join("tidemark.toml");
-        std::fs::write(&config, text).expect("config");
+        let spec = ConfigText::new()
+            .max_clock_skew_ms(max_skew_ms)
+            .system(SystemSpec::primary("site-a", free_port()).nbd(nbd[0]))
+            .system(SystemSpec::primary("site-c", free_port()).nbd(nbd[1]))
+            .system(SystemSpec::secondary("site-b", free_port()))
+            .pair(PairSpec::new("log", 4 << 20, "site-a", "site-b"))
+            .pair(PairSpec::new("data", 8 << 20, "site-c", "site-b"));
         Group {
-            site: Site {
-                dir,
-                config,
-                a_port: a,
-                b_port: b,
-                a_advertise: a,
-                b_advertise: b,
-                sizes: vec![4 << 20, 8 << 20],
-            },
+            site: Site::with_config(spec),
             nbd,
         }
     }

@@ -23,48 +23,16 @@ fn seed() -> u64 {
     seed_or(20261130)
 }
 
-fn config(a: u16, b: u16, d: u16, nbd: u16) -> String {
-    format!(
-        r#"key_file = "cluster.key"
-orderer = "site-b"
-heartbeat_ms = 10
-peer_timeout_ms = 1000
-
-[[system]]
-name = "site-a"
-role = "primary"
-listen = "127.0.0.1:{a}"
-nbd_listen = "127.0.0.1:{nbd}"
-journal_dir = "run/site-a/journal"
-journal_size = "64MiB"
-
-[[system]]
-name = "site-b"
-role = "secondary"
-listen = "127.0.0.1:{b}"
-journal_dir = "run/site-b/journal"
-journal_size = "64MiB"
-
-[[system]]
-name = "site-d"
-role = "secondary"
-listen = "127.0.0.1:{d}"
-journal_dir = "run/site-d/journal"
-journal_size = "64MiB"
-
-[[pair]]
-name = "log"
-size = "4MiB"
-local  = {{ system = "site-a", path = "run/site-a/log.img" }}
-remote = {{ system = "site-b", path = "run/site-b/log.img" }}
-
-[[pair]]
-name = "data"
-size = "8MiB"
-local  = {{ system = "site-a", path = "run/site-a/data.img" }}
-remote = {{ system = "site-d", path = "run/site-d/data.img" }}
-"#
-    )
+/// site-a (primary, NBD at `nbd`) sends "log" to site-b (the orderer) and "data" to
+/// site-d.
+fn config(nbd: u16) -> ConfigText {
+    ConfigText::new()
+        .orderer("site-b")
+        .system(SystemSpec::primary("site-a", free_port()).nbd(nbd))
+        .system(SystemSpec::secondary("site-b", free_port()))
+        .system(SystemSpec::secondary("site-d", free_port()))
+        .pair(PairSpec::new("log", 4 << 20, "site-a", "site-b"))
+        .pair(PairSpec::new("data", 8 << 20, "site-a", "site-d"))
 }
 
 /// Copies both secondaries' state (both stopped) under `tag` and promotes every remote
@@ -141,20 +109,9 @@ impl Drop for Procs {
 fn dependent_writes_to_two_secondary_processes_promote_together_to_cuts() {
     let seed = seed();
     eprintln!("multi-secondary test seed {seed} (TIDEMARK_SEED={seed} to replay)");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    let out = run(&[
-        "keygen",
-        "--out",
-        dir.join("cluster.key").to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "keygen: {out:?}");
     let nbd = free_tcp_port();
-    std::fs::write(
-        dir.join("tidemark.toml"),
-        config(free_port(), free_port(), free_port(), nbd),
-    )
-    .expect("config");
+    let site = Site::with_config(config(nbd));
+    let dir = site.dir.path();
     let secondary = |name: &str| spawn(dir, &["secondary", "--system", name]);
     // 0: primary, 1: site-b, 2: site-d
     let mut procs = Procs(vec![

@@ -100,18 +100,10 @@ fn a_promoted_secondary_is_served_read_only_over_nbd() {
     }
     let seed = seed_or(20261129);
     eprintln!("nbd export test seed {seed} (TIDEMARK_SEED={seed} to replay)");
-    let (site, port) = Site::with_nbd();
+    let (mut site, port) = Site::with_nbd();
     // site-b gets an nbd_listen of its own: `secondary` ignores it, `export` serves there.
     let export_port = free_tcp_port();
-    let text = std::fs::read_to_string(&site.config).expect("config");
-    let anchor = "name = \"site-b\"\nrole = \"secondary\"\n";
-    assert!(text.contains(anchor));
-    let text = text.replacen(
-        anchor,
-        &format!("{anchor}nbd_listen = \"127.0.0.1:{export_port}\"\n"),
-        1,
-    );
-    std::fs::write(&site.config, text).expect("config");
+    site.edit_config(|c| c.system_mut("site-b").nbd_port = Some(export_port));
 
     let mut procs = Procs::default();
     procs.0.push(site.secondary());

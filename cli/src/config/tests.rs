@@ -120,7 +120,146 @@ const BAD: &[(&str, &str, &str)] = &[
         "path = \"run/site-b/journal/log.img\"",
         "inside the journal_dir",
     ),
+    // The TOML itself: syntax, types, unknown and missing keys (in the tables too).
+    ("heartbeat_ms = 10", "heartbeat_ms = ", "/etc/tm/t.toml"),
+    ("heartbeat_ms = 10", "heartbeat_ms = \"10\"", "invalid type"),
+    (
+        "journal_size = \"256MiB\"",
+        "journal_size = \"256MiB\"\ncolour = \"blue\"",
+        "unknown field `colour`",
+    ),
+    (
+        "\nsize = \"64MiB\"",
+        "\nsize = \"64MiB\"\nmode = \"sync\"",
+        "unknown field `mode`",
+    ),
+    (
+        "local  = { system = \"site-a\", path = \"run/site-a/log.img\" }",
+        "local  = { system = \"site-a\", path = \"run/site-a/log.img\", sync = true }",
+        "unknown field `sync`",
+    ),
+    (
+        "journal_dir = \"run/site-b/journal\"",
+        "",
+        "missing field `journal_dir`",
+    ),
+    ("\nsize = \"64MiB\"", "", "missing field `size`"),
+    // Group-wide settings.
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10001\npeer_timeout_ms = 30000",
+        "heartbeat_ms: 10001 is outside 1..=10000",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nmax_clock_skew_ms = 0",
+        "max_clock_skew_ms: 0 is outside 1..=10000",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\npeer_timeout_ms = 19",
+        "peer_timeout_ms: must be at least twice heartbeat_ms",
+    ),
+    // The default peer timeout (3 s) is too short for a 2 s heartbeat.
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 2000",
+        "peer_timeout_ms: must be at least twice heartbeat_ms",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nmtu = 575",
+        "mtu: 575 is outside 576..=65000",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nmtu = 65001",
+        "mtu: 65001 is outside 576..=65000",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nrate = \"fast\"",
+        "rate: \"fast\" is not a size",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nwindow = \"big\"",
+        "window: \"big\" is not a size",
+    ),
+    // Systems.
+    (
+        "name = \"site-a\"",
+        "name = \"\"",
+        "system[0].name: must not be empty",
+    ),
+    (
+        "name = \"site-b\"",
+        "name = \"site-a\"",
+        "system[1].name: \"site-a\" is used twice",
+    ),
+    (
+        "advertise = \"127.0.0.1:7100\"",
+        "advertise = \"127.0.0.1\"",
+        "system[0] (site-a).advertise: \"127.0.0.1\" is not an address",
+    ),
+    (
+        "journal_size = \"256MiB\"",
+        "journal_size = \"huge\"",
+        "system[0] (site-a).journal_size: \"huge\" is not a size",
+    ),
+    // Pairs.
+    (
+        "name = \"log\"",
+        "name = \"\"",
+        "pair[0].name: must not be empty",
+    ),
+    (
+        "remote = { system = \"site-b\", path = \"run/site-b/log.img\" }",
+        "remote = { system = \"site-a\", path = \"run/site-b/log.img\" }",
+        "pair[0] (log).remote.system: \"site-a\" is not a secondary",
+    ),
+    (
+        "remote = { system = \"site-b\", path = \"run/site-b/log.img\" }",
+        "remote = { system = \"site-b\", path = \"run/site-a/log.img\" }",
+        "pair[0] (log).remote.path: /etc/tm/run/site-a/log.img is also used by pair \"log\"",
+    ),
+    (
+        "\nsize = \"64MiB\"",
+        "\nsize = \"0\"",
+        "pair[0] (log).size: 0 is not a positive multiple of 512",
+    ),
 ];
+
+/// Whole configs that the replacements above cannot make, and the error they give.
+fn bad_texts() -> Vec<(String, &'static str)> {
+    let first_system = EXAMPLE.find("[[system]]").expect("a system");
+    let first_pair = EXAMPLE.find("[[pair]]").expect("a pair");
+    vec![
+        (
+            EXAMPLE[..first_system].to_string(),
+            "system: at least one [[system]] is needed",
+        ),
+        (
+            EXAMPLE[..first_pair].to_string(),
+            "pair: at least one [[pair]] is needed",
+        ),
+        // Two problems: the first in checking order is reported (a system before the
+        // orderer, the orderer before a pair).
+        (
+            EXAMPLE
+                .replacen("orderer = \"site-b\"", "orderer = \"site-z\"", 1)
+                .replacen("role = \"secondary\"", "role = \"tertiary\"", 1),
+            "system[1] (site-b).role: \"tertiary\" is neither",
+        ),
+        (
+            EXAMPLE
+                .replacen("orderer = \"site-b\"", "orderer = \"site-z\"", 1)
+                .replacen("\nsize = \"64MiB\"", "\nsize = \"1000\"", 1),
+            "orderer: no system is named \"site-z\"",
+        ),
+        (String::new(), "missing field `key_file`"),
+    ]
+}
 
 #[test]
 fn bad_configs_name_the_key() {
@@ -135,6 +274,129 @@ fn bad_configs_name_the_key() {
             Err(e) => panic!("{from:?} -> {to:?}: wrong error kind {e}"),
             Ok(_) => panic!("{from:?} -> {to:?}: accepted"),
         }
+    }
+    for (text, needle) in bad_texts() {
+        match parse(&text) {
+            Err(EngineError::Config(m)) => {
+                assert!(m.contains(needle), "{text}\n: {m:?} lacks {needle:?}")
+            }
+            Err(e) => panic!("{text}\n: wrong error kind {e}"),
+            Ok(_) => panic!("{text}\n: accepted"),
+        }
+    }
+}
+
+#[test]
+fn defaults_are_filled_in_and_given_values_kept() {
+    let c = parse(EXAMPLE).expect("example");
+    assert_eq!(c.path, PathBuf::from("/etc/tm/t.toml"));
+    assert_eq!(c.peer_timeout, Duration::from_millis(3000));
+    assert_eq!(c.mtu, 1400);
+    assert_eq!(c.rate, 0, "unpaced");
+    assert_eq!(c.window, 64 << 20);
+    assert_eq!(c.max_clock_skew, Duration::from_millis(20));
+    let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+    assert_eq!(
+        c.systems[1],
+        SystemConfig {
+            name: "site-b".into(),
+            primary: false,
+            listen: addr("127.0.0.1:7200"),
+            advertise: addr("127.0.0.1:7200"),
+            journal_dir: PathBuf::from("/etc/tm/run/site-b/journal"),
+            journal_size: 256 << 20,
+            nbd_listen: None,
+        }
+    );
+    assert_eq!(
+        c.pairs[0],
+        PairConfig {
+            name: "log".into(),
+            size: 64 << 20,
+            local: 0,
+            local_path: PathBuf::from("/etc/tm/run/site-a/log.img"),
+            remote: 1,
+            remote_path: PathBuf::from("/etc/tm/run/site-b/log.img"),
+        }
+    );
+
+    let text = EXAMPLE
+        .replacen(
+            "heartbeat_ms = 10",
+            "heartbeat_ms = 5\npeer_timeout_ms = 10\nmtu = 9000\nrate = \"1GiB\"\n\
+             window = \"8MiB\"\nmax_clock_skew_ms = 7",
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:7200\"",
+            "listen = \"127.0.0.1:7200\"\nadvertise = \"127.0.0.2:7201\"",
+            1,
+        )
+        .replacen("journal_size = \"256MiB\"", "journal_size = \"4MiB\"", 1)
+        .replacen("key_file = \"cluster.key\"", "key_file = \"/keys/k\"", 1)
+        .replacen("\"run/site-b/data.img\"", "\"/dev/shm/data.img\"", 1);
+    let c = parse(&text).expect("every optional key given");
+    assert_eq!(c.heartbeat, Duration::from_millis(5));
+    assert_eq!(c.peer_timeout, Duration::from_millis(10));
+    assert_eq!(c.mtu, 9000);
+    assert_eq!(c.rate, 1 << 30);
+    assert_eq!(c.window, 8 << 20);
+    assert_eq!(c.max_clock_skew, Duration::from_millis(7));
+    assert_eq!(c.systems[1].advertise, addr("127.0.0.2:7201"));
+    assert_eq!(c.systems[0].journal_size, 4 << 20, "4 MiB is allowed");
+    // Absolute paths stay as they are.
+    assert_eq!(c.key_file, PathBuf::from("/keys/k"));
+    assert_eq!(c.pairs[1].remote_path, PathBuf::from("/dev/shm/data.img"));
+}
+
+#[test]
+fn load_resolves_paths_against_the_config_files_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sub").join("t.toml");
+    std::fs::create_dir_all(dir.path().join("sub")).expect("mkdir");
+    std::fs::write(&path, EXAMPLE).expect("write");
+    let c = Config::load(&path).expect("loads");
+    assert_eq!(c.path, path);
+    assert_eq!(c.key_file, dir.path().join("sub/cluster.key"));
+    assert_eq!(
+        c.systems[0].journal_dir,
+        dir.path().join("sub/run/site-a/journal")
+    );
+    let missing = dir.path().join("missing.toml");
+    match Config::load(&missing) {
+        Err(EngineError::Config(m)) => assert!(m.contains("missing.toml"), "{m}"),
+        other => panic!("a missing file: {other:?}"),
+    }
+}
+
+/// The shipped example (`examples/tidemark.toml`, the README's quick start) is a valid
+/// config: one primary, one secondary that runs the orderer, small units.
+#[test]
+fn the_shipped_example_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tidemark.toml");
+    let c = Config::load(&path).expect("examples/tidemark.toml is valid");
+    let base = path.parent().expect("a directory");
+    assert_eq!(c.key_file, base.join("cluster.key"));
+    let roles: Vec<(&str, bool)> = c
+        .systems
+        .iter()
+        .map(|s| (s.name.as_str(), s.primary))
+        .collect();
+    assert_eq!(roles, [("site-a", true), ("site-b", false)]);
+    assert_eq!(c.systems[c.orderer].name, "site-b");
+    assert!(c.systems[0].nbd_listen.is_some(), "the primary serves NBD");
+    assert!(!c.pairs.is_empty());
+    for p in &c.pairs {
+        assert!(
+            p.size <= 64 << 20,
+            "{}: a quick start has small units",
+            p.name
+        );
+        assert!(p.local_path.starts_with(base) && p.remote_path.starts_with(base));
+    }
+    for s in &c.systems {
+        assert!(s.listen.ip().is_loopback(), "{}: loopback only", s.name);
+        assert!(s.journal_dir.starts_with(base));
     }
 }
 

@@ -194,7 +194,18 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to `export`, one of [`EXPORTS`] (its size is checked).
     pub fn connect(port: u16, export: &str) -> Client {
+        let size = EXPORTS
+            .iter()
+            .find(|(n, _)| *n == export)
+            .map(|x| x.1)
+            .unwrap_or_else(|| panic!("{export} is not one of {EXPORTS:?}"));
+        Client::connect_sized(port, export, size)
+    }
+
+    /// Connects to `export`, which the server must announce as `want` bytes.
+    pub fn connect_sized(port: u16, export: &str, want: u64) -> Client {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the NBD server");
         // A safety net against a hung test, not a synchronisation.
         s.set_read_timeout(Some(PATIENCE)).expect("timeout");
@@ -230,8 +241,7 @@ impl Client {
                 break;
             }
         }
-        let want = EXPORTS.iter().find(|(n, _)| *n == export).map(|x| x.1);
-        assert_eq!(size, want, "the size of export {export}");
+        assert_eq!(size, Some(want), "the size of export {export}");
         c
     }
 

@@ -1,7 +1,10 @@
 //! Helpers for tests that run `tidemark` processes on loopback.
 #![allow(dead_code)]
 
+pub mod config_text;
 pub mod dependent;
+
+pub use config_text::{ConfigText, PairSpec, SystemSpec};
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -38,10 +41,13 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A two-site set-up in a temporary directory.
+/// A set-up in a temporary directory: a key, and a config written from a
+/// [`ConfigText`] that has (at least) the systems `site-a` and `site-b`.
 pub struct Site {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// What `config` holds; [`Site::edit_config`] changes both.
+    pub spec: ConfigText,
     pub a_port: u16,
     pub b_port: u16,
     /// Where each side sends to (a wan-sim may sit there).
@@ -54,62 +60,66 @@ impl Site {
     /// Two pairs ("log" 4 MiB, "data" 8 MiB) from site-a to site-b; `proxied` puts the
     /// advertise addresses on other ports for wan-sims.
     pub fn new(proxied: bool) -> Site {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("cluster.key");
-        let out = run(&["keygen", "--out", key.to_str().expect("utf-8")]);
-        assert!(out.status.success(), "keygen: {out:?}");
+        Site::with_config(Site::two_sites(proxied))
+    }
+
+    /// The config of [`Site::new`]: site-a (primary) and site-b (secondary, the
+    /// orderer) on free ports, each advertising its own port or, if `proxied`, another
+    /// free one; pairs "log" (4 MiB) and "data" (8 MiB) from site-a to site-b.
+    pub fn two_sites(proxied: bool) -> ConfigText {
         let (a_port, b_port) = (free_port(), free_port());
         let (a_adv, b_adv) = if proxied {
             (free_port(), free_port())
         } else {
             (a_port, b_port)
         };
-        let text = format!(
-            r#"key_file = "cluster.key"
-orderer = "site-b"
-heartbeat_ms = 10
-peer_timeout_ms = 1000
+        ConfigText::new()
+            .system(SystemSpec::primary("site-a", a_port).advertise(a_adv))
+            .system(SystemSpec::secondary("site-b", b_port).advertise(b_adv))
+            .pair(PairSpec::new("log", 4 << 20, "site-a", "site-b"))
+            .pair(PairSpec::new("data", 8 << 20, "site-a", "site-b"))
+    }
 
-[[system]]
-name = "site-a"
-role = "primary"
-listen = "127.0.0.1:{a_port}"
-advertise = "127.0.0.1:{a_adv}"
-journal_dir = "run/site-a/journal"
-journal_size = "64MiB"
-
-[[system]]
-name = "site-b"
-role = "secondary"
-listen = "127.0.0.1:{b_port}"
-advertise = "127.0.0.1:{b_adv}"
-journal_dir = "run/site-b/journal"
-journal_size = "64MiB"
-
-[[pair]]
-name = "log"
-size = "4MiB"
-local  = {{ system = "site-a", path = "run/site-a/log.img" }}
-remote = {{ system = "site-b", path = "run/site-b/log.img" }}
-
-[[pair]]
-name = "data"
-size = "8MiB"
-local  = {{ system = "site-a", path = "run/site-a/data.img" }}
-remote = {{ system = "site-b", path = "run/site-b/data.img" }}
-"#
-        );
-        let config = dir.path().join("tidemark.toml");
-        std::fs::write(&config, text).expect("config");
-        Site {
+    /// A new temporary directory with a key (`cluster.key`, from `tidemark keygen`) and
+    /// `spec` written as `tidemark.toml`; the ports and sizes are taken from `spec`
+    /// (which must have systems `site-a` and `site-b`).
+    pub fn with_config(spec: ConfigText) -> Site {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("cluster.key");
+        let out = run(&["keygen", "--out", key.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "keygen: {out:?}");
+        let config = spec.write_to(dir.path(), "tidemark.toml");
+        let mut site = Site {
             dir,
             config,
-            a_port,
-            b_port,
-            a_advertise: a_adv,
-            b_advertise: b_adv,
-            sizes: vec![4 << 20, 8 << 20],
-        }
+            spec,
+            a_port: 0,
+            b_port: 0,
+            a_advertise: 0,
+            b_advertise: 0,
+            sizes: Vec::new(),
+        };
+        site.mirror();
+        site
+    }
+
+    /// Changes the config (before the daemons start): `f` edits [`Site::spec`], which
+    /// is written again, and the ports and sizes are taken from it again.
+    pub fn edit_config(&mut self, f: impl FnOnce(&mut ConfigText)) {
+        f(&mut self.spec);
+        self.spec.write_to(self.dir.path(), "tidemark.toml");
+        self.mirror();
+    }
+
+    /// Sets the fields that mirror [`Site::spec`].
+    fn mirror(&mut self) {
+        let (a, b) = (
+            self.spec.system_spec("site-a"),
+            self.spec.system_spec("site-b"),
+        );
+        (self.a_port, self.a_advertise) = (a.port, a.reached_at());
+        (self.b_port, self.b_advertise) = (b.port, b.reached_at());
+        self.sizes = self.spec.sizes();
     }
 
     pub fn cfg(&self) -> &str {
@@ -382,18 +392,10 @@ impl Site {
     /// [`Site::with_nbd`], with the advertise addresses on other ports for relays if
     /// `proxied` (as [`Site::new`]).
     pub fn with_nbd_proxied(proxied: bool) -> (Site, u16) {
-        let site = Site::new(proxied);
         let port = free_tcp_port();
-        let text = std::fs::read_to_string(&site.config).expect("config");
-        let anchor = "name = \"site-a\"\nrole = \"primary\"\n";
-        assert!(text.contains(anchor), "the config has site-a as a primary");
-        let text = text.replacen(
-            anchor,
-            &format!("{anchor}nbd_listen = \"127.0.0.1:{port}\"\n"),
-            1,
-        );
-        std::fs::write(&site.config, text).expect("config");
-        (site, port)
+        let mut spec = Site::two_sites(proxied);
+        spec.system_mut("site-a").nbd_port = Some(port);
+        (Site::with_config(spec), port)
     }
 
     /// The status `system` wrote after `after` (polling its status file, bounded): a
