@@ -3,7 +3,7 @@
 //! state machine here takes events (with the time, where it matters) and returns what to
 //! do, so it can be tested deterministically.
 //!
-//! The invariants I1–I6 are stated in the project's DESIGN notes; the modules say which
+//! The invariants I1–I6 are stated in `docs/design.md`; the modules say which
 //! of them they keep.
 
 pub mod clock;

@@ -6,8 +6,8 @@
 //!
 //! With one remote system the orderer releases a limit at once; that system makes it
 //! durable before applying below it. With several, applying below a limit on one system
-//! is safe only once the limit is durable on all of them (DESIGN.md, "several remote
-//! systems"), so the orderer first *announces* a limit, collects a *durable*
+//! is safe only once the limit is durable on all of them (docs/design.md, "several
+//! remote systems"), so the orderer first *announces* a limit, collects a *durable*
 //! acknowledgement from every remote system, and only then *releases* it. One
 //! announcement is in flight at a time; whatever the heads reached meanwhile goes out in
 //! the next one.

@@ -22,7 +22,7 @@
 //!
 //! If a peer has no sample yet, or its bound exceeds `max_skew`, the process holds every
 //! acknowledgement ([`Allowance::Held`]): it stops committing and says why, rather than
-//! risk I1. Assumption (documented in the README): clocks are slewed, not stepped, by
+//! risk I1. Assumption (documented in docs/design.md): clocks are slewed, not stepped, by
 //! more than the drift allowance between probes.
 
 use crate::types::SystemId;

@@ -1,6 +1,6 @@
 //! The deployment config (TOML): systems, pairs, the group's key and orderer.
 //!
-//! Every key is documented in the README and, with its unit and default, in the
+//! Every key is documented in `docs/operations.md` and, with its unit and default, in the
 //! commented example `examples/tidemark.toml` (a unit test parses it). Relative paths
 //! are relative to the directory of the config file. Loading checks everything it can
 //! without touching the disks; each problem is an error naming the key.
@@ -233,7 +233,7 @@ impl Config {
         }
     }
 
-    /// Reads the group key: exactly 32 bytes (raw) or 64 hex digits.
+    /// Reads the group key file: 64 hex digits (as `tidemark keygen` writes them).
     pub fn read_key(&self) -> Result<[u8; 32], EngineError> {
         read_key(&self.key_file)
     }
@@ -317,8 +317,9 @@ struct Systems {
 /// `"secondary"`; `listen` is an address (resolved now) not used by an earlier system;
 /// `advertise`, if given, is an address (default: `listen`); `journal_dir` (relative
 /// to `base`) is not an earlier system's; `journal_size`, if given, is a size, and it
-/// is at least 4 MiB (default 256 MiB). `nbd_listen` is kept as written: the daemon
-/// that serves it checks it.
+/// is at least 4 MiB (default 256 MiB); `nbd_listen`, if given, is `host:port` or a
+/// unix socket (`unix:PATH` or an absolute path; a relative PATH is relative to `base`,
+/// like every path of the config).
 fn parse_system(
     i: usize,
     s: &RawSystem,
@@ -375,9 +376,26 @@ fn parse_system(
         advertise,
         journal_dir,
         journal_size,
-        nbd_listen: s.nbd_listen.clone(),
+        nbd_listen: s
+            .nbd_listen
+            .as_deref()
+            .map(|l| parse_nbd_listen(&key("nbd_listen"), l, base))
+            .transpose()?,
     });
     Ok(())
+}
+
+/// An NBD listen address, checked; a relative unix socket path is made relative to
+/// `base`.
+fn parse_nbd_listen(key: &str, text: &str, base: &Path) -> Result<String, EngineError> {
+    use tidemark_actors::nbd::ListenAddr;
+    match text.parse::<ListenAddr>() {
+        Ok(ListenAddr::Unix(p)) if p.is_relative() => {
+            Ok(format!("unix:{}", resolve(base, &p).display()))
+        }
+        Ok(_) => Ok(text.to_string()),
+        Err(e) => bad(format!("{key}: {e}")),
+    }
 }
 
 /// The pairs checked so far, and what later ones must not reuse.

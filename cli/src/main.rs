@@ -345,9 +345,12 @@ fn wan_sim(a: WanSimArgs) -> Result<(), EngineError> {
             .await
             .map_err(EngineError::io(format!("--listen {}", sim.listen)))?;
         let counters = std::sync::Arc::new(WanCounters::default());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(EngineError::io("cannot watch SIGTERM"))?;
         tokio::select! {
             _ = sim.run(inbound, outbound, counters.clone()) => {}
             _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
         eprintln!("wan-sim: {counters:?}");
         Ok(())

@@ -1,5 +1,5 @@
-//! Two primary *processes* in one consistency group (the DESIGN hazard "several primary
-//! processes"): `site-a` serves export "log", `site-c` serves export "data", both
+//! Two primary *processes* in one consistency group (the hazard "several primary
+//! processes" of docs/design.md): `site-a` serves export "log", `site-c` serves export "data", both
 //! replicate to `site-b`. Their clocks are skewed on purpose
 //! (`TIDEMARK_TEST_CLOCK_OFFSET_MS`); the time base measures the skew over the link and
 //! commit-waits, so a write issued on one process after a write on the other completed

@@ -1,5 +1,5 @@
-//! One primary process replicating to two secondary *processes* (claims 15–17, the DESIGN
-//! hazard "several remote systems"): export "log" goes to `site-b` (which runs the
+//! One primary process replicating to two secondary *processes* (claims 15–17, the
+//! hazard "several remote systems" of docs/design.md): export "log" goes to `site-b` (which runs the
 //! orderer), export "data" to `site-d`. `site-d`'s remote unit reports its run head to
 //! the orderer over the authenticated UDP link, and a limit is applied only once it is
 //! durable on both.

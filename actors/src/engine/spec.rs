@@ -177,7 +177,8 @@ impl EngineBuilder {
         })
     }
 
-    /// The system that runs the group's orderer (default: the first secondary).
+    /// The system that runs the group's orderer (default: the first pair's remote
+    /// system).
     pub fn orderer(&mut self, system: SystemId) -> &mut Self {
         self.orderer = Some(system);
         self

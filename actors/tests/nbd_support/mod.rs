@@ -224,31 +224,6 @@ impl Drop for Harness {
     }
 }
 
-/// Whether every program is installed; if not, says which are missing (the test then
-/// skips).
-pub fn have(programs: &[&str]) -> bool {
-    let missing: Vec<&str> = programs
-        .iter()
-        .copied()
-        .filter(|p| {
-            Command::new(p)
-                .arg("--version")
-                .output()
-                .map(|o| !o.status.success())
-                .unwrap_or(true)
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED: NBD client program(s) not installed: {} \
-         (apt-get install qemu-utils libnbd-bin fio)",
-        missing.join(", ")
-    );
-    false
-}
-
 /// Runs a program; fails the test with its output unless it exits 0.
 pub fn run(program: &str, args: &[&str]) -> Output {
     let out = Command::new(program)
@@ -289,3 +264,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> PathBuf {
     std::fs::write(path, bytes).expect("write image file");
     path.to_path_buf()
 }
+
+mod programs;
+#[allow(unused_imports)] // not every test file uses it
+pub use programs::have;

@@ -432,3 +432,28 @@ fn nbd_listen_is_kept_for_primaries_and_secondaries() {
     assert_eq!(c.systems[1].nbd_listen.as_deref(), Some("unix:/run/b.sock"));
     assert_eq!(parse(EXAMPLE).expect("example").systems[1].nbd_listen, None);
 }
+
+#[test]
+fn nbd_listen_is_checked_at_load_and_a_relative_socket_is_relative_to_the_config() {
+    let with = |value: &str| {
+        EXAMPLE.replacen(
+            "journal_dir = \"run/site-b/journal\"\n",
+            &format!("journal_dir = \"run/site-b/journal\"\nnbd_listen = {value:?}\n"),
+            1,
+        )
+    };
+    let c = parse(&with("unix:run/b.sock")).expect("a relative unix socket is valid");
+    assert_eq!(
+        c.systems[1].nbd_listen.as_deref(),
+        Some("unix:/etc/tm/run/b.sock")
+    );
+    for bad_value in ["nowhere", "unix:", "127.0.0.1"] {
+        match parse(&with(bad_value)) {
+            Err(EngineError::Config(m)) => assert!(m.contains("nbd_listen"), "{bad_value}: {m}"),
+            other => panic!(
+                "nbd_listen = {bad_value:?} was accepted: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+}

@@ -616,27 +616,7 @@ pub fn wait_receiving(
     }
 }
 
-/// Whether every program is installed; if not, says which are missing (the test then
-/// skips).
-pub fn have(programs: &[&str]) -> bool {
-    let missing: Vec<&str> = programs
-        .iter()
-        .copied()
-        .filter(|p| {
-            Command::new(p)
-                .arg("--version")
-                .output()
-                .map(|o| !o.status.success())
-                .unwrap_or(true)
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED: NBD client program(s) not installed: {} \
-         (apt-get install qemu-utils libnbd-bin fio)",
-        missing.join(", ")
-    );
-    false
-}
+#[path = "../../../actors/tests/nbd_support/programs.rs"]
+mod programs;
+#[allow(unused_imports)] // not every test file uses it
+pub use programs::have;
