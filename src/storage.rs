@@ -2,6 +2,11 @@
 //! an in-memory one for tests and simulations.
 //!
 //! Every access is range-checked against the unit's size before it touches anything.
+//!
+//! A unit may be sparse: [`BlockStore::allocated`] names the ranges that may hold data
+//! (everything else reads as zeros), so an initial copy can skip the rest, and
+//! [`FileStore::write_zeroes`] deallocates the range where the file system can, so a
+//! replicated trim does not cost space on the remote.
 
 use crate::packet::Payload;
 use crate::types::Offset;
@@ -38,18 +43,21 @@ pub trait BlockStore: Send + Sync {
     fn size(&self) -> u64;
     fn read_at(&self, offset: Offset, buf: &mut [u8]) -> Result<(), StoreError>;
     fn write_at(&self, offset: Offset, data: &[u8]) -> Result<(), StoreError>;
-    /// Writes `len` zero bytes at `offset`.
+    /// Makes `len` bytes at `offset` read as zeros; the unit's size does not change.
+    /// Whether the range stays allocated is the store's choice. Nothing is changed if the
+    /// range is not inside the unit.
     fn write_zeroes(&self, offset: Offset, len: u64) -> Result<(), StoreError> {
         check(self.size(), offset, len)?;
-        const CHUNK: u64 = 1 << 16;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            self.write_at(Offset(offset.0 + done), &zeros[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        fill_zeroes(self, offset, len)
+    }
+    /// The byte ranges that may hold data (offset, len), in order, not overlapping, within
+    /// the unit; everything outside them reads as zeros. Default: the whole unit.
+    ///
+    /// Every range is non-empty and no two touch (adjacent ranges are merged). The answer
+    /// describes the unit at the time of the call: a write racing with it may or may not
+    /// be covered.
+    fn allocated(&self) -> Result<Vec<(Offset, u64)>, StoreError> {
+        Ok(whole(self.size()))
     }
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
@@ -60,6 +68,42 @@ pub trait BlockStore: Send + Sync {
             Payload::Write { offset, data } => self.write_at(*offset, data),
             Payload::Zero { offset, len } => self.write_zeroes(*offset, *len),
         }
+    }
+}
+
+/// Writes `len` zero bytes at `offset` through [`BlockStore::write_at`], in chunks of
+/// [`ZERO_CHUNK`]: the range ends up allocated and reading as zeros.
+fn fill_zeroes<S: BlockStore + ?Sized>(s: &S, offset: Offset, len: u64) -> Result<(), StoreError> {
+    let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = ZERO_CHUNK.min(len - done);
+        s.write_at(Offset(offset.0 + done), &zeros[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The chunk size of [`fill_zeroes`] and the granularity of [`MemStore::allocated`].
+const ZERO_CHUNK: u64 = 1 << 16;
+
+/// The whole of a unit of `size` bytes as an extent list: one extent, or none if empty.
+fn whole(size: u64) -> Vec<(Offset, u64)> {
+    if size == 0 {
+        Vec::new()
+    } else {
+        vec![(Offset(0), size)]
+    }
+}
+
+/// Appends the non-empty `[start, end)` to `extents`, whose last extent ends at or before
+/// `start`, merging the two if they touch: the list stays ordered, without overlaps and
+/// without adjacent extents.
+fn push_extent(extents: &mut Vec<(Offset, u64)>, start: u64, end: u64) {
+    debug_assert!(start < end);
+    match extents.last_mut() {
+        Some((o, l)) if o.0 + *l == start => *l = end - o.0,
+        _ => extents.push((Offset(start), end - start)),
     }
 }
 
@@ -184,12 +228,167 @@ impl BlockStore for FileStore {
             .map_err(|e| self.io(e))
     }
 
+    /// Makes the range read as zeros without allocating it: the file system deallocates it
+    /// (a hole, size kept) where it can, and zeros are written where it cannot. Like a
+    /// write, the result is durable after the next [`flush`](BlockStore::flush).
+    /// Nothing is changed if the store is read-only or the range is not inside the unit.
+    fn write_zeroes(&self, offset: Offset, len: u64) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        check(self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if sparse::punch_hole(&self.file, offset.0, len).map_err(|e| self.io(e))? {
+            return Ok(());
+        }
+        fill_zeroes(self, offset, len)
+    }
+
+    /// The file's data extents as the file system reports them (`SEEK_DATA`/`SEEK_HOLE`),
+    /// clamped to the unit's size. Where the file system cannot tell, the whole unit;
+    /// file systems without hole tracking report the whole file as data.
+    fn allocated(&self) -> Result<Vec<(Offset, u64)>, StoreError> {
+        match sparse::data_extents(&self.file, self.size).map_err(|e| self.io(e))? {
+            Some(extents) => Ok(extents),
+            None => Ok(whole(self.size)),
+        }
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         if self.read_only {
             // Nothing was written through this store.
             return Ok(());
         }
         self.file.sync_data().map_err(|e| self.io(e))
+    }
+}
+
+/// Hole-aware file operations (Linux: `lseek(SEEK_DATA/SEEK_HOLE)` and
+/// `fallocate(PUNCH_HOLE)`). Each says when the file system cannot do it, so the caller
+/// falls back to the dense behaviour.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod sparse {
+    use super::{push_extent, Offset};
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    /// Errors meaning "this file (system) does not do that", as opposed to a failure.
+    fn unsupported(e: &io::Error) -> bool {
+        // EOPNOTSUPP and ENOTSUP are the same number on Linux.
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::ENODEV | libc::ESPIPE)
+        )
+    }
+
+    /// An offset the kernel can take; one it cannot is reported as unsupported.
+    fn off(v: u64) -> io::Result<libc::off_t> {
+        libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    /// `lseek(file, offset, whence)`: the resulting position, or `None` for ENXIO (for
+    /// `SEEK_DATA`: no data at or after `offset`; for `SEEK_HOLE`: `offset` is past the
+    /// end of the file). Moves the descriptor's position, which positional I/O ignores.
+    fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let offset = off(offset)?;
+        // SAFETY: lseek takes no pointers; the descriptor belongs to `file`, which stays
+        // open for the whole call.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// The data extents of `file`'s first `size` bytes: ordered, non-empty, not touching,
+    /// clamped to `size`, covering every byte that may not read as zero. `None` if the
+    /// file system cannot tell (or answers inconsistently), so the caller must assume
+    /// data everywhere.
+    pub(super) fn data_extents(file: &File, size: u64) -> io::Result<Option<Vec<(Offset, u64)>>> {
+        let mut extents = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let start = match seek(file, pos, libc::SEEK_DATA) {
+                Ok(Some(start)) => start,
+                Ok(None) => break,
+                Err(e) if unsupported(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if start < pos {
+                return Ok(None);
+            }
+            if start >= size {
+                break;
+            }
+            let end = match seek(file, start, libc::SEEK_HOLE) {
+                Ok(Some(end)) => end,
+                // The file shrank between the two calls: assume data up to the unit's end.
+                Ok(None) => size,
+                Err(e) if unsupported(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if end <= start {
+                return Ok(None);
+            }
+            let end = end.min(size);
+            push_extent(&mut extents, start, end);
+            pos = end;
+        }
+        Ok(Some(extents))
+    }
+
+    /// Deallocates `len` (> 0) bytes at `offset` of `file`, keeping its size; the range
+    /// then reads as zeros. `Ok(false)` if the file system cannot, and nothing changed.
+    pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+        let (Ok(offset), Ok(len)) = (off(offset), off(len)) else {
+            return Ok(false);
+        };
+        loop {
+            // SAFETY: fallocate takes no pointers; the descriptor belongs to `file`, which
+            // stays open for the whole call.
+            let r = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+            };
+            if r == 0 {
+                return Ok(true);
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return if unsupported(&e) { Ok(false) } else { Err(e) };
+        }
+    }
+}
+
+/// Without hole support every file is dense: whole-unit extents, zeros written.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod sparse {
+    use super::Offset;
+    use std::fs::File;
+    use std::io;
+
+    pub(super) fn data_extents(_: &File, _: u64) -> io::Result<Option<Vec<(Offset, u64)>>> {
+        Ok(None)
+    }
+
+    pub(super) fn punch_hole(_: &File, _: u64, _: u64) -> io::Result<bool> {
+        Ok(false)
     }
 }
 
@@ -248,101 +447,27 @@ impl BlockStore for MemStore {
         Ok(())
     }
 
+    /// The runs of 64 KiB chunks (the last one possibly shorter) that hold a non-zero
+    /// byte: exact at chunk granularity, so a simulation sees a sparse unit the way a
+    /// file system with 64 KiB blocks would report it.
+    fn allocated(&self) -> Result<Vec<(Offset, u64)>, StoreError> {
+        let b = self.lock();
+        let mut extents = Vec::new();
+        let mut start = 0u64;
+        for chunk in b.chunks(ZERO_CHUNK as usize) {
+            let end = start + chunk.len() as u64;
+            if chunk.iter().any(|&x| x != 0) {
+                push_extent(&mut extents, start, end);
+            }
+            start = end;
+        }
+        Ok(extents)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn exercise(s: &dyn BlockStore) {
-        s.write_at(Offset(10), b"abcdef").expect("in range");
-        s.write_zeroes(Offset(12), 2).expect("in range");
-        let mut buf = [0u8; 6];
-        s.read_at(Offset(10), &mut buf).expect("in range");
-        assert_eq!(&buf, b"ab\0\0ef");
-        assert!(matches!(
-            s.write_at(Offset(4094), b"abc"),
-            Err(StoreError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            s.write_at(Offset(u64::MAX), b"a"),
-            Err(StoreError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            s.write_zeroes(Offset(4000), 100),
-            Err(StoreError::OutOfRange { .. })
-        ));
-        s.flush().expect("flush");
-    }
-
-    #[test]
-    fn mem_store() {
-        exercise(&MemStore::new(4096));
-    }
-
-    #[test]
-    fn file_store_creates_and_checks_size() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("u.img");
-        let s = FileStore::open_or_create(&p, 4096).expect("create");
-        exercise(&s);
-        drop(s);
-        assert!(
-            FileStore::open_or_create(&p, 4096).is_ok(),
-            "reopen same size"
-        );
-        match FileStore::open_or_create(&p, 8192) {
-            Err(StoreError::SizeMismatch { found, want, .. }) => {
-                assert_eq!((found, want), (4096, 8192))
-            }
-            other => panic!("expected a size mismatch, got {other:?}"),
-        }
-        assert_eq!(
-            std::fs::metadata(&p).expect("meta").len(),
-            4096,
-            "untouched"
-        );
-    }
-
-    #[test]
-    fn a_read_only_file_store_reads_and_never_writes() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("u.img");
-        let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(&p, &bytes).expect("write");
-        // No write permission at all: opening must not ask for it.
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).expect("chmod");
-        let s = FileStore::open_read_only(&p, 4096).expect("open read-only");
-        assert!(s.is_read_only());
-        let mut buf = [0u8; 100];
-        s.read_at(Offset(1000), &mut buf).expect("read");
-        assert_eq!(&buf[..], &bytes[1000..1100]);
-        for r in [
-            s.write_at(Offset(0), b"x"),
-            s.write_zeroes(Offset(0), 512),
-            s.apply(&crate::packet::Payload::Write {
-                offset: Offset(8),
-                data: bytes::Bytes::from_static(b"abc"),
-            }),
-        ] {
-            assert!(matches!(r, Err(StoreError::ReadOnly { .. })), "{r:?}");
-        }
-        s.flush().expect("flush");
-        assert_eq!(std::fs::read(&p).expect("read"), bytes, "unchanged");
-        // Never created, never resized.
-        assert!(matches!(
-            FileStore::open_read_only(&dir.path().join("missing.img"), 4096),
-            Err(StoreError::Io { .. })
-        ));
-        assert!(!dir.path().join("missing.img").exists());
-        assert!(matches!(
-            FileStore::open_read_only(&p, 8192),
-            Err(StoreError::SizeMismatch { .. })
-        ));
-        assert_eq!(std::fs::metadata(&p).expect("meta").len(), 4096);
-    }
-}
+mod tests;
