@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use clock::{HybridClock, WallClock};
 pub use order::{OrderAction, OrderError, Orderer};
-pub use packet::{Ack, HeadReport, Heartbeat, Message, Packet, Payload, SeqRange};
+pub use packet::{Ack, HeadReport, Heartbeat, Mark, Message, Packet, Payload, SeqRange};
 pub use run::{Received, RunTracker};
 pub use ship::{Rtt, Sender};
 pub use storage::{BlockStore, FileStore, MemStore, StoreError};

@@ -5,13 +5,40 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// What a data packet does to the remote unit when applied. Applying is idempotent.
+///
+/// The order of the variants is part of the wire and journal formats (postcard encodes
+/// the variant's index): new variants go at the end, so every older encoding still
+/// decodes to the same payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     /// Write `data` at `offset`.
     Write { offset: Offset, data: Bytes },
     /// Write `len` zero bytes at `offset` (write-zeroes and trim are replicated as this).
     Zero { offset: Offset, len: u64 },
+    /// A mark in a pair's ordered stream. It touches no bytes of the unit; the remote
+    /// records the pair's state when it applies it (so the state changes exactly between
+    /// the packets before and after it).
+    ///
+    /// It is an ordinary sequenced packet: stamped, journaled, retransmitted and applied
+    /// in `seq` order like a write, with length 0 ([`Payload::len`]) at offset 0.
+    Mark(Mark),
 }
+
+/// What a [`Payload::Mark`] says about the pair's stream at its place in it. The order
+/// of the variants is part of the wire and journal formats (append only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mark {
+    /// An initial sync begins: from here on, until [`Mark::SyncDone`], the remote unit
+    /// is not a consistent cut.
+    SyncBegin,
+    /// The initial sync is complete: every region of the local unit was shipped before
+    /// this mark, so once it is applied the remote unit is part of a consistent cut.
+    SyncDone,
+}
+
+/// Bytes of the postcard encoding of any [`Payload::Mark`]: the payload's variant index
+/// and the mark's, one varint byte each (pinned by a test).
+const MARK_WIRE_LEN: usize = 2;
 
 impl Payload {
     /// Bytes of the unit this payload touches.
@@ -19,22 +46,34 @@ impl Payload {
         match self {
             Payload::Write { data, .. } => data.len() as u64,
             Payload::Zero { len, .. } => *len,
+            Payload::Mark(_) => 0,
         }
     }
 
+    /// Whether it touches no byte of the unit (a mark, or an empty write or zero range).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Where the bytes it touches start; `Offset(0)` for a mark (which touches none).
     pub fn offset(&self) -> Offset {
         match self {
             Payload::Write { offset, .. } | Payload::Zero { offset, .. } => *offset,
+            Payload::Mark(_) => Offset(0),
+        }
+    }
+
+    /// The mark, if this payload is one.
+    pub fn mark(&self) -> Option<Mark> {
+        match self {
+            Payload::Mark(m) => Some(*m),
+            Payload::Write { .. } | Payload::Zero { .. } => None,
         }
     }
 
     /// This payload as pieces of at most `max` bytes of data each (`max` at least 1), in
     /// order: applying them in order does what applying it does. The data is shared, not
-    /// copied. A zero payload carries no data and stays whole.
+    /// copied. A zero payload carries no data and stays whole, and so does a mark.
     pub fn split(self, max: usize) -> Vec<Payload> {
         let max = max.max(1);
         match self {
@@ -49,11 +88,14 @@ impl Payload {
         }
     }
 
-    /// Bytes this payload occupies in memory and on the wire (roughly).
+    /// Bytes this payload occupies in memory and on the wire (roughly; at least its
+    /// encoding, exactly it for a mark). Never 0, so byte accounting (windows, the
+    /// congestion window) sees every packet.
     pub fn wire_len(&self) -> usize {
         match self {
             Payload::Write { data, .. } => data.len() + 16,
             Payload::Zero { .. } => 24,
+            Payload::Mark(_) => MARK_WIRE_LEN,
         }
     }
 }
@@ -178,5 +220,69 @@ mod tests {
             len: 1 << 30,
         };
         assert_eq!(zero.clone().split(4096), vec![zero]);
+    }
+
+    #[test]
+    fn a_mark_is_empty_whole_and_its_wire_len_is_its_encoding() {
+        for mark in [Mark::SyncBegin, Mark::SyncDone] {
+            let p = Payload::Mark(mark);
+            assert_eq!(p.len(), 0);
+            assert!(p.is_empty());
+            assert_eq!(p.offset(), Offset(0));
+            assert_eq!(p.mark(), Some(mark));
+            assert_eq!(p.clone().split(1), vec![p.clone()]);
+            assert_eq!(p.clone().split(0), vec![p.clone()]);
+            let bytes = postcard::to_allocvec(&p).unwrap();
+            assert_eq!(p.wire_len(), bytes.len(), "{mark:?}");
+            assert_eq!(postcard::from_bytes::<Payload>(&bytes).unwrap(), p);
+        }
+        // Appended after the older variants: their indices (and encodings) are unchanged.
+        assert_eq!(
+            postcard::to_allocvec(&Payload::Mark(Mark::SyncBegin)).unwrap(),
+            [2, 0]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&Payload::Mark(Mark::SyncDone)).unwrap(),
+            [2, 1]
+        );
+        let zero = Payload::Zero {
+            offset: Offset(1),
+            len: 2,
+        };
+        assert_eq!(postcard::to_allocvec(&zero).unwrap(), [1, 1, 2]);
+        assert_eq!(zero.mark(), None);
+        // Every payload's wire_len covers its encoding.
+        let write = Payload::Write {
+            offset: Offset(u64::MAX),
+            data: Bytes::from(vec![7u8; 300]),
+        };
+        let zero = Payload::Zero {
+            offset: Offset(u64::MAX),
+            len: u64::MAX,
+        };
+        for p in [write, zero] {
+            assert!(
+                p.wire_len() >= postcard::to_allocvec(&p).unwrap().len(),
+                "{p:?}"
+            );
+        }
+    }
+
+    /// Applying a mark touches no byte, even of an empty unit.
+    #[test]
+    fn applying_a_mark_changes_nothing() {
+        use crate::storage::{BlockStore, MemStore};
+        for size in [0, 4096] {
+            let unit = MemStore::new(size);
+            if size > 0 {
+                unit.write_at(Offset(0), &[7u8; 4096]).unwrap();
+            }
+            for mark in [Mark::SyncBegin, Mark::SyncDone] {
+                unit.apply(&Payload::Mark(mark)).unwrap();
+            }
+            let mut back = vec![0u8; size as usize];
+            unit.read_at(Offset(0), &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 7), "size {size}");
+        }
     }
 }

@@ -7,6 +7,8 @@
 //!   greater than the one before (the caller stamps from the hybrid clock, in order);
 //!   so the packets kept are contiguous in `seq` and one is found by `seq - front`;
 //! - a packet is forgotten only when an acknowledgement covers it cumulatively (I3);
+//! - a packet's payload never changes once it may have been sent: only a held packet
+//!   (above the written point, never on the wire) can be filled ([`Sender::fill_held`]);
 //! - a heartbeat's stamp promises no later packet has a time stamp at or below it;
 //! - flow control: a packet goes on the wire for the first time only at or below
 //!   [`Sender::send_window`]: the highest receive window the remote unit advertised
@@ -549,6 +551,37 @@ impl Sender {
         stamp
     }
 
+    /// Replaces the payload of the held packet `seq` (pushed with [`Sender::push_held`],
+    /// not yet covered by [`Sender::mark_written`]) with `payload`; its stamp stays. The
+    /// unacknowledged bytes ([`Sender::unacked_bytes`]) follow the new payload's size
+    /// exactly; nothing else counts a held packet's bytes (it is not in flight). Returns
+    /// false, changing nothing, if there is no such packet: `seq` not handed out (or
+    /// dropped with [`Sender::drop_held`]), already covered by `mark_written` (so it may
+    /// have been sent), or acknowledged.
+    ///
+    /// Invariant: a packet's payload never changes once it may have been sent.
+    /// `poll_transmit` puts nothing above the written point on the wire, and the written
+    /// point only moves forward, so a packet above it has never been sent, and only such
+    /// a packet is filled. (A caller may so stamp a packet first, to fix its place in the
+    /// pair's order, and supply its bytes before it lets the packet go.)
+    pub fn fill_held(&mut self, seq: Seq, payload: Payload) -> bool {
+        if seq <= self.writable || seq <= self.acked || seq > self.last.seq {
+            return false;
+        }
+        let i = position(&self.unacked, seq);
+        let unsent = self.unsent;
+        let Some(f) = self
+            .unacked
+            .get_mut(i)
+            .filter(|f| f.packet.stamp.seq == seq && f.sent.is_none() && i >= unsent)
+        else {
+            return false;
+        };
+        self.unacked_bytes = self.unacked_bytes - f.packet.payload.wire_len() + payload.wire_len();
+        f.packet.payload = payload;
+        true
+    }
+
     /// Lets held packets up to `seq` go on the wire.
     pub fn mark_written(&mut self, seq: Seq) {
         self.writable = self.writable.max(seq.min(self.last.seq));
@@ -1009,6 +1042,71 @@ mod tests {
         assert_eq!(next.seq, Seq(4));
         assert!(next.ts > Timestamp(50));
         assert_eq!(s.drop_held(), 0, "a pushed packet is writable");
+    }
+
+    #[test]
+    fn filling_a_held_packet_replaces_its_payload_and_keeps_the_bytes_exact() {
+        let mut s = sender();
+        let mark = Payload::Mark(crate::packet::Mark::SyncBegin);
+        let region = |n: u8, len: usize| Payload::Write {
+            offset: Offset(4096 * n as u64),
+            data: Bytes::from(vec![n; len]),
+        };
+        let empty = s.unacked_bytes();
+        let a = s.push_held(Timestamp(10), w(1));
+        let b = s.push_held(Timestamp(20), mark.clone());
+        let c = s.push_held(Timestamp(30), region(3, 0));
+        assert_eq!(
+            s.unacked_bytes(),
+            empty + w(1).wire_len() + mark.wire_len() + region(3, 0).wire_len()
+        );
+        // A placeholder filled with the region's bytes, larger; a mark filled too.
+        assert!(s.fill_held(c.seq, region(3, 4096)));
+        assert!(s.fill_held(b.seq, w(2)));
+        let want = empty + w(1).wire_len() + w(2).wire_len() + region(3, 4096).wire_len();
+        assert_eq!(s.unacked_bytes(), want);
+        // ...and smaller again: exact both ways.
+        assert!(s.fill_held(c.seq, region(3, 512)));
+        let want = want - region(3, 4096).wire_len() + region(3, 512).wire_len();
+        assert_eq!(s.unacked_bytes(), want);
+        assert_eq!(s.last(), c, "the stamps stay");
+        // Unknown seqs: nothing changes.
+        assert!(!s.fill_held(Seq(0), w(9)));
+        assert!(!s.fill_held(Seq(4), w(9)));
+        assert_eq!(s.unacked_bytes(), want);
+        // Written (so it may be sent): never again, sent or not.
+        s.mark_written(a.seq);
+        assert!(!s.fill_held(a.seq, w(9)));
+        assert_eq!(s.unacked_bytes(), want);
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        s.poll_transmit(t0, &mut out);
+        assert_eq!(seqs(&out), vec![1], "held packets stay off the wire");
+        s.mark_written(c.seq);
+        assert!(!s.fill_held(b.seq, w(9)));
+        assert!(!s.fill_held(c.seq, w(9)));
+        out.clear();
+        s.poll_transmit(t0, &mut out);
+        let payloads: Vec<Payload> = out.iter().map(|p| p.payload.clone()).collect();
+        assert_eq!(
+            payloads,
+            vec![w(2), region(3, 512)],
+            "the filled payloads went"
+        );
+        // Acknowledged: gone, and the bytes freed are the filled ones.
+        let freed = s.handle_ack(t0 + Duration::from_millis(1), &ack(3, &[]));
+        assert_eq!(freed, want - empty);
+        assert_eq!(s.unacked_bytes(), empty);
+        assert!(!s.fill_held(b.seq, w(9)));
+        // A filled packet dropped before it was written takes its filled bytes along.
+        let d = s.push_held(Timestamp(40), mark.clone());
+        assert!(s.fill_held(d.seq, region(4, 100)));
+        assert_eq!(s.drop_held(), 1);
+        assert_eq!(s.unacked_bytes(), empty);
+        assert!(
+            !s.fill_held(d.seq, w(9)),
+            "dropped: its seq is not handed out"
+        );
     }
 
     /// One step of a scenario; times in microseconds after the start.

@@ -67,6 +67,7 @@ pub trait BlockStore: Send + Sync {
         match payload {
             Payload::Write { offset, data } => self.write_at(*offset, data),
             Payload::Zero { offset, len } => self.write_zeroes(*offset, *len),
+            Payload::Mark(_) => Ok(()),
         }
     }
 }

@@ -12,17 +12,26 @@
 //! |   the crc covers the 4 length bytes and the body; length 0 is invalid    |
 //! +--------------------------------------------------------------------------+
 //! | frame ... (the first frame of every segment is a checkpoint: the length  |
-//! |   of the segment before it, then watermarks and limits)                  |
+//! |   of the segment before it, then watermarks, limits and pair states)     |
 //! +--------------------------------------------------------------------------+
 //! ```
 //!
 //! Header flags: bit 0 ([`FLAG_PREV_UNSYNCED`]) says the segment was started without
 //! syncing the one before it; every other bit must be 0.
 //!
+//! Versions: this build writes [`FORMAT_VERSION`] 2 and reads 1 and 2. Version 2 added
+//! pair states: a checkpoint holds them after the limits, and [`Record::PairState`] may
+//! follow. A version-1 segment's checkpoint is read without them (no pair has a state);
+//! its records decode as in version 2 (every older record keeps its encoding). A build
+//! that only knows version 1 refuses a version-2 segment by its header (corrupt, nothing
+//! changed) rather than reading a record it cannot decode as a torn tail and cutting it
+//! off, with every synced record after it; so a version-2 build never appends to a
+//! version-1 segment ([`Journal::open`](super::Journal::open) starts a new segment).
+//!
 //! Decoding checks bounds, length and checksum before it parses anything and never
 //! panics on any input.
 
-use super::state::{Record, State};
+use super::state::{Record, State, StateV1};
 use serde::{Deserialize, Serialize};
 
 /// The first frame of every segment.
@@ -35,6 +44,13 @@ pub(crate) struct Checkpoint {
     pub state: State,
 }
 
+/// A checkpoint of format version 1 (see [`StateV1`]).
+#[derive(Debug, Deserialize)]
+struct CheckpointV1 {
+    prev_len: u64,
+    state: StateV1,
+}
+
 /// The borrowed twin of [`Checkpoint`] (same wire format).
 #[derive(Serialize)]
 pub(crate) struct CheckpointRef<'a> {
@@ -45,8 +61,12 @@ pub(crate) struct CheckpointRef<'a> {
 /// The first 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"TDMKJRNL";
 
-/// The only segment format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The segment format version this build writes (2: pair states). It also reads every
+/// version from [`OLDEST_FORMAT_VERSION`] on.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest segment format version this build reads (1: before pair states).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Header flag: this segment was started (durably) while the segment before it, and
 /// possibly earlier ones, held records only written to the operating system, not synced.
@@ -65,6 +85,26 @@ pub(crate) enum Entry {
     /// First frame only.
     Checkpoint(Checkpoint),
     Record(Record),
+}
+
+/// What one frame of a version-1 segment holds: the same, but a checkpoint without pair
+/// states.
+#[derive(Debug, Deserialize)]
+enum EntryV1 {
+    Checkpoint(CheckpointV1),
+    Record(Record),
+}
+
+impl From<EntryV1> for Entry {
+    fn from(e: EntryV1) -> Entry {
+        match e {
+            EntryV1::Checkpoint(cp) => Entry::Checkpoint(Checkpoint {
+                prev_len: cp.prev_len,
+                state: cp.state.into(),
+            }),
+            EntryV1::Record(r) => Entry::Record(r),
+        }
+    }
 }
 
 /// The borrowed twin of [`Entry`]: serde encodes a reference exactly as the value, so
@@ -113,17 +153,46 @@ pub(crate) fn encode_header(segno: u64) -> [u8; HEADER_LEN] {
     encode_header_with(segno, 0)
 }
 
-/// The header of segment `segno` with header `flags`.
+/// The header of segment `segno` with header `flags`, of this build's version.
 pub(crate) fn encode_header_with(segno: u64, flags: u32) -> [u8; HEADER_LEN] {
+    encode_header_version(segno, flags, FORMAT_VERSION)
+}
+
+/// The header of segment `segno` with header `flags`, of format `version` (tests write
+/// older versions with it).
+pub(crate) fn encode_header_version(segno: u64, flags: u32, version: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&flags.to_le_bytes());
     // 24..28 reserved: zero.
     h[16..24].copy_from_slice(&segno.to_le_bytes());
     let crc = crc32c::crc32c(&h[..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// The first bytes of segment `segno` as a build of format version 1 wrote them: its
+/// header and a checkpoint without pair states (`state`'s are left out).
+#[cfg(test)]
+pub(crate) fn segment_start_v1(segno: u64, flags: u32, prev_len: u64, state: &State) -> Vec<u8> {
+    let mut out = encode_header_version(segno, flags, 1).to_vec();
+    // Entry::Checkpoint = 0, then the fields of the version-1 checkpoint in order.
+    let fields = (
+        0u8,
+        prev_len,
+        &state.released,
+        &state.applied,
+        state.limit,
+        state.prepared,
+    );
+    let body = postcard::to_allocvec(&fields).expect("a test checkpoint encodes");
+    let len = (body.len() as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &body);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
 }
 
 /// Why a header was rejected.
@@ -162,7 +231,7 @@ pub(crate) fn check_header(bytes: &[u8], segno: u64) -> Result<u32, HeaderError>
         return Err(HeaderError::Checksum);
     }
     let version = le32(&h[8..12]);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(HeaderError::Version(version));
     }
     let flags = le32(&h[12..16]);
@@ -174,6 +243,11 @@ pub(crate) fn check_header(bytes: &[u8], segno: u64) -> Result<u32, HeaderError>
         return Err(HeaderError::Segment(found));
     }
     Ok(flags)
+}
+
+/// The format version of a segment whose header [`check_header`] accepted.
+pub(crate) fn header_version(bytes: &[u8]) -> u32 {
+    bytes.get(8..12).map_or(FORMAT_VERSION, le32)
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -222,9 +296,17 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, entry: &EntryRef<'_>) -> Option<us
     Some(out.len() - start)
 }
 
-/// Decodes the frame at the start of `bytes`: the entry and the frame's length, or why
-/// these bytes are not a frame this build wrote.
+/// Decodes the frame at the start of `bytes`, of a segment of this build's version: the
+/// entry and the frame's length, or why these bytes are not a frame this build wrote.
+#[cfg(test)]
 pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Entry, usize), String> {
+    decode_frame_version(bytes, FORMAT_VERSION)
+}
+
+/// Decodes the frame at the start of `bytes`, of a segment of format `version` (one
+/// [`check_header`] accepts): the entry and the frame's length, or why these bytes are
+/// not a frame a build of that version wrote.
+pub(crate) fn decode_frame_version(bytes: &[u8], version: u32) -> Result<(Entry, usize), String> {
     let Some(head) = bytes.get(..FRAME_HEADER_LEN) else {
         return Err(format!(
             "{} bytes left, shorter than a frame header",
@@ -245,8 +327,13 @@ pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Entry, usize), String> {
     if crc != le32(&head[4..8]) {
         return Err("frame checksum mismatch".into());
     }
-    let (entry, rest) =
-        postcard::take_from_bytes::<Entry>(body).map_err(|e| format!("malformed frame: {e}"))?;
+    let malformed = |e: postcard::Error| format!("malformed frame: {e}");
+    let (entry, rest) = if version == 1 {
+        let (e, rest) = postcard::take_from_bytes::<EntryV1>(body).map_err(malformed)?;
+        (e.into(), rest)
+    } else {
+        postcard::take_from_bytes::<Entry>(body).map_err(malformed)?
+    };
     if !rest.is_empty() {
         return Err(format!("{} trailing bytes in frame", rest.len()));
     }
@@ -259,15 +346,19 @@ pub(crate) struct Frames<'a> {
     bytes: &'a [u8],
     pos: usize,
     done: bool,
+    /// The segment's format version, from its header.
+    version: u32,
 }
 
 impl<'a> Frames<'a> {
-    /// Frames of a whole segment file whose header was checked.
+    /// Frames of a whole segment file whose header was checked (its version says how
+    /// they decode).
     pub(crate) fn new(segment: &'a [u8]) -> Self {
         Frames {
             bytes: segment,
             pos: HEADER_LEN.min(segment.len()),
             done: false,
+            version: header_version(segment),
         }
     }
 
@@ -286,7 +377,7 @@ impl Iterator for Frames<'_> {
             return None;
         }
         let at = self.pos;
-        match decode_frame(&self.bytes[at..]) {
+        match decode_frame_version(&self.bytes[at..], self.version) {
             Ok((entry, len)) => {
                 self.pos += len;
                 Some(Ok((at as u64, entry)))

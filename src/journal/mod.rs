@@ -8,6 +8,10 @@
 //!   [`Record::Limit`] (and [`Record::Prepared`] when several remote systems must agree)
 //!   goes in and is synced before anything below it is applied (I4);
 //!   [`Record::Applied`] records the applied point.
+//! - **Both**: [`Record::PairState`] records what a pair is (initial sync, replication;
+//!   a consistent cut or not at the remote). The latest one is journal state like the
+//!   watermarks: every checkpoint carries it, so it outlives the segment it was written
+//!   in, and [`RecoveredPair::state`] returns it after a restart.
 //!
 //! # Use
 //!
@@ -92,21 +96,31 @@
 //! changes nothing. (The price of sealing unsynced: media corruption in a segment sealed
 //! unsynced and synced later, before the next unflagged segment, also reads as a tail.)
 //!
+//! A pair's state is the latest one recovery reads, the checkpoints included: a
+//! checkpoint was written after every record before it, so its states replace what
+//! came before. The one a torn tail took off stays lost unless a later checkpoint
+//! (durable) carries it, exactly as a watermark would.
+//!
+//! Segments of an older format version (see [`format`](mod@format)) are read as they
+//! are; if the last one is, `open` leaves it as it is (durable) and starts a new segment
+//! of this version for the appends.
+//!
 //! # Space
 //!
 //! A segment is sealed when the next record would take it past
 //! [`JournalOptions::segment_size`] (a segment holds at least one record, so one larger
 //! than the rest of a segment gets a segment of its own). Every new segment starts with a
-//! checkpoint of the watermarks and limits, so no older segment is needed for them. The
-//! oldest sealed segments are deleted (by `sync` and `open`) while the newest checkpoint
-//! covers every packet in them by its pair's `Released` or `Applied` watermark, so space
-//! comes back up to one segment later than the watermarks allow. When space is short
+//! checkpoint of the watermarks, limits and pair states, so no older segment is needed for
+//! them. The oldest sealed segments are deleted (by `sync` and `open`) while the newest
+//! checkpoint covers every packet in them by its pair's `Released` or `Applied`
+//! watermark, so space comes back up to one segment later than the watermarks allow.
+//! When space is short
 //! (less than a segment left, or an append was refused), a `sync` whose watermarks would
 //! free a segment starts a new segment at once instead of waiting for the active one to
 //! fill. [`JournalOptions::capacity`] bounds the bytes of all segments, synced or not; a
 //! batch with a packet that would pass it is refused with [`JournalError::Full`] and
 //! nothing changes (the caller applies back-pressure). A batch without packets
-//! (watermarks, limits) is never refused for space: it may use
+//! (watermarks, limits, pair states) is never refused for space: it may use
 //! [`JournalOptions::reserve`] bytes more, and once even the reserve is taken its records
 //! go into the in-memory state only, which the checkpoint of the next segment carries
 //! (the next `sync` starts that segment at once, so a limit still becomes durable when
@@ -122,8 +136,8 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use format::FORMAT_VERSION;
-pub use state::{Record, Recovered, RecoveredPair, TailRepair};
+pub use format::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
+pub use state::{PairState, Record, Recovered, RecoveredPair, TailRepair};
 
 use crate::types::{PairId, Seq, Stamp, Timestamp};
 use format::{CheckpointRef, EntryRef};
@@ -367,9 +381,11 @@ impl Journal {
         let plan = recovery::plan(dir, &listing, |segno| repair::read_segment(dir, segno))?;
         repair::apply(dir, &plan.repairs)?;
         let mut stats = JournalStats::default();
+        let mut sealed = plan.sealed;
+        let mut recovered = plan.recovered;
         let (active, active_cp) = match plan.active {
             // Made durable by the repairs, with every possibly unsynced segment.
-            Some(last) => {
+            Some(last) if last.version == format::FORMAT_VERSION => {
                 let file = repair::open_active(dir, last.info.segno)?;
                 let active = OpenSegment {
                     info: last.info,
@@ -380,6 +396,19 @@ impl Journal {
                     flags: last.flags,
                 };
                 (active, last.cp)
+            }
+            // Written by an older build: left as it is (durable, by the repairs, like
+            // every segment before it), and appends go to a new segment of this
+            // version, so no segment an older build would read holds a record it cannot
+            // decode (see `format`).
+            Some(old) => {
+                let segno = old.info.segno + 1;
+                let first = segment_start(segno, old.info.len, &plan.state);
+                let mut seg = OpenSegment::new(segno, first);
+                Self::write_segment(dir, &mut seg, &mut stats, true, 0)?;
+                sealed.push_back(old.info);
+                recovered.segments += 1;
+                (seg, plan.state.clone())
             }
             None => {
                 let mut seg = OpenSegment::new(1, segment_start(1, 0, &plan.state));
@@ -392,11 +421,11 @@ impl Journal {
         repair::delete(dir, &plan.delete)?;
         stats.segments_deleted = plan.delete.len() as u64;
 
-        let used = plan.sealed.iter().map(|s| s.len).sum::<u64>() + active.info.len;
+        let used = sealed.iter().map(|s| s.len).sum::<u64>() + active.info.len;
         let journal = Journal {
             dir: dir.to_path_buf(),
             options,
-            sealed: plan.sealed,
+            sealed,
             rotated: Vec::new(),
             lazily_sealed: Vec::new(),
             active,
@@ -410,7 +439,7 @@ impl Journal {
             unframed: false,
             stats,
         };
-        Ok((journal, plan.recovered))
+        Ok((journal, recovered))
     }
 
     /// Buffers `records`, all or none. Nothing is written before [`Journal::sync`].
@@ -824,5 +853,12 @@ impl Journal {
     /// Latest `Prepared` appended (synced or not).
     pub fn prepared(&self) -> Timestamp {
         self.state.prepared
+    }
+
+    /// Latest [`Record::PairState`] of `pair` appended (synced or not; `None`: never
+    /// recorded). Durable once synced, and then what [`Recovered`] returns after a
+    /// restart ([`RecoveredPair::state`]).
+    pub fn pair_state(&self, pair: PairId) -> Option<PairState> {
+        self.state.states.get(&pair).copied()
     }
 }

@@ -91,6 +91,8 @@ pub(super) struct Scanned {
     pub has_records: bool,
     /// Its header flags.
     pub flags: u32,
+    /// Its format version (after the repairs: a rewritten segment has this build's).
+    pub version: u32,
     /// The state its checkpoint holds.
     pub cp: State,
 }
@@ -186,6 +188,7 @@ struct Loaded {
     segno: u64,
     bytes: Vec<u8>,
     flags: u32,
+    version: u32,
     /// The length the segment before it had when it was started.
     prev_len: u64,
     cp: State,
@@ -201,6 +204,7 @@ fn load(dir: &Path, segno: u64, bytes: Vec<u8>) -> Result<Loaded, JournalError> 
         Some(Ok((_, Entry::Checkpoint(cp)))) => Ok(Loaded {
             segno,
             flags,
+            version: format::header_version(&bytes),
             prev_len: cp.prev_len,
             cp: cp.state,
             bytes,
@@ -336,6 +340,7 @@ impl Scan<'_> {
             },
             has_records: false,
             flags,
+            version: format::FORMAT_VERSION,
             cp,
         }
     }
@@ -348,6 +353,7 @@ impl Scan<'_> {
             segno,
             bytes,
             flags,
+            version,
             cp,
             ..
         } = loaded;
@@ -401,6 +407,7 @@ impl Scan<'_> {
             info,
             has_records,
             flags,
+            version,
             cp,
         })
     }

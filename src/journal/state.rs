@@ -26,6 +26,31 @@ pub enum Record {
     /// Remote, with several remote systems in the group: a limit the orderer announced and
     /// this system made durable (and acknowledged), not necessarily released yet.
     Prepared { ts: Timestamp },
+    /// Either side: `pair` is now in `state`. Unlike the watermarks a state does not only
+    /// move forward: the latest one appended is the pair's state (and once synced, the
+    /// one recovery returns), carried by every later checkpoint like the watermarks.
+    ///
+    /// Like a watermark, a state carried by the checkpoint of a segment that
+    /// [`Journal::write`](super::Journal::write) started survives a power loss that tears
+    /// unsynced records before it off an earlier segment (see the module documentation):
+    /// a state may outlive records appended before it. Where a state depends on earlier
+    /// records (the mark packet it follows, say), make those durable (`sync`) before
+    /// recording it.
+    PairState { pair: PairId, state: PairState },
+}
+
+/// What a pair's units are, as the journal records it ([`Record::PairState`]). The order
+/// of the variants is part of the on-disk format (append only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PairState {
+    /// Primary: the local unit is being copied to the remote (initial sync).
+    Syncing,
+    /// Primary: ordered replication (I1 at the remote once it is consistent).
+    Replicating,
+    /// Secondary: the remote unit is part of a consistent cut.
+    Consistent,
+    /// Secondary: an initial sync began and has not finished: not a cut.
+    Inconsistent,
 }
 
 impl Record {
@@ -35,6 +60,7 @@ impl Record {
             Record::Packet(p) => p.stamp.ts,
             Record::Released { stamp, .. } | Record::Applied { stamp, .. } => stamp.ts,
             Record::Limit { ts } | Record::Prepared { ts } => *ts,
+            Record::PairState { .. } => Timestamp::ZERO,
         }
     }
 }
@@ -55,15 +81,41 @@ fn advance(map: &mut BTreeMap<PairId, Stamp>, pair: PairId, stamp: Stamp) -> boo
     }
 }
 
-/// Everything besides the packets: per-pair watermarks and the latest limits. Every
-/// value only moves forward (a record that would move one back changes nothing). This
-/// is what a checkpoint at the start of each segment holds.
+/// Everything besides the packets: per-pair watermarks, the latest limits and the
+/// latest state of each pair. Every watermark and limit only moves forward (a record
+/// that would move one back changes nothing); a pair's state is the latest recorded,
+/// and once recorded a pair keeps one. This is what a checkpoint at the start of each
+/// segment holds (format version 2; [`StateV1`] is what version 1 held).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct State {
     pub released: BTreeMap<PairId, Stamp>,
     pub applied: BTreeMap<PairId, Stamp>,
     pub limit: Timestamp,
     pub prepared: Timestamp,
+    pub states: BTreeMap<PairId, PairState>,
+}
+
+/// The checkpoint state of format version 1 (before pair states): decoded from segments
+/// an older build wrote, never written.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StateV1 {
+    released: BTreeMap<PairId, Stamp>,
+    applied: BTreeMap<PairId, Stamp>,
+    limit: Timestamp,
+    prepared: Timestamp,
+}
+
+impl From<StateV1> for State {
+    /// The same watermarks and limits; no pair has a state yet.
+    fn from(v1: StateV1) -> State {
+        State {
+            released: v1.released,
+            applied: v1.applied,
+            limit: v1.limit,
+            prepared: v1.prepared,
+            states: BTreeMap::new(),
+        }
+    }
 }
 
 impl State {
@@ -85,10 +137,16 @@ impl State {
                 self.prepared = self.prepared.max(*ts);
                 None
             }
+            Record::PairState { pair, state } => {
+                self.states.insert(*pair, *state);
+                None
+            }
         }
     }
 
-    /// Folds in a checkpoint; calls `moved` for every pair whose watermark moved.
+    /// Folds in a checkpoint, which must be of a segment started after every record and
+    /// checkpoint folded in so far (recovery reads segments in order): its pair states
+    /// replace the ones held. Calls `moved` for every pair whose watermark moved.
     pub fn merge(&mut self, other: &State, mut moved: impl FnMut(PairId)) {
         for (&pair, &stamp) in &other.released {
             if advance(&mut self.released, pair, stamp) {
@@ -102,6 +160,9 @@ impl State {
         }
         self.limit = self.limit.max(other.limit);
         self.prepared = self.prepared.max(other.prepared);
+        for (&pair, &state) in &other.states {
+            self.states.insert(pair, state);
+        }
     }
 
     /// Every packet of `pair` at or below this seq may be forgotten.
@@ -137,6 +198,9 @@ pub struct RecoveredPair {
     /// The packets not covered by either watermark, in `seq` order, one per `seq` (the
     /// last one journaled wins). On a remote there may be gaps between them.
     pub live: Vec<Packet>,
+    /// The latest [`Record::PairState`] of the pair durable in the journal (`None`: never
+    /// recorded).
+    pub state: Option<PairState>,
 }
 
 impl RecoveredPair {
@@ -176,7 +240,7 @@ pub struct TailRepair {
 /// durable in the journal.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
-    /// Every pair with a watermark or a live packet.
+    /// Every pair with a watermark, a live packet or a state.
     pub pairs: BTreeMap<PairId, RecoveredPair>,
     /// Latest `Limit` (`Timestamp::ZERO` if none).
     pub limit: Timestamp,
@@ -259,6 +323,9 @@ impl Rebuild {
             if !held.is_empty() {
                 pairs.entry(pair).or_default().live = held.into_values().collect();
             }
+        }
+        for (&pair, &state) in &self.state.states {
+            pairs.entry(pair).or_default().state = Some(state);
         }
         Recovered {
             pairs,

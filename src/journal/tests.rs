@@ -181,8 +181,22 @@ impl Gen {
         (pair, self.stamp_of(pair, seq))
     }
 
+    /// A state for a random pair.
+    fn pair_state(&mut self) -> Record {
+        const STATES: [PairState; 4] = [
+            PairState::Syncing,
+            PairState::Replicating,
+            PairState::Consistent,
+            PairState::Inconsistent,
+        ];
+        Record::PairState {
+            pair: self.pair(),
+            state: STATES[self.rng.random_range(0..STATES.len())],
+        }
+    }
+
     fn record(&mut self) -> Record {
-        match self.rng.random_range(0..20) {
+        match self.rng.random_range(0..21) {
             0..=12 => self.packet(),
             13..=14 => {
                 let (pair, stamp) = self.watermark();
@@ -195,9 +209,10 @@ impl Gen {
             17..=18 => Record::Limit {
                 ts: Timestamp(self.ts.saturating_sub(self.rng.random_range(0..3_000))),
             },
-            _ => Record::Prepared {
+            19 => Record::Prepared {
                 ts: Timestamp(self.ts.saturating_sub(self.rng.random_range(0..3_000))),
             },
+            _ => self.pair_state(),
         }
     }
 }
@@ -210,6 +225,8 @@ struct Model {
     limit: Timestamp,
     prepared: Timestamp,
     packets: BTreeMap<PairId, BTreeMap<Seq, Packet>>,
+    /// The latest state of each pair.
+    states: BTreeMap<PairId, PairState>,
     max_ts: Timestamp,
 }
 
@@ -253,6 +270,9 @@ impl Model {
                 self.max_ts = self.max_ts.max(*ts);
                 self.prepared = self.prepared.max(*ts);
             }
+            Record::PairState { pair, state } => {
+                self.states.insert(*pair, *state);
+            }
         }
     }
 
@@ -271,6 +291,9 @@ impl Model {
                 pairs.entry(p).or_default().live = live;
             }
         }
+        for (&p, &state) in &self.states {
+            pairs.entry(p).or_default().state = Some(state);
+        }
         Recovered {
             pairs,
             limit: self.limit,
@@ -285,7 +308,8 @@ impl Model {
 /// Asserts that `got` is exactly the reduction of `records`, with a readable message.
 fn check(got: &Recovered, records: &[Record], ctx: &str) {
     let want = Model::of(records).expected();
-    let summary = |r: &Recovered| -> Vec<(PairId, Stamp, Stamp, Vec<u64>)> {
+    type Summary = (PairId, Stamp, Stamp, Vec<u64>, Option<PairState>);
+    let summary = |r: &Recovered| -> Vec<Summary> {
         r.pairs
             .iter()
             .map(|(p, s)| {
@@ -294,6 +318,7 @@ fn check(got: &Recovered, records: &[Record], ctx: &str) {
                     s.released,
                     s.applied,
                     s.live.iter().map(|p| p.stamp.seq.0).collect(),
+                    s.state,
                 )
             })
             .collect()
@@ -301,7 +326,7 @@ fn check(got: &Recovered, records: &[Record], ctx: &str) {
     assert_eq!(
         summary(got),
         summary(&want),
-        "{ctx}: pairs (released, applied, live seqs) after {} records",
+        "{ctx}: pairs (released, applied, live seqs, state) after {} records",
         records.len()
     );
     assert_eq!(
@@ -585,12 +610,13 @@ fn build(dir: &Path, o: JournalOptions, g: &mut Gen, n: usize) -> (Vec<Record>, 
         }
     }
     for _ in 0..30 {
-        let r = if g.rng.random_bool(0.8) {
-            g.packet()
-        } else {
-            Record::Limit {
+        let r = match g.rng.random_range(0..10) {
+            0..=6 => g.packet(),
+            7..=8 => Record::Limit {
                 ts: Timestamp(g.ts),
-            }
+            },
+            // Cutting the tail takes these off: the state before them wins.
+            _ => g.pair_state(),
         };
         push(&mut j, r);
     }
@@ -952,6 +978,35 @@ fn full_leaves_the_journal_unchanged_and_usable() {
         n += 1;
         assert!(n < 100_000, "{ctx}: control records never fill the reserve");
     }
+    // A batch of pair states only is a control batch too: folded, never refused.
+    let folded = j.stats().folded;
+    let states = [
+        Record::PairState {
+            pair: PairId(1),
+            state: PairState::Syncing,
+        },
+        Record::PairState {
+            pair: PairId(9),
+            state: PairState::Inconsistent,
+        },
+        Record::PairState {
+            pair: PairId(1),
+            state: PairState::Replicating,
+        },
+    ];
+    j.append(&states)
+        .unwrap_or_else(|e| panic!("{ctx}: pair states refused: {e}"));
+    assert_eq!(j.stats().folded, folded + 3, "{ctx}");
+    assert_eq!(
+        j.pair_state(PairId(1)),
+        Some(PairState::Replicating),
+        "{ctx}"
+    );
+    assert_eq!(
+        j.pair_state(PairId(9)),
+        Some(PairState::Inconsistent),
+        "{ctx}"
+    );
     assert!(
         j.used() <= o.capacity + o.reserve,
         "{ctx}: past the reserve"
@@ -965,6 +1020,16 @@ fn full_leaves_the_journal_unchanged_and_usable() {
         rec.limit,
         Timestamp(n - 1),
         "{ctx}: the folded limit is durable"
+    );
+    assert_eq!(
+        rec.pair(PairId(1)).and_then(|p| p.state),
+        Some(PairState::Replicating),
+        "{ctx}: the folded state is durable, the latest wins"
+    );
+    assert_eq!(
+        rec.pair(PairId(9)).map(|p| p.state),
+        Some(Some(PairState::Inconsistent)),
+        "{ctx}: a pair with only a state is recovered"
     );
 }
 
@@ -1002,10 +1067,27 @@ fn reclamation_deletes_covered_segments_and_recovery_keeps_what_matters() {
         let o = opts(4096, 4 << 20);
         let (mut j, _) = open(dir.path(), o);
         let mut g = Gen::new(seed, 3, 0);
-        // Limits only in the first segment: after reclamation only checkpoints know them.
+        // Limits and pair states only in the first segment: after reclamation only
+        // checkpoints know them. Pair 7 has nothing but a state.
         let mut records = vec![
             Record::Limit { ts: Timestamp(500) },
             Record::Prepared { ts: Timestamp(700) },
+            Record::PairState {
+                pair: PairId(0),
+                state: PairState::Syncing,
+            },
+            Record::PairState {
+                pair: PairId(7),
+                state: PairState::Inconsistent,
+            },
+            Record::PairState {
+                pair: PairId(0),
+                state: PairState::Replicating,
+            },
+            Record::PairState {
+                pair: PairId(7),
+                state: PairState::Consistent,
+            },
         ];
         for i in 0..300 {
             let len = g.rng.random_range(50..150);
@@ -1064,6 +1146,17 @@ fn reclamation_deletes_covered_segments_and_recovery_keeps_what_matters() {
             (Timestamp(500), Timestamp(700)),
             "{ctx}"
         );
+        assert_eq!(
+            j.pair_state(PairId(0)),
+            Some(PairState::Replicating),
+            "{ctx}"
+        );
+        assert_eq!(
+            j.pair_state(PairId(7)),
+            Some(PairState::Consistent),
+            "{ctx}"
+        );
+        assert_eq!(j.pair_state(PairId(1)), None, "{ctx}");
         assert_eq!(rec.pair(PairId(0)).unwrap().live.len(), 0, "{ctx}");
         assert_eq!(
             rec.pair(PairId(0)).unwrap().last(),
@@ -1094,6 +1187,15 @@ fn reclamation_deletes_covered_segments_and_recovery_keeps_what_matters() {
         assert_eq!(rec.live_packets(), 0, "{ctx}");
         assert_eq!(rec.segments, 1, "{ctx}");
         assert_eq!(rec.prepared, Timestamp(700), "{ctx}");
+        let state = |p: u32| rec.pair(PairId(p)).and_then(|p| p.state);
+        assert_eq!(state(0), Some(PairState::Replicating), "{ctx}");
+        assert_eq!(state(7), Some(PairState::Consistent), "{ctx}");
+        assert_eq!(state(1), None, "{ctx}");
+        assert_eq!(
+            rec.pair(PairId(7)).map(|p| (p.watermark(), p.live.len())),
+            Some((Seq::ZERO, 0)),
+            "{ctx}: a pair with only a state"
+        );
     }
 }
 
@@ -1300,7 +1402,7 @@ fn on_disk_format_is_pinned() {
     assert_eq!(
         format::encode_header(7)[..28],
         [
-            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
+            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
             0, 0, 0, 0, 0, 0, 0
         ]
     );
@@ -1340,6 +1442,23 @@ fn on_disk_format_is_pinned() {
         ),
         (Record::Limit { ts: Timestamp(9) }, vec![1, 3, 9]),
         (Record::Prepared { ts: Timestamp(9) }, vec![1, 4, 9]),
+        // Record::PairState = 5 (format version 2), pair 1, Inconsistent = 3.
+        (
+            Record::PairState {
+                pair: PairId(1),
+                state: PairState::Inconsistent,
+            },
+            vec![1, 5, 1, 3],
+        ),
+        // A mark packet: Mark = 2, SyncDone = 1.
+        (
+            Record::Packet(Packet {
+                pair: PairId(3),
+                stamp: Stamp::new(Timestamp(300), Seq(2)),
+                payload: Payload::Mark(crate::packet::Mark::SyncDone),
+            }),
+            vec![1, 0, 3, 0xac, 0x02, 2, 2, 1],
+        ),
     ];
     for (record, body) in cases {
         let mut out = Vec::new();
@@ -1355,19 +1474,49 @@ fn on_disk_format_is_pinned() {
         assert!(matches!(entry, format::Entry::Record(r) if r == record));
     }
     // A checkpoint: Entry::Checkpoint = 0, previous segment 300 bytes, released
-    // {1: (5, 4)}, applied {}, limit 6, prepared 7.
+    // {1: (5, 4)}, applied {}, limit 6, prepared 7, states {2: Syncing = 0}.
     let mut st = State::default();
     st.released
         .insert(PairId(1), Stamp::new(Timestamp(5), Seq(4)));
     st.limit = Timestamp(6);
     st.prepared = Timestamp(7);
+    st.states.insert(PairId(2), PairState::Syncing);
     let mut out = Vec::new();
     let cp = format::CheckpointRef {
         prev_len: 300,
         state: &st,
     };
     format::encode_frame(&mut out, &format::EntryRef::Checkpoint(cp)).unwrap();
-    assert_eq!(&out[8..], &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7]);
+    assert_eq!(&out[8..], &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7, 1, 2, 0]);
+    let (entry, _) = format::decode_frame(&out).unwrap();
+    assert!(matches!(entry, format::Entry::Checkpoint(c) if c.prev_len == 300 && c.state == st));
+
+    // Format version 1 (pinned as that build wrote it): the same checkpoint without
+    // states reads as one whose pairs have none; its records read as in version 2.
+    let v1 = format::segment_start_v1(7, 0, 300, &st);
+    assert_eq!(&v1[..HEADER_LEN], &format::encode_header_version(7, 0, 1));
+    assert_eq!(v1[8], 1, "version 1 in the header");
+    assert_eq!(&v1[HEADER_LEN + 8..], &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7]);
+    assert_eq!(format::check_header(&v1, 7), Ok(0));
+    assert_eq!(format::header_version(&v1), 1);
+    let mut frames = Frames::new(&v1);
+    let Some(Ok((_, format::Entry::Checkpoint(c)))) = frames.next() else {
+        panic!("the version-1 checkpoint does not decode");
+    };
+    let mut without = st.clone();
+    without.states.clear();
+    assert_eq!((c.prev_len, c.state), (300, without));
+    assert!(frames.next().is_none());
+    // A version-2 checkpoint in a version-1 segment is not one (trailing bytes).
+    assert!(format::decode_frame_version(&out, 1).is_err());
+    // Versions other than 1 and 2 are refused.
+    for v in [0, 3, u32::MAX] {
+        let h = format::encode_header_version(7, 0, v);
+        assert_eq!(
+            format::check_header(&h, 7),
+            Err(format::HeaderError::Version(v))
+        );
+    }
 }
 
 use proptest::collection::vec as any_vec;
@@ -1625,6 +1774,9 @@ proptest::proptest! {
     /// acknowledged last and pins every segment: every watermark is taken (in frames, in
     /// the reserve, or folded into the state past it) and, once written, the journal
     /// takes packets again; a reopen recovers the final watermarks and nothing released.
+    /// Pair states recorded in between, each on its own as a primary or remote would,
+    /// are never refused either, and the latest of each pair is recovered (pairs 5 and
+    /// up have nothing but states).
     #[test]
     fn a_full_journal_takes_the_watermarks_that_free_it(
         seg_kib in 4u64..32,
@@ -1634,7 +1786,16 @@ proptest::proptest! {
         len in 8usize..400,
         acks in any_vec((1u32..5, 1u64..6), 1..400),
         sync_each in any::<bool>(),
+        states in any_vec((0u32..7, 0usize..4), 0..60),
     ) {
+        const STATES: [PairState; 4] = [
+            PairState::Syncing,
+            PairState::Replicating,
+            PairState::Consistent,
+            PairState::Inconsistent,
+        ];
+        let mut latest: BTreeMap<PairId, PairState> = BTreeMap::new();
+        let mut states = states.into_iter();
         let dir = fast_tempdir();
         let o = JournalOptions { segment_size: seg_kib << 10, capacity: (seg_kib << 10) * segments, reserve };
         let (mut j, _) = open(dir.path(), o);
@@ -1657,6 +1818,11 @@ proptest::proptest! {
             .map(|&(p, n)| (1 + p % (pairs - 1), n))
             .chain((0..pairs).rev().map(|p| (p, u64::MAX)));
         for (p, n) in steps {
+            if let Some((sp, si)) = states.next() {
+                let rec = Record::PairState { pair: PairId(sp), state: STATES[si] };
+                j.append(&[rec]).unwrap_or_else(|e| panic!("state of pair {sp} refused: {e}"));
+                latest.insert(PairId(sp), STATES[si]);
+            }
             let seq = released[p as usize].saturating_add(n).min(last[p as usize]);
             if seq == released[p as usize] {
                 continue;
@@ -1671,7 +1837,7 @@ proptest::proptest! {
         j.append(&[packet_of(0, last[0] + 1, len)]).unwrap_or_else(|e| panic!("after release: {e}"));
         j.sync().unwrap();
         drop(j);
-        let (_, r) = open(dir.path(), o);
+        let (reopened, r) = open(dir.path(), o);
         for p in 0..pairs {
             let rp = &r.pairs[&PairId(p)];
             proptest::prop_assert_eq!(rp.released, stamp(p, last[p as usize]));
@@ -1679,6 +1845,114 @@ proptest::proptest! {
             let want = if p == 0 { vec![last[0] + 1] } else { vec![] };
             proptest::prop_assert_eq!(live, want);
         }
+        for p in 0..7 {
+            let got = r.pairs.get(&PairId(p)).and_then(|rp| rp.state);
+            proptest::prop_assert_eq!(got, latest.get(&PairId(p)).copied(), "pair {}", p);
+            proptest::prop_assert_eq!(reopened.pair_state(PairId(p)), got);
+        }
+    }
+}
+
+/// A journal an older build wrote (format version 1: checkpoints without pair states)
+/// opens: its records are recovered as they were, no pair has a state, and its segments
+/// stay as they are (a torn tail is cut as ever); appends go to a new segment of version
+/// 2, so a build that only knows version 1 refuses the journal by its header rather than
+/// misreading a record it cannot decode as a torn tail.
+#[test]
+fn a_version_1_journal_is_read_and_continued_in_a_new_segment() {
+    let dir = tempdir();
+    let o = opts(4096, 1 << 20);
+    let mut g = Gen::new(81, 3, 0);
+    let mut records = Vec::new();
+    let mut state = State::default();
+    let mut prev_len = 0;
+    let mut seg2_start = 0;
+    for segno in 1..=2u64 {
+        let mut bytes = format::segment_start_v1(segno, 0, prev_len, &state);
+        seg2_start = bytes.len();
+        let mut batch: Vec<Record> = (0..12).map(|i| g.packet_for(PairId(i % 3), 50)).collect();
+        if segno == 1 {
+            batch.push(Record::Limit { ts: Timestamp(40) });
+        } else {
+            batch.push(Record::Released {
+                pair: PairId(0),
+                stamp: g.stamp_of(PairId(0), 2),
+            });
+            batch.push(Record::Applied {
+                pair: PairId(1),
+                stamp: g.stamp_of(PairId(1), 1),
+            });
+            batch.push(Record::Prepared { ts: Timestamp(30) });
+        }
+        for r in batch {
+            format::encode_frame(&mut bytes, &format::EntryRef::Record(&r)).unwrap();
+            state.apply(&r);
+            records.push(r);
+        }
+        prev_len = bytes.len() as u64;
+        fs::write(seg_path(dir.path(), segno), &bytes).unwrap();
+    }
+    let before = snapshot(dir.path());
+
+    for torn in [false, true] {
+        let ctx = if torn { "torn version 1" } else { "version 1" };
+        restore(dir.path(), &before);
+        let mut records = records.clone();
+        if torn {
+            // The last record of segment 2 torn by a crash.
+            let bytes = &before[&format::segment_name(2)];
+            let last = *frames_of(bytes).last().unwrap();
+            fs::write(seg_path(dir.path(), 2), &bytes[..(last.0 + 3) as usize]).unwrap();
+            records.pop();
+        }
+        let (mut j, rec) = open(dir.path(), o);
+        check(&rec, &records, ctx);
+        assert_eq!(rec.tail.is_some(), torn, "{ctx}");
+        assert!(rec.pairs.values().all(|p| p.state.is_none()), "{ctx}");
+        assert_eq!(rec.segments, 3, "{ctx}");
+        assert_eq!(segment_files(dir.path()), vec![1, 2, 3], "{ctx}");
+        let one = format::segment_name(1);
+        assert_eq!(
+            fs::read(dir.path().join(&one)).unwrap(),
+            before[&one],
+            "{ctx}"
+        );
+        let two = fs::read(seg_path(dir.path(), 2)).unwrap();
+        assert!(before[&format::segment_name(2)].starts_with(&two), "{ctx}");
+        assert!(two.len() > seg2_start, "{ctx}");
+        let head = fs::read(seg_path(dir.path(), 3)).unwrap();
+        assert_eq!(format::check_header(&head, 3), Ok(0), "{ctx}");
+        assert_eq!(format::header_version(&head), FORMAT_VERSION, "{ctx}");
+        assert_eq!(j.position().0, 3, "{ctx}");
+        // New records, pair states among them, go to segment 3.
+        let more = vec![
+            Record::PairState {
+                pair: PairId(0),
+                state: PairState::Syncing,
+            },
+            g.packet_for(PairId(2), 10),
+            Record::PairState {
+                pair: PairId(5),
+                state: PairState::Inconsistent,
+            },
+        ];
+        j.append(&more).unwrap();
+        j.sync().unwrap();
+        records.extend(more);
+        assert_eq!(j.position().0, 3, "{ctx}");
+        drop(j);
+        let (j, rec) = open(dir.path(), o);
+        check(&rec, &records, &format!("{ctx}, continued"));
+        assert_eq!(
+            rec.segments, 3,
+            "{ctx}: the last segment is of this version"
+        );
+        assert_eq!(
+            j.pair_state(PairId(5)),
+            Some(PairState::Inconsistent),
+            "{ctx}"
+        );
+        g.history.get_mut(&PairId(2)).unwrap().pop();
     }
 }
 

@@ -396,3 +396,33 @@ fn parts_overlapping_differently_still_complete() {
     assert_eq!(p.cover(40, 100), 60);
     assert!(p.complete());
 }
+
+/// A mark (a zero-length packet) travels like any packet, between small writes and the
+/// parts of a split one, and is never split itself.
+#[test]
+fn marks_travel_between_writes_like_any_packet() {
+    use crate::packet::Mark;
+    let (mut a, mut b) = pair(LinkConfig::default());
+    let now = Instant::now();
+    let mark = |seq: u64, m: Mark| Packet {
+        pair: PairId(3),
+        stamp: Stamp::new(Timestamp(1000 + seq), Seq(seq)),
+        payload: Payload::Mark(m),
+    };
+    let ps = vec![
+        mark(1, Mark::SyncBegin),
+        write(2, 16),
+        write(3, 20_000),
+        mark(4, Mark::SyncDone),
+    ];
+    a.send(B, Message::Data(ps.clone()));
+    let mut got: Vec<Packet> = deliver(&mut b, now, datagrams(&mut a, now))
+        .into_iter()
+        .flat_map(|m| match m {
+            Message::Data(ps) => ps,
+            _ => Vec::new(),
+        })
+        .collect();
+    got.sort_by_key(|p| p.stamp.seq);
+    assert_eq!(got, ps);
+}

@@ -725,3 +725,40 @@ fn ack_with_more_ranges_than_fit_reports_the_lowest_and_the_newest() {
     assert_eq!(ranges, [low, high].concat());
     assert!(t.ack().sack.iter().all(|r| r.first == r.last));
 }
+
+/// A mark (zero-length) is an ordinary packet to the tracker: held out of order, joining
+/// the run, selected by a limit and applied in `seq` order between the writes.
+#[test]
+fn marks_are_ordered_like_writes() {
+    use crate::packet::Mark;
+    let mark = |seq: u64, ts: u64, m: Mark| Packet {
+        payload: Payload::Mark(m),
+        ..pkt(seq, ts)
+    };
+    let mut t = RunTracker::new(PairId(1), Stamp::ZERO);
+    assert_eq!(t.handle_packet(mark(3, 30, Mark::SyncDone)), Received::New);
+    assert_eq!(t.handle_packet(pkt(2, 20)), Received::New);
+    assert_eq!(t.head().seq, Seq::ZERO);
+    assert_eq!(t.handle_packet(mark(1, 10, Mark::SyncBegin)), Received::New);
+    assert_eq!(
+        t.handle_packet(mark(1, 10, Mark::SyncBegin)),
+        Received::Duplicate
+    );
+    check_invariants(&t);
+    assert_eq!(t.head(), Stamp::new(Timestamp(30), Seq(3)));
+    let applied: Vec<(u64, Option<Mark>)> = t
+        .select(Timestamp(30))
+        .map(|p| (p.stamp.seq.0, p.payload.mark()))
+        .collect();
+    assert_eq!(
+        applied,
+        vec![
+            (1, Some(Mark::SyncBegin)),
+            (2, None),
+            (3, Some(Mark::SyncDone))
+        ]
+    );
+    t.mark_applied(Seq(3));
+    check_invariants(&t);
+    assert_eq!(t.applied(), Stamp::new(Timestamp(30), Seq(3)));
+}

@@ -4,8 +4,9 @@
 //! directory that does not exist.
 
 use super::*;
-use crate::journal::format::{CheckpointRef, EntryRef, HEADER_LEN};
+use crate::journal::format::{CheckpointRef, EntryRef, FORMAT_VERSION, HEADER_LEN};
 use crate::journal::segment_start;
+use crate::journal::PairState;
 use crate::packet::{Packet, Payload};
 use crate::types::{Offset, PairId, Seq, Stamp, Timestamp};
 use bytes::Bytes;
@@ -23,8 +24,10 @@ enum R {
     P(u64),
     /// Released up to this seq.
     Rel(u64),
+    /// The pair's state.
+    St(PairState),
 }
-use R::{Rel, P};
+use R::{Rel, St, P};
 
 fn record(r: R) -> Record {
     let stamp = |seq: u64| Stamp::new(Timestamp(seq * 10), Seq(seq));
@@ -41,6 +44,10 @@ fn record(r: R) -> Record {
             pair: PairId(0),
             stamp: stamp(seq),
         },
+        St(state) => Record::PairState {
+            pair: PairId(0),
+            state,
+        },
     }
 }
 
@@ -50,6 +57,8 @@ fn record(r: R) -> Record {
 struct Seg {
     /// Started by `write` while the segment before it was unsynced.
     flagged: bool,
+    /// Written by a build of format version 1 (its checkpoint has no pair states).
+    v1: bool,
     records: Vec<R>,
 }
 
@@ -57,6 +66,7 @@ struct Seg {
 fn seg(records: &[R]) -> Seg {
     Seg {
         flagged: false,
+        v1: false,
         records: records.to_vec(),
     }
 }
@@ -65,8 +75,14 @@ fn seg(records: &[R]) -> Seg {
 fn flagged(records: &[R]) -> Seg {
     Seg {
         flagged: true,
+        v1: false,
         records: records.to_vec(),
     }
+}
+
+/// `s` as a build of format version 1 wrote it.
+fn v1(s: Seg) -> Seg {
+    Seg { v1: true, ..s }
 }
 
 fn frame(bytes: &mut Vec<u8>, entry: &EntryRef<'_>) {
@@ -152,12 +168,17 @@ fn build(segs: &[Seg], temps: &[u64]) -> Built {
     let mut prev_len = 0;
     for (segno, s) in (1..).zip(segs) {
         let flags = if s.flagged { FLAG_PREV_UNSYNCED } else { 0 };
-        let mut bytes = format::encode_header_with(segno, flags).to_vec();
-        let cp = CheckpointRef {
-            prev_len,
-            state: &state,
+        let mut bytes = if s.v1 {
+            format::segment_start_v1(segno, flags, prev_len, &state)
+        } else {
+            let mut bytes = format::encode_header_with(segno, flags).to_vec();
+            let cp = CheckpointRef {
+                prev_len,
+                state: &state,
+            };
+            frame(&mut bytes, &EntryRef::Checkpoint(cp));
+            bytes
         };
-        frame(&mut bytes, &EntryRef::Checkpoint(cp));
         let mut ends = vec![bytes.len() as u64];
         for &r in &s.records {
             let record = record(r);
@@ -277,9 +298,10 @@ struct Want {
     delete: Vec<u64>,
     /// The torn tail: its segment and the records kept in it.
     tail: Option<(u64, usize)>,
-    /// Pair 0: the seqs of its live packets and its released watermark.
+    /// Pair 0: the seqs of its live packets, its released watermark and its state.
     live: Vec<u64>,
     released: u64,
+    state: Option<PairState>,
     /// Segments left after the plan is carried out.
     segments: usize,
 }
@@ -318,6 +340,7 @@ fn clean(repairs: &[Fix], live: &[u64], segments: usize) -> Outcome {
         tail: None,
         live: live.to_vec(),
         released: 0,
+        state: None,
         segments,
     })
 }
@@ -330,6 +353,7 @@ fn torn(repairs: &[Fix], tail: (u64, usize), live: &[u64], segments: usize) -> O
         tail: Some(tail),
         live: live.to_vec(),
         released: 0,
+        state: None,
         segments,
     })
 }
@@ -339,6 +363,14 @@ impl Outcome {
     fn released(mut self, seq: u64) -> Self {
         if let Outcome::Plan(w) = &mut self {
             w.released = seq;
+        }
+        self
+    }
+
+    /// The plan expected, with pair 0 in `state`.
+    fn state(mut self, state: PairState) -> Self {
+        if let Outcome::Plan(w) = &mut self {
+            w.state = Some(state);
         }
         self
     }
@@ -530,6 +562,88 @@ fn cases() -> Vec<Case> {
             &[Gone(2)],
             Missing(2),
         ),
+        case(
+            "pair states: the latest wins",
+            &[seg(&[
+                St(PairState::Syncing),
+                P(1),
+                St(PairState::Replicating),
+            ])],
+            &[],
+            clean(&[Sync(1)], &[1], 1).state(PairState::Replicating),
+        ),
+        case(
+            "a pair with only a state",
+            &[seg(&[St(PairState::Inconsistent)])],
+            &[],
+            clean(&[Sync(1)], &[], 1).state(PairState::Inconsistent),
+        ),
+        case(
+            "a state torn off the last segment: the one before it wins",
+            &[seg(&[
+                St(PairState::Inconsistent),
+                P(1),
+                St(PairState::Consistent),
+            ])],
+            &[TornIn(1, 3)],
+            torn(&[Cut(1, 2)], (1, 2), &[1], 1).state(PairState::Inconsistent),
+        ),
+        case(
+            "a state only in a reclaimed segment (gone): the checkpoints carry it",
+            &[
+                seg(&[St(PairState::Syncing), P(1), P(2)]),
+                seg(&[Rel(2), P(3)]),
+                seg(&[P(4)]),
+            ],
+            &[Gone(1)],
+            clean(&[Sync(3)], &[3, 4], 2)
+                .released(2)
+                .state(PairState::Syncing),
+        ),
+        case(
+            "a state after the tear counts through the next checkpoint (durable)",
+            &[
+                seg(&[P(1)]),
+                flagged(&[St(PairState::Syncing), P(2), St(PairState::Replicating)]),
+                flagged(&[P(3)]),
+            ],
+            &[FlipIn(2, 2)],
+            torn(&[Sync(1), Cut(2, 1), Rewrite(3)], (2, 1), &[1], 3).state(PairState::Replicating),
+        ),
+        case(
+            "a later state replaces the one a checkpoint carries",
+            &[
+                seg(&[St(PairState::Inconsistent), P(1)]),
+                seg(&[St(PairState::Consistent)]),
+            ],
+            &[],
+            clean(&[Sync(2)], &[1], 2).state(PairState::Consistent),
+        ),
+        case(
+            "version-1 segments (no pair states) read, a later version-2 state wins",
+            &[
+                v1(seg(&[P(1), Rel(1)])),
+                v1(seg(&[P(2)])),
+                seg(&[St(PairState::Replicating), P(3)]),
+            ],
+            &[],
+            clean(&[Sync(3)], &[2, 3], 2)
+                .released(1)
+                .delete(&[1])
+                .state(PairState::Replicating),
+        ),
+        case(
+            "a torn version-1 segment: cut, the version-1 one after it rewritten",
+            &[v1(seg(&[P(1), P(2)])), v1(flagged(&[P(3)]))],
+            &[FlipIn(1, 2)],
+            torn(&[Cut(1, 1), Rewrite(2)], (1, 1), &[1], 2),
+        ),
+        case(
+            "bad version-1 checkpoint: Corrupt",
+            &[v1(seg(&[P(1)]))],
+            &[Checkpoint(1)],
+            Corrupt(1, At::Checkpoint),
+        ),
         Case {
             temps: vec![2, 5],
             ..case(
@@ -540,6 +654,28 @@ fn cases() -> Vec<Case> {
             )
         },
     ]
+}
+
+/// The active segment's version: an older one's as it is (`open` then starts a new
+/// segment), this build's once rewritten.
+#[test]
+fn the_active_segment_keeps_its_version_unless_rewritten() {
+    let built = build(&[v1(seg(&[P(1), P(2)])), v1(flagged(&[P(3)]))], &[]);
+    let plan = built.disk.plan().expect("plan");
+    assert_eq!(plan.active.as_ref().map(|a| a.version), Some(1));
+    let mut disk = built.disk.clone();
+    built.damage(&mut disk, FlipIn(1, 2));
+    let plan = disk.plan().expect("plan");
+    assert_eq!(
+        plan.active.as_ref().map(|a| a.version),
+        Some(FORMAT_VERSION)
+    );
+    disk.carry_out(&plan);
+    let again = disk.plan().expect("plan again");
+    assert_eq!(
+        again.active.as_ref().map(|a| a.version),
+        Some(FORMAT_VERSION)
+    );
 }
 
 #[test]
@@ -599,6 +735,12 @@ fn check_plan(built: &Built, disk: &Disk, plan: &RecoveryPlan, want: &Want, name
     let live: Vec<u64> = pair.live.iter().map(|p| p.stamp.seq.0).collect();
     assert_eq!(live, want.live, "{name}: live packets");
     assert_eq!(pair.released.seq, Seq(want.released), "{name}: released");
+    assert_eq!(pair.state, want.state, "{name}: state");
+    assert_eq!(
+        plan.state.states.get(&PairId(0)).copied(),
+        want.state,
+        "{name}: state in the journal's state"
+    );
     assert_eq!(plan.recovered.segments, want.segments, "{name}: segments");
     assert_eq!(plan.sealed.len() + 1, want.segments, "{name}: sealed");
     assert_eq!(
@@ -668,16 +810,26 @@ proptest! {
     fn any_damage_is_planned_and_a_carried_out_plan_is_clean(
         shape in any_vec((any::<bool>(), 0usize..5), 1..6),
         damage in any_vec((0usize..6, 0u8..4, any::<u64>()), 0..4),
+        old in 0usize..7,
     ) {
         let mut seq = 0;
+        // The first `old` segments as a build of format version 1 wrote them (no states).
+        let old = old % (shape.len() + 1);
+        let states = [PairState::Syncing, PairState::Replicating, PairState::Consistent];
         let segs: Vec<Seg> = shape
             .iter()
-            .map(|&(flagged, n)| Seg {
+            .enumerate()
+            .map(|(i, &(flagged, n))| Seg {
                 flagged,
+                v1: i < old,
                 records: (0..n)
                     .map(|_| {
                         seq += 1;
-                        if seq % 4 == 0 { Rel(seq - 2) } else { P(seq) }
+                        match seq % 4 {
+                            0 => Rel(seq - 2),
+                            2 if i >= old => St(states[seq as usize % 3]),
+                            _ => P(seq),
+                        }
                     })
                     .collect(),
             })
