@@ -42,6 +42,10 @@ pub struct AcksIn(pub Vec<Ack>);
 /// What a local unit reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LocalStats {
+    /// The pair's state as the primary's journal records it.
+    pub state: Option<tidemark::journal::PairState>,
+    /// The initial sync, if one ran since start.
+    pub sync: Option<SyncStats>,
     pub last: Stamp,
     pub acked: Seq,
     pub unacked: usize,
@@ -55,6 +59,17 @@ pub struct LocalStats {
 #[derive(Message)]
 #[rtype(result = "LocalStats")]
 pub struct GetLocalStats;
+
+/// Progress of an initial sync, for stats and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    /// Bytes of data to copy (the local unit's allocated extents).
+    pub total_bytes: u64,
+    /// Bytes read and on their way (journaled, shipped or acknowledged).
+    pub copied_bytes: u64,
+    /// The copy is complete (its last mark is stamped).
+    pub finished: bool,
+}
 
 // ---- to a RemoteUnit ----
 
@@ -78,6 +93,9 @@ pub struct WaitApplied(pub Seq);
 
 #[derive(Clone, Debug, Default)]
 pub struct RemoteStats {
+    /// The pair's state as the remote's journal records it (`None`: never recorded: a
+    /// unit that never took part in an initial sync, so a cut as every remote unit is).
+    pub state: Option<tidemark::journal::PairState>,
     pub head: Stamp,
     pub applied: Stamp,
     pub limit: Timestamp,

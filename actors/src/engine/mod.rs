@@ -13,7 +13,7 @@ mod start;
 mod stats;
 
 pub use handle::{Engine, PairHandle};
-pub use spec::{EngineBuilder, PairSpec, Role, StoreSpec, UdpTransport};
+pub use spec::{EngineBuilder, InitialSync, PairSpec, Role, StoreSpec, UdpTransport};
 pub use stats::{PairStats, Stats};
 
 use handle::LinkAddr;

@@ -51,6 +51,20 @@ impl PartialEq for StoreSpec {
     }
 }
 
+/// Whether a pair's local unit is copied to the remote before ordered replication
+/// (initial sync; see [`crate::units::sync`]). Decided at the pair's first start; its
+/// journal remembers the outcome, so a restart copies again only if a copy was cut short.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InitialSync {
+    /// Copy if the local unit holds data (any allocated extent).
+    #[default]
+    Auto,
+    /// Copy the whole unit (its allocated extents; holes as zero ranges).
+    Full,
+    /// The units are known to be identical (e.g. both new and blank): no copy.
+    None,
+}
+
 /// A remote copy pair: a local unit on a primary system mirrored to a remote unit on a
 /// secondary system (claims 13, 16, 17: any primary to any secondary).
 #[derive(Clone, Debug)]
@@ -81,6 +95,7 @@ pub struct EngineBuilder {
     pub(super) udp: Option<UdpTransport>,
     pub(super) journals: BTreeMap<SystemId, (PathBuf, u64)>,
     pub(super) time_base: TimeBaseConfig,
+    pub(super) initial_sync: BTreeMap<PairId, InitialSync>,
 }
 
 impl Default for EngineBuilder {
@@ -114,6 +129,7 @@ impl EngineBuilder {
             udp: None,
             journals: BTreeMap::new(),
             time_base: TimeBaseConfig::default(),
+            initial_sync: BTreeMap::new(),
         }
     }
 
@@ -226,6 +242,12 @@ impl EngineBuilder {
     }
 
     /// Called after every application of a commit limit on every remote unit.
+    /// Whether `pair` is copied to the remote first (default [`InitialSync::Auto`]).
+    pub fn initial_sync(&mut self, pair: PairId, mode: InitialSync) -> &mut Self {
+        self.initial_sync.insert(pair, mode);
+        self
+    }
+
     pub fn on_applied(&mut self, hook: ApplyHook) -> &mut Self {
         self.hook = Some(hook);
         self

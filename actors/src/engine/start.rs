@@ -2,7 +2,7 @@
 //! starts and wires the actors of every system of this process, in named phases that
 //! share one [`Startup`] context.
 
-use super::{Engine, EngineBuilder, LinkAddr, PairHandle};
+use super::{Engine, EngineBuilder, InitialSync, LinkAddr, PairHandle};
 use crate::error::EngineError;
 use crate::health::Health;
 use crate::msg::*;
@@ -23,12 +23,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tidemark::journal::{Recovered, RecoveredPair};
+use tidemark::journal::{PairState, Recovered, RecoveredPair};
 use tidemark::timebase::{CommitGate, TimeBase};
-use tidemark::{BlockStore, HybridClock, Orderer, PairId, Stamp, SystemId, Timestamp};
+use tidemark::{BlockStore, HybridClock, Offset, Orderer, PairId, Stamp, SystemId, Timestamp};
 
 /// A pair's units opened here: (local, remote); `None` where the unit runs elsewhere.
 type Stores = (Option<Arc<dyn BlockStore>>, Option<Arc<dyn BlockStore>>);
+/// Per pair: copy its local unit first (initial sync), and where the unit's data lies.
+type SyncPlans = Vec<Option<Vec<(Offset, u64)>>>;
 /// The journals of the systems here, with what each recovered.
 type Journals = BTreeMap<SystemId, (SharedJournal, Recovered)>;
 
@@ -41,13 +43,14 @@ impl EngineBuilder {
         let stores = self.open_stores()?;
         let journals = self.open_journals()?;
         self.redo_journals(&stores, &journals)?;
+        let syncs = self.plan_syncs(&stores, &journals)?;
         let sockets = self.bind_sockets()?;
         let orderer_core = self.orderer_core(orderer_system, &journals)?;
 
         let mut s = Startup::place(self, orderer_system, journals);
         s.start_links(sockets);
         let gate = s.start_time_base();
-        s.start_pairs(stores, gate);
+        s.start_pairs(stores, syncs, gate);
         s.start_sites();
         s.start_orderer(orderer_core);
         Ok(s.wire_routes())
@@ -121,6 +124,38 @@ impl EngineBuilder {
             }
         }
         Ok(())
+    }
+
+    /// Which local units here copy themselves to the remote first (initial sync), and
+    /// where their data lies. A pair whose journal recorded `Syncing` copies again (the
+    /// copy was cut short); one that recorded any other state, or has journal records
+    /// from before pair states existed, does not; a pair new to its journal follows its
+    /// [`InitialSync`] mode. Runs after the redo, so the extents include what it wrote.
+    fn plan_syncs(
+        &self,
+        stores: &[Stores],
+        journals: &Journals,
+    ) -> Result<SyncPlans, EngineError> {
+        let mut plans = Vec::with_capacity(stores.len());
+        for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
+            let id = PairId(i as u32);
+            let Some(store) = local else {
+                plans.push(None);
+                continue;
+            };
+            let recovered = journals.get(&p.local).and_then(|(_, r)| r.pairs.get(&id));
+            let copy = match recovered.map(|r| r.state) {
+                Some(Some(PairState::Syncing)) => true,
+                Some(_) => false,
+                None => match self.initial_sync.get(&id).copied().unwrap_or_default() {
+                    InitialSync::Full => true,
+                    InitialSync::None => false,
+                    InitialSync::Auto => !store.allocated()?.is_empty(),
+                },
+            };
+            plans.push(if copy { Some(store.allocated()?) } else { None });
+        }
+        Ok(plans)
     }
 
     /// Binds the UDP socket of every system here (none for the in-process link).
@@ -402,10 +437,15 @@ impl<'a> Startup<'a> {
 
     /// Pairs: each pair's remote unit and local unit (those that run here), resumed from
     /// their system's journal.
-    fn start_pairs(&mut self, stores: Vec<Stores>, gate: Option<Arc<CommitGate>>) {
+    fn start_pairs(
+        &mut self,
+        stores: Vec<Stores>,
+        syncs: SyncPlans,
+        gate: Option<Arc<CommitGate>>,
+    ) {
         let b = self.b;
         let windows = b.windows(&self.journals);
-        for (i, (p, (ls, rs))) in b.pairs.iter().zip(stores).enumerate() {
+        for (i, ((p, (ls, rs)), sync)) in b.pairs.iter().zip(stores).zip(syncs).enumerate() {
             let id = PairId(i as u32);
             let remote = rs.as_ref().map(|rs| {
                 let recovered = self.recovered(p.remote, id);
@@ -416,6 +456,7 @@ impl<'a> Startup<'a> {
                         .journals
                         .get(&p.remote)
                         .map_or(Timestamp::ZERO, |(_, r)| r.limit),
+                    state: recovered.and_then(|r| r.state),
                 };
                 let wiring = RemoteWiring {
                     local_system: p.local,
@@ -436,6 +477,10 @@ impl<'a> Startup<'a> {
                 let resume = LocalResume {
                     released: recovered.map_or(Stamp::ZERO, |r| r.released),
                     live: recovered.map_or(Vec::new(), |r| r.live.clone()),
+                    // A pair with journal records from before pair states counts as
+                    // replicating (no state record is then added).
+                    state: recovered.map(|r| r.state.unwrap_or(PairState::Replicating)),
+                    sync,
                 };
                 let cfg = LocalConfig {
                     heartbeat: b.heartbeat,

@@ -5,11 +5,20 @@ use crate::error::EngineError;
 use crate::msg::*;
 use crate::units::lag::percentile;
 use std::sync::atomic::Ordering;
+use tidemark::journal::PairState;
 
 /// Per-pair figures.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PairStats {
     pub name: String,
+    /// The pair's state at the primary (`syncing`, `replicating`), if its local unit
+    /// runs here.
+    pub primary_state: Option<&'static str>,
+    /// The pair's state at the secondary (`consistent`, `inconsistent`), if its remote
+    /// unit runs here. A unit that never took part in an initial sync is consistent.
+    pub secondary_state: Option<&'static str>,
+    /// The initial sync, if one ran since start (bytes to copy, copied, finished).
+    pub sync: Option<SyncStats>,
     pub written_seq: u64,
     pub acked_seq: u64,
     pub head_seq: u64,
@@ -68,6 +77,15 @@ impl Engine {
             let c = &self.counters[p.id.0 as usize];
             out.pairs.push(PairStats {
                 name: p.name.clone(),
+                primary_state: p.local.as_ref().map(|_| match l.state {
+                    Some(PairState::Syncing) => "syncing",
+                    _ => "replicating",
+                }),
+                secondary_state: p.remote.as_ref().map(|_| match r.state {
+                    Some(PairState::Inconsistent) => "inconsistent",
+                    _ => "consistent",
+                }),
+                sync: l.sync,
                 written_seq: l.last.seq.0,
                 acked_seq: l.acked.0,
                 head_seq: r.head.seq.0,

@@ -21,17 +21,20 @@ use crate::health::Health;
 use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
+use crate::units::sync::{InitialSync, Piece};
 use actix::prelude::*;
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark::journal::{JournalError, Record};
+use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
 use tidemark::timebase::{Commit, CommitGate};
+use tidemark::Mark;
 use tidemark::{BlockStore, HybridClock, Message as WireMessage, Packet, PairId, Payload};
-use tidemark::{Rtt, Seq, Stamp, SystemId};
+use tidemark::{Offset, Rtt, Seq, Stamp, SystemId};
 use tokio::sync::oneshot;
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -39,6 +42,28 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 enum Op {
     Write(Vec<Payload>, Reply<Vec<Stamp>>),
     Flush(Reply<()>),
+    /// Initial sync: ship a piece of the unit (data read on the lane, in stamp order).
+    Copy(Piece),
+    /// Initial sync: a mark in the stream, and the pair state the primary's journal
+    /// records beside it, if any.
+    Mark(Mark, Option<PairState>),
+    /// Records the pair's state in the journal (no packet).
+    State(PairState),
+}
+
+impl Op {
+    /// Answers a client op with `err`; an op of the unit's own has no one to tell.
+    fn fail(self, err: EngineError) {
+        match self {
+            Op::Write(_, r) => drop(r.send(Err(err))),
+            Op::Flush(r) => drop(r.send(Err(err))),
+            Op::Copy(_) | Op::Mark(..) | Op::State(_) => {}
+        }
+    }
+
+    fn is_sync(&self) -> bool {
+        matches!(self, Op::Copy(_) | Op::Mark(..) | Op::State(_))
+    }
 }
 
 /// A batch of ops, stamped, on its way through the journal and the local disk. Kept
@@ -47,13 +72,17 @@ struct Batch {
     ops: Vec<Op>,
     stamps: Vec<Vec<Stamp>>,
     records: Arc<Vec<Record>>,
+    /// Indices in `records` of initial-sync data packets: their payload is read on the
+    /// lane (the record holds a placeholder until then).
+    copies: Arc<Vec<usize>>,
     /// Its last packet, if it has any: the lane having written it lets it go on the wire.
     last: Option<Seq>,
 }
 
 /// How the disk job ended.
 enum Outcome {
-    Done,
+    /// With the payloads read for the batch's initial-sync packets.
+    Done(Vec<(Seq, Payload)>),
     /// The journal has no room: nothing was appended; retry later.
     Full,
     Failed(String),
@@ -136,6 +165,12 @@ pub struct LocalUnit {
     wake_at: Option<u64>,
     /// Stopping: replies the gate holds are failed instead of kept.
     abandon_held: bool,
+    /// The initial sync, while one runs (or ran: it then says finished).
+    sync: Option<InitialSync>,
+    /// The pair state the journal holds (or will, once the lane wrote it).
+    state: Option<PairState>,
+    /// The `seq` of the initial sync's `SyncDone` mark, until the remote acknowledged it.
+    sync_done: Option<Seq>,
 }
 
 /// The process is stopping, so that no client waits on anything any more:
@@ -165,6 +200,10 @@ pub struct LocalResume {
     pub released: Stamp,
     /// Journaled, not yet released: resent.
     pub live: Vec<Packet>,
+    /// The pair state the journal recorded (`None`: never recorded).
+    pub state: Option<PairState>,
+    /// Copy the unit to the remote first (initial sync): where its data lies.
+    pub sync: Option<Vec<(Offset, u64)>>,
 }
 
 /// What a local unit is wired to.
@@ -208,6 +247,19 @@ impl LocalUnit {
         for p in resume.live {
             sender.push_recovered(p);
         }
+        let max_part = journal.as_ref().map_or(MAX_PART, |j| {
+            let seg = j.options().segment_size as usize;
+            (seg / 4).clamp(MIN_PART, MAX_PART)
+        });
+        let sync = resume
+            .sync
+            .as_ref()
+            .map(|extents| InitialSync::new(store.size(), extents, max_part as u64));
+        let mut queue = Vec::new();
+        if sync.is_none() && resume.state.is_none() {
+            // No copy: the journal says so, so that a restart does not copy either.
+            queue.push(Op::State(PairState::Replicating));
+        }
         LocalUnit {
             pair,
             remote_system,
@@ -216,7 +268,7 @@ impl LocalUnit {
             store,
             disk: lane,
             link,
-            queue: Vec::new(),
+            queue,
             inflight: std::collections::VecDeque::new(),
             next_id: 0,
             stalled: Arc::new(AtomicBool::new(false)),
@@ -226,10 +278,7 @@ impl LocalUnit {
             released: resume.released,
             released_sent: resume.released,
             marking: false,
-            max_part: journal.as_ref().map_or(MAX_PART, |j| {
-                let seg = j.options().segment_size as usize;
-                (seg / 4).clamp(MIN_PART, MAX_PART)
-            }),
+            max_part,
             stopping: false,
             journal,
             window_bytes: cfg.window_bytes,
@@ -239,6 +288,57 @@ impl LocalUnit {
             pending: VecDeque::new(),
             wake_at: None,
             abandon_held: false,
+            sync,
+            state: resume.state,
+            sync_done: None,
+        }
+    }
+
+    /// Once the remote acknowledged the copy's `SyncDone` mark (it holds every piece
+    /// durably), the journal records the pair as replicating.
+    fn record_synced(&mut self) {
+        if let Some(done) = self.sync_done {
+            if self.sender.acked() >= done && !self.stopping && self.failed.is_none() {
+                self.sync_done = None;
+                self.state = Some(PairState::Replicating);
+                tracing::info!(pair = %self.pair, "initial sync: complete");
+                self.queue.push(Op::State(PairState::Replicating));
+            }
+        }
+    }
+
+    /// Adds the next step of the initial sync to the queue, if one runs and the window
+    /// admits it: one step per batch, so client writes and the copy share the window.
+    fn add_sync_step(&mut self) {
+        if self.stopping || self.failed.is_some() || self.queue.iter().any(Op::is_sync) {
+            return;
+        }
+        if self.sender.unacked_bytes() > self.admit_bytes() {
+            return;
+        }
+        let Some(sync) = &mut self.sync else {
+            return;
+        };
+        if sync.finished {
+            return;
+        }
+        if !sync.begun {
+            sync.begun = true;
+            self.state = Some(PairState::Syncing);
+            tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: starting");
+            self.queue
+                .push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
+        }
+        match sync.next_piece() {
+            Some(piece) => self.queue.push(Op::Copy(piece)),
+            None => {
+                sync.finished = true;
+                tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: every piece shipped");
+                // `Replicating` is journaled only once the remote acknowledged this mark
+                // (`record_synced`): a power loss that tears the copy's last packets off
+                // the journal then still finds `Syncing`, and copies again.
+                self.queue.push(Op::Mark(Mark::SyncDone, None));
+            }
         }
     }
 
@@ -305,7 +405,11 @@ impl LocalUnit {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() || self.queue.is_empty() {
+        if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() {
+            return;
+        }
+        self.add_sync_step();
+        if self.queue.is_empty() {
             return;
         }
         if self.sender.unacked_bytes() > self.admit_bytes() && self.failed.is_none() {
@@ -324,11 +428,7 @@ impl LocalUnit {
         if let Some(e) = &self.failed {
             let e = e.clone();
             for op in self.queue.drain(..) {
-                let err = EngineError::Unit(format!("{}: {e}", self.pair));
-                match op {
-                    Op::Write(_, r) => drop(r.send(Err(err))),
-                    Op::Flush(r) => drop(r.send(Err(err))),
-                }
+                op.fail(EngineError::Unit(format!("{}: {e}", self.pair)));
             }
             return;
         }
@@ -339,24 +439,76 @@ impl LocalUnit {
     /// Stamps `ops` and hands them to the lane as one batch.
     fn submit_ops(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
         let mut records = Vec::new();
+        let mut copies = Vec::new();
         let mut stamps = Vec::with_capacity(ops.len());
         for op in &ops {
             let mut v = Vec::new();
-            if let Op::Write(payloads, _) = op {
-                for p in payloads {
-                    // A client learns the stamp of the last piece: its write is complete
-                    // as of that stamp.
-                    let mut last = None;
-                    for part in p.clone().split(self.max_part) {
-                        let stamp = self.sender.push_held(self.clock.now(), part.clone());
-                        last = Some(stamp);
-                        records.push(Record::Packet(Packet {
+            match op {
+                Op::Copy(Piece::Data { offset, len }) => {
+                    // A placeholder until the lane reads the bytes (`Sender::fill_held`).
+                    let placeholder = Payload::Zero {
+                        offset: *offset,
+                        len: *len,
+                    };
+                    let stamp = self.sender.push_held(self.clock.now(), placeholder.clone());
+                    copies.push(records.len());
+                    records.push(Record::Packet(Packet {
+                        pair: self.pair,
+                        stamp,
+                        payload: placeholder,
+                    }));
+                }
+                Op::Copy(Piece::Hole { offset, len }) => {
+                    let payload = Payload::Zero {
+                        offset: *offset,
+                        len: *len,
+                    };
+                    let stamp = self.sender.push_held(self.clock.now(), payload.clone());
+                    records.push(Record::Packet(Packet {
+                        pair: self.pair,
+                        stamp,
+                        payload,
+                    }));
+                }
+                Op::Mark(mark, state) => {
+                    let payload = Payload::Mark(*mark);
+                    let stamp = self.sender.push_held(self.clock.now(), payload.clone());
+                    records.push(Record::Packet(Packet {
+                        pair: self.pair,
+                        stamp,
+                        payload,
+                    }));
+                    if let Some(state) = state {
+                        records.push(Record::PairState {
                             pair: self.pair,
-                            stamp,
-                            payload: part,
-                        }));
+                            state: *state,
+                        });
                     }
-                    v.extend(last);
+                    if *mark == Mark::SyncDone {
+                        self.sync_done = Some(stamp.seq);
+                    }
+                }
+                Op::State(state) => records.push(Record::PairState {
+                    pair: self.pair,
+                    state: *state,
+                }),
+                Op::Flush(_) => {}
+                Op::Write(payloads, _) => {
+                    for p in payloads {
+                        // A client learns the stamp of the last piece: its write is complete
+                        // as of that stamp.
+                        let mut last = None;
+                        for part in p.clone().split(self.max_part) {
+                            let stamp = self.sender.push_held(self.clock.now(), part.clone());
+                            last = Some(stamp);
+                            records.push(Record::Packet(Packet {
+                                pair: self.pair,
+                                stamp,
+                                payload: part,
+                            }));
+                        }
+                        v.extend(last);
+                    }
                 }
             }
             stamps.push(v);
@@ -369,6 +521,7 @@ impl LocalUnit {
                 _ => None,
             }),
             records: Arc::new(records),
+            copies: Arc::new(copies),
         };
         self.submit(batch, ctx);
     }
@@ -387,13 +540,19 @@ impl LocalUnit {
             });
             self.released_sent = self.released_sent.max(acked);
         }
-        let flush = batch.ops.iter().any(|o| matches!(o, Op::Flush(_)));
+        // A pair state (and the mark beside it) is made durable at once: a restart must
+        // never find a state the journal lost the records before.
+        let flush = batch
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::Flush(_) | Op::Mark(..) | Op::State(_)));
+        let copies = batch.copies.clone();
         let job = self.disk.run(move || {
             if stalled.load(Ordering::Acquire) {
                 return Outcome::Skipped;
             }
-            let outcome = Self::journal_and_write(journal, store, &records, flush);
-            if !matches!(outcome, Outcome::Done) {
+            let outcome = Self::journal_and_write(journal, store, records, &copies, flush);
+            if !matches!(outcome, Outcome::Done(_)) {
                 stalled.store(true, Ordering::Release);
             }
             outcome
@@ -414,13 +573,36 @@ impl LocalUnit {
         }));
     }
 
-    /// The disk job of a batch: journal it (I3), then write it to the local unit.
+    /// The disk job of a batch: read its initial-sync pieces, journal it (I3), then write
+    /// it to the local unit (the pieces excepted: they came from it).
     fn journal_and_write(
         journal: Option<SharedJournal>,
         store: Arc<dyn BlockStore>,
-        records: &[Record],
+        mut records: Vec<Record>,
+        copies: &[usize],
         flush: bool,
     ) -> Outcome {
+        let mut filled = Vec::with_capacity(copies.len());
+        for &i in copies {
+            let Some(Record::Packet(p)) = records.get_mut(i) else {
+                continue;
+            };
+            let (offset, len) = (p.payload.offset(), p.payload.len());
+            let mut buf = vec![0u8; len as usize];
+            if let Err(e) = store.read_at(offset, &mut buf) {
+                return Outcome::Failed(format!("local read for the initial sync: {e}"));
+            }
+            // A piece of zeros ships as a zero range: a few bytes on the wire, and a
+            // hole (no allocation) at the remote.
+            if buf.iter().any(|b| *b != 0) {
+                p.payload = Payload::Write {
+                    offset,
+                    data: Bytes::from(buf),
+                };
+            }
+            filled.push((p.stamp.seq, p.payload.clone()));
+        }
+        let records = &records[..];
         if let Some(j) = &journal {
             let durability = if flush {
                 Durability::Synced
@@ -433,8 +615,11 @@ impl LocalUnit {
                 Err(e) => return Outcome::Failed(format!("journal: {e}")),
             }
         }
-        for r in records {
+        for (i, r) in records.iter().enumerate() {
             if let Record::Packet(p) = r {
+                if copies.contains(&i) {
+                    continue;
+                }
                 if let Err(e) = store.apply(&p.payload) {
                     return Outcome::Failed(format!("local write: {e}"));
                 }
@@ -445,7 +630,7 @@ impl LocalUnit {
                 return Outcome::Failed(format!("local flush: {e}"));
             }
         }
-        Outcome::Done
+        Outcome::Done(filled)
     }
 
     /// The lane finished batch `id`. Batches are acted on strictly in the order they were
@@ -471,8 +656,13 @@ impl LocalUnit {
                 break;
             };
             match outcome {
-                Outcome::Done => {
+                Outcome::Done(filled) => {
                     self.released = self.released.max(acked);
+                    for (seq, payload) in filled {
+                        if !self.sender.fill_held(seq, payload) {
+                            tracing::error!(pair = %self.pair, %seq, "initial sync: a piece was no longer held");
+                        }
+                    }
                     if let Some(last) = batch.last {
                         self.sender.mark_written(last);
                     }
@@ -487,6 +677,7 @@ impl LocalUnit {
                             Op::Flush(reply) => {
                                 let _ = reply.send(Ok(()));
                             }
+                            Op::Copy(_) | Op::Mark(..) | Op::State(_) => {}
                         }
                     }
                     sent = true;
@@ -586,24 +777,23 @@ impl LocalUnit {
 
     /// Stopping: answers the writes among `ops` with an error (they were never
     /// journaled, so nothing of them is anywhere) and queues the flushes again.
+    /// (Steps of an initial sync are dropped: the journal still says `Syncing`, so the
+    /// next start copies again.)
     fn fail_unjournaled_writes(&mut self, ops: Vec<Op>) {
         for op in ops {
             match op {
                 Op::Write(_, r) => drop(r.send(Err(EngineError::Unit(
                     "stopping: the write was not journaled and is not written".into(),
                 )))),
-                flush => self.queue.push(flush),
+                Op::Flush(r) => self.queue.push(Op::Flush(r)),
+                Op::Copy(_) | Op::Mark(..) | Op::State(_) => {}
             }
         }
     }
 
     fn fail_batch(&self, batch: Batch, e: &str) {
         for op in batch.ops {
-            let err = EngineError::Unit(format!("{}: {e}", self.pair));
-            match op {
-                Op::Write(_, r) => drop(r.send(Err(err))),
-                Op::Flush(r) => drop(r.send(Err(err))),
-            }
+            op.fail(EngineError::Unit(format!("{}: {e}", self.pair)));
         }
     }
 
@@ -649,6 +839,8 @@ impl Actor for LocalUnit {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.tick, |act, ctx| act.on_tick(ctx));
+        // An initial sync, or the first state record, needs no client to start.
+        self.pump(ctx);
     }
 }
 
@@ -708,6 +900,7 @@ impl Handler<AcksIn> for LocalUnit {
         for ack in &msg.0 {
             self.sender.handle_ack(t, ack);
         }
+        self.record_synced();
         // Acknowledgements open the congestion window and reveal losses: send at once.
         self.transmit();
         self.pump(ctx);
@@ -734,6 +927,8 @@ impl Handler<GetLocalStats> for LocalUnit {
             heartbeats: s.heartbeats,
             bytes: self.bytes,
             srtt_us: self.sender.rtt().srtt().map(|d| d.as_micros() as u64),
+            state: self.state,
+            sync: self.sync.as_ref().map(InitialSync::stats),
         })
     }
 }

@@ -10,4 +10,5 @@ pub mod local;
 pub mod orderer;
 pub mod remote;
 pub mod site;
+pub mod sync;
 pub mod timebase;

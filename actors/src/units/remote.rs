@@ -13,9 +13,10 @@ use crate::units::journaling::{Durability, SharedJournal};
 use crate::units::lag::LagSamples;
 use actix::prelude::*;
 use std::sync::Arc;
-use tidemark::journal::{JournalError, Record};
+use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::run::RunTracker;
 use tidemark::{BlockStore, HeadReport, Message as WireMessage, Packet, PairId, Seq, Stamp};
+use tidemark::{Mark, Payload};
 use tidemark::{SystemId, Timestamp};
 use tokio::sync::oneshot;
 
@@ -42,6 +43,8 @@ pub struct RemoteResume {
     pub live: Vec<Packet>,
     /// The durable commit limit: applied at once (I4: recovery re-applies up to it).
     pub limit: Timestamp,
+    /// The pair state the journal recorded.
+    pub state: Option<PairState>,
 }
 
 /// Settings and wiring of a remote unit.
@@ -101,6 +104,8 @@ pub struct RemoteUnit {
     /// the engine's health says why.
     failed: Option<String>,
     health: Health,
+    /// The pair state, as marks in the stream set it (see [`crate::units::sync`]).
+    state: Option<PairState>,
 }
 
 impl RemoteUnit {
@@ -147,6 +152,7 @@ impl RemoteUnit {
             limit_violations: 0,
             failed: None,
             health: w.health,
+            state: resume.state,
         }
     }
 
@@ -251,23 +257,53 @@ impl RemoteUnit {
         }
         self.applying = true;
         let store = self.store.clone();
+        let journal = self.journal.clone();
+        let pair = self.pair;
         // The writes go to the unit only (no flush): the applied point is recorded in
         // the journal later, by `record_applied`, once a flush made them durable; until
         // then the journal keeps their packets and recovery re-applies them (I4).
+        // A `SyncBegin` mark makes the unit inconsistent durably before any byte after
+        // it lands; a `SyncDone` mark makes it consistent again (journaled in order
+        // before the applied point that covers it, so never lost while that survives).
         let job = self.disk.run(move || {
             let mut last = None;
+            let mut state = None;
             for p in &batch {
+                if let Payload::Mark(mark) = &p.payload {
+                    let s = match mark {
+                        Mark::SyncBegin => PairState::Inconsistent,
+                        Mark::SyncDone => PairState::Consistent,
+                    };
+                    if let Some(j) = &journal {
+                        let durability = match mark {
+                            Mark::SyncBegin => Durability::Synced,
+                            Mark::SyncDone => Durability::Written,
+                        };
+                        if let Err(e) =
+                            j.append(&[Record::PairState { pair, state: s }], durability)
+                        {
+                            return (last, state, Some(format!("journal: {e}")));
+                        }
+                    }
+                    state = Some(s);
+                }
                 if let Err(e) = store.apply(&p.payload) {
-                    return (last, Some(e.to_string()));
+                    return (last, state, Some(e.to_string()));
                 }
                 last = Some(p.stamp.seq);
             }
-            (last, None)
+            (last, state, None)
         });
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
             act.applying = false;
+            if let Some((_, Some(state), _)) = &res {
+                if act.state != Some(*state) {
+                    tracing::info!(pair = %act.pair, ?state, "pair state");
+                }
+                act.state = Some(*state);
+            }
             match res {
-                Some((last, None)) => {
+                Some((last, _, None)) => {
                     act.held_bytes = act.held_bytes.saturating_sub(batch_bytes);
                     act.finish(limit, last);
                     let applied = act.tracker.applied().seq;
@@ -279,7 +315,7 @@ impl RemoteUnit {
                         act.record_applied(ctx);
                     }
                 }
-                Some((last, Some(e))) => {
+                Some((last, _, Some(e))) => {
                     act.fail(format!("apply: {e}"));
                     if let Some(seq) = last {
                         act.tracker.mark_applied(seq);
@@ -456,6 +492,7 @@ impl Handler<GetRemoteStats> for RemoteUnit {
     fn handle(&mut self, _: GetRemoteStats, _: &mut Context<Self>) -> Self::Result {
         let s = self.tracker.stats();
         MessageResult(RemoteStats {
+            state: self.state,
             head: self.tracker.head(),
             applied: self.tracker.applied(),
             limit: self.limit,
