@@ -242,8 +242,14 @@ pub enum Command {
     /// The client no longer needs these bytes. tidemark zeroes them, so that the remote
     /// copy sees the same bytes in the same order.
     Trim { offset: Offset, len: u32, fua: bool },
-    /// Write `len` zero bytes.
-    WriteZeroes { offset: Offset, len: u32, fua: bool },
+    /// Write `len` zero bytes. With `no_hole` the client asked that the range stay
+    /// allocated (`NBD_CMD_FLAG_NO_HOLE`): it must not be punched.
+    WriteZeroes {
+        offset: Offset,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    },
 }
 
 impl Command {
@@ -987,7 +993,13 @@ impl Connection {
                 if !in_range {
                     return Err((ErrorCode::NoSpc, beyond()));
                 }
-                Ok((len > 0).then_some(Command::WriteZeroes { offset, len, fua }))
+                let no_hole = h.flags & CMD_FLAG_NO_HOLE != 0;
+                Ok((len > 0).then_some(Command::WriteZeroes {
+                    offset,
+                    len,
+                    fua,
+                    no_hole,
+                }))
             }
             other => inval(format!("command {other} is not supported")),
         }

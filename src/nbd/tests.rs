@@ -863,7 +863,8 @@ fn requests_are_handed_up_and_answered_out_of_order() {
             Command::WriteZeroes {
                 offset: Offset(7),
                 len: 9,
-                fua: false
+                fua: false,
+                no_hole: true,
             },
         ]
     );

@@ -248,6 +248,17 @@ fn dispatch<B: Backend>(
             return;
         }
         Command::Write { offset, data, .. } => Payload::Write { offset, data },
+        // Zeroes the client wants kept allocated are written as data: a zero range is
+        // punched out (a hole) on both sides.
+        Command::WriteZeroes {
+            offset,
+            len,
+            no_hole: true,
+            ..
+        } => Payload::Write {
+            offset,
+            data: Bytes::from(vec![0u8; len as usize]),
+        },
         Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {
             Payload::Zero {
                 offset,
