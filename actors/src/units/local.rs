@@ -307,8 +307,12 @@ impl LocalUnit {
         }
     }
 
-    /// Adds the next step of the initial sync to the queue, if one runs and the window
-    /// admits it: one step per batch, so client writes and the copy share the window.
+    /// Puts the next step of the initial sync at the front of the queue, if one runs and
+    /// the window admits it: one step per batch, so client writes and the copy share
+    /// the window. At the front, so it is stamped before the queued writes: the lane
+    /// reads a piece before it writes the batch's writes, and a hole (shipped as zeros
+    /// without a read) must not be stamped after a write into it that `wrote` did not
+    /// see.
     fn add_sync_step(&mut self) {
         if self.stopping || self.failed.is_some() || self.queue.iter().any(Op::is_sync) {
             return;
@@ -322,24 +326,25 @@ impl LocalUnit {
         if sync.finished {
             return;
         }
+        let mut step = Vec::with_capacity(2);
         if !sync.begun {
             sync.begun = true;
             self.state = Some(PairState::Syncing);
             tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: starting");
-            self.queue
-                .push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
+            step.push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
         }
         match sync.next_piece() {
-            Some(piece) => self.queue.push(Op::Copy(piece)),
+            Some(piece) => step.push(Op::Copy(piece)),
             None => {
                 sync.finished = true;
                 tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: every piece shipped");
                 // `Replicating` is journaled only once the remote acknowledged this mark
                 // (`record_synced`): a power loss that tears the copy's last packets off
                 // the journal then still finds `Syncing`, and copies again.
-                self.queue.push(Op::Mark(Mark::SyncDone, None));
+                step.push(Op::Mark(Mark::SyncDone, None));
             }
         }
+        self.queue.splice(0..0, step);
     }
 
     /// The unit's journal or disk failed: it takes no more writes (they are answered
@@ -495,6 +500,9 @@ impl LocalUnit {
                 Op::Flush(_) => {}
                 Op::Write(payloads, _) => {
                     for p in payloads {
+                        if let Some(sync) = &mut self.sync {
+                            sync.wrote(p.offset().0, p.len());
+                        }
                         // A client learns the stamp of the last piece: its write is complete
                         // as of that stamp.
                         let mut last = None;

@@ -105,6 +105,59 @@ impl InitialSync {
         }
     }
 
+    /// A client write to `offset..offset+len` was stamped. A hole not yet shipped is
+    /// shipped as zeros without a read, so the part of it the write touched becomes a
+    /// data piece (read on the lane, it then holds the write). Data not yet shipped
+    /// needs nothing: its read will see the write.
+    pub fn wrote(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if len == 0 || self.finished {
+            return;
+        }
+        // The pieces tile the rest of the unit in order: find those that overlap.
+        let first = self.todo.partition_point(|p| piece_end(p) <= offset);
+        let mut i = first;
+        while i < self.todo.len() {
+            let (Piece::Hole {
+                offset: Offset(h),
+                len: hl,
+            }
+            | Piece::Data {
+                offset: Offset(h),
+                len: hl,
+            }) = self.todo[i];
+            if h >= end {
+                break;
+            }
+            if let Piece::Hole { .. } = self.todo[i] {
+                let (a, b) = (h.max(offset), (h + hl).min(end));
+                let mut parts = Vec::with_capacity(3);
+                if a > h {
+                    parts.push(Piece::Hole {
+                        offset: Offset(h),
+                        len: a - h,
+                    });
+                }
+                parts.push(Piece::Data {
+                    offset: Offset(a),
+                    len: b - a,
+                });
+                if h + hl > b {
+                    parts.push(Piece::Hole {
+                        offset: Offset(b),
+                        len: h + hl - b,
+                    });
+                }
+                self.total += b - a;
+                self.todo.remove(i);
+                for (k, p) in parts.into_iter().enumerate() {
+                    self.todo.insert(i + k, p);
+                }
+            }
+            i += 1;
+        }
+    }
+
     pub fn stats(&self) -> SyncStats {
         SyncStats {
             total_bytes: self.total,
@@ -112,6 +165,11 @@ impl InitialSync {
             finished: self.finished,
         }
     }
+}
+
+fn piece_end(p: &Piece) -> u64 {
+    let (Piece::Data { offset, len } | Piece::Hole { offset, len }) = *p;
+    offset.0 + len
 }
 
 #[cfg(test)]
@@ -183,6 +241,37 @@ mod tests {
             }
             assert_eq!(at, size);
         }
+    }
+
+    /// A write into a hole not yet shipped turns that part into data (read later, so
+    /// it carries the write); a write into data, or into a hole already shipped, changes
+    /// nothing.
+    #[test]
+    fn writes_into_pending_holes_become_data() {
+        let mut s = InitialSync::new(100, &[(Offset(40), 20)], 1000);
+        s.wrote(10, 5); // inside the first hole
+        s.wrote(45, 5); // inside data: nothing
+        s.wrote(55, 10); // data then hole: the hole's first 5 bytes
+        s.wrote(98, 10); // past the end: cut at the end
+        let got: Vec<Piece> = std::iter::from_fn(|| s.next_piece()).collect();
+        assert_eq!(
+            got,
+            vec![
+                h(0, 10),
+                d(10, 5),
+                h(15, 25),
+                d(40, 20),
+                d(60, 5),
+                h(65, 33),
+                d(98, 2)
+            ]
+        );
+        assert_eq!(s.total, 20 + 5 + 5 + 2);
+        // Once shipped, a hole stays shipped: later writes follow it in order.
+        let mut s = InitialSync::new(100, &[], 1000);
+        assert_eq!(s.next_piece(), Some(h(0, 100)));
+        s.wrote(0, 10);
+        assert_eq!(s.next_piece(), None);
     }
 
     #[test]
