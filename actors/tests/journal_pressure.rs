@@ -12,6 +12,7 @@
 //! replays exactly; a stall is caught by a deadline in simulated time (not wall-clock),
 //! which fails with the engine's state. `TIDEMARK_SEED=<seed>` replays one seed.
 
+mod sim;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -43,9 +44,7 @@ fn run(case: &Case, seed: u64) {
     const UNIT: u64 = 16 << 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path().to_path_buf();
-    actix_rt::System::new().block_on(async move {
-        tokio::time::pause();
-        tidemark_actors::align_paused_clock().await;
+    sim::run(async move {
         let mut b = EngineBuilder::new();
         b.simulated().seed(seed).impairment(case.impair);
         let a = b.primary("a");
