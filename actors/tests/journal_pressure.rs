@@ -8,6 +8,11 @@
 //! have freed it: replication stopped for good with about the queue depth of writes
 //! stamped and never journaled.
 //!
+//! Case 1 at seed 1 then stalled on the remote (once the clock started at the timer
+//! wheel's origin): packets journaled there above a gap kept every later journal segment,
+//! applied or not, until the full journal refused the packet closing the gap for good.
+//! A pair's packets now enter the remote journal in `seq` order (`tidemark::intake`).
+//!
 //! Actors run on one thread on tokio's paused clock with disk work inline, so a seed
 //! replays exactly; a stall is caught by a deadline in simulated time (not wall-clock),
 //! which fails with the engine's state. `TIDEMARK_SEED=<seed>` replays one seed.
@@ -92,7 +97,7 @@ fn run(case: &Case, seed: u64) {
             let p = &stats.pairs[pair.0 as usize];
             panic!(
                 "{}: stalled (seed {seed}; replay with TIDEMARK_SEED={seed}): written_seq {} \
-                 acked_seq {} applied_seq {} retransmits {}",
+                 acked_seq {} applied_seq {} retransmits {}\n{p:#?}",
                 case.name, p.written_seq, p.acked_seq, p.applied_seq, p.retransmits
             );
         }
