@@ -7,6 +7,7 @@
 //! of them they keep.
 
 pub mod clock;
+pub mod intake;
 pub mod journal;
 pub mod link;
 pub mod nbd;
@@ -21,6 +22,7 @@ pub mod types;
 pub mod wire;
 
 pub use clock::{HybridClock, WallClock};
+pub use intake::{Intake, Offer};
 pub use order::{OrderAction, OrderError, Orderer};
 pub use packet::{Ack, HeadReport, Heartbeat, Mark, Message, Packet, Payload, SeqRange};
 pub use run::{Received, RunTracker};

@@ -121,6 +121,16 @@ impl RunTracker {
         self.stats
     }
 
+    /// The packet `seq` if it is held out of order (above a gap).
+    pub fn held_ahead(&self, seq: Seq) -> Option<&Packet> {
+        self.ahead.get(&seq)
+    }
+
+    /// The run: the packets from the applied point up to the head, in `seq` order.
+    pub fn run(&self) -> impl DoubleEndedIterator<Item = &Packet> + '_ {
+        self.run.iter()
+    }
+
     /// The highest `seq` accepted now: `applied + window`. It only grows (the applied
     /// point only moves forward).
     pub fn window_end(&self) -> Seq {

@@ -32,15 +32,3 @@ pub use health::{Failure, Health};
 pub use msg::{now, Stop, Wall};
 pub use net::impair::Impairment;
 pub use units::remote::{Applied, ApplyHook};
-
-/// For a simulation on tokio's paused clock: puts the clock on tokio's 1 ms timer grid.
-/// Call it once right after `tokio::time::pause()`, before building the engine.
-///
-/// `pause()` freezes the clock at however much real time passed since the runtime was
-/// built, so its phase against the timer grid (timer deadlines round up to whole
-/// milliseconds from the runtime's start) depends on real time; two runs of one seed
-/// could then group timers differently and diverge (seen under load). Sleeping 1 ms
-/// lets auto-advance move the clock exactly onto a grid point, the same for every run.
-pub async fn align_paused_clock() {
-    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-}

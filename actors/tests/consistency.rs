@@ -12,6 +12,7 @@
 //! A failing seed is printed; `TIDEMARK_SEED=<seed> cargo test -p tidemark-actors --test consistency`
 //! replays just that one.
 
+mod sim;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -56,10 +57,7 @@ struct Outcome {
 
 /// One whole run for `seed`.
 fn run(seed: u64, writes: usize) -> Outcome {
-    let system = actix_rt::System::new();
-    system.block_on(async move {
-        tokio::time::pause();
-        tidemark_actors::align_paused_clock().await;
+    sim::run(async move {
         let mut rng = Pcg64::seed_from_u64(seed);
         let mut b = EngineBuilder::new();
         b.simulated().seed(seed);

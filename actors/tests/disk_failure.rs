@@ -2,6 +2,7 @@
 //! names it, whoever waits on it is told (no wait without a way out, I5), and nothing is
 //! retried in a loop.
 
+mod sim;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,11 +53,7 @@ impl BlockStore for FailingStore {
 }
 
 fn sim<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) {
-    actix_rt::System::new().block_on(async move {
-        tokio::time::pause();
-        tidemark_actors::align_paused_clock().await;
-        f().await
-    });
+    sim::run(async move { f().await });
 }
 
 /// One pair a → b whose remote (or local) unit is `store`.

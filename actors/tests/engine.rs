@@ -1,17 +1,14 @@
 //! The library start-up and the engine handle: idle pairs, bad input, file units,
 //! several systems on real threads.
 
+mod sim;
 use bytes::Bytes;
 use std::time::Duration;
 use tidemark::{Offset, PairId, Payload, StoreError};
 use tidemark_actors::{EngineBuilder, EngineError, Impairment, PairSpec, StoreSpec};
 
 fn sim<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) {
-    actix_rt::System::new().block_on(async move {
-        tokio::time::pause();
-        tidemark_actors::align_paused_clock().await;
-        f().await
-    });
+    sim::run(async move { f().await });
 }
 
 fn read_all(engine: &tidemark_actors::Engine, pair: PairId, remote: bool) -> Vec<u8> {

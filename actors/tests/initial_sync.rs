@@ -2,6 +2,8 @@
 //! clients keep writing; afterwards remote == local byte for byte, the remote unit is
 //! consistent again, and only the allocated extents were read and shipped as data.
 
+mod sim;
+
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -24,10 +26,7 @@ fn seed() -> u64 {
 }
 
 fn sim<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) {
-    actix_rt::System::new().block_on(async move {
-        tokio::time::pause();
-        f().await
-    });
+    sim::run(async move { f().await });
 }
 
 /// A sparse unit file with `extents` of random bytes; returns the bytes written.

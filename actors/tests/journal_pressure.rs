@@ -8,10 +8,16 @@
 //! have freed it: replication stopped for good with about the queue depth of writes
 //! stamped and never journaled.
 //!
+//! Case 1 at seed 1 then stalled on the remote (once the clock started at the timer
+//! wheel's origin): packets journaled there above a gap kept every later journal segment,
+//! applied or not, until the full journal refused the packet closing the gap for good.
+//! A pair's packets now enter the remote journal in `seq` order (`tidemark::intake`).
+//!
 //! Actors run on one thread on tokio's paused clock with disk work inline, so a seed
 //! replays exactly; a stall is caught by a deadline in simulated time (not wall-clock),
 //! which fails with the engine's state. `TIDEMARK_SEED=<seed>` replays one seed.
 
+mod sim;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -43,9 +49,7 @@ fn run(case: &Case, seed: u64) {
     const UNIT: u64 = 16 << 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path().to_path_buf();
-    actix_rt::System::new().block_on(async move {
-        tokio::time::pause();
-        tidemark_actors::align_paused_clock().await;
+    sim::run(async move {
         let mut b = EngineBuilder::new();
         b.simulated().seed(seed).impairment(case.impair);
         let a = b.primary("a");
@@ -93,7 +97,7 @@ fn run(case: &Case, seed: u64) {
             let p = &stats.pairs[pair.0 as usize];
             panic!(
                 "{}: stalled (seed {seed}; replay with TIDEMARK_SEED={seed}): written_seq {} \
-                 acked_seq {} applied_seq {} retransmits {}",
+                 acked_seq {} applied_seq {} retransmits {}\n{p:#?}",
                 case.name, p.written_seq, p.acked_seq, p.applied_seq, p.retransmits
             );
         }

@@ -4,7 +4,8 @@
 //! - **Primary**: every stamped [`Packet`](crate::Packet) goes in before its write is
 //!   acknowledged to the client; [`Record::Released`] says the remote holds a pair's
 //!   packets up to a seq durably, so they may be forgotten (I3).
-//! - **Remote**: every received packet goes in before it is acknowledged;
+//! - **Remote**: every received packet goes in before it is acknowledged cumulatively
+//!   (a pair's packets in `seq` order: see [`crate::intake`] for why);
 //!   [`Record::Limit`] (and [`Record::Prepared`] when several remote systems must agree)
 //!   goes in and is synced before anything below it is applied (I4);
 //!   [`Record::Applied`] records the applied point.

@@ -15,7 +15,9 @@ use actix::prelude::*;
 use std::sync::Arc;
 use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::run::RunTracker;
-use tidemark::{BlockStore, HeadReport, Message as WireMessage, Packet, PairId, Seq, Stamp};
+use tidemark::{
+    BlockStore, HeadReport, Intake, Message as WireMessage, Packet, PairId, Seq, Stamp,
+};
 use tidemark::{Mark, Payload};
 use tidemark::{SystemId, Timestamp};
 use tokio::sync::oneshot;
@@ -67,25 +69,20 @@ pub struct RemoteUnit {
     pair: PairId,
     local_system: SystemId,
     orderer_system: SystemId,
-    tracker: RunTracker,
+    /// The run tracker, the flow control, and what goes to the journal when: a pair's
+    /// packets are journaled in `seq` order only, those above a gap are held in memory
+    /// until it closes (so the journal can always reclaim what is applied, I5).
+    intake: Intake,
     store: Arc<dyn BlockStore>,
     journal: Option<SharedJournal>,
-    /// Received, waiting to be made durable before they count.
-    incoming: Vec<Packet>,
-    incoming_bytes: usize,
-    journaling: bool,
-    /// Journaled and held, not yet applied.
-    held_bytes: usize,
-    /// Sequence numbers held above the applied point: a retransmitted duplicate is
-    /// acknowledged again but not journaled again.
-    held_seqs: std::collections::BTreeSet<Seq>,
     /// Applied to the unit but not yet flushed and recorded in the journal.
     unflushed: bool,
     /// Bytes applied since the applied point was last recorded.
     unrecorded_bytes: usize,
     recording: bool,
     budget: usize,
-    flow_dropped: u64,
+    /// Received while the unit was failed: dropped (the intake counts its own drops).
+    failed_dropped: u64,
     disk: Disk,
     link: Recipient<Outbound>,
     limit: Timestamp,
@@ -110,33 +107,22 @@ pub struct RemoteUnit {
 
 impl RemoteUnit {
     pub fn new(pair: PairId, w: RemoteWiring, resume: RemoteResume) -> Self {
-        let mut tracker = RunTracker::new(pair, resume.applied);
-        let mut held_bytes = 0;
-        let mut held_seqs = std::collections::BTreeSet::new();
+        let mut intake = Intake::new(RunTracker::new(pair, resume.applied), w.budget);
         for p in resume.live {
-            let (len, seq) = (p.payload.wire_len(), p.stamp.seq);
-            if tracker.handle_packet(p) == tidemark::Received::New {
-                held_bytes += len;
-                held_seqs.insert(seq);
-            }
+            intake.handle_durable(p);
         }
         RemoteUnit {
             pair,
             local_system: w.local_system,
             orderer_system: w.orderer_system,
-            tracker,
+            intake,
             store: w.store,
             journal: w.journal,
-            incoming: Vec::new(),
-            incoming_bytes: 0,
-            journaling: false,
-            held_bytes,
-            held_seqs,
             unflushed: false,
             unrecorded_bytes: 0,
             recording: false,
             budget: w.budget,
-            flow_dropped: 0,
+            failed_dropped: 0,
             disk: w.disk,
             link: w.link,
             limit: resume.limit,
@@ -156,49 +142,39 @@ impl RemoteUnit {
         }
     }
 
-    /// Makes received packets durable in the journal (one batch in flight); only then do
-    /// they count in the head and get acknowledged (I3).
+    /// Makes the queued packets durable in the journal, one batch in flight; only then
+    /// do they count in the head and get acknowledged cumulatively (I3).
     fn journal_incoming(&mut self, ctx: &mut Context<Self>) {
         if self.failed.is_some() {
-            // Nothing can be made durable: nothing is acknowledged either.
-            self.flow_dropped += self.incoming.len() as u64;
-            self.incoming.clear();
-            self.incoming_bytes = 0;
-            return;
-        }
-        if self.journaling || self.incoming.is_empty() {
             return;
         }
         let Some(journal) = self.journal.clone() else {
             return;
         };
-        self.journaling = true;
-        let batch = std::mem::take(&mut self.incoming);
-        self.incoming_bytes = 0;
+        let Some(batch) = self.intake.take_batch() else {
+            return;
+        };
         let records: Vec<Record> = batch.iter().cloned().map(Record::Packet).collect();
         let job = self
             .disk
             .run(move || journal.append(&records, Durability::Synced));
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
-            act.journaling = false;
             match res {
                 Some(Ok(())) => {
-                    for p in batch {
-                        let (len, seq) = (p.payload.wire_len(), p.stamp.seq);
-                        if act.tracker.handle_packet(p) == tidemark::Received::New {
-                            act.held_bytes += len;
-                            act.held_seqs.insert(seq);
-                        }
-                    }
+                    act.intake.journaled(batch);
                     act.answer();
                     act.apply(ctx);
                 }
-                // Not durable: not acknowledged either; the primary resends them. A full
+                // Not durable: the packet the head waits for is dropped, unacknowledged,
+                // and the primary resends it; the rest stays held in memory. A full
                 // journal is back-pressure (it frees as the unit applies), not a fault:
                 // counted with the flow-control drops, not logged each time.
-                Some(Err(JournalError::Full { .. })) => act.flow_dropped += batch.len() as u64,
-                Some(Err(e)) => act.fail(format!("journal: {e}")),
-                None => {}
+                Some(Err(JournalError::Full { .. })) => act.intake.refused(batch),
+                Some(Err(e)) => {
+                    act.intake.refused(batch);
+                    act.fail(format!("journal: {e}"));
+                }
+                None => act.intake.refused(batch),
             }
             act.journal_incoming(ctx);
         }));
@@ -208,9 +184,9 @@ impl RemoteUnit {
     fn answer(&mut self) {
         self.link.do_send(Outbound {
             to: self.local_system,
-            msg: WireMessage::Acks(vec![self.tracker.ack()]),
+            msg: WireMessage::Acks(vec![self.intake.tracker().ack()]),
         });
-        let head = self.tracker.head();
+        let head = self.intake.tracker().head();
         if head != self.reported {
             self.reported = head;
             self.link.do_send(Outbound {
@@ -242,13 +218,13 @@ impl RemoteUnit {
             return;
         }
         let limit = self.limit;
-        if self.tracker.limit_violated(limit) {
+        if self.intake.tracker().limit_violated(limit) {
             // The orderer released a limit beyond this unit's head: I1 would break.
             self.limit_violations += 1;
-            tracing::error!(pair = %self.pair, %limit, head = %self.tracker.head(),
+            tracing::error!(pair = %self.pair, %limit, head = %self.intake.tracker().head(),
                 "commit limit beyond this unit's run head; applying only the run");
         }
-        let batch: Vec<Packet> = self.tracker.select(limit).cloned().collect();
+        let batch: Vec<Packet> = self.intake.tracker().select(limit).cloned().collect();
         self.applying_ts = batch.iter().map(|p| p.stamp.ts).collect();
         let batch_bytes: usize = batch.iter().map(|p| p.payload.wire_len()).sum();
         if batch.is_empty() {
@@ -304,10 +280,7 @@ impl RemoteUnit {
             }
             match res {
                 Some((last, _, None)) => {
-                    act.held_bytes = act.held_bytes.saturating_sub(batch_bytes);
                     act.finish(limit, last);
-                    let applied = act.tracker.applied().seq;
-                    act.held_seqs = act.held_seqs.split_off(&applied.next());
                     act.unflushed = true;
                     act.unrecorded_bytes += batch_bytes;
                     if act.unrecorded_bytes > act.budget / 4 {
@@ -318,7 +291,7 @@ impl RemoteUnit {
                 Some((last, _, Some(e))) => {
                     act.fail(format!("apply: {e}"));
                     if let Some(seq) = last {
-                        act.tracker.mark_applied(seq);
+                        act.intake.mark_applied(seq);
                     }
                 }
                 None => act.failed = Some("disk pool stopped".into()),
@@ -333,7 +306,7 @@ impl RemoteUnit {
             self.lag.record(now.saturating_sub(ts.0));
         }
         if let Some(seq) = last {
-            self.tracker.mark_applied(seq);
+            self.intake.mark_applied(seq);
         }
         self.applied_limit = limit;
         self.applies += 1;
@@ -341,11 +314,11 @@ impl RemoteUnit {
             hook(&Applied {
                 pair: self.pair,
                 limit,
-                applied: self.tracker.applied(),
+                applied: self.intake.tracker().applied(),
                 store: self.store.as_ref(),
             });
         }
-        let applied = self.tracker.applied().seq;
+        let applied = self.intake.tracker().applied().seq;
         let (done, waiting): (Vec<_>, Vec<_>) =
             self.waiters.drain(..).partition(|(seq, _)| *seq <= applied);
         self.waiters = waiting;
@@ -372,7 +345,7 @@ impl RemoteUnit {
         let store = self.store.clone();
         let rec = Record::Applied {
             pair: self.pair,
-            stamp: self.tracker.applied(),
+            stamp: self.intake.tracker().applied(),
         };
         let job = self.disk.run(move || {
             store.flush().map_err(|e| e.to_string())?;
@@ -408,43 +381,28 @@ impl Handler<PacketsIn> for RemoteUnit {
     type Result = ();
     fn handle(&mut self, msg: PacketsIn, ctx: &mut Context<Self>) {
         if self.journal.is_some() {
-            // Flow control: out-of-order packets may fill three quarters of this unit's
-            // share of the journal; the rest is kept for packets near the head of the
-            // run. The packet right after the head (the one that closes the gap and lets
-            // the limit, and space, move) is always taken, whatever is held: with large
-            // packets, those just after it can fill the whole share (I5). What does not
-            // fit is dropped and retransmitted later.
-            let head = self.tracker.head().seq;
-            let applied = self.tracker.applied().seq;
-            for p in msg.0 {
-                if p.stamp.seq <= applied
-                    || self.held_seqs.contains(&p.stamp.seq)
-                    || self.incoming.iter().any(|q| q.stamp.seq == p.stamp.seq)
-                {
-                    continue;
-                }
-                let len = p.payload.wire_len();
-                let room = if p.stamp.seq == head.next() {
-                    usize::MAX
-                } else if p.stamp.seq.0 <= head.0 + 64 {
-                    self.budget
-                } else {
-                    self.budget / 4 * 3
-                };
-                if self.held_bytes + self.incoming_bytes + len > room {
-                    self.flow_dropped += 1;
-                    continue;
-                }
-                self.incoming_bytes += len;
-                self.incoming.push(p);
+            if self.failed.is_some() {
+                // Nothing can be made durable: nothing new is acknowledged either.
+                self.failed_dropped += msg.0.len() as u64;
+                self.answer();
+                return;
             }
-            // Acknowledge what is durable already (the sender may be retransmitting it).
+            // Flow control and journal order (`tidemark::intake`): the packet right after
+            // what is journaled goes to the journal with those held in memory right after
+            // it; packets above a gap are held in memory, acknowledged selectively, until
+            // it closes; the packet right after the head is always taken. What does not
+            // fit is dropped and retransmitted later.
+            for p in msg.0 {
+                self.intake.offer(p);
+            }
+            // Acknowledge what is durable already (the sender may be retransmitting it),
+            // and what is held above a gap.
             self.answer();
             self.journal_incoming(ctx);
             return;
         }
         for p in msg.0 {
-            self.tracker.handle_packet(p);
+            self.intake.handle_durable(p);
         }
         self.answer();
         self.apply(ctx);
@@ -455,7 +413,7 @@ impl Handler<HeartbeatsIn> for RemoteUnit {
     type Result = ();
     fn handle(&mut self, msg: HeartbeatsIn, _: &mut Context<Self>) {
         for hb in msg.0 {
-            self.tracker.handle_heartbeat(hb);
+            self.intake.handle_heartbeat(hb);
         }
         self.answer();
     }
@@ -474,7 +432,7 @@ impl Handler<LimitIn> for RemoteUnit {
 impl Handler<WaitApplied> for RemoteUnit {
     type Result = ResponseFuture<Result<(), EngineError>>;
     fn handle(&mut self, msg: WaitApplied, _: &mut Context<Self>) -> Self::Result {
-        if self.tracker.applied().seq >= msg.0 {
+        if self.intake.tracker().applied().seq >= msg.0 {
             return Box::pin(async { Ok(()) });
         }
         if let Some(e) = &self.failed {
@@ -490,18 +448,20 @@ impl Handler<WaitApplied> for RemoteUnit {
 impl Handler<GetRemoteStats> for RemoteUnit {
     type Result = MessageResult<GetRemoteStats>;
     fn handle(&mut self, _: GetRemoteStats, _: &mut Context<Self>) -> Self::Result {
-        let s = self.tracker.stats();
+        let t = self.intake.tracker();
+        let s = t.stats();
+        let i = self.intake.stats();
         MessageResult(RemoteStats {
             state: self.state,
-            head: self.tracker.head(),
-            applied: self.tracker.applied(),
+            head: t.head(),
+            applied: t.applied(),
             limit: self.limit,
-            held: self.tracker.held(),
+            held: t.held(),
             duplicates: s.duplicates,
             stale: s.stale,
             applies: self.applies,
             limit_violations: self.limit_violations,
-            flow_dropped: self.flow_dropped,
+            flow_dropped: i.no_room + i.refused + self.failed_dropped,
             lag_ns: self.lag.samples().to_vec(),
         })
     }
