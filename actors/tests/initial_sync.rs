@@ -90,6 +90,10 @@ fn a_prefilled_unit_is_copied_while_clients_write() {
         &mut rng,
         &[(0, 512 << 10), (3 << 20, 256 << 10), (6 << 20, 768 << 10)],
     );
+    // What the unit must hold at the end: the prefill, then every write in order.
+    let mut model = std::fs::read(dir.join("local.img")).expect("read");
+    let model_out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let m = model_out.clone();
     let d = dir.clone();
     sim(|| async move {
         let dir = d;
@@ -107,11 +111,13 @@ fn a_prefilled_unit_is_copied_while_clients_write() {
             let at = rng.random_range(0..=UNIT - len);
             let mut data = vec![0u8; len as usize];
             rng.fill(&mut data[..]);
+            model[at as usize..(at + len) as usize].copy_from_slice(&data);
             engine
                 .write(pair, at, Bytes::from(data))
                 .await
                 .unwrap_or_else(|e| panic!("write (seed {seed}): {e}"));
         }
+        *m.lock().expect("model") = model;
         synced(&engine, pair)
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -140,6 +146,11 @@ fn a_prefilled_unit_is_copied_while_clients_write() {
     let l = std::fs::read(dir.join("local.img")).expect("read");
     let r = std::fs::read(dir.join("remote.img")).expect("read");
     assert!(l == r, "files differ (seed {seed})");
+    let model = model_out.lock().expect("model");
+    assert!(
+        l == *model,
+        "the units do not hold the prefill and the writes (seed {seed})"
+    );
 }
 
 #[test]
@@ -255,6 +266,54 @@ fn a_sync_cut_short_by_a_restart_copies_again() {
             units_differ(&engine).expect("compare").is_empty(),
             "seed {seed}"
         );
+        engine.shutdown().await.expect("shutdown");
+    });
+}
+
+/// A client write into a hole of the unit, stamped before the copy reached that hole,
+/// stays on both units: the hole's zero range must neither punch the local unit (the
+/// copy's source) nor reach the remote after the write.
+#[test]
+fn a_write_into_a_hole_before_the_copy_reaches_it_survives() {
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path().to_path_buf();
+    let mut rng = Pcg64::seed_from_u64(seed);
+    // Data in the first half, a hole in the second: the copy reads 4 MiB (in pieces of
+    // a quarter segment) before it gets to the hole.
+    prefill(&dir.join("local.img"), &mut rng, &[(0, 4 << 20)]);
+    let d = dir.clone();
+    sim(|| async move {
+        let dir = d;
+        let mut b = EngineBuilder::new();
+        b.simulated().seed(seed);
+        let a = b.primary("a");
+        let r = b.secondary("b");
+        let pair = b.pair(pair_spec(&dir, a, r));
+        b.journal(a, dir.join("ja"), 16 << 20)
+            .journal(r, dir.join("jb"), 16 << 20);
+        let engine = b.start().expect("start");
+        let at = 6 << 20;
+        engine
+            .write(pair, at, Bytes::from(vec![0xab; 4096]))
+            .await
+            .expect("write");
+        synced(&engine, pair)
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        for remote in [false, true] {
+            let mut buf = vec![0u8; 4096];
+            engine
+                .store(pair, remote)
+                .expect("store")
+                .read_at(tidemark::Offset(at), &mut buf)
+                .expect("read");
+            assert!(
+                buf.iter().all(|&b| b == 0xab),
+                "the acknowledged write is gone from the {} unit (seed {seed})",
+                if remote { "remote" } else { "local" }
+            );
+        }
         engine.shutdown().await.expect("shutdown");
     });
 }

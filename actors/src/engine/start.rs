@@ -131,11 +131,7 @@ impl EngineBuilder {
     /// copy was cut short); one that recorded any other state, or has journal records
     /// from before pair states existed, does not; a pair new to its journal follows its
     /// [`InitialSync`] mode. Runs after the redo, so the extents include what it wrote.
-    fn plan_syncs(
-        &self,
-        stores: &[Stores],
-        journals: &Journals,
-    ) -> Result<SyncPlans, EngineError> {
+    fn plan_syncs(&self, stores: &[Stores], journals: &Journals) -> Result<SyncPlans, EngineError> {
         let mut plans = Vec::with_capacity(stores.len());
         for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
             let id = PairId(i as u32);
