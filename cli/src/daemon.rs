@@ -56,7 +56,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
                 let _ = std::fs::create_dir_all(dir);
             }
         }
-        b.pair(PairSpec {
+        let id = b.pair(PairSpec {
             name: p.name.clone(),
             local: SystemId(p.local as u32),
             remote: SystemId(p.remote as u32),
@@ -64,6 +64,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
             local_store: StoreSpec::File(p.local_path.clone()),
             remote_store: StoreSpec::File(p.remote_path.clone()),
         });
+        b.initial_sync(id, p.initial_sync);
     }
     let ids: Vec<SystemId> = here.iter().map(|&i| SystemId(i as u32)).collect();
     for &i in here {
