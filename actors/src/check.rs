@@ -8,6 +8,12 @@
 //! of the writes with `ts <= L`: the applied `seq` is at least the last such write's,
 //! and below the first later write's (a write split into several packets may be cut
 //! between its pieces, which were on the disk in that order).
+//!
+//! A pair may also carry packets that are not recorded writes: an initial sync's pieces
+//! and marks. Between two recorded writes the bounds above cover them. After the last
+//! recorded write (or on a pair without any, e.g. an idle pair being copied) there is no
+//! later write to bound the applied `seq`: there the last packet applied must be stamped
+//! at or below the limit, which every application must satisfy anyway.
 
 use crate::engine::Engine;
 use crate::error::EngineError;
@@ -24,13 +30,17 @@ pub struct Application {
     pub limit: Timestamp,
     /// The last packet applied.
     pub applied: Seq,
+    /// Its time stamp.
+    pub applied_ts: Timestamp,
 }
 
 /// An application that was not a consistent cut.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CutViolation {
     pub application: Application,
-    /// The applied `seq` a cut at the limit allows: `lowest..=highest`.
+    /// The applied `seq` a cut at the limit allows: `lowest..=highest` (`highest` is
+    /// [`Seq::MAX`] after the last recorded write: then the applied packet must be
+    /// stamped at or below the limit).
     pub lowest: Seq,
     pub highest: Seq,
 }
@@ -40,8 +50,8 @@ impl fmt::Display for CutViolation {
         let a = &self.application;
         write!(
             f,
-            "{} under limit {}: applied {}, the cut allows {}..={}",
-            a.pair, a.limit, a.applied, self.lowest, self.highest
+            "{} under limit {}: applied {} (stamped {}), the cut allows {}..={}",
+            a.pair, a.limit, a.applied, a.applied_ts, self.lowest, self.highest
         )
     }
 }
@@ -102,10 +112,13 @@ impl CutChecker {
                 let stamps = self.writes.get(&a.pair).unwrap_or(&empty);
                 let within = stamps.partition_point(|s| s.ts <= a.limit);
                 let lowest = within.checked_sub(1).map_or(Seq::ZERO, |i| stamps[i].seq);
-                let highest = stamps
-                    .get(within)
-                    .map_or(lowest, |s| Seq(s.seq.0.saturating_sub(1)).max(lowest));
-                (a.applied < lowest || a.applied > highest).then_some(CutViolation {
+                // After the last recorded write, packets the checker was not told about
+                // (an initial sync's) may follow: bounded by their stamp below.
+                let highest = stamps.get(within).map_or(Seq(u64::MAX), |s| {
+                    Seq(s.seq.0.saturating_sub(1)).max(lowest)
+                });
+                let beyond = a.applied_ts > a.limit;
+                (a.applied < lowest || a.applied > highest || beyond).then_some(CutViolation {
                     application: a,
                     lowest,
                     highest,
@@ -121,6 +134,7 @@ fn record(applications: &Mutex<Vec<Application>>, a: &Applied<'_>) {
             pair: a.pair,
             limit: a.limit,
             applied: a.applied.seq,
+            applied_ts: a.applied.ts,
         });
     }
 }
@@ -164,26 +178,31 @@ mod tests {
     }
 
     /// Writes of pair 0: seq 1 @10, seq 2 @20, seq 5 @50 (a write split into packets
-    /// 3, 4, 5). Each row: limit, applied seq, whether that is a cut.
+    /// 3, 4, 5 @25, 28, 50). Each row: limit, applied seq and its stamp, whether that is
+    /// a cut.
     #[test]
     fn applications_against_a_history() {
-        let rows: &[(u64, u64, bool)] = &[
-            (5, 0, true),   // before every write
-            (5, 1, false),  // a write from after the limit
-            (10, 1, true),  // exactly the first
-            (10, 0, false), // misses the first
-            (15, 1, true),
-            (15, 2, false),
-            (20, 2, true),
-            (30, 3, true), // first pieces of the split write may be there…
-            (30, 4, true),
-            (30, 5, false), // …but not its last, stamped 50
-            (50, 5, true),
-            (50, 4, false),
-            (99, 5, true),
-            (99, 6, false), // nothing was written at seq 6
+        let rows: &[(u64, u64, u64, bool)] = &[
+            (5, 0, 0, true),   // before every write
+            (5, 1, 10, false), // a write from after the limit
+            (10, 1, 10, true), // exactly the first
+            (10, 0, 0, false), // misses the first
+            (15, 1, 10, true),
+            (15, 2, 20, false),
+            (20, 2, 20, true),
+            (30, 3, 25, true), // first pieces of the split write may be there…
+            (30, 4, 28, true),
+            (30, 5, 50, false), // …but not its last, stamped 50
+            (50, 5, 50, true),
+            (50, 4, 28, false),
+            (99, 5, 50, true),
+            // Packets after the last recorded write (an initial sync's pieces): applied
+            // if stamped within the limit, never beyond it.
+            (99, 6, 60, true),
+            (99, 9, 99, true),
+            (99, 6, 100, false),
         ];
-        for &(limit, applied, ok) in rows {
+        for &(limit, applied, applied_ts, ok) in rows {
             let mut c = CutChecker::new();
             for s in [st(5, 50), st(1, 10), st(2, 20)] {
                 c.wrote(PairId(0), s);
@@ -193,6 +212,7 @@ mod tests {
                     pair: PairId(0),
                     limit: Timestamp(limit),
                     applied: Seq(applied),
+                    applied_ts: Timestamp(applied_ts),
                 });
             }
             assert_eq!(

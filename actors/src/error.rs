@@ -27,6 +27,15 @@ pub enum EngineError {
     /// durable commit limit.
     #[error("system {system} was not promoted: {detail}; run `tidemark promote` first")]
     NotPromoted { system: String, detail: String },
+    /// `promote` or `export` on remote units whose initial sync has not finished: they
+    /// are not a consistent cut. `--force` takes them as they are.
+    #[error(
+        "{command}: initial sync not finished for {pairs}: the remote unit is NOT a consistent \
+         cut (its data is a mix of old and new blocks); nothing was changed. Let the sync \
+         finish (run both sites until the primary's status shows the pair `replicating`), \
+         or give --force to take the units as they are"
+    )]
+    SyncUnfinished { command: String, pairs: String },
     #[error("{0} has no unit in this process")]
     NotHere(PairId),
     #[error("unknown pair {0}")]
@@ -84,6 +93,7 @@ impl EngineError {
                 | EngineError::Impairment(_)
                 | EngineError::Running(_)
                 | EngineError::NotPromoted { .. }
+                | EngineError::SyncUnfinished { .. }
                 | EngineError::NotHere(_)
                 | EngineError::NoSuchPair(_)
                 | EngineError::Store(StoreError::SizeMismatch { .. })
@@ -109,6 +119,13 @@ mod tests {
             (EngineError::Topology("x".into()), true),
             (EngineError::Impairment("x".into()), true),
             (EngineError::Running("a".into()), true),
+            (
+                EngineError::SyncUnfinished {
+                    command: "promote".into(),
+                    pairs: "log (site-b)".into(),
+                },
+                true,
+            ),
             (EngineError::NoSuchPair(PairId(3)), true),
             (
                 EngineError::io("cannot listen on udp 127.0.0.1:1")(io()),

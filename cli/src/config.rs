@@ -11,6 +11,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidemark_actors::error::EngineError;
+use tidemark_actors::InitialSync;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +71,8 @@ struct RawPair {
     size: String,
     local: RawEnd,
     remote: RawEnd,
+    /// `"auto"` (default), `"full"` or `"none"`.
+    initial_sync: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +114,9 @@ pub struct PairConfig {
     pub local_path: PathBuf,
     pub remote: usize,
     pub remote_path: PathBuf,
+    /// Whether the local unit is copied to the remote when the pair first starts
+    /// (`initial_sync`; default [`InitialSync::Auto`]: if it holds data).
+    pub initial_sync: InitialSync,
 }
 
 /// A checked config.
@@ -412,7 +418,8 @@ struct Pairs {
 /// is a size and a positive multiple of 512; `local.system` names a primary and
 /// `remote.system` a secondary ([`parse_end`]); neither unit path (relative to `base`)
 /// is used by another unit so far (this pair's other end included) or lies inside any
-/// system's `journal_dir`.
+/// system's `journal_dir`; `initial_sync`, if given, is `"auto"`, `"full"` or `"none"`
+/// (default `"auto"`).
 fn parse_pair(
     i: usize,
     p: &RawPair,
@@ -457,6 +464,17 @@ fn parse_pair(
             }
         }
     }
+    let initial_sync = match p.initial_sync.as_deref() {
+        None | Some("auto") => InitialSync::Auto,
+        Some("full") => InitialSync::Full,
+        Some("none") => InitialSync::None,
+        Some(other) => {
+            return bad(format!(
+                "{}: {other:?} is none of \"auto\", \"full\", \"none\"",
+                key("initial_sync")
+            ))
+        }
+    };
     pairs.list.push(PairConfig {
         name: p.name.clone(),
         size,
@@ -464,6 +482,7 @@ fn parse_pair(
         local_path,
         remote,
         remote_path,
+        initial_sync,
     });
     Ok(())
 }

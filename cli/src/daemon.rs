@@ -2,8 +2,10 @@
 //! engine start-up that `load` shares with them).
 
 use crate::config::Config;
+use crate::progress::{SyncFigures, SyncProgress};
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 use tidemark::link::LinkConfig;
@@ -56,7 +58,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
                 let _ = std::fs::create_dir_all(dir);
             }
         }
-        b.pair(PairSpec {
+        let id = b.pair(PairSpec {
             name: p.name.clone(),
             local: SystemId(p.local as u32),
             remote: SystemId(p.remote as u32),
@@ -64,6 +66,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
             local_store: StoreSpec::File(p.local_path.clone()),
             remote_store: StoreSpec::File(p.remote_path.clone()),
         });
+        b.initial_sync(id, p.initial_sync);
     }
     let ids: Vec<SystemId> = here.iter().map(|&i| SystemId(i as u32)).collect();
     for &i in here {
@@ -148,11 +151,19 @@ struct Status<'a> {
     failed: Option<&'a tidemark_actors::Failure>,
 }
 
-/// Writes each running system's status file (atomically: write, then rename).
-pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
+/// Writes each running system's status file (atomically: write, then rename), with the
+/// initial syncs' progress figures ([`SyncProgress`]) added to each copying pair's
+/// `sync`.
+pub async fn write_status(
+    cfg: &Config,
+    here: &[usize],
+    engine: &Engine,
+    progress: &mut SyncProgress,
+) {
     let Ok(stats) = engine.stats().await else {
         return;
     };
+    let figures = progress.sample(std::time::Instant::now(), &stats);
     let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
     let clock = engine.time_status();
     let failed = engine.failure();
@@ -166,12 +177,30 @@ pub async fn write_status(cfg: &Config, here: &[usize], engine: &Engine) {
             clock: clock.as_ref().filter(|_| s.primary),
             failed: failed.as_ref(),
         };
-        let Ok(text) = serde_json::to_string_pretty(&status) else {
+        let Ok(mut value) = serde_json::to_value(&status) else {
+            continue;
+        };
+        add_figures(&mut value, &figures);
+        let Ok(text) = serde_json::to_string_pretty(&value) else {
             continue;
         };
         let tmp = s.journal_dir.join("status.json.tmp");
         if std::fs::write(&tmp, text).is_ok() {
             let _ = std::fs::rename(&tmp, s.journal_dir.join("status.json"));
+        }
+    }
+}
+
+/// Adds each pair's progress figures to its `stats.pairs[i].sync` in a status.
+fn add_figures(status: &mut serde_json::Value, figures: &[Option<SyncFigures>]) {
+    for (i, f) in figures.iter().enumerate() {
+        let Some(Ok(serde_json::Value::Object(add))) = f.as_ref().map(serde_json::to_value) else {
+            continue;
+        };
+        if let Some(serde_json::Value::Object(sync)) =
+            status.pointer_mut(&format!("/stats/pairs/{i}/sync"))
+        {
+            sync.extend(add);
         }
     }
 }
@@ -235,12 +264,14 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         .map_err(EngineError::io("cannot watch SIGTERM"))?;
     let mut every = tokio::time::interval(Duration::from_millis(500));
     let health = engine.health().clone();
+    // Initial syncs: bars on a terminal, log lines otherwise.
+    let mut progress = SyncProgress::new(std::io::stderr().is_terminal());
     let failure = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break None,
             _ = term.recv() => break None,
             f = health.failed() => break Some(f),
-            _ = every.tick() => write_status(cfg, here, &engine).await,
+            _ = every.tick() => write_status(cfg, here, &engine, &mut progress).await,
         }
     };
     tracing::info!(systems = ?names, failed = failure.is_some(), "stopping");
@@ -253,7 +284,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         for s in servers {
             let _ = s.await;
         }
-        write_status(cfg, here, &engine).await;
+        write_status(cfg, here, &engine, &mut progress).await;
         match std::sync::Arc::try_unwrap(engine) {
             Ok(engine) => engine.shutdown().await,
             Err(_) => Err(EngineError::Stopped),

@@ -2,6 +2,11 @@
 //! workload of dependent writes, a drain, and two checks: every commit limit applied on
 //! every remote unit was a cut of the write history (I1), and every remote unit equals
 //! its local unit byte for byte.
+//!
+//! With `prefill`, each local unit file first gets seeded random data over part of it,
+//! with holes between, so the engine starts with an initial sync of every pair that runs
+//! while the workload writes; the demo waits for the syncs to finish before it drains,
+//! and the final comparison covers the copied data too.
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
@@ -26,6 +31,8 @@ pub struct DemoConfig {
     pub seed: u64,
     pub dir: Option<PathBuf>,
     pub progress: bool,
+    /// Fill the local units with data (and holes) before the engine starts.
+    pub prefill: bool,
 }
 
 impl Default for DemoConfig {
@@ -40,6 +47,7 @@ impl Default for DemoConfig {
             seed: 1,
             dir: None,
             progress: false,
+            prefill: false,
         }
     }
 }
@@ -65,6 +73,13 @@ pub struct DemoReport {
     /// Commit lag, a write's stamp to its application at the remote (recent samples).
     pub lag_p50_us: u64,
     pub lag_p99_us: u64,
+    /// Bytes of data the units were prefilled with (0 without `prefill`).
+    pub prefilled_bytes: u64,
+    /// Bytes the initial syncs copied (the prefilled extents as the file system reports
+    /// them, and holes the workload wrote into before the copy got there).
+    pub synced_bytes: u64,
+    /// Every initial sync had finished when the last write completed.
+    pub synced_before_last_write: bool,
     pub dir: String,
 }
 
@@ -105,12 +120,18 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
     let a = b.primary("site-a");
     let r = b.secondary("site-b");
     let total = cfg.pairs + cfg.idle;
+    let mut prefilled_bytes = 0;
     for i in 0..total {
         let name = if i < cfg.pairs {
             format!("unit{i}")
         } else {
             format!("idle{}", i - cfg.pairs)
         };
+        if cfg.prefill {
+            let path = dir.join(format!("{name}.local.img"));
+            prefilled_bytes += prefill(&path, cfg.unit_size, cfg.seed ^ ((i as u64 + 1) << 32))
+                .map_err(EngineError::io(format!("prefilling {}", path.display())))?;
+        }
         b.pair(PairSpec {
             local: a,
             remote: r,
@@ -159,6 +180,23 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         bar.set_message("draining");
     }
     let writes_done = started.elapsed();
+    // An initial sync may outlast the writes: wait for it, then drain everything.
+    let mut synced_before_last_write = true;
+    loop {
+        let stats = engine.stats().await?;
+        if stats
+            .pairs
+            .iter()
+            .all(|p| p.sync.is_none_or(|s| s.finished))
+        {
+            break;
+        }
+        synced_before_last_write = false;
+        if let Some(bar) = &bar {
+            bar.set_message("initial sync");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     engine.drain().await?;
     let elapsed = started.elapsed();
     if let Some(bar) = bar {
@@ -193,12 +231,47 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoReport, EngineError> {
         drain_ms: (elapsed - writes_done).as_millis() as u64,
         lag_p50_us: stats.lag_p50_us,
         lag_p99_us: stats.lag_p99_us,
+        prefilled_bytes,
+        synced_bytes: stats
+            .pairs
+            .iter()
+            .filter_map(|p| p.sync.map(|s| s.copied_bytes))
+            .sum(),
+        synced_before_last_write,
         dir: cfg
             .dir
             .as_ref()
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
     })
+}
+
+/// Writes a unit file of `size` bytes (replacing any) that holds seeded random data over
+/// part of it with holes between: in each sixteenth of the unit, a run of 4 KiB blocks
+/// of random length at a random place, or nothing (one in four). Returns the bytes
+/// written.
+fn prefill(path: &std::path::Path, size: u64, seed: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut rng = Pcg64::seed_from_u64(seed);
+    let region = (size / 16).max(4096) / 4096 * 4096;
+    let mut written = 0;
+    let mut at = 0;
+    while at + region <= size {
+        if rng.random_range(0..4) != 0 {
+            let blocks = region / 4096;
+            let len = rng.random_range(1..=blocks) * 4096;
+            let start = at + rng.random_range(0..=blocks - len / 4096) * 4096;
+            let mut data = vec![0u8; len as usize];
+            rng.fill(&mut data[..]);
+            f.write_all_at(&data, start)?;
+            written += len;
+        }
+        at += region;
+    }
+    f.sync_all()?;
+    Ok(written)
 }
 
 /// A millisecond count as a duration (for the CLI).

@@ -10,16 +10,22 @@
 //!   stay, `beyond_cut`), and so does a secondary that had applied everything up to its
 //!   limit when it stopped. Then each remote unit holds exactly its writes at or below
 //!   the limit: together a consistent cut (I1). Otherwise the units may lag the limit
-//!   (or show a gap) and export refuses, naming `promote`.
+//!   (or show a gap) and export refuses, naming `promote`;
+//! - no pair of the system is *inconsistent* in the journal (an initial sync began and
+//!   its last piece is not applied: the unit is a mix of old and new blocks). Otherwise
+//!   export refuses ([`EngineError::SyncUnfinished`]) unless `force`, which serves the
+//!   units all the same and says so (`forced`, each export's `state`). `force` does not
+//!   lift the rule above: an unpromoted system is refused whatever.
 //!
 //! The unit files are opened read-only ([`FileStore::open_read_only`]): nothing served
 //! can change them.
 
 use crate::config::Config;
 use crate::daemon::{lock_system, SystemLock};
+use crate::promote::state_name;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tidemark::journal::Recovered;
+use tidemark::journal::{PairState, Recovered};
 use tidemark::{BlockStore, FileStore, PairId, Stamp};
 use tidemark_actors::error::EngineError;
 use tidemark_actors::nbd::ReadOnlyBackend;
@@ -35,6 +41,9 @@ pub struct ExportedUnit {
     /// The last packet applied to the unit, as the journal records it.
     pub applied_seq: u64,
     pub applied_ts: u64,
+    /// `"consistent"`, or `"inconsistent"` (an initial sync had not finished: only with
+    /// `--force`).
+    pub state: &'static str,
 }
 
 /// What `tidemark export` prints once it listens.
@@ -46,6 +55,9 @@ pub struct ExportReport {
     /// The durable commit limit the units are a cut at.
     pub limit_ts: u64,
     pub read_only: bool,
+    /// `--force` served units whose initial sync had not finished (their `state` is
+    /// `"inconsistent"`); false when `--force` was given but not needed.
+    pub forced: bool,
     pub exports: Vec<ExportedUnit>,
 }
 
@@ -84,10 +96,10 @@ pub struct Exporter {
 
 impl Exporter {
     /// Takes the lock of secondary `system` ([`EngineError::Running`] if it runs),
-    /// recovers its journal, checks the rule of this module
-    /// ([`EngineError::NotPromoted`] if it does not hold) and opens every remote unit
-    /// of the system read-only.
-    pub fn open(cfg: &Config, system: usize) -> Result<Exporter, EngineError> {
+    /// recovers its journal, checks the rules of this module
+    /// ([`EngineError::NotPromoted`], then [`EngineError::SyncUnfinished`] unless
+    /// `force`) and opens every remote unit of the system read-only.
+    pub fn open(cfg: &Config, system: usize, force: bool) -> Result<Exporter, EngineError> {
         let sys = &cfg.systems[system];
         if sys.primary {
             return Err(EngineError::Config(format!(
@@ -114,6 +126,25 @@ impl Exporter {
                 ),
             });
         }
+        let state = |i: usize| {
+            recovered
+                .pair(PairId(i as u32))
+                .and_then(|r| r.state)
+                .unwrap_or(PairState::Consistent)
+        };
+        let unfinished: Vec<String> = cfg
+            .pairs
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.remote == system && state(*i) == PairState::Inconsistent)
+            .map(|(_, p)| format!("{} ({})", p.name, sys.name))
+            .collect();
+        if !unfinished.is_empty() && !force {
+            return Err(EngineError::SyncUnfinished {
+                command: "export".into(),
+                pairs: unfinished.join(", "),
+            });
+        }
         let mut units: Vec<(String, Arc<dyn BlockStore>)> = Vec::new();
         let mut exports = Vec::new();
         for (i, p) in cfg.pairs.iter().enumerate() {
@@ -130,6 +161,7 @@ impl Exporter {
                 path: p.remote_path.clone(),
                 applied_seq: applied.seq.0,
                 applied_ts: applied.ts.0,
+                state: state_name(state(i)),
             });
             units.push((p.name.clone(), Arc::new(store)));
         }
@@ -147,6 +179,7 @@ impl Exporter {
                 listen: String::new(),
                 limit_ts: recovered.limit.0,
                 read_only: true,
+                forced: !unfinished.is_empty(),
                 exports,
             },
         })
@@ -248,7 +281,7 @@ remote = { system = "site-b", path = "b/data.img" }
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = config(dir.path());
         journal_unapplied(&cfg);
-        match Exporter::open(&cfg, 1) {
+        match Exporter::open(&cfg, 1, false) {
             Err(EngineError::NotPromoted { system, detail }) => {
                 assert_eq!(system, "site-b");
                 assert!(detail.contains("limit 15"), "{detail}");
@@ -262,7 +295,7 @@ remote = { system = "site-b", path = "b/data.img" }
         }
         // Refusing touched no unit.
         assert!(!cfg.pairs[0].remote_path.exists());
-        let report = crate::promote::promote(&cfg, &[1], false).expect("promote");
+        let report = crate::promote::promote(&cfg, &[1], false, false).expect("promote");
         assert!(report.consistent);
         assert_eq!(report.limit_ts, 15);
         let before: Vec<Vec<u8>> = cfg
@@ -270,7 +303,7 @@ remote = { system = "site-b", path = "b/data.img" }
             .iter()
             .map(|p| std::fs::read(&p.remote_path).expect("unit"))
             .collect();
-        let ex = Exporter::open(&cfg, 1).expect("promoted: served");
+        let ex = Exporter::open(&cfg, 1, false).expect("promoted: served");
         let r = ex.report();
         assert_eq!(r.limit_ts, 15);
         let seqs: Vec<(&str, u64, u64)> = r
@@ -304,7 +337,7 @@ remote = { system = "site-b", path = "b/data.img" }
         rt.block_on(b.flush(0)).expect("flush");
         // While it serves, the system is locked: no secondary, no second export.
         assert!(matches!(
-            Exporter::open(&cfg, 1),
+            Exporter::open(&cfg, 1, false),
             Err(EngineError::Running(_))
         ));
         drop(ex);
@@ -313,7 +346,7 @@ remote = { system = "site-b", path = "b/data.img" }
         }
         // A primary is not exported.
         assert!(matches!(
-            Exporter::open(&cfg, 0),
+            Exporter::open(&cfg, 0, false),
             Err(EngineError::Config(_))
         ));
     }
@@ -324,7 +357,7 @@ remote = { system = "site-b", path = "b/data.img" }
         let cfg = config(dir.path());
         let _running = lock_system(&cfg, 1).expect("lock");
         assert!(matches!(
-            Exporter::open(&cfg, 1),
+            Exporter::open(&cfg, 1, false),
             Err(EngineError::Running(s)) if s == "site-b"
         ));
     }
@@ -346,14 +379,143 @@ remote = { system = "site-b", path = "b/data.img" }
         )
         .expect("append");
         drop(j);
-        let report = crate::promote::promote(&cfg, &[1], false).expect("promote");
+        let report = crate::promote::promote(&cfg, &[1], false, false).expect("promote");
         assert!(!report.consistent);
-        match Exporter::open(&cfg, 1) {
+        match Exporter::open(&cfg, 1, false) {
             Err(EngineError::NotPromoted { detail, .. }) => {
                 assert!(detail.contains("log: 1"), "{detail}")
             }
             Err(e) => panic!("wrong refusal: {e}"),
             Ok(_) => panic!("served units with a gap below the limit"),
         }
+    }
+
+    fn mark(pair: u32, ts: u64, seq: u64, mark: tidemark::Mark) -> Record {
+        Record::Packet(Packet {
+            pair: PairId(pair),
+            stamp: Stamp::new(Timestamp(ts), Seq(seq)),
+            payload: Payload::Mark(mark),
+        })
+    }
+
+    fn append(cfg: &Config, records: &[Record]) {
+        let sys = &cfg.systems[1];
+        let (j, _) = SharedJournal::open(&sys.segments_dir(), sys.journal_size).expect("j");
+        j.append(records, Durability::Synced).expect("append");
+    }
+
+    fn recovered(cfg: &Config) -> Recovered {
+        let sys = &cfg.systems[1];
+        SharedJournal::open(&sys.segments_dir(), sys.journal_size)
+            .expect("j")
+            .1
+    }
+
+    /// "log" is in the middle of an initial sync at the durable limit (its `SyncBegin`
+    /// and a piece lie below it, its `SyncDone` above): promote and export refuse,
+    /// changing nothing, until `--force`, which applies up to the limit, journals the
+    /// pair inconsistent and says so; once a later limit covers `SyncDone`, promote
+    /// makes it consistent and both go through without `--force`.
+    #[test]
+    fn an_unfinished_initial_sync_is_refused_unless_forced() {
+        use tidemark::Mark;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        append(
+            &cfg,
+            &[
+                mark(0, 10, 1, Mark::SyncBegin),
+                packet(0, 12, 2, 0, 0xa1),
+                packet(1, 13, 1, 0, 0xb1),
+                Record::Limit { ts: Timestamp(15) },
+                mark(0, 20, 3, Mark::SyncDone),
+            ],
+        );
+        match crate::promote::promote(&cfg, &[1], false, false) {
+            Err(e @ EngineError::SyncUnfinished { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("promote") && m.contains("log (site-b)"), "{m}");
+                assert!(!m.contains("data (site-b)"), "data is consistent: {m}");
+                assert!(e.is_usage(), "exit 2");
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        // Nothing changed: no unit written, nothing journaled as applied.
+        assert!(!cfg.pairs[0].remote_path.exists() && !cfg.pairs[1].remote_path.exists());
+        let r = recovered(&cfg);
+        assert!(r
+            .pairs
+            .values()
+            .all(|p| p.applied == Stamp::ZERO && p.state.is_none()));
+        // Not promoted is said first, forced or not.
+        for force in [false, true] {
+            assert!(matches!(
+                Exporter::open(&cfg, 1, force),
+                Err(EngineError::NotPromoted { .. })
+            ));
+        }
+
+        let report = crate::promote::promote(&cfg, &[1], false, true).expect("forced");
+        assert!(
+            report.forced && !report.consistent && !report.gap,
+            "{report:?}"
+        );
+        let states: Vec<(&str, &str, u64)> = report
+            .pairs
+            .iter()
+            .map(|p| (p.name.as_str(), p.state, p.applied_seq))
+            .collect();
+        assert_eq!(
+            states,
+            vec![("log", "inconsistent", 2), ("data", "consistent", 1)]
+        );
+        assert_eq!(read_file(&cfg, 0, 0, 512), vec![0xa1; 512]);
+        let r = recovered(&cfg);
+        assert_eq!(
+            r.pair(PairId(0)).and_then(|p| p.state),
+            Some(PairState::Inconsistent),
+            "promote journaled the state the marks left"
+        );
+        assert_eq!(r.pair(PairId(1)).and_then(|p| p.state), None);
+        // Promoted now, but "log" is still inconsistent.
+        match Exporter::open(&cfg, 1, false) {
+            Err(EngineError::SyncUnfinished { command, pairs }) => {
+                assert_eq!(
+                    (command.as_str(), pairs.as_str()),
+                    ("export", "log (site-b)")
+                )
+            }
+            Err(e) => panic!("wrong refusal: {e}"),
+            Ok(_) => panic!("served an inconsistent unit"),
+        }
+        let ex = Exporter::open(&cfg, 1, true).expect("forced export");
+        assert!(ex.report().forced);
+        let st: Vec<&str> = ex.report().exports.iter().map(|e| e.state).collect();
+        assert_eq!(st, vec!["inconsistent", "consistent"]);
+        drop(ex);
+        // Promoting again applies nothing and changes no state: still only with --force.
+        let again = crate::promote::promote(&cfg, &[1], false, true);
+        assert!(
+            matches!(again, Ok(ref r) if r.forced),
+            "still inconsistent: {again:?}"
+        );
+
+        // The sync's last mark comes under a later limit: consistent again.
+        append(&cfg, &[Record::Limit { ts: Timestamp(25) }]);
+        let report = crate::promote::promote(&cfg, &[1], false, false).expect("promote");
+        assert!(report.consistent && !report.forced, "{report:?}");
+        assert_eq!(report.pairs[0].state, "consistent");
+        assert_eq!(report.pairs[0].applied_seq, 3);
+        assert_eq!(
+            recovered(&cfg).pair(PairId(0)).and_then(|p| p.state),
+            Some(PairState::Consistent)
+        );
+        let ex = Exporter::open(&cfg, 1, false).expect("consistent: served");
+        assert!(!ex.report().forced);
+    }
+
+    fn read_file(cfg: &Config, pair: usize, offset: usize, len: usize) -> Vec<u8> {
+        let bytes = std::fs::read(&cfg.pairs[pair].remote_path).expect("unit");
+        bytes[offset..offset + len].to_vec()
     }
 }

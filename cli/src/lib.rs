@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod export;
 pub mod load;
+pub mod progress;
 pub mod promote;
 pub mod wansim;
 pub mod workload;

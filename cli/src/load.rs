@@ -91,7 +91,8 @@ pub async fn load(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let replicated = started.elapsed();
-    write_status(cfg, &[system], &engine).await;
+    let mut progress = crate::progress::SyncProgress::new(false);
+    write_status(cfg, &[system], &engine, &mut progress).await;
     engine.shutdown().await?;
     Ok(LoadReport {
         writes,

@@ -47,7 +47,7 @@ enum Command {
     WanSim(WanSimArgs),
     /// Offline: bring stopped remote system(s) to the durable commit limit, a consistent
     /// cut; without --system, every remote system of the group to the same cut.
-    Promote(SystemArgs),
+    Promote(PromoteArgs),
     /// Offline, after promote: serve the remote units of a stopped secondary read-only
     /// over NBD (one export per pair) until SIGINT/SIGTERM.
     Export(ExportArgs),
@@ -64,6 +64,21 @@ struct ExportArgs {
     /// `nbd_listen`.
     #[arg(long)]
     listen: Option<String>,
+    /// Serve units whose initial sync has not finished (NOT a consistent cut) anyway.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct PromoteArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Promote only this system (default: every secondary, to one cut).
+    #[arg(long)]
+    system: Option<String>,
+    /// Promote units whose initial sync has not finished (NOT a consistent cut) anyway.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -156,6 +171,10 @@ struct DemoArgs {
     /// Print one JSON object instead of a human summary.
     #[arg(long)]
     json: bool,
+    /// Fill the local units with random data (with holes) first: the engine starts with
+    /// an initial sync of every pair, which runs while the workload writes.
+    #[arg(long)]
+    prefill: bool,
 }
 
 fn main() -> ExitCode {
@@ -222,18 +241,30 @@ fn run_system(a: SystemArgs, primary: bool) -> Result<(), EngineError> {
     actix_rt::System::new().block_on(daemon::run_until_signal(&cfg, &here))
 }
 
-fn promote(a: SystemArgs) -> Result<(), EngineError> {
+fn promote(a: PromoteArgs) -> Result<(), EngineError> {
     let cfg = Config::load(&a.config)?;
     let systems = cfg.select(a.system.as_deref(), false)?;
-    let report = tidemark_cli::promote::promote(&cfg, &systems, a.system.is_none())?;
+    let report = tidemark_cli::promote::promote(&cfg, &systems, a.system.is_none(), a.force)?;
+    for p in report.pairs.iter().filter(|p| p.state == "inconsistent") {
+        warn_forced("promote", &p.name, &p.system);
+    }
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
-    if report.consistent {
+    if !report.gap {
         Ok(())
     } else {
         Err(EngineError::JournalState(
             "the journal has a gap below the durable limit: not a consistent cut".into(),
         ))
     }
+}
+
+/// What `--force` took, said loudly on stderr.
+fn warn_forced(command: &str, pair: &str, system: &str) {
+    eprintln!(
+        "tidemark {command}: WARNING (--force): pair {pair} ({system}): initial sync not \
+         finished: the remote unit is NOT a consistent cut; its data is a mix of old and \
+         new blocks"
+    );
 }
 
 fn export(a: ExportArgs) -> Result<(), EngineError> {
@@ -257,7 +288,15 @@ fn export(a: ExportArgs) -> Result<(), EngineError> {
     let addr: ListenAddr = text
         .parse()
         .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
-    let exporter = Exporter::open(&cfg, system)?;
+    let exporter = Exporter::open(&cfg, system, a.force)?;
+    for e in exporter
+        .report()
+        .exports
+        .iter()
+        .filter(|e| e.state == "inconsistent")
+    {
+        warn_forced("export", &e.name, &a.system);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -374,6 +413,7 @@ fn run_demo(a: DemoArgs) -> ExitCode {
         seed: a.seed,
         dir: a.dir,
         progress: !a.json,
+        prefill: a.prefill,
     };
     if let Err(e) = cfg.validate() {
         eprintln!("tidemark demo: {e}");
@@ -407,6 +447,18 @@ fn run_demo(a: DemoArgs) -> ExitCode {
             report.writes as f64 / secs
         );
         println!("  drain after the last write: {} ms", report.drain_ms);
+        if report.synced_bytes > 0 || report.prefilled_bytes > 0 {
+            println!(
+                "  initial sync: {:.1} MiB copied ({:.1} MiB prefilled, with holes), {} the last write",
+                report.synced_bytes as f64 / (1 << 20) as f64,
+                report.prefilled_bytes as f64 / (1 << 20) as f64,
+                if report.synced_before_last_write {
+                    "finished before"
+                } else {
+                    "still running at"
+                }
+            );
+        }
         println!(
             "  commit lag (write stamped -> applied at the remote): p50 {} us, p99 {} us",
             report.lag_p50_us, report.lag_p99_us

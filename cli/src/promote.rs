@@ -5,12 +5,23 @@
 //! Every remote system of the group (no `--system`): a limit one of them applied is
 //! durable (prepared) on all of them, so the cut is the earliest of their durable limits
 //! (`max(limit, prepared)` each); every system is brought to that same cut.
+//!
+//! **Pair states.** `store.apply` does nothing for the initial sync's marks, so promote
+//! follows each pair's state itself: it starts from the state the journal recorded and
+//! every mark it applies moves it (`SyncBegin` → inconsistent, `SyncDone` →
+//! consistent); the final state is journaled with the applied points. A pair that ends
+//! *inconsistent* is in the middle of an initial sync: its remote unit is a mix of old
+//! and new blocks, not part of any cut. Promote works out every pair's final state
+//! before it changes anything, and then refuses ([`EngineError::SyncUnfinished`], exit
+//! 2) with nothing applied and nothing journaled — the secondary can still be restarted
+//! to let the sync finish — unless `force`, which applies up to the limit all the same
+//! and says so in the report (`forced`, each pair's `state`).
 
 use crate::config::Config;
 use crate::daemon::lock_system;
-use tidemark::journal::Record;
+use tidemark::journal::{PairState, Record, Recovered};
 use tidemark::run::RunTracker;
-use tidemark::{BlockStore, FileStore, PairId, Stamp, Timestamp};
+use tidemark::{BlockStore, FileStore, Mark, Packet, PairId, Stamp, Timestamp};
 use tidemark_actors::error::EngineError;
 use tidemark_actors::units::journaling::{Durability, SharedJournal};
 
@@ -22,6 +33,9 @@ pub struct PromotedPair {
     pub applied_ts: u64,
     /// Journaled packets above the cut, left unapplied.
     pub beyond_cut: usize,
+    /// `"consistent"`, or `"inconsistent"` (an initial sync had not finished: the unit
+    /// is not part of the cut; only with `--force`).
+    pub state: &'static str,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -29,13 +43,38 @@ pub struct PromoteReport {
     pub limit_ts: u64,
     pub systems: Vec<String>,
     pub pairs: Vec<PromotedPair>,
-    /// Every pair holds exactly its writes with `ts <= limit_ts` (no gap below the cut).
+    /// The remote units are a consistent cut: every pair holds exactly its writes with
+    /// `ts <= limit_ts` (no `gap`) and none is inconsistent.
     pub consistent: bool,
+    /// The journal of some pair has a gap below the cut (a packet at or below it is
+    /// missing): promote exits 1.
+    pub gap: bool,
+    /// `--force` took pairs whose initial sync had not finished (their `state` is
+    /// `"inconsistent"`); false when `--force` was given but not needed.
+    pub forced: bool,
+}
+
+/// What promote found for one pair before changing anything.
+struct Plan {
+    system: usize,
+    pair: PairId,
+    /// The packets to apply, in order (a copy: the tracker is gone once planned).
+    apply: Vec<Packet>,
+    applied: Stamp,
+    beyond_cut: usize,
+    /// The pair's state after `apply`.
+    state: PairState,
 }
 
 /// Promotes `systems` (secondaries of `cfg`); `all` means they are every remote system
-/// of the group and must reach one cut.
-pub fn promote(cfg: &Config, systems: &[usize], all: bool) -> Result<PromoteReport, EngineError> {
+/// of the group and must reach one cut. Refuses, changing nothing, if a pair would end
+/// inconsistent (an initial sync not finished at the cut), unless `force`.
+pub fn promote(
+    cfg: &Config,
+    systems: &[usize],
+    all: bool,
+    force: bool,
+) -> Result<PromoteReport, EngineError> {
     let _locks = systems
         .iter()
         .map(|&s| lock_system(cfg, s))
@@ -59,41 +98,68 @@ pub fn promote(cfg: &Config, systems: &[usize], all: bool) -> Result<PromoteRepo
             .min()
             .unwrap_or(Timestamp::ZERO)
     };
+
+    // Plan every pair first: nothing is changed if promote refuses.
+    let mut plans = Vec::new();
+    let mut gap = false;
+    for (s, _, recovered) in &opened {
+        for (i, p) in cfg.pairs.iter().enumerate() {
+            if p.remote == *s {
+                let (plan, pair_gap) = plan_pair(*s, PairId(i as u32), recovered, target);
+                gap |= pair_gap;
+                plans.push(plan);
+            }
+        }
+    }
+    let unfinished: Vec<String> = plans
+        .iter()
+        .filter(|p| p.state == PairState::Inconsistent)
+        .map(|p| {
+            format!(
+                "{} ({})",
+                cfg.pairs[p.pair.0 as usize].name, cfg.systems[p.system].name
+            )
+        })
+        .collect();
+    if !unfinished.is_empty() && !force {
+        return Err(EngineError::SyncUnfinished {
+            command: "promote".into(),
+            pairs: unfinished.join(", "),
+        });
+    }
+
     let mut pairs = Vec::new();
-    let mut consistent = true;
     for (s, journal, recovered) in &opened {
         let mut records = Vec::new();
-        for (i, p) in cfg.pairs.iter().enumerate() {
-            if p.remote != *s {
-                continue;
-            }
-            let id = PairId(i as u32);
-            let rp = recovered.pairs.get(&id);
-            let mut tracker = RunTracker::new(id, rp.map_or(Stamp::ZERO, |r| r.applied));
-            for pkt in rp.map_or(&[][..], |r| &r.live[..]) {
-                tracker.handle_packet(pkt.clone());
-            }
-            if tracker.limit_violated(target) {
-                consistent = false;
-            }
+        for plan in plans.iter().filter(|p| p.system == *s) {
+            let p = &cfg.pairs[plan.pair.0 as usize];
             let store = FileStore::open_or_create(&p.remote_path, p.size)?;
-            let mut last = None;
-            for pkt in tracker.select(target) {
+            for pkt in &plan.apply {
                 store.apply(&pkt.payload)?;
-                last = Some(pkt.stamp);
             }
             store.flush()?;
-            if let Some(stamp) = last {
-                tracker.mark_applied(stamp.seq);
-                records.push(Record::Applied { pair: id, stamp });
+            if let Some(last) = plan.apply.last() {
+                records.push(Record::Applied {
+                    pair: plan.pair,
+                    stamp: last.stamp,
+                });
             }
-            let applied = tracker.applied();
+            // Journaled with the applied point: a restarted secondary, or `export`, sees
+            // the state the applied marks left. (Without a mark applied, the state is
+            // the one recorded, or consistent if none was.)
+            if plan.apply.iter().any(|pkt| pkt.payload.mark().is_some()) {
+                records.push(Record::PairState {
+                    pair: plan.pair,
+                    state: plan.state,
+                });
+            }
             pairs.push(PromotedPair {
                 name: p.name.clone(),
                 system: cfg.systems[*s].name.clone(),
-                applied_seq: applied.seq.0,
-                applied_ts: applied.ts.0,
-                beyond_cut: tracker.held(),
+                applied_seq: plan.applied.seq.0,
+                applied_ts: plan.applied.ts.0,
+                beyond_cut: plan.beyond_cut,
+                state: state_name(plan.state),
             });
         }
         if target > recovered.limit {
@@ -106,6 +172,7 @@ pub fn promote(cfg: &Config, systems: &[usize], all: bool) -> Result<PromoteRepo
                 source,
             })?;
     }
+    let forced = !unfinished.is_empty();
     Ok(PromoteReport {
         limit_ts: target.0,
         systems: systems
@@ -113,6 +180,57 @@ pub fn promote(cfg: &Config, systems: &[usize], all: bool) -> Result<PromoteRepo
             .map(|&s| cfg.systems[s].name.clone())
             .collect(),
         pairs,
-        consistent,
+        consistent: !gap && !forced,
+        gap,
+        forced,
     })
+}
+
+/// What applying pair `pair`'s journal (of system `system`) up to `target` does: the
+/// packets, the applied point and the pair state it leaves; and whether a packet at or
+/// below `target` is missing (a gap).
+fn plan_pair(
+    system: usize,
+    pair: PairId,
+    recovered: &Recovered,
+    target: Timestamp,
+) -> (Plan, bool) {
+    let rp = recovered.pairs.get(&pair);
+    let mut tracker = RunTracker::new(pair, rp.map_or(Stamp::ZERO, |r| r.applied));
+    for pkt in rp.map_or(&[][..], |r| &r.live[..]) {
+        tracker.handle_packet(pkt.clone());
+    }
+    let gap = tracker.limit_violated(target);
+    let apply: Vec<Packet> = tracker.select(target).cloned().collect();
+    let recorded = rp.and_then(|r| r.state);
+    let state = apply.iter().fold(
+        recorded.unwrap_or(PairState::Consistent),
+        |s, pkt| match pkt.payload.mark() {
+            Some(Mark::SyncBegin) => PairState::Inconsistent,
+            Some(Mark::SyncDone) => PairState::Consistent,
+            None => s,
+        },
+    );
+    if let Some(last) = apply.last() {
+        tracker.mark_applied(last.stamp.seq);
+    }
+    let plan = Plan {
+        system,
+        pair,
+        applied: tracker.applied(),
+        beyond_cut: tracker.held(),
+        apply,
+        state,
+    };
+    (plan, gap)
+}
+
+/// How a pair state reads in reports.
+pub fn state_name(s: PairState) -> &'static str {
+    match s {
+        PairState::Inconsistent => "inconsistent",
+        // A remote unit is consistent unless an initial sync is under way (the primary
+        // states do not occur in a secondary's journal).
+        PairState::Consistent | PairState::Syncing | PairState::Replicating => "consistent",
+    }
 }

@@ -241,13 +241,13 @@ impl EngineBuilder {
         self
     }
 
-    /// Called after every application of a commit limit on every remote unit.
     /// Whether `pair` is copied to the remote first (default [`InitialSync::Auto`]).
     pub fn initial_sync(&mut self, pair: PairId, mode: InitialSync) -> &mut Self {
         self.initial_sync.insert(pair, mode);
         self
     }
 
+    /// Called after every application of a commit limit on every remote unit.
     pub fn on_applied(&mut self, hook: ApplyHook) -> &mut Self {
         self.hook = Some(hook);
         self

@@ -42,8 +42,10 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 enum Op {
     Write(Vec<Payload>, Reply<Vec<Stamp>>),
     Flush(Reply<()>),
-    /// Initial sync: ship a piece of the unit (data read on the lane, in stamp order).
-    Copy(Piece),
+    /// Initial sync: ship the next piece of the unit (data read on the lane, in stamp
+    /// order). The piece is taken from the plan when the op is stamped, so that every
+    /// write stamped before it has been seen by the plan ([`InitialSync::written`]).
+    Copy,
     /// Initial sync: a mark in the stream, and the pair state the primary's journal
     /// records beside it, if any.
     Mark(Mark, Option<PairState>),
@@ -57,12 +59,12 @@ impl Op {
         match self {
             Op::Write(_, r) => drop(r.send(Err(err))),
             Op::Flush(r) => drop(r.send(Err(err))),
-            Op::Copy(_) | Op::Mark(..) | Op::State(_) => {}
+            Op::Copy | Op::Mark(..) | Op::State(_) => {}
         }
     }
 
     fn is_sync(&self) -> bool {
-        matches!(self, Op::Copy(_) | Op::Mark(..) | Op::State(_))
+        matches!(self, Op::Copy | Op::Mark(..) | Op::State(_))
     }
 }
 
@@ -75,6 +77,9 @@ struct Batch {
     /// Indices in `records` of initial-sync data packets: their payload is read on the
     /// lane (the record holds a placeholder until then).
     copies: Arc<Vec<usize>>,
+    /// Indices in `records` of initial-sync hole packets (zero ranges, nothing to read).
+    /// Like the data pieces they are not written to the local unit: it is their source.
+    holes: Arc<Vec<usize>>,
     /// Its last packet, if it has any: the lane having written it lets it go on the wire.
     last: Option<Seq>,
 }
@@ -307,12 +312,8 @@ impl LocalUnit {
         }
     }
 
-    /// Puts the next step of the initial sync at the front of the queue, if one runs and
-    /// the window admits it: one step per batch, so client writes and the copy share
-    /// the window. At the front, so it is stamped before the queued writes: the lane
-    /// reads a piece before it writes the batch's writes, and a hole (shipped as zeros
-    /// without a read) must not be stamped after a write into it that `wrote` did not
-    /// see.
+    /// Adds the next step of the initial sync to the queue, if one runs and the window
+    /// admits it: one step per batch, so client writes and the copy share the window.
     fn add_sync_step(&mut self) {
         if self.stopping || self.failed.is_some() || self.queue.iter().any(Op::is_sync) {
             return;
@@ -326,6 +327,10 @@ impl LocalUnit {
         if sync.finished {
             return;
         }
+        // At the front of the queue, so the step is stamped before the queued writes:
+        // the lane reads a piece before it writes its batch's writes, so a write stamped
+        // ahead of the piece in the same batch would be missing from it (seen under
+        // loss, seed 4 of the lossy initial-sync test).
         let mut step = Vec::with_capacity(2);
         if !sync.begun {
             sync.begun = true;
@@ -333,16 +338,15 @@ impl LocalUnit {
             tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: starting");
             step.push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
         }
-        match sync.next_piece() {
-            Some(piece) => step.push(Op::Copy(piece)),
-            None => {
-                sync.finished = true;
-                tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: every piece shipped");
-                // `Replicating` is journaled only once the remote acknowledged this mark
-                // (`record_synced`): a power loss that tears the copy's last packets off
-                // the journal then still finds `Syncing`, and copies again.
-                step.push(Op::Mark(Mark::SyncDone, None));
-            }
+        if sync.has_next() {
+            step.push(Op::Copy);
+        } else {
+            sync.finished = true;
+            tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: every piece shipped");
+            // `Replicating` is journaled only once the remote acknowledged this mark
+            // (`record_synced`): a power loss that tears the copy's last packets off the
+            // journal then still finds `Syncing`, and copies again.
+            step.push(Op::Mark(Mark::SyncDone, None));
         }
         self.queue.splice(0..0, step);
     }
@@ -445,16 +449,19 @@ impl LocalUnit {
     fn submit_ops(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
         let mut records = Vec::new();
         let mut copies = Vec::new();
+        let mut holes = Vec::new();
         let mut stamps = Vec::with_capacity(ops.len());
         for op in &ops {
             let mut v = Vec::new();
-            match op {
-                Op::Copy(Piece::Data { offset, len }) => {
+            // The piece is taken now, after the writes stamped before it told the plan.
+            let piece = match op {
+                Op::Copy => self.sync.as_mut().and_then(InitialSync::next_piece),
+                _ => None,
+            };
+            match (op, piece) {
+                (Op::Copy, Some(Piece::Data { offset, len })) => {
                     // A placeholder until the lane reads the bytes (`Sender::fill_held`).
-                    let placeholder = Payload::Zero {
-                        offset: *offset,
-                        len: *len,
-                    };
+                    let placeholder = Payload::Zero { offset, len };
                     let stamp = self.sender.push_held(self.clock.now(), placeholder.clone());
                     copies.push(records.len());
                     records.push(Record::Packet(Packet {
@@ -463,19 +470,20 @@ impl LocalUnit {
                         payload: placeholder,
                     }));
                 }
-                Op::Copy(Piece::Hole { offset, len }) => {
-                    let payload = Payload::Zero {
-                        offset: *offset,
-                        len: *len,
-                    };
+                (Op::Copy, Some(Piece::Hole { offset, len })) => {
+                    let payload = Payload::Zero { offset, len };
                     let stamp = self.sender.push_held(self.clock.now(), payload.clone());
+                    holes.push(records.len());
                     records.push(Record::Packet(Packet {
                         pair: self.pair,
                         stamp,
                         payload,
                     }));
                 }
-                Op::Mark(mark, state) => {
+                // Only one copy step is queued at a time and only it takes pieces, and
+                // `add_sync_step` queued it because a piece was left: not reached.
+                (Op::Copy, None) => {}
+                (Op::Mark(mark, state), _) => {
                     let payload = Payload::Mark(*mark);
                     let stamp = self.sender.push_held(self.clock.now(), payload.clone());
                     records.push(Record::Packet(Packet {
@@ -493,15 +501,16 @@ impl LocalUnit {
                         self.sync_done = Some(stamp.seq);
                     }
                 }
-                Op::State(state) => records.push(Record::PairState {
+                (Op::State(state), _) => records.push(Record::PairState {
                     pair: self.pair,
                     state: *state,
                 }),
-                Op::Flush(_) => {}
-                Op::Write(payloads, _) => {
+                (Op::Flush(_), _) => {}
+                (Op::Write(payloads, _), _) => {
                     for p in payloads {
-                        if let Some(sync) = &mut self.sync {
-                            sync.wrote(p.offset().0, p.len());
+                        // A hole of the copy not shipped yet must not cover this write.
+                        if let (Some(sync), Payload::Write { offset, data }) = (&mut self.sync, p) {
+                            sync.written(*offset, data.len() as u64);
                         }
                         // A client learns the stamp of the last piece: its write is complete
                         // as of that stamp.
@@ -530,6 +539,7 @@ impl LocalUnit {
             }),
             records: Arc::new(records),
             copies: Arc::new(copies),
+            holes: Arc::new(holes),
         };
         self.submit(batch, ctx);
     }
@@ -554,12 +564,12 @@ impl LocalUnit {
             .ops
             .iter()
             .any(|o| matches!(o, Op::Flush(_) | Op::Mark(..) | Op::State(_)));
-        let copies = batch.copies.clone();
+        let (copies, holes) = (batch.copies.clone(), batch.holes.clone());
         let job = self.disk.run(move || {
             if stalled.load(Ordering::Acquire) {
                 return Outcome::Skipped;
             }
-            let outcome = Self::journal_and_write(journal, store, records, &copies, flush);
+            let outcome = Self::journal_and_write(journal, store, records, &copies, &holes, flush);
             if !matches!(outcome, Outcome::Done(_)) {
                 stalled.store(true, Ordering::Release);
             }
@@ -582,12 +592,13 @@ impl LocalUnit {
     }
 
     /// The disk job of a batch: read its initial-sync pieces, journal it (I3), then write
-    /// it to the local unit (the pieces excepted: they came from it).
+    /// it to the local unit (the pieces excepted, data and holes: they came from it).
     fn journal_and_write(
         journal: Option<SharedJournal>,
         store: Arc<dyn BlockStore>,
         mut records: Vec<Record>,
         copies: &[usize],
+        holes: &[usize],
         flush: bool,
     ) -> Outcome {
         let mut filled = Vec::with_capacity(copies.len());
@@ -625,7 +636,7 @@ impl LocalUnit {
         }
         for (i, r) in records.iter().enumerate() {
             if let Record::Packet(p) = r {
-                if copies.contains(&i) {
+                if copies.contains(&i) || holes.contains(&i) {
                     continue;
                 }
                 if let Err(e) = store.apply(&p.payload) {
@@ -685,7 +696,7 @@ impl LocalUnit {
                             Op::Flush(reply) => {
                                 let _ = reply.send(Ok(()));
                             }
-                            Op::Copy(_) | Op::Mark(..) | Op::State(_) => {}
+                            Op::Copy | Op::Mark(..) | Op::State(_) => {}
                         }
                     }
                     sent = true;
@@ -794,7 +805,7 @@ impl LocalUnit {
                     "stopping: the write was not journaled and is not written".into(),
                 )))),
                 Op::Flush(r) => self.queue.push(Op::Flush(r)),
-                Op::Copy(_) | Op::Mark(..) | Op::State(_) => {}
+                Op::Copy | Op::Mark(..) | Op::State(_) => {}
             }
         }
     }

@@ -8,12 +8,26 @@
 //! packet without a read. A `SyncBegin` mark goes before the first piece and a
 //! `SyncDone` mark after the last: the remote records its unit inconsistent in between.
 //!
-//! The copy is finite: client writes during it are shipped in order and never add to
-//! it, so it converges whatever the clients' rate (they share the window with it).
+//! A hole is where the unit held no data when the copy was planned, so it ships as
+//! zeros without a read — which is right only for bytes no write stamped before the hole
+//! piece touched. A client write stamped while the copy runs therefore turns the parts
+//! of the holes not yet shipped that it overlaps (rounded out to [`GRAIN`]) into data,
+//! read at their place like any other ([`InitialSync::written`]). The pieces are taken
+//! from the plan only when they are stamped ([`InitialSync::next_piece`]), so a write
+//! stamped before a piece in the same batch counts too. Pieces of the copy are never
+//! written back to the local unit: it is their source.
+//!
+//! The copy is finite: client writes during it are shipped in order and only ever turn
+//! hole into data ahead of the walk (never add bytes behind it), so it converges whatever
+//! the clients' rate (they share the window with it).
 
 use crate::msg::SyncStats;
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use tidemark::Offset;
+
+/// A write into a hole not yet shipped turns that much of it, aligned, into data: few
+/// and larger pieces rather than one per small write.
+pub const GRAIN: u64 = 64 << 10;
 
 /// One step of the copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,9 +41,12 @@ pub enum Piece {
 /// What is left to copy, and how far the copy got.
 #[derive(Debug)]
 pub struct InitialSync {
-    todo: VecDeque<Piece>,
+    /// What is left, by offset: the pieces tile `[walk position, size)`.
+    todo: BTreeMap<u64, Piece>,
+    size: u64,
     chunk: u64,
-    /// Bytes of data (allocated extents) to read in all.
+    /// Bytes of data to read in all: the allocated extents, and the holes that client
+    /// writes turned into data ([`InitialSync::written`]).
     pub total: u64,
     /// Bytes of data read and handed to the lane so far.
     pub issued: u64,
@@ -43,7 +60,7 @@ impl InitialSync {
     /// A copy of a unit of `size` bytes whose data lies in `extents` (sorted, not
     /// overlapping, within the unit), read in pieces of at most `chunk` bytes.
     pub fn new(size: u64, extents: &[(Offset, u64)], chunk: u64) -> Self {
-        let mut todo = VecDeque::new();
+        let mut todo = Vec::new();
         let mut at = 0;
         let mut total = 0;
         for &(Offset(start), len) in extents {
@@ -53,12 +70,12 @@ impl InitialSync {
             }
             let start = start.max(at);
             if start > at {
-                todo.push_back(Piece::Hole {
+                todo.push(Piece::Hole {
                     offset: Offset(at),
                     len: start - at,
                 });
             }
-            todo.push_back(Piece::Data {
+            todo.push(Piece::Data {
                 offset: Offset(start),
                 len: end - start,
             });
@@ -66,13 +83,14 @@ impl InitialSync {
             at = end;
         }
         if at < size {
-            todo.push_back(Piece::Hole {
+            todo.push(Piece::Hole {
                 offset: Offset(at),
                 len: size - at,
             });
         }
         InitialSync {
-            todo,
+            todo: todo.into_iter().map(|p| (start_of(&p), p)).collect(),
+            size,
             chunk: chunk.max(1),
             total,
             issued: 0,
@@ -84,13 +102,17 @@ impl InitialSync {
     /// The next piece to ship, front to back: data at most `chunk` bytes long, a hole
     /// whole. `None` once everything was handed out.
     pub fn next_piece(&mut self) -> Option<Piece> {
-        let piece = self.todo.pop_front()?;
+        let (_, piece) = self.todo.pop_first()?;
         match piece {
             Piece::Data { offset, len } if len > self.chunk => {
-                self.todo.push_front(Piece::Data {
-                    offset: Offset(offset.0 + self.chunk),
-                    len: len - self.chunk,
-                });
+                let rest = offset.0 + self.chunk;
+                self.todo.insert(
+                    rest,
+                    Piece::Data {
+                        offset: Offset(rest),
+                        len: len - self.chunk,
+                    },
+                );
                 self.issued += self.chunk;
                 Some(Piece::Data {
                     offset,
@@ -105,56 +127,105 @@ impl InitialSync {
         }
     }
 
-    /// A client write to `offset..offset+len` was stamped. A hole not yet shipped is
-    /// shipped as zeros without a read, so the part of it the write touched becomes a
-    /// data piece (read on the lane, it then holds the write). Data not yet shipped
-    /// needs nothing: its read will see the write.
-    pub fn wrote(&mut self, offset: u64, len: u64) {
-        let end = offset.saturating_add(len);
-        if len == 0 || self.finished {
+    /// Whether a piece is left: [`InitialSync::next_piece`] will give one.
+    pub fn has_next(&self) -> bool {
+        !self.todo.is_empty()
+    }
+
+    /// A client write of `len` bytes at `offset` is being stamped: the holes not yet
+    /// shipped that it overlaps, rounded out to [`GRAIN`], become data (read at their
+    /// place, so they hold this write), merged with the data pieces they touch. The
+    /// bytes to copy grow by as much.
+    pub fn written(&mut self, offset: Offset, len: u64) {
+        if len == 0 || self.todo.is_empty() {
             return;
         }
-        // The pieces tile the rest of the unit in order: find those that overlap.
-        let first = self.todo.partition_point(|p| piece_end(p) <= offset);
-        let mut i = first;
-        while i < self.todo.len() {
-            let (Piece::Hole {
-                offset: Offset(h),
-                len: hl,
+        let start = offset.0 / GRAIN * GRAIN;
+        let end = offset
+            .0
+            .saturating_add(len)
+            .div_ceil(GRAIN)
+            .saturating_mul(GRAIN)
+            .min(self.size);
+        // The pieces overlapping [start, end): the one that starts before `start` (if
+        // it reaches past it) and those that start inside.
+        let before = self
+            .todo
+            .range(..start)
+            .next_back()
+            .filter(|(_, p)| end_of(p) > start)
+            .map(|(k, _)| *k);
+        let keys: Vec<u64> = before
+            .into_iter()
+            .chain(self.todo.range(start..end).map(|(k, _)| *k))
+            .collect();
+        let mut changed = false;
+        for k in keys {
+            let Some(&Piece::Hole { offset: o, len: l }) = self.todo.get(&k) else {
+                continue;
+            };
+            let (hs, he) = (o.0, o.0 + l);
+            let (cs, ce) = (hs.max(start), he.min(end));
+            self.todo.remove(&k);
+            if hs < cs {
+                self.todo.insert(
+                    hs,
+                    Piece::Hole {
+                        offset: Offset(hs),
+                        len: cs - hs,
+                    },
+                );
             }
-            | Piece::Data {
-                offset: Offset(h),
-                len: hl,
-            }) = self.todo[i];
-            if h >= end {
-                break;
+            self.todo.insert(
+                cs,
+                Piece::Data {
+                    offset: Offset(cs),
+                    len: ce - cs,
+                },
+            );
+            if ce < he {
+                self.todo.insert(
+                    ce,
+                    Piece::Hole {
+                        offset: Offset(ce),
+                        len: he - ce,
+                    },
+                );
             }
-            if let Piece::Hole { .. } = self.todo[i] {
-                let (a, b) = (h.max(offset), (h + hl).min(end));
-                let mut parts = Vec::with_capacity(3);
-                if a > h {
-                    parts.push(Piece::Hole {
-                        offset: Offset(h),
-                        len: a - h,
-                    });
+            self.total += ce - cs;
+            changed = true;
+        }
+        if changed {
+            self.merge_data(start, end);
+        }
+    }
+
+    /// Merges the data pieces that touch, from the piece before `start` to the one after
+    /// `end`.
+    fn merge_data(&mut self, start: u64, end: u64) {
+        let from = self
+            .todo
+            .range(..start)
+            .next_back()
+            .map_or(start, |(k, _)| *k);
+        let keys: Vec<u64> = self.todo.range(from..=end).map(|(k, _)| *k).collect();
+        let mut run: Option<(u64, u64)> = None;
+        for k in keys {
+            match (self.todo.get(&k).copied(), run) {
+                (Some(Piece::Data { len, .. }), Some((rs, re))) if re == k => {
+                    self.todo.remove(&k);
+                    run = Some((rs, k + len));
+                    self.todo.insert(
+                        rs,
+                        Piece::Data {
+                            offset: Offset(rs),
+                            len: k + len - rs,
+                        },
+                    );
                 }
-                parts.push(Piece::Data {
-                    offset: Offset(a),
-                    len: b - a,
-                });
-                if h + hl > b {
-                    parts.push(Piece::Hole {
-                        offset: Offset(b),
-                        len: h + hl - b,
-                    });
-                }
-                self.total += b - a;
-                self.todo.remove(i);
-                for (k, p) in parts.into_iter().enumerate() {
-                    self.todo.insert(i + k, p);
-                }
+                (Some(Piece::Data { len, .. }), _) => run = Some((k, k + len)),
+                _ => run = None,
             }
-            i += 1;
         }
     }
 
@@ -167,7 +238,12 @@ impl InitialSync {
     }
 }
 
-fn piece_end(p: &Piece) -> u64 {
+fn start_of(p: &Piece) -> u64 {
+    let (Piece::Data { offset, .. } | Piece::Hole { offset, .. }) = *p;
+    offset.0
+}
+
+fn end_of(p: &Piece) -> u64 {
     let (Piece::Data { offset, len } | Piece::Hole { offset, len }) = *p;
     offset.0 + len
 }
@@ -243,42 +319,93 @@ mod tests {
         }
     }
 
-    /// A write into a hole not yet shipped turns that part into data (read later, so
-    /// it carries the write); a write into data, or into a hole already shipped, changes
-    /// nothing.
-    #[test]
-    fn writes_into_pending_holes_become_data() {
-        let mut s = InitialSync::new(100, &[(Offset(40), 20)], 1000);
-        s.wrote(10, 5); // inside the first hole
-        s.wrote(45, 5); // inside data: nothing
-        s.wrote(55, 10); // data then hole: the hole's first 5 bytes
-        s.wrote(98, 10); // past the end: cut at the end
-        let got: Vec<Piece> = std::iter::from_fn(|| s.next_piece()).collect();
-        assert_eq!(
-            got,
-            vec![
-                h(0, 10),
-                d(10, 5),
-                h(15, 25),
-                d(40, 20),
-                d(60, 5),
-                h(65, 33),
-                d(98, 2)
-            ]
-        );
-        assert_eq!(s.total, 20 + 5 + 5 + 2);
-        // Once shipped, a hole stays shipped: later writes follow it in order.
-        let mut s = InitialSync::new(100, &[], 1000);
-        assert_eq!(s.next_piece(), Some(h(0, 100)));
-        s.wrote(0, 10);
-        assert_eq!(s.next_piece(), None);
-    }
-
     #[test]
     fn progress_counts_data_only() {
         let mut s = InitialSync::new(1000, &[(Offset(100), 300)], 128);
         assert_eq!(s.total, 300);
         while s.next_piece().is_some() {}
         assert_eq!(s.stats().copied_bytes, 300);
+    }
+
+    /// A write into a hole not yet shipped turns its grains into data (merged with the
+    /// data it touches); a write into data, into what was shipped, or of nothing changes
+    /// nothing. Each row: writes (offset, len) after `taken` pieces, then the pieces left.
+    #[test]
+    fn writes_turn_holes_ahead_into_data() {
+        const G: u64 = GRAIN;
+        type Row = (Vec<(u64, u64)>, usize, Vec<(u64, u64)>, Vec<Piece>);
+        // A unit of 16 grains: data in grains 0-1 and 8, holes between.
+        let extents = vec![(0, 2 * G), (8 * G, G)];
+        let rows: Vec<Row> = vec![
+            // Into the middle of the first hole: one grain, rounded out.
+            (
+                extents.clone(),
+                0,
+                vec![(4 * G + 10, 100)],
+                vec![
+                    d(0, 2 * G),
+                    h(2 * G, 2 * G),
+                    d(4 * G, G),
+                    h(5 * G, 3 * G),
+                    d(8 * G, G),
+                    h(9 * G, 7 * G),
+                ],
+            ),
+            // Touching the data before it, and across two grains: merged with it.
+            (
+                extents.clone(),
+                0,
+                vec![(2 * G + 5, G)],
+                vec![d(0, 4 * G), h(4 * G, 4 * G), d(8 * G, G), h(9 * G, 7 * G)],
+            ),
+            // A write over data and both neighbouring holes: one piece of data.
+            (
+                extents.clone(),
+                0,
+                vec![(7 * G, 3 * G)],
+                vec![
+                    d(0, 2 * G),
+                    h(2 * G, 5 * G),
+                    d(7 * G, 3 * G),
+                    h(10 * G, 6 * G),
+                ],
+            ),
+            // Into data only, and an empty write: nothing changes.
+            (
+                extents.clone(),
+                0,
+                vec![(G, 10), (8 * G, G), (3 * G, 0)],
+                vec![d(0, 2 * G), h(2 * G, 6 * G), d(8 * G, G), h(9 * G, 7 * G)],
+            ),
+            // Behind the walk (the first two pieces were taken): nothing changes there.
+            (
+                extents.clone(),
+                2,
+                vec![(3 * G, 10), (12 * G, 10)],
+                vec![d(8 * G, G), h(9 * G, 3 * G), d(12 * G, G), h(13 * G, 3 * G)],
+            ),
+            // The unit's end: the grain is cut at the size.
+            (
+                vec![],
+                0,
+                vec![(16 * G - 1, 1)],
+                vec![h(0, 15 * G), d(15 * G, G)],
+            ),
+        ];
+        for (extents, taken, writes, want) in rows {
+            let ext: Vec<(Offset, u64)> = extents.iter().map(|&(o, l)| (Offset(o), l)).collect();
+            // Pieces as large as the unit: a data piece is taken whole.
+            let mut s = InitialSync::new(16 * G, &ext, 16 * G);
+            for _ in 0..taken {
+                s.next_piece();
+            }
+            for &(o, l) in &writes {
+                s.written(Offset(o), l);
+            }
+            let got: Vec<Piece> = std::iter::from_fn(|| s.next_piece()).collect();
+            assert_eq!(got, want, "writes {writes:?} after {taken} pieces");
+            // Everything to copy was handed out, the data turned from holes included.
+            assert_eq!(s.stats().copied_bytes, s.total, "writes {writes:?}");
+        }
     }
 }

@@ -228,6 +228,21 @@ const BAD: &[(&str, &str, &str)] = &[
         "\nsize = \"0\"",
         "pair[0] (log).size: 0 is not a positive multiple of 512",
     ),
+    (
+        "\nsize = \"256MiB\"",
+        "\nsize = \"256MiB\"\ninitial_sync = \"always\"",
+        "pair[1] (data).initial_sync: \"always\" is none of \"auto\", \"full\", \"none\"",
+    ),
+    (
+        "\nsize = \"64MiB\"",
+        "\nsize = \"64MiB\"\ninitial_sync = \"\"",
+        "pair[0] (log).initial_sync: \"\" is none of",
+    ),
+    (
+        "\nsize = \"64MiB\"",
+        "\nsize = \"64MiB\"\ninitial_sync = true",
+        "invalid type",
+    ),
 ];
 
 /// Whole configs that the replacements above cannot make, and the error they give.
@@ -317,6 +332,7 @@ fn defaults_are_filled_in_and_given_values_kept() {
             local_path: PathBuf::from("/etc/tm/run/site-a/log.img"),
             remote: 1,
             remote_path: PathBuf::from("/etc/tm/run/site-b/log.img"),
+            initial_sync: InitialSync::Auto,
         }
     );
 
@@ -334,7 +350,17 @@ fn defaults_are_filled_in_and_given_values_kept() {
         )
         .replacen("journal_size = \"256MiB\"", "journal_size = \"4MiB\"", 1)
         .replacen("key_file = \"cluster.key\"", "key_file = \"/keys/k\"", 1)
-        .replacen("\"run/site-b/data.img\"", "\"/dev/shm/data.img\"", 1);
+        .replacen("\"run/site-b/data.img\"", "\"/dev/shm/data.img\"", 1)
+        .replacen(
+            "\nsize = \"64MiB\"",
+            "\nsize = \"64MiB\"\ninitial_sync = \"none\"",
+            1,
+        )
+        .replacen(
+            "\nsize = \"256MiB\"",
+            "\nsize = \"256MiB\"\ninitial_sync = \"full\"",
+            1,
+        );
     let c = parse(&text).expect("every optional key given");
     assert_eq!(c.heartbeat, Duration::from_millis(5));
     assert_eq!(c.peer_timeout, Duration::from_millis(10));
@@ -347,6 +373,17 @@ fn defaults_are_filled_in_and_given_values_kept() {
     // Absolute paths stay as they are.
     assert_eq!(c.key_file, PathBuf::from("/keys/k"));
     assert_eq!(c.pairs[1].remote_path, PathBuf::from("/dev/shm/data.img"));
+    assert_eq!(c.pairs[0].initial_sync, InitialSync::None);
+    assert_eq!(c.pairs[1].initial_sync, InitialSync::Full);
+    let auto = EXAMPLE.replacen(
+        "\nsize = \"64MiB\"",
+        "\nsize = \"64MiB\"\ninitial_sync = \"auto\"",
+        1,
+    );
+    assert_eq!(
+        parse(&auto).expect("auto").pairs[0].initial_sync,
+        InitialSync::Auto
+    );
 }
 
 #[test]
@@ -386,6 +423,10 @@ fn the_shipped_example_parses() {
     assert_eq!(c.systems[c.orderer].name, "site-b");
     assert!(c.systems[0].nbd_listen.is_some(), "the primary serves NBD");
     assert!(!c.pairs.is_empty());
+    assert!(
+        c.pairs.iter().all(|p| p.initial_sync == InitialSync::Auto),
+        "the example shows initial_sync at its default"
+    );
     for p in &c.pairs {
         assert!(
             p.size <= 64 << 20,

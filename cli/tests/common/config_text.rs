@@ -88,6 +88,9 @@ pub struct PairSpec {
     /// `remote.system` and `remote.path`.
     pub remote: String,
     pub remote_path: String,
+    /// `initial_sync` (`"auto"`, `"full"`, `"none"`); `None` leaves the key out (then
+    /// it is `"auto"`).
+    pub initial_sync: Option<String>,
 }
 
 impl PairSpec {
@@ -101,7 +104,14 @@ impl PairSpec {
             local_path: format!("run/{local}/{name}.img"),
             remote: remote.into(),
             remote_path: format!("run/{remote}/{name}.img"),
+            initial_sync: None,
         }
+    }
+
+    /// Sets `initial_sync`.
+    pub fn initial_sync(mut self, mode: &str) -> PairSpec {
+        self.initial_sync = Some(mode.into());
+        self
     }
 }
 
@@ -264,6 +274,9 @@ impl ConfigText {
                 "remote = {{ system = {:?}, path = {:?} }}",
                 p.remote, p.remote_path
             ));
+            if let Some(m) = &p.initial_sync {
+                line(format!("initial_sync = {m:?}"));
+            }
         }
         t
     }
