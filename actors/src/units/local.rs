@@ -314,6 +314,10 @@ impl LocalUnit {
 
     /// Adds the next step of the initial sync to the queue, if one runs and the window
     /// admits it: one step per batch, so client writes and the copy share the window.
+    /// The step goes first in the queue, so it is stamped first in its batch: every write
+    /// stamped before a piece was then written to the local unit by an earlier batch of
+    /// the lane before the piece is read (the lane reads a batch's pieces before it
+    /// writes the batch's writes).
     fn add_sync_step(&mut self) {
         if self.stopping || self.failed.is_some() || self.queue.iter().any(Op::is_sync) {
             return;
@@ -327,23 +331,24 @@ impl LocalUnit {
         if sync.finished {
             return;
         }
+        let mut step = Vec::with_capacity(2);
         if !sync.begun {
             sync.begun = true;
             self.state = Some(PairState::Syncing);
             tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: starting");
-            self.queue
-                .push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
+            step.push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
         }
         if sync.has_next() {
-            self.queue.push(Op::Copy);
+            step.push(Op::Copy);
         } else {
             sync.finished = true;
             tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: every piece shipped");
             // `Replicating` is journaled only once the remote acknowledged this mark
             // (`record_synced`): a power loss that tears the copy's last packets off the
             // journal then still finds `Syncing`, and copies again.
-            self.queue.push(Op::Mark(Mark::SyncDone, None));
+            step.push(Op::Mark(Mark::SyncDone, None));
         }
+        self.queue.splice(0..0, step);
     }
 
     /// The unit's journal or disk failed: it takes no more writes (they are answered
