@@ -317,6 +317,61 @@ fn a_write_into_a_hole_before_the_copy_reaches_it_survives() {
     });
 }
 
+/// A write that lands in the same batch as the copy's next piece, stamped before it,
+/// is in that piece: the piece is read after the write reached the local unit. Two
+/// cases: the next piece is data (it must not carry the bytes from before the write),
+/// and the next piece is a hole the write turned into data (it must not ship zeros).
+#[test]
+fn a_write_stamped_just_before_the_next_piece_is_in_it() {
+    for (case, extents, at) in [
+        // Data everywhere: pieces of 256 KiB (a quarter of a 1 MiB segment); the write
+        // goes into the second piece.
+        ("data", vec![(0, UNIT)], 300 << 10),
+        // Data in the first piece only: the write goes into the hole right after it.
+        ("hole", vec![(0, 256 << 10)], 300 << 10),
+    ] {
+        let seed = seed();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path().to_path_buf();
+        let mut rng = Pcg64::seed_from_u64(seed);
+        prefill(&dir.join("local.img"), &mut rng, &extents);
+        let d = dir.clone();
+        sim(|| async move {
+            let dir = d;
+            let mut b = EngineBuilder::new();
+            b.simulated().seed(seed);
+            let a = b.primary("a");
+            let r = b.secondary("b");
+            let pair = b.pair(pair_spec(&dir, a, r));
+            b.journal(a, dir.join("ja"), 16 << 20)
+                .journal(r, dir.join("jb"), 16 << 20);
+            let engine = b.start().expect("start");
+            // The first piece went at start; this write and the next piece share a batch.
+            engine
+                .write(pair, at, Bytes::from(vec![0xcd; 4096]))
+                .await
+                .expect("write");
+            synced(&engine, pair)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: seed {seed}: {e}"));
+            for remote in [false, true] {
+                let mut buf = vec![0u8; 4096];
+                engine
+                    .store(pair, remote)
+                    .expect("store")
+                    .read_at(tidemark::Offset(at), &mut buf)
+                    .expect("read");
+                assert!(
+                    buf.iter().all(|&b| b == 0xcd),
+                    "{case}: the write is not on the {} unit (seed {seed})",
+                    if remote { "remote" } else { "local" }
+                );
+            }
+            engine.shutdown().await.expect("shutdown");
+        });
+    }
+}
+
 /// `TIDEMARK_SEED` alone, or eight seeds.
 fn seeds() -> Vec<u64> {
     match std::env::var("TIDEMARK_SEED")

@@ -160,7 +160,7 @@ impl SyncProgress {
                     percent = f.percent,
                     copied_mib = sync.copied_bytes >> 20,
                     total_mib = sync.total_bytes >> 20,
-                    mb_per_s = f.rate_bytes_per_s.map(|r| format!("{:.1}", r as f64 / 1e6)),
+                    mb_per_s = f.rate_bytes_per_s.map(|r| (r as f64 / 1e5).round() / 10.0),
                     eta_s = f.eta_s,
                     "initial sync{}",
                     if sync.finished { ": finished" } else { "" }

@@ -314,6 +314,10 @@ impl LocalUnit {
 
     /// Adds the next step of the initial sync to the queue, if one runs and the window
     /// admits it: one step per batch, so client writes and the copy share the window.
+    /// The step goes first in the queue, so it is stamped first in its batch: every write
+    /// stamped before a piece was then written to the local unit by an earlier batch of
+    /// the lane before the piece is read (the lane reads a batch's pieces before it
+    /// writes the batch's writes).
     fn add_sync_step(&mut self) {
         if self.stopping || self.failed.is_some() || self.queue.iter().any(Op::is_sync) {
             return;
@@ -327,10 +331,6 @@ impl LocalUnit {
         if sync.finished {
             return;
         }
-        // At the front of the queue, so the step is stamped before the queued writes:
-        // the lane reads a piece before it writes its batch's writes, so a write stamped
-        // ahead of the piece in the same batch would be missing from it (seen under
-        // loss, seed 4 of the lossy initial-sync test).
         let mut step = Vec::with_capacity(2);
         if !sync.begun {
             sync.begun = true;

@@ -129,6 +129,8 @@ pub struct ConfigText {
     pub peer_timeout_ms: Option<u64>,
     /// Default `None` (20 ms).
     pub max_clock_skew_ms: Option<u64>,
+    /// `rate`, pacing per link (e.g. `"4MiB"`); default `None` (unpaced).
+    pub rate: Option<String>,
     pub systems: Vec<SystemSpec>,
     pub pairs: Vec<PairSpec>,
 }
@@ -157,6 +159,7 @@ impl ConfigText {
             heartbeat_ms: Some(10),
             peer_timeout_ms: Some(1000),
             max_clock_skew_ms: None,
+            rate: None,
             systems: Vec::new(),
             pairs: Vec::new(),
         }
@@ -239,6 +242,9 @@ impl ConfigText {
         }
         if let Some(ms) = self.max_clock_skew_ms {
             line(format!("max_clock_skew_ms = {ms}"));
+        }
+        if let Some(r) = &self.rate {
+            line(format!("rate = {r:?}"));
         }
         for s in &self.systems {
             line(String::new());
