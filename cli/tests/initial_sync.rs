@@ -227,42 +227,7 @@ fn a_prefilled_unit_is_copied_while_a_client_writes() {
         // fio overwrites the whole of "data" at random (holes the copy has not reached
         // yet included) and reads it back through the primary: verify.
         let size = EXPORTS[1].1;
-        let out = Command::new("fio")
-            .args([
-                "--name=randwrite-during-sync",
-                "--ioengine=nbd",
-                &format!("--uri=nbd://127.0.0.1:{port}/data"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                &format!("--size={size}"),
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                &format!("--randseed={seed}"),
-                "--output-format=json",
-            ])
-            .output()
-            .expect("run fio");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "fio failed ({}):\n{text}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json = text.find('{').map(|i| &text[i..]).unwrap_or(&text);
-        let v: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}: {text}"));
-        let job = &v["jobs"][0];
-        assert_eq!(job["error"].as_i64(), Some(0), "{job}");
-        assert_eq!(job["write"]["io_bytes"].as_u64(), Some(size), "{job}");
-        assert_eq!(
-            job["read"]["io_bytes"].as_u64(),
-            Some(size),
-            "verified: {job}"
-        );
+        fio_randwrite_verify(port, "data", size, seed);
         // "log" is not written: it must end as prefilled.
         vec![Some(before[0].clone()), None]
     } else {

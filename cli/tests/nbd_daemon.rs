@@ -19,7 +19,7 @@ mod common;
 use common::dependent::*;
 use common::*;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::SystemTime;
 
 fn seed() -> u64 {
@@ -131,43 +131,7 @@ fn fio_random_writes_with_verify_at_qd16_against_the_daemon_replicate() {
     let daemons = Daemons::start(&site, port);
     let mut fio_writes = vec![0u64; EXPORTS.len()];
     for (e, (name, size)) in EXPORTS.iter().enumerate() {
-        let out = Command::new("fio")
-            .args([
-                "--name=randwrite-verify",
-                "--ioengine=nbd",
-                &format!("--uri=nbd://127.0.0.1:{port}/{name}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                &format!("--size={size}"),
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                &format!("--randseed={seed}"),
-                "--output-format=json",
-            ])
-            .output()
-            .expect("run fio");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "fio on {name} failed ({}):\n{text}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // fio may print notes before its JSON.
-        let json = text.find('{').map(|i| &text[i..]).unwrap_or(&text);
-        let v: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}: {text}"));
-        let job = &v["jobs"][0];
-        assert_eq!(job["error"].as_i64(), Some(0), "{job}");
-        assert_eq!(job["write"]["io_bytes"].as_u64(), Some(*size), "{job}");
-        assert_eq!(
-            job["read"]["io_bytes"].as_u64(),
-            Some(*size),
-            "verified: {job}"
-        );
+        let job = fio_randwrite_verify(port, name, *size, seed);
         fio_writes[e] = job["write"]["total_ios"].as_u64().unwrap_or(0);
     }
     // Everything fio wrote is in the primary's status written after fio ended: one

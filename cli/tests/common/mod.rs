@@ -620,3 +620,47 @@ pub fn wait_receiving(
 mod programs;
 #[allow(unused_imports)] // not every test file uses it
 pub use programs::have;
+
+/// Runs fio's NBD engine against export `name` on `port`: random 4 KiB writes over all
+/// `size` bytes (16 in flight), each verified by reading it back (crc32c). Fails the test
+/// unless fio wrote and verified exactly `size` bytes; returns its job JSON.
+pub fn fio_randwrite_verify(port: u16, name: &str, size: u64, seed: u64) -> serde_json::Value {
+    let out = Command::new("fio")
+        .args([
+            "--name=randwrite-verify",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://127.0.0.1:{port}/{name}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--size={size}"),
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            &format!("--randseed={seed}"),
+            "--output-format=json",
+        ])
+        .output()
+        .expect("run fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio on {name} failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // fio may print notes before its JSON.
+    let json = text.find('{').map(|i| &text[i..]).unwrap_or(&text);
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}: {text}"));
+    let job = v["jobs"][0].clone();
+    assert_eq!(job["error"].as_i64(), Some(0), "{job}");
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(size), "{job}");
+    assert_eq!(
+        job["read"]["io_bytes"].as_u64(),
+        Some(size),
+        "verified: {job}"
+    );
+    job
+}
