@@ -56,6 +56,18 @@ fn pair_spec(dir: &Path, a: tidemark::SystemId, b: tidemark::SystemId) -> PairSp
     }
 }
 
+/// An engine with one pair a → b of file units in `dir` and 16 MiB journals, simulated.
+fn start_pair(dir: &Path, seed: u64, impair: Impairment) -> (Engine, PairId) {
+    let mut b = EngineBuilder::new();
+    b.simulated().seed(seed).impairment(impair);
+    let a = b.primary("a");
+    let r = b.secondary("b");
+    let pair = b.pair(pair_spec(dir, a, r));
+    b.journal(a, dir.join("ja"), 16 << 20)
+        .journal(r, dir.join("jb"), 16 << 20);
+    (b.start().expect("start"), pair)
+}
+
 /// Waits (in simulated time) until the pair's initial sync has shipped its last piece,
 /// then until the remote applied everything: the way out is the deadline.
 async fn synced(engine: &Engine, pair: PairId) -> Result<(), String> {
@@ -102,14 +114,8 @@ fn copy_while_clients_write(seed: u64, impair: Impairment) {
     let d = dir.clone();
     sim(|| async move {
         let dir = d;
-        let mut b = EngineBuilder::new();
-        b.simulated().seed(seed).impairment(impair);
-        let a = b.primary("a");
-        let r = b.secondary("b");
-        let pair = b.pair(pair_spec(&dir, a, r));
-        b.journal(a, dir.join("ja"), 16 << 20)
-            .journal(r, dir.join("jb"), 16 << 20);
-        let engine = Arc::new(b.start().expect("start"));
+        let (engine, pair) = start_pair(&dir, seed, impair);
+        let engine = Arc::new(engine);
         // Clients write meanwhile, over data and holes alike.
         for _ in 0..200 {
             let len = rng.random_range(1..=16u64) << 10;
@@ -224,18 +230,14 @@ fn a_sync_cut_short_by_a_restart_copies_again() {
     {
         let dir = dir.clone();
         sim(|| async move {
-            let mut b = EngineBuilder::new();
-            // A WAN delay: the copy takes many round trips, so it is cut short.
-            b.simulated().seed(seed).impairment(Impairment {
-                delay: Duration::from_millis(20),
-                ..Impairment::none()
-            });
-            let a = b.primary("a");
-            let r = b.secondary("b");
-            let pair = b.pair(pair_spec(&dir, a, r));
-            b.journal(a, dir.join("ja"), 16 << 20)
-                .journal(r, dir.join("jb"), 16 << 20);
-            let engine = b.start().expect("start");
+            let (engine, pair) = start_pair(
+                &dir,
+                seed,
+                Impairment {
+                    delay: Duration::from_millis(20),
+                    ..Impairment::none()
+                },
+            );
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
                 let stats = engine.stats().await.expect("stats");
@@ -258,14 +260,7 @@ fn a_sync_cut_short_by_a_restart_copies_again() {
     }
     // Second run: the journal says syncing: it copies again, to the end.
     sim(|| async move {
-        let mut b = EngineBuilder::new();
-        b.simulated().seed(seed);
-        let a = b.primary("a");
-        let r = b.secondary("b");
-        let pair = b.pair(pair_spec(&dir, a, r));
-        b.journal(a, dir.join("ja"), 16 << 20)
-            .journal(r, dir.join("jb"), 16 << 20);
-        let engine = b.start().expect("restart");
+        let (engine, pair) = start_pair(&dir, seed, Impairment::none());
         synced(&engine, pair)
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -296,14 +291,7 @@ fn a_write_into_a_hole_before_the_copy_reaches_it_survives() {
     let d = dir.clone();
     sim(|| async move {
         let dir = d;
-        let mut b = EngineBuilder::new();
-        b.simulated().seed(seed);
-        let a = b.primary("a");
-        let r = b.secondary("b");
-        let pair = b.pair(pair_spec(&dir, a, r));
-        b.journal(a, dir.join("ja"), 16 << 20)
-            .journal(r, dir.join("jb"), 16 << 20);
-        let engine = b.start().expect("start");
+        let (engine, pair) = start_pair(&dir, seed, Impairment::none());
         let at = 6 << 20;
         engine
             .write(pair, at, Bytes::from(vec![0xab; 4096]))
@@ -312,19 +300,7 @@ fn a_write_into_a_hole_before_the_copy_reaches_it_survives() {
         synced(&engine, pair)
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        for remote in [false, true] {
-            let mut buf = vec![0u8; 4096];
-            engine
-                .store(pair, remote)
-                .expect("store")
-                .read_at(tidemark::Offset(at), &mut buf)
-                .expect("read");
-            assert!(
-                buf.iter().all(|&b| b == 0xab),
-                "the acknowledged write is gone from the {} unit (seed {seed})",
-                if remote { "remote" } else { "local" }
-            );
-        }
+        assert_block_on_both(&engine, pair, at, 0xab, &format!("seed {seed}"));
         engine.shutdown().await.expect("shutdown");
     });
 }
@@ -350,14 +326,7 @@ fn a_write_stamped_just_before_the_next_piece_is_in_it() {
         let d = dir.clone();
         sim(|| async move {
             let dir = d;
-            let mut b = EngineBuilder::new();
-            b.simulated().seed(seed);
-            let a = b.primary("a");
-            let r = b.secondary("b");
-            let pair = b.pair(pair_spec(&dir, a, r));
-            b.journal(a, dir.join("ja"), 16 << 20)
-                .journal(r, dir.join("jb"), 16 << 20);
-            let engine = b.start().expect("start");
+            let (engine, pair) = start_pair(&dir, seed, Impairment::none());
             // The first piece went at start; this write and the next piece share a batch.
             engine
                 .write(pair, at, Bytes::from(vec![0xcd; 4096]))
@@ -366,21 +335,27 @@ fn a_write_stamped_just_before_the_next_piece_is_in_it() {
             synced(&engine, pair)
                 .await
                 .unwrap_or_else(|e| panic!("{case}: seed {seed}: {e}"));
-            for remote in [false, true] {
-                let mut buf = vec![0u8; 4096];
-                engine
-                    .store(pair, remote)
-                    .expect("store")
-                    .read_at(tidemark::Offset(at), &mut buf)
-                    .expect("read");
-                assert!(
-                    buf.iter().all(|&b| b == 0xcd),
-                    "{case}: the write is not on the {} unit (seed {seed})",
-                    if remote { "remote" } else { "local" }
-                );
-            }
+            assert_block_on_both(&engine, pair, at, 0xcd, &format!("{case}: seed {seed}"));
             engine.shutdown().await.expect("shutdown");
         });
+    }
+}
+
+/// Asserts that `engine`'s local and remote units of `pair` both hold 4 KiB of `byte`
+/// at `at` (`what` names the case in the failure).
+fn assert_block_on_both(engine: &Engine, pair: PairId, at: u64, byte: u8, what: &str) {
+    for remote in [false, true] {
+        let mut buf = vec![0u8; 4096];
+        engine
+            .store(pair, remote)
+            .expect("store")
+            .read_at(tidemark::Offset(at), &mut buf)
+            .expect("read");
+        assert!(
+            buf.iter().all(|&b| b == byte),
+            "{what}: the write is not on the {} unit",
+            if remote { "remote" } else { "local" }
+        );
     }
 }
 
