@@ -67,7 +67,8 @@ pub struct SyncStats {
     pub total_bytes: u64,
     /// Bytes read and on their way (journaled, shipped or acknowledged).
     pub copied_bytes: u64,
-    /// The copy is complete (its last mark is stamped).
+    /// Every piece is handed out and the `SyncDone` mark is queued (stamped with the next
+    /// batch); the remote is consistent again once it applies that mark.
     pub finished: bool,
 }
 

@@ -52,7 +52,7 @@ pub struct InitialSync {
     pub issued: u64,
     /// The `SyncBegin` mark was stamped.
     pub begun: bool,
-    /// The `SyncDone` mark was stamped: nothing is left to copy.
+    /// Every piece was handed out and the `SyncDone` mark queued: nothing is left to copy.
     pub finished: bool,
 }
 
