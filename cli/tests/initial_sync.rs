@@ -13,7 +13,7 @@ use common::*;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -66,45 +66,11 @@ fn files_differ(a: &Path, b: &Path) -> Option<u64> {
     None
 }
 
-/// The daemons of a test; those still held are killed when it ends.
-struct Daemons {
-    primary: Option<Child>,
-    secondary: Option<Child>,
-}
-
-impl Daemons {
-    fn start(site: &Site) -> Daemons {
-        Daemons {
-            secondary: Some(site.secondary()),
-            primary: Some(site.primary()),
-        }
-    }
-
-    /// SIGTERM to both, the primary first; both must exit 0.
-    fn stop_both(mut self, site: &Site) {
-        for (name, child) in [
-            ("the primary", self.primary.take()),
-            ("the secondary", self.secondary.take()),
-        ] {
-            let out = stop(child.expect("running"));
-            assert!(
-                out.status.success(),
-                "{name} did not stop cleanly ({}); logs:{}",
-                out.status,
-                site.log_tails()
-            );
-        }
-    }
-}
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for child in [self.primary.take(), self.secondary.take()]
-            .into_iter()
-            .flatten()
-        {
-            kill9(child);
-        }
+/// Starts the secondary, then the primary.
+fn start_daemons(site: &Site) -> Daemons {
+    Daemons {
+        secondary: Some(site.secondary()),
+        primary: Some(site.primary()),
     }
 }
 
@@ -204,7 +170,7 @@ fn a_prefilled_unit_is_copied_while_a_client_writes() {
         .map(|(n, _)| std::fs::read(site.path(&format!("run/site-a/{n}.img"))).expect("unit"))
         .collect();
     let started = SystemTime::now();
-    let mut daemons = Daemons::start(&site);
+    let mut daemons = start_daemons(&site);
     wait_tcp(port, daemons.primary.as_mut().expect("primary"), PATIENCE);
     // The copy runs: every pair syncing.
     let first = wait_until(PATIENCE, || {
@@ -316,7 +282,7 @@ fn promote_and_export_refuse_a_secondary_in_the_middle_of_the_copy_unless_forced
         .iter()
         .map(|(n, _)| std::fs::read(site.path(&format!("run/site-a/{n}.img"))).expect("unit"))
         .collect();
-    let mut daemons = Daemons::start(&site);
+    let mut daemons = start_daemons(&site);
     wait_until(PATIENCE, || {
         let s = site.status("site-b").ok_or("no status")?;
         match pairs(&s)
@@ -479,7 +445,7 @@ fn a_sparse_unit_is_copied_as_sparse() {
         return;
     }
     let started = SystemTime::now();
-    let daemons = Daemons::start(&site);
+    let daemons = start_daemons(&site);
     let status = wait_synced(&site, started);
     let sync = &pairs(&status)[0]["sync"];
     let (total, copied) = (

@@ -19,57 +19,20 @@ mod common;
 use common::dependent::*;
 use common::*;
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::SystemTime;
 
 fn seed() -> u64 {
     seed_or(20261201)
 }
 
-/// The daemons of a test; those still held are killed when it ends, so a failed
-/// assertion leaves no process behind.
-struct Daemons {
-    primary: Option<Child>,
-    secondary: Option<Child>,
-}
-
-impl Daemons {
-    /// Starts the secondary, then the primary, and waits (bounded) for its NBD port.
-    fn start(site: &Site, port: u16) -> Daemons {
-        let secondary = Some(site.secondary());
-        let mut primary = site.primary();
-        wait_tcp(port, &mut primary, PATIENCE);
-        Daemons {
-            primary: Some(primary),
-            secondary,
-        }
-    }
-
-    /// SIGTERM to both, the primary first; both must exit 0.
-    fn stop_both(mut self) {
-        for (name, child) in [
-            ("the primary", self.primary.take()),
-            ("the secondary", self.secondary.take()),
-        ] {
-            let out = stop(child.expect("running"));
-            assert!(
-                out.status.success(),
-                "{name} did not stop cleanly ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for child in [self.primary.take(), self.secondary.take()]
-            .into_iter()
-            .flatten()
-        {
-            kill9(child);
-        }
+/// Starts the secondary, then the primary, and waits (bounded) for its NBD port.
+fn start_daemons(site: &Site, port: u16) -> Daemons {
+    let secondary = Some(site.secondary());
+    let mut primary = site.primary();
+    wait_tcp(port, &mut primary, PATIENCE);
+    Daemons {
+        primary: Some(primary),
+        secondary,
     }
 }
 
@@ -88,7 +51,7 @@ fn dependent_writes_over_nbd_while_the_secondary_is_killed_promote_gives_cuts() 
     let seed = seed();
     eprintln!("nbd daemon crash test seed {seed} (TIDEMARK_SEED={seed} to replay)");
     let (site, port) = Site::with_nbd();
-    let mut daemons = Daemons::start(&site, port);
+    let mut daemons = start_daemons(&site, port);
     // Enough writes that the writer is still busy when the kills end; it stops early
     // once they have and 1,500 writes were sent.
     let remotes = [site.path("run/site-b/journal")];
@@ -109,7 +72,7 @@ fn dependent_writes_over_nbd_while_the_secondary_is_killed_promote_gives_cuts() 
         "seed {seed}: the primary's written_seq per pair"
     );
     site.wait_applied("site-b", &as_want(&want), PATIENCE);
-    daemons.stop_both();
+    daemons.stop_both(&site);
     assert_local_equals_remote(&site, seed);
     let expected = replay(seed, done, &want);
     for (e, (name, _)) in EXPORTS.iter().enumerate() {
@@ -128,7 +91,7 @@ fn fio_random_writes_with_verify_at_qd16_against_the_daemon_replicate() {
     let seed = seed();
     eprintln!("nbd daemon fio test seed {seed} (TIDEMARK_SEED={seed} to replay)");
     let (site, port) = Site::with_nbd();
-    let daemons = Daemons::start(&site, port);
+    let daemons = start_daemons(&site, port);
     let mut fio_writes = vec![0u64; EXPORTS.len()];
     for (e, (name, size)) in EXPORTS.iter().enumerate() {
         let job = fio_randwrite_verify(port, name, *size, seed);
@@ -141,7 +104,7 @@ fn fio_random_writes_with_verify_at_qd16_against_the_daemon_replicate() {
     assert_eq!(written, fio_writes, "the primary's written_seq per pair");
     eprintln!("fio writes per export {fio_writes:?}; primary written_seq {written:?}");
     site.wait_applied("site-b", &as_want(&written), PATIENCE);
-    daemons.stop_both();
+    daemons.stop_both(&site);
     assert_local_equals_remote(&site, seed);
 }
 

@@ -664,3 +664,39 @@ pub fn fio_randwrite_verify(port: u16, name: &str, size: u64, seed: u64) -> serd
     );
     job
 }
+
+/// The daemons of a test; those still held are killed when it ends, so a failed
+/// assertion leaves no process behind.
+pub struct Daemons {
+    pub primary: Option<Child>,
+    pub secondary: Option<Child>,
+}
+
+impl Daemons {
+    /// SIGTERM to both, the primary first; both must exit 0.
+    pub fn stop_both(mut self, site: &Site) {
+        for (name, child) in [
+            ("the primary", self.primary.take()),
+            ("the secondary", self.secondary.take()),
+        ] {
+            let out = stop(child.expect("running"));
+            assert!(
+                out.status.success(),
+                "{name} did not stop cleanly ({}); logs:{}",
+                out.status,
+                site.log_tails()
+            );
+        }
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for child in [self.primary.take(), self.secondary.take()]
+            .into_iter()
+            .flatten()
+        {
+            kill9(child);
+        }
+    }
+}
