@@ -140,16 +140,17 @@ impl EngineBuilder {
                 continue;
             };
             let recovered = journals.get(&p.local).and_then(|(_, r)| r.pairs.get(&id));
-            let copy = match recovered.map(|r| r.state) {
-                Some(Some(PairState::Syncing)) => true,
-                Some(_) => false,
+            let plan = match recovered.map(|r| r.state) {
+                Some(Some(PairState::Syncing)) => Some(store.allocated()?),
+                Some(_) => None,
                 None => match self.initial_sync.get(&id).copied().unwrap_or_default() {
-                    InitialSync::Full => true,
-                    InitialSync::None => false,
-                    InitialSync::Auto => !store.allocated()?.is_empty(),
+                    InitialSync::Full => Some(store.allocated()?),
+                    InitialSync::None => None,
+                    // One scan of the unit decides and plans.
+                    InitialSync::Auto => Some(store.allocated()?).filter(|e| !e.is_empty()),
                 },
             };
-            plans.push(if copy { Some(store.allocated()?) } else { None });
+            plans.push(plan);
         }
         Ok(plans)
     }
