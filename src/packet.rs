@@ -34,6 +34,32 @@ pub enum Mark {
     /// The initial sync is complete: every region of the local unit was shipped before
     /// this mark, so once it is applied the remote unit is part of a consistent cut.
     SyncDone,
+    /// A resync begins: the pair's stream goes on after a stretch of writes that were not
+    /// shipped (the primary was tracking dirty regions) or were lost (a primary power
+    /// loss). From here until [`Mark::ResyncDone`] the remote unit misses those writes in
+    /// the regions not yet copied, so the group's remote units are not a cut at any limit
+    /// in between: the remote keeps them undoable back to the last cut before this mark
+    /// (the resync epoch, see `docs/design.md`).
+    ResyncBegin,
+    /// The resync is complete: every dirty region was shipped before this mark, so at
+    /// any limit at or above it the remote unit is part of a consistent cut again.
+    ResyncDone,
+    /// The stream restarts here after a primary lost part of its journal: every `seq`
+    /// below this mark's that the remote does not hold yet will never come. The remote
+    /// drops what it holds above its run below the mark and takes the mark as the run's
+    /// next packet. A [`Mark::ResyncBegin`] follows.
+    Restart,
+}
+
+impl Mark {
+    /// Every mark, in variant order.
+    pub const ALL: [Mark; 5] = [
+        Mark::SyncBegin,
+        Mark::SyncDone,
+        Mark::ResyncBegin,
+        Mark::ResyncDone,
+        Mark::Restart,
+    ];
 }
 
 /// Bytes of the postcard encoding of any [`Payload::Mark`]: the payload's variant index
@@ -224,7 +250,7 @@ mod tests {
 
     #[test]
     fn a_mark_is_empty_whole_and_its_wire_len_is_its_encoding() {
-        for mark in [Mark::SyncBegin, Mark::SyncDone] {
+        for mark in Mark::ALL {
             let p = Payload::Mark(mark);
             assert_eq!(p.len(), 0);
             assert!(p.is_empty());
@@ -277,7 +303,7 @@ mod tests {
             if size > 0 {
                 unit.write_at(Offset(0), &[7u8; 4096]).unwrap();
             }
-            for mark in [Mark::SyncBegin, Mark::SyncDone] {
+            for mark in Mark::ALL {
                 unit.apply(&Payload::Mark(mark)).unwrap();
             }
             let mut back = vec![0u8; size as usize];

@@ -208,7 +208,7 @@ fn plan_pair(
         |s, pkt| match pkt.payload.mark() {
             Some(Mark::SyncBegin) => PairState::Inconsistent,
             Some(Mark::SyncDone) => PairState::Consistent,
-            None => s,
+            Some(Mark::ResyncBegin | Mark::ResyncDone | Mark::Restart) | None => s,
         },
     );
     if let Some(last) = apply.last() {

@@ -15,10 +15,10 @@ use actix::prelude::*;
 use std::sync::Arc;
 use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::run::RunTracker;
+use tidemark::Mark;
 use tidemark::{
     BlockStore, HeadReport, Intake, Message as WireMessage, Packet, PairId, Seq, Stamp,
 };
-use tidemark::{Mark, Payload};
 use tidemark::{SystemId, Timestamp};
 use tokio::sync::oneshot;
 
@@ -245,16 +245,15 @@ impl RemoteUnit {
             let mut last = None;
             let mut state = None;
             for p in &batch {
-                if let Payload::Mark(mark) = &p.payload {
-                    let s = match mark {
-                        Mark::SyncBegin => PairState::Inconsistent,
-                        Mark::SyncDone => PairState::Consistent,
-                    };
+                // Only the initial sync's marks change the pair state; a resync keeps
+                // the unit part of a cut through the resync epoch instead.
+                let marked = match p.payload.mark() {
+                    Some(Mark::SyncBegin) => Some((PairState::Inconsistent, Durability::Synced)),
+                    Some(Mark::SyncDone) => Some((PairState::Consistent, Durability::Written)),
+                    Some(Mark::ResyncBegin | Mark::ResyncDone | Mark::Restart) | None => None,
+                };
+                if let Some((s, durability)) = marked {
                     if let Some(j) = &journal {
-                        let durability = match mark {
-                            Mark::SyncBegin => Durability::Synced,
-                            Mark::SyncDone => Durability::Written,
-                        };
                         if let Err(e) =
                             j.append(&[Record::PairState { pair, state: s }], durability)
                         {
