@@ -231,6 +231,10 @@ pub fn state_name(s: PairState) -> &'static str {
         PairState::Inconsistent => "inconsistent",
         // A remote unit is consistent unless an initial sync is under way (the primary
         // states do not occur in a secondary's journal).
-        PairState::Consistent | PairState::Syncing | PairState::Replicating => "consistent",
+        PairState::Consistent
+        | PairState::Syncing
+        | PairState::Replicating
+        | PairState::Tracking
+        | PairState::Resyncing => "consistent",
     }
 }

@@ -19,7 +19,10 @@
 //! Header flags: bit 0 ([`FLAG_PREV_UNSYNCED`]) says the segment was started without
 //! syncing the one before it; every other bit must be 0.
 //!
-//! Versions: this build writes [`FORMAT_VERSION`] 2 and reads 1 and 2. Version 2 added
+//! Versions: this build writes [`FORMAT_VERSION`] 3 and reads 1, 2 and 3. Version 3
+//! added sequence reservations and the resync epoch to the checkpoint (after the pair
+//! states) and the records [`Record::Reserve`] and [`Record::Epoch`]; a version-2
+//! segment's checkpoint is read without them. Version 2 added
 //! pair states: a checkpoint holds them after the limits, and [`Record::PairState`] may
 //! follow. A version-1 segment's checkpoint is read without them (no pair has a state);
 //! its records decode as in version 2 (every older record keeps its encoding). A build
@@ -31,7 +34,7 @@
 //! Decoding checks bounds, length and checksum before it parses anything and never
 //! panics on any input.
 
-use super::state::{Record, State, StateV1};
+use super::state::{Record, State, StateV1, StateV2};
 use serde::{Deserialize, Serialize};
 
 /// The first frame of every segment.
@@ -51,6 +54,13 @@ struct CheckpointV1 {
     state: StateV1,
 }
 
+/// A checkpoint of format version 2 (see [`StateV2`]).
+#[derive(Debug, Deserialize)]
+struct CheckpointV2 {
+    prev_len: u64,
+    state: StateV2,
+}
+
 /// The borrowed twin of [`Checkpoint`] (same wire format).
 #[derive(Serialize)]
 pub(crate) struct CheckpointRef<'a> {
@@ -61,9 +71,9 @@ pub(crate) struct CheckpointRef<'a> {
 /// The first 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"TDMKJRNL";
 
-/// The segment format version this build writes (2: pair states). It also reads every
-/// version from [`OLDEST_FORMAT_VERSION`] on.
-pub const FORMAT_VERSION: u32 = 2;
+/// The segment format version this build writes (3: sequence reservations and resync
+/// epochs). It also reads every version from [`OLDEST_FORMAT_VERSION`] on.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The oldest segment format version this build reads (1: before pair states).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -93,6 +103,26 @@ pub(crate) enum Entry {
 enum EntryV1 {
     Checkpoint(CheckpointV1),
     Record(Record),
+}
+
+/// What one frame of a version-2 segment holds: a checkpoint without reservations and
+/// epochs.
+#[derive(Debug, Deserialize)]
+enum EntryV2 {
+    Checkpoint(CheckpointV2),
+    Record(Record),
+}
+
+impl From<EntryV2> for Entry {
+    fn from(e: EntryV2) -> Entry {
+        match e {
+            EntryV2::Checkpoint(cp) => Entry::Checkpoint(Checkpoint {
+                prev_len: cp.prev_len,
+                state: cp.state.into(),
+            }),
+            EntryV2::Record(r) => Entry::Record(r),
+        }
+    }
 }
 
 impl From<EntryV1> for Entry {
@@ -330,6 +360,9 @@ pub(crate) fn decode_frame_version(bytes: &[u8], version: u32) -> Result<(Entry,
     let malformed = |e: postcard::Error| format!("malformed frame: {e}");
     let (entry, rest) = if version == 1 {
         let (e, rest) = postcard::take_from_bytes::<EntryV1>(body).map_err(malformed)?;
+        (e.into(), rest)
+    } else if version == 2 {
+        let (e, rest) = postcard::take_from_bytes::<EntryV2>(body).map_err(malformed)?;
         (e.into(), rest)
     } else {
         postcard::take_from_bytes::<Entry>(body).map_err(malformed)?

@@ -138,7 +138,7 @@ mod state;
 mod tests;
 
 pub use format::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
-pub use state::{PairState, Record, Recovered, RecoveredPair, TailRepair};
+pub use state::{Epoch, PairState, Record, Recovered, RecoveredPair, TailRepair};
 
 use crate::types::{PairId, Seq, Stamp, Timestamp};
 use format::{CheckpointRef, EntryRef};

@@ -37,6 +37,27 @@ pub enum Record {
     /// records (the mark packet it follows, say), make those durable (`sync`) before
     /// recording it.
     PairState { pair: PairId, state: PairState },
+    /// Primary: sequence numbers of `pair` up to `seq` may be handed out (format version
+    /// 3). Synced before any of them is stamped, so a restart that finds fewer packets
+    /// than reserved knows the journal may have lost some the remote saw, and never
+    /// hands those numbers out again (it restarts the stream above the reservation).
+    /// Only moves forward.
+    Reserve { pair: PairId, seq: Seq },
+    /// Remote: the resync epoch this system is in (`Some`), or that none is open any
+    /// more (`None`), format version 3. The latest one appended holds, like a pair state.
+    Epoch(Option<Epoch>),
+}
+
+/// A resync epoch on a remote system: from the durable limit `base` (a consistent cut)
+/// on, every remote unit of the system keeps the bytes it overwrites undoable, until a
+/// limit at or above `closes_at` is durable (the cut is consistent again there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Epoch {
+    /// The last consistent cut before the epoch: promote rolls back to it.
+    pub base: Timestamp,
+    /// The limit at which the orderer closes the epoch, once it announced one: a durable
+    /// limit at or above it is a consistent cut without rolling back.
+    pub closes_at: Option<Timestamp>,
 }
 
 /// What a pair's units are, as the journal records it ([`Record::PairState`]). The order
@@ -51,6 +72,11 @@ pub enum PairState {
     Consistent,
     /// Secondary: an initial sync began and has not finished: not a cut.
     Inconsistent,
+    /// Primary: the remote is unreachable or the journal full: writes go on locally and
+    /// their regions are recorded dirty instead of shipped (format version 3).
+    Tracking,
+    /// Primary: the dirty regions are being copied to the remote (format version 3).
+    Resyncing,
 }
 
 impl Record {
@@ -60,7 +86,10 @@ impl Record {
             Record::Packet(p) => p.stamp.ts,
             Record::Released { stamp, .. } | Record::Applied { stamp, .. } => stamp.ts,
             Record::Limit { ts } | Record::Prepared { ts } => *ts,
-            Record::PairState { .. } => Timestamp::ZERO,
+            Record::Epoch(Some(e)) => e.base.max(e.closes_at.unwrap_or(Timestamp::ZERO)),
+            Record::PairState { .. } | Record::Reserve { .. } | Record::Epoch(None) => {
+                Timestamp::ZERO
+            }
         }
     }
 }
@@ -85,7 +114,8 @@ fn advance(map: &mut BTreeMap<PairId, Stamp>, pair: PairId, stamp: Stamp) -> boo
 /// latest state of each pair. Every watermark and limit only moves forward (a record
 /// that would move one back changes nothing); a pair's state is the latest recorded,
 /// and once recorded a pair keeps one. This is what a checkpoint at the start of each
-/// segment holds (format version 2; [`StateV1`] is what version 1 held).
+/// segment holds (format version 3; [`StateV1`] and [`StateV2`] are what versions 1
+/// and 2 held).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct State {
     pub released: BTreeMap<PairId, Stamp>,
@@ -93,6 +123,34 @@ pub(crate) struct State {
     pub limit: Timestamp,
     pub prepared: Timestamp,
     pub states: BTreeMap<PairId, PairState>,
+    pub reserved: BTreeMap<PairId, Seq>,
+    pub epoch: Option<Epoch>,
+}
+
+/// The checkpoint state of format version 2 (before reservations and epochs): decoded
+/// from segments an older build wrote, never written.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StateV2 {
+    released: BTreeMap<PairId, Stamp>,
+    applied: BTreeMap<PairId, Stamp>,
+    limit: Timestamp,
+    prepared: Timestamp,
+    states: BTreeMap<PairId, PairState>,
+}
+
+impl From<StateV2> for State {
+    /// The same watermarks, limits and states; nothing reserved, no epoch.
+    fn from(v2: StateV2) -> State {
+        State {
+            released: v2.released,
+            applied: v2.applied,
+            limit: v2.limit,
+            prepared: v2.prepared,
+            states: v2.states,
+            reserved: BTreeMap::new(),
+            epoch: None,
+        }
+    }
 }
 
 /// The checkpoint state of format version 1 (before pair states): decoded from segments
@@ -114,6 +172,8 @@ impl From<StateV1> for State {
             limit: v1.limit,
             prepared: v1.prepared,
             states: BTreeMap::new(),
+            reserved: BTreeMap::new(),
+            epoch: None,
         }
     }
 }
@@ -141,6 +201,15 @@ impl State {
                 self.states.insert(*pair, *state);
                 None
             }
+            Record::Reserve { pair, seq } => {
+                let r = self.reserved.entry(*pair).or_default();
+                *r = (*r).max(*seq);
+                None
+            }
+            Record::Epoch(e) => {
+                self.epoch = *e;
+                None
+            }
         }
     }
 
@@ -163,6 +232,11 @@ impl State {
         for (&pair, &state) in &other.states {
             self.states.insert(pair, state);
         }
+        for (&pair, &seq) in &other.reserved {
+            let r = self.reserved.entry(pair).or_default();
+            *r = (*r).max(seq);
+        }
+        self.epoch = other.epoch;
     }
 
     /// Every packet of `pair` at or below this seq may be forgotten.
@@ -201,6 +275,9 @@ pub struct RecoveredPair {
     /// The latest [`Record::PairState`] of the pair durable in the journal (`None`: never
     /// recorded).
     pub state: Option<PairState>,
+    /// Primary: the highest sequence number reserved ([`Record::Reserve`]; `Seq::ZERO`
+    /// if none).
+    pub reserved: Seq,
 }
 
 impl RecoveredPair {
@@ -246,6 +323,8 @@ pub struct Recovered {
     pub limit: Timestamp,
     /// Latest `Prepared` (`Timestamp::ZERO` if none).
     pub prepared: Timestamp,
+    /// Remote: the resync epoch the latest [`Record::Epoch`] left open, if any.
+    pub epoch: Option<Epoch>,
     /// The largest time stamp in any record read (a floor for a restarted primary's
     /// clock: `HybridClock::observe`).
     pub max_ts: Timestamp,
@@ -327,10 +406,14 @@ impl Rebuild {
         for (&pair, &state) in &self.state.states {
             pairs.entry(pair).or_default().state = Some(state);
         }
+        for (&pair, &seq) in &self.state.reserved {
+            pairs.entry(pair).or_default().reserved = seq;
+        }
         Recovered {
             pairs,
             limit: self.state.limit,
             prepared: self.state.prepared,
+            epoch: self.state.epoch,
             max_ts: self.max_ts,
             tail: None,
             segments: 0,

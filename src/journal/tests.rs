@@ -196,8 +196,19 @@ impl Gen {
     }
 
     fn record(&mut self) -> Record {
-        match self.rng.random_range(0..21) {
+        match self.rng.random_range(0..23) {
             0..=12 => self.packet(),
+            21 => {
+                let (pair, stamp) = self.watermark();
+                Record::Reserve {
+                    pair,
+                    seq: Seq(stamp.seq.0 + self.rng.random_range(0..100)),
+                }
+            }
+            22 => Record::Epoch(self.rng.random_bool(0.7).then(|| crate::journal::Epoch {
+                base: Timestamp(self.ts.saturating_sub(self.rng.random_range(0..3_000))),
+                closes_at: self.rng.random_bool(0.5).then_some(Timestamp(self.ts)),
+            })),
             13..=14 => {
                 let (pair, stamp) = self.watermark();
                 Record::Released { pair, stamp }
@@ -227,6 +238,8 @@ struct Model {
     packets: BTreeMap<PairId, BTreeMap<Seq, Packet>>,
     /// The latest state of each pair.
     states: BTreeMap<PairId, PairState>,
+    reserved: BTreeMap<PairId, Seq>,
+    epoch: Option<crate::journal::Epoch>,
     max_ts: Timestamp,
 }
 
@@ -273,6 +286,16 @@ impl Model {
             Record::PairState { pair, state } => {
                 self.states.insert(*pair, *state);
             }
+            Record::Reserve { pair, seq } => {
+                let r = self.reserved.entry(*pair).or_default();
+                *r = (*r).max(*seq);
+            }
+            Record::Epoch(e) => {
+                if let Some(e) = e {
+                    self.max_ts = self.max_ts.max(e.base).max(e.closes_at.unwrap_or_default());
+                }
+                self.epoch = *e;
+            }
         }
     }
 
@@ -294,10 +317,14 @@ impl Model {
         for (&p, &state) in &self.states {
             pairs.entry(p).or_default().state = Some(state);
         }
+        for (&p, &seq) in &self.reserved {
+            pairs.entry(p).or_default().reserved = seq;
+        }
         Recovered {
             pairs,
             limit: self.limit,
             prepared: self.prepared,
+            epoch: self.epoch,
             max_ts: self.max_ts,
             tail: None,
             segments: 0,
@@ -1402,7 +1429,7 @@ fn on_disk_format_is_pinned() {
     assert_eq!(
         format::encode_header(7)[..28],
         [
-            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
+            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 3, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
             0, 0, 0, 0, 0, 0, 0
         ]
     );
@@ -1459,6 +1486,38 @@ fn on_disk_format_is_pinned() {
             }),
             vec![1, 0, 3, 0xac, 0x02, 2, 2, 1],
         ),
+        // Format version 3: Record::Reserve = 6, pair 1, seq 9; Record::Epoch = 7,
+        // Some = 1, base 5, closes_at None = 0 / Some = 1, 8; None = 0.
+        (
+            Record::Reserve {
+                pair: PairId(1),
+                seq: Seq(9),
+            },
+            vec![1, 6, 1, 9],
+        ),
+        (
+            Record::Epoch(Some(crate::journal::Epoch {
+                base: Timestamp(5),
+                closes_at: None,
+            })),
+            vec![1, 7, 1, 5, 0],
+        ),
+        (
+            Record::Epoch(Some(crate::journal::Epoch {
+                base: Timestamp(5),
+                closes_at: Some(Timestamp(8)),
+            })),
+            vec![1, 7, 1, 5, 1, 8],
+        ),
+        (Record::Epoch(None), vec![1, 7, 0]),
+        // Primary states of format version 3: Tracking = 4, Resyncing = 5.
+        (
+            Record::PairState {
+                pair: PairId(1),
+                state: PairState::Resyncing,
+            },
+            vec![1, 5, 1, 5],
+        ),
     ];
     for (record, body) in cases {
         let mut out = Vec::new();
@@ -1474,7 +1533,8 @@ fn on_disk_format_is_pinned() {
         assert!(matches!(entry, format::Entry::Record(r) if r == record));
     }
     // A checkpoint: Entry::Checkpoint = 0, previous segment 300 bytes, released
-    // {1: (5, 4)}, applied {}, limit 6, prepared 7, states {2: Syncing = 0}.
+    // {1: (5, 4)}, applied {}, limit 6, prepared 7, states {2: Syncing = 0},
+    // reserved {} and epoch None (version 3).
     let mut st = State::default();
     st.released
         .insert(PairId(1), Stamp::new(Timestamp(5), Seq(4)));
@@ -1487,9 +1547,43 @@ fn on_disk_format_is_pinned() {
         state: &st,
     };
     format::encode_frame(&mut out, &format::EntryRef::Checkpoint(cp)).unwrap();
-    assert_eq!(&out[8..], &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7, 1, 2, 0]);
+    assert_eq!(
+        &out[8..],
+        &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7, 1, 2, 0, 0, 0]
+    );
     let (entry, _) = format::decode_frame(&out).unwrap();
     assert!(matches!(entry, format::Entry::Checkpoint(c) if c.prev_len == 300 && c.state == st));
+    // With a reservation and an epoch: reserved {1: 9}, Some(base 5, closes_at None).
+    let mut st3 = st.clone();
+    st3.reserved.insert(PairId(1), Seq(9));
+    st3.epoch = Some(crate::journal::Epoch {
+        base: Timestamp(5),
+        closes_at: None,
+    });
+    let mut out3 = Vec::new();
+    let cp = format::CheckpointRef {
+        prev_len: 300,
+        state: &st3,
+    };
+    format::encode_frame(&mut out3, &format::EntryRef::Checkpoint(cp)).unwrap();
+    assert_eq!(
+        &out3[8..],
+        &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7, 1, 2, 0, 1, 1, 9, 1, 5, 0]
+    );
+    let (entry, _) = format::decode_frame(&out3).unwrap();
+    assert!(matches!(entry, format::Entry::Checkpoint(c) if c.state == st3));
+    // Format version 2 (as that build wrote it): the checkpoint ends after the states
+    // and reads as one with nothing reserved and no epoch.
+    let mut v2 = Vec::new();
+    let body: &[u8] = &[0, 0xac, 0x02, 1, 1, 5, 4, 0, 6, 7, 1, 2, 0];
+    v2.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&v2), body);
+    v2.extend_from_slice(&crc.to_le_bytes());
+    v2.extend_from_slice(body);
+    let (entry, _) = format::decode_frame_version(&v2, 2).unwrap();
+    assert!(matches!(entry, format::Entry::Checkpoint(c) if c.state == st));
+    // A version-3 checkpoint in a version-2 segment is not one (trailing bytes).
+    assert!(format::decode_frame_version(&out3, 2).is_err());
 
     // Format version 1 (pinned as that build wrote it): the same checkpoint without
     // states reads as one whose pairs have none; its records read as in version 2.
@@ -1509,8 +1603,8 @@ fn on_disk_format_is_pinned() {
     assert!(frames.next().is_none());
     // A version-2 checkpoint in a version-1 segment is not one (trailing bytes).
     assert!(format::decode_frame_version(&out, 1).is_err());
-    // Versions other than 1 and 2 are refused.
-    for v in [0, 3, u32::MAX] {
+    // Versions other than 1, 2 and 3 are refused.
+    for v in [0, 4, u32::MAX] {
         let h = format::encode_header_version(7, 0, v);
         assert_eq!(
             format::check_header(&h, 7),

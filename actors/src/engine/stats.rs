@@ -79,6 +79,8 @@ impl Engine {
                 name: p.name.clone(),
                 primary_state: p.local.as_ref().map(|_| match l.state {
                     Some(PairState::Syncing) => "syncing",
+                    Some(PairState::Tracking) => "tracking",
+                    Some(PairState::Resyncing) => "resyncing",
                     _ => "replicating",
                 }),
                 secondary_state: p.remote.as_ref().map(|_| match r.state {
