@@ -92,7 +92,7 @@ impl Core {
             s.handle_ack(now, &tr.ack());
             self.orderer.handle_head(tr.pair(), tr.head().ts);
             while let Some(a) = self.orderer.poll_action() {
-                if let OrderAction::Release { limit } = a {
+                if let OrderAction::Release { limit, .. } = a {
                     for tr in &mut self.trackers {
                         let mut last = None;
                         for p in tr.select(limit) {
@@ -151,7 +151,7 @@ impl Receive {
             }
             self.orderer.handle_head(tr.pair(), tr.head().ts);
             while let Some(a) = self.orderer.poll_action() {
-                if let OrderAction::Release { limit } = a {
+                if let OrderAction::Release { limit, .. } = a {
                     for tr in &mut self.trackers {
                         if let Some(seq) = tr.select(limit).last().map(|p| p.stamp.seq) {
                             tr.mark_applied(seq);

@@ -19,12 +19,13 @@ pub mod ship;
 pub mod storage;
 pub mod timebase;
 pub mod types;
+pub mod undo;
 pub mod wire;
 
 pub use clock::{HybridClock, WallClock};
 pub use intake::{Intake, Offer};
 pub use order::{OrderAction, OrderError, Orderer};
-pub use packet::{Ack, HeadReport, Heartbeat, Mark, Message, Packet, Payload, SeqRange};
+pub use packet::{Ack, HeadReport, Heartbeat, Mark, Message, Packet, Payload, Resync, SeqRange};
 pub use run::{Received, RunTracker};
 pub use ship::{Rtt, Sender};
 pub use storage::{BlockStore, FileStore, MemStore, StoreError};

@@ -1,5 +1,6 @@
 //! What travels from a local unit to its remote unit, and what comes back.
 
+use crate::journal::Epoch;
 use crate::types::{Offset, PairId, Seq, Stamp, SystemId, Timestamp};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -173,6 +174,26 @@ pub struct Ack {
 pub struct HeadReport {
     pub pair: PairId,
     pub head: Stamp,
+    /// The pair's resync, while one is in the unit's run and not yet applied past its
+    /// [`Mark::ResyncDone`] (wire version 2). A report whose head time stamp is at or
+    /// above a [`Mark::ResyncBegin`]'s carries it: the orderer learns of a resync no
+    /// later than of a head past its mark. `None` says nothing (it never clears what
+    /// the orderer knows).
+    pub resync: Option<Resync>,
+}
+
+/// A resync as the remote unit's journaled run shows it (see `docs/design.md`, the
+/// resync epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resync {
+    /// The pair's head time stamp just before its [`Mark::ResyncBegin`] joined the run
+    /// (the stamp of the packet before it, or of a heartbeat covering that packet, if
+    /// later). Every write the primary tracked instead of shipping is stamped above it,
+    /// so the pair is part of the cut at any limit at or below it.
+    pub since: Timestamp,
+    /// The time stamp of the [`Mark::ResyncDone`] once it is in the run: at any limit at
+    /// or above it the pair is part of a cut again.
+    pub done: Option<Timestamp>,
 }
 
 /// Everything that crosses a link between two systems.
@@ -186,12 +207,22 @@ pub enum Message {
     Acks(Vec<Ack>),
     /// Remote unit -> orderer.
     Heads(Vec<HeadReport>),
-    /// Orderer -> remote systems: make `limit` durable and say so.
-    Announce { limit: Timestamp },
+    /// Orderer -> remote systems: make `limit` durable and say so. `epoch`: the resync
+    /// epoch open at this limit, made durable with it (wire version 2).
+    Announce {
+        limit: Timestamp,
+        epoch: Option<Epoch>,
+    },
     /// Remote system -> orderer: `limit` is durable here.
     Durable { system: SystemId, limit: Timestamp },
-    /// Orderer -> remote systems: everything with `ts <= limit` may be applied.
-    Release { limit: Timestamp },
+    /// Orderer -> remote systems: everything with `ts <= limit` may be applied. `epoch`:
+    /// the resync epoch open at this limit (`None`: the cut at `limit` is consistent
+    /// without rolling back), made durable before anything below it is applied (wire
+    /// version 2).
+    Release {
+        limit: Timestamp,
+        epoch: Option<Epoch>,
+    },
     /// A piece of a write packet too large for one datagram; the receiving link
     /// reassembles the packet from its parts.
     Part(Part),

@@ -353,6 +353,7 @@ mod tests {
             to: SystemId(to),
             messages: vec![Message::Release {
                 limit: Timestamp(limit),
+                epoch: None,
             }],
         }
     }

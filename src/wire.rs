@@ -14,14 +14,24 @@ use crate::packet::Message;
 use crate::types::SystemId;
 use serde::{Deserialize, Serialize};
 
-/// The only frame version this build speaks.
+/// The frame version this build writes.
 ///
 /// Adding a variant at the end of an enum (as [`Payload::Mark`](crate::Payload::Mark)
 /// was) does not change it: every frame an older build writes still decodes here, to
 /// the same messages; a frame carrying the new variant is malformed to an older build,
 /// which drops and counts it (I6) and changes no state. Changing what an existing
-/// encoding means would.
-pub const VERSION: u8 = 1;
+/// encoding means does.
+///
+/// Version 2 added a field at the end of [`HeadReport`](crate::HeadReport) (`resync`)
+/// and of [`Message::Announce`] and [`Message::Release`] (`epoch`), for the resync
+/// epoch. This build still decodes version 1 frames (those messages without the new
+/// field: no resync, no epoch); a build that speaks only version 1 drops version 2
+/// frames as of an unknown version (counted, I6). So a remote system and its orderer
+/// must be upgraded together.
+pub const VERSION: u8 = 2;
+
+/// The oldest frame version this build decodes.
+pub const OLDEST_VERSION: u8 = 1;
 
 /// Smallest possible frame: version + checksum.
 const MIN_FRAME: usize = 1 + 4;
@@ -110,11 +120,12 @@ pub fn decode(bytes: &[u8], max_len: usize) -> Result<Frame, WireError> {
     if crc32c::crc32c(body) != want {
         return Err(WireError::Checksum);
     }
-    if body[0] != VERSION {
-        return Err(WireError::Version(body[0]));
+    let (frame, rest) = match body[0] {
+        VERSION => postcard::take_from_bytes::<Frame>(&body[1..]),
+        1 => postcard::take_from_bytes::<v1::Frame>(&body[1..]).map(|(f, r)| (f.into(), r)),
+        v => return Err(WireError::Version(v)),
     }
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(&body[1..])
-        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    .map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(WireError::Malformed(format!(
             "{} trailing bytes after the frame",
@@ -122,6 +133,76 @@ pub fn decode(bytes: &[u8], max_len: usize) -> Result<Frame, WireError> {
         )));
     }
     Ok(frame)
+}
+
+/// Version 1 of the messages that changed in version 2, to decode frames of older
+/// builds: the same variants in the same order, without the fields version 2 appended.
+mod v1 {
+    use crate::packet::{Ack, Heartbeat, Packet, Part};
+    use crate::types::{PairId, Stamp, SystemId, Timestamp};
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub(super) struct Frame {
+        from: SystemId,
+        to: SystemId,
+        messages: Vec<Message>,
+    }
+
+    #[derive(Deserialize)]
+    struct HeadReport {
+        pair: PairId,
+        head: Stamp,
+    }
+
+    #[derive(Deserialize)]
+    enum Message {
+        Data(Vec<Packet>),
+        Heartbeats(Vec<Heartbeat>),
+        Acks(Vec<Ack>),
+        Heads(Vec<HeadReport>),
+        Announce { limit: Timestamp },
+        Durable { system: SystemId, limit: Timestamp },
+        Release { limit: Timestamp },
+        Part(Part),
+        TimeProbe { sent: u64 },
+        TimeReply { sent: u64, remote: u64 },
+    }
+
+    impl From<Frame> for super::Frame {
+        fn from(f: Frame) -> super::Frame {
+            use crate::packet::Message as M;
+            let messages = f
+                .messages
+                .into_iter()
+                .map(|m| match m {
+                    Message::Data(p) => M::Data(p),
+                    Message::Heartbeats(h) => M::Heartbeats(h),
+                    Message::Acks(a) => M::Acks(a),
+                    Message::Heads(h) => M::Heads(
+                        h.into_iter()
+                            .map(|h| crate::packet::HeadReport {
+                                pair: h.pair,
+                                head: h.head,
+                                resync: None,
+                            })
+                            .collect(),
+                    ),
+                    Message::Announce { limit } => M::Announce { limit, epoch: None },
+                    Message::Durable { system, limit } => M::Durable { system, limit },
+                    Message::Release { limit } => M::Release { limit, epoch: None },
+                    Message::Part(p) => M::Part(p),
+                    Message::TimeProbe { sent } => M::TimeProbe { sent },
+                    Message::TimeReply { sent, remote } => M::TimeReply { sent, remote },
+                })
+                .collect();
+            super::Frame {
+                from: f.from,
+                to: f.to,
+                messages,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +253,7 @@ mod tests {
                 }]),
                 Message::Release {
                     limit: Timestamp(99),
+                    epoch: None,
                 },
             ],
         }
@@ -218,8 +300,14 @@ mod tests {
         ];
         let crc = crc32c::crc32c(&bytes).to_le_bytes();
         bytes.extend_from_slice(&crc);
-        assert_eq!(encode(&old), bytes);
-        assert_eq!(decode(&bytes, 1 << 20), Ok(old));
+        assert_eq!(decode(&bytes, 1 << 20), Ok(old.clone()));
+        // This build writes the same messages as version 2, byte for byte otherwise.
+        let mut v2 = bytes[..bytes.len() - 4].to_vec();
+        v2[0] = 2;
+        let crc = crc32c::crc32c(&v2).to_le_bytes();
+        v2.extend_from_slice(&crc);
+        assert_eq!(encode(&old), v2);
+        assert_eq!(decode(&v2, 1 << 20), Ok(old));
 
         let mark = Message::Data(vec![Packet {
             pair: PairId(3),
@@ -236,6 +324,68 @@ mod tests {
             decode(&bad, 1 << 20),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    /// Version 1 head reports, announcements and releases (without `resync` and
+    /// `epoch`) decode to the version 2 messages without them; the version 2 encodings
+    /// of the new fields are pinned.
+    #[test]
+    fn version_1_heads_and_limits_decode_and_version_2_is_pinned() {
+        use crate::journal::Epoch;
+        // version 1 | from 1, to 2, three messages | Heads = 3, one: pair 4, ts 9, seq 2 |
+        // Announce = 4, limit 7 | Release = 6, limit 8 | crc
+        let mut v1 = vec![1, 1, 2, 3, 3, 1, 4, 9, 2, 4, 7, 6, 8];
+        let crc = crc32c::crc32c(&v1).to_le_bytes();
+        v1.extend_from_slice(&crc);
+        let frame = Frame {
+            from: SystemId(1),
+            to: SystemId(2),
+            messages: vec![
+                Message::Heads(vec![HeadReport {
+                    pair: PairId(4),
+                    head: Stamp::new(Timestamp(9), Seq(2)),
+                    resync: None,
+                }]),
+                Message::Announce {
+                    limit: Timestamp(7),
+                    epoch: None,
+                },
+                Message::Release {
+                    limit: Timestamp(8),
+                    epoch: None,
+                },
+            ],
+        };
+        assert_eq!(decode(&v1, 1 << 20), Ok(frame.clone()));
+        let items: Vec<Vec<u8>> = frame.messages.iter().map(encode_item).collect();
+        assert_eq!(
+            items,
+            vec![vec![3, 1, 4, 9, 2, 0], vec![4, 7, 0], vec![6, 8, 0]]
+        );
+        let heads = Message::Heads(vec![HeadReport {
+            pair: PairId(4),
+            head: Stamp::new(Timestamp(9), Seq(2)),
+            resync: Some(Resync {
+                since: Timestamp(5),
+                done: Some(Timestamp(6)),
+            }),
+        }]);
+        // ..., Some, since 5, Some, done 6
+        assert_eq!(encode_item(&heads), [3, 1, 4, 9, 2, 1, 5, 1, 6]);
+        let release = Message::Release {
+            limit: Timestamp(8),
+            epoch: Some(Epoch {
+                base: Timestamp(3),
+                closes_at: None,
+            }),
+        };
+        assert_eq!(encode_item(&release), [6, 8, 1, 3, 0]);
+        let f = Frame {
+            from: SystemId(1),
+            to: SystemId(2),
+            messages: vec![heads, release],
+        };
+        assert_eq!(decode(&encode(&f), 1 << 20), Ok(f));
     }
 
     #[test]
@@ -265,12 +415,14 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[5] ^= 0x10;
         assert_eq!(decode(&flipped, 1 << 20), Err(WireError::Checksum));
-        let mut v2 = bytes.clone();
-        v2[0] = 2;
-        let n = v2.len();
-        let crc = crc32c::crc32c(&v2[..n - 4]).to_le_bytes();
-        v2[n - 4..].copy_from_slice(&crc);
-        assert_eq!(decode(&v2, 1 << 20), Err(WireError::Version(2)));
+        for v in [0, VERSION + 1] {
+            let mut other = bytes.clone();
+            other[0] = v;
+            let n = other.len();
+            let crc = crc32c::crc32c(&other[..n - 4]).to_le_bytes();
+            other[n - 4..].copy_from_slice(&crc);
+            assert_eq!(decode(&other, 1 << 20), Err(WireError::Version(v)));
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use crate::error::EngineError;
 use actix::prelude::*;
 use std::sync::Arc;
+use tidemark::journal::Epoch;
 use tidemark::{Ack, HeadReport, Heartbeat, Message as WireMessage, Packet, Payload};
 use tidemark::{PairId, Seq, Stamp, SystemId, Timestamp};
 
@@ -82,10 +83,16 @@ pub struct PacketsIn(pub Vec<Packet>);
 #[rtype(result = "()")]
 pub struct HeartbeatsIn(pub Vec<Heartbeat>);
 
-/// The released commit limit.
-#[derive(Message, Clone, Copy)]
+/// The released commit limit, and the resync epoch open at it. To a site: what the
+/// orderer's release carried (`None`: the cut at `limit` needs no rollback). To a unit:
+/// the site's epoch once the limit (and the epoch) are durable (`None`: none is open:
+/// drop the undo log).
+#[derive(Message, Clone, Copy, Debug)]
 #[rtype(result = "()")]
-pub struct LimitIn(pub Timestamp);
+pub struct LimitIn {
+    pub limit: Timestamp,
+    pub epoch: Option<Epoch>,
+}
 
 /// Resolves once everything up to `seq` is applied.
 #[derive(Message)]
@@ -107,6 +114,10 @@ pub struct RemoteStats {
     pub limit_violations: u64,
     /// Packets refused for want of journal space (retransmitted later).
     pub flow_dropped: u64,
+    /// The resync the unit reports with its head, if one is in its run or unapplied.
+    pub resync: Option<tidemark::Resync>,
+    /// Bytes of the unit's undo file, while its system's resync epoch is open.
+    pub undo_bytes: Option<u64>,
     /// Recent commit lags (stamp to applied), nanoseconds.
     pub lag_ns: Vec<u64>,
 }
@@ -134,6 +145,8 @@ pub struct OrdererStats {
     pub released: Timestamp,
     pub releases: u64,
     pub laggard: Option<PairId>,
+    /// The base of the resync epoch open at the orderer, if one is.
+    pub epoch_base: Option<Timestamp>,
 }
 
 #[derive(Message)]
@@ -142,9 +155,25 @@ pub struct GetOrdererStats;
 
 // ---- to a RemoteSite ----
 
-#[derive(Message)]
+/// An announced limit and the epoch it carries.
+#[derive(Message, Clone, Copy, Debug)]
 #[rtype(result = "()")]
-pub struct AnnounceIn(pub Timestamp);
+pub struct AnnounceIn {
+    pub limit: Timestamp,
+    pub epoch: Option<Epoch>,
+}
+
+/// What a remote site reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SiteStats {
+    pub system: SystemId,
+    /// The resync epoch durable at the site, if one is open.
+    pub epoch: Option<Epoch>,
+}
+
+#[derive(Message)]
+#[rtype(result = "SiteStats")]
+pub struct GetSiteStats;
 
 // ---- to a TimeBaseActor ----
 

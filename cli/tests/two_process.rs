@@ -167,6 +167,7 @@ fn forged_datagrams_change_nothing_and_are_counted() {
         1,
         Message::Release {
             limit: Timestamp(u64::MAX),
+            epoch: None,
         },
     );
     // An authentic, harmless datagram (a head report of zero), to truncate, flip, replay.
@@ -176,6 +177,7 @@ fn forged_datagrams_change_nothing_and_are_counted() {
         Message::Heads(vec![HeadReport {
             pair: PairId(0),
             head: Stamp::ZERO,
+            resync: None,
         }]),
     );
     let mut flipped = genuine.clone();

@@ -67,6 +67,7 @@ fn small_messages_share_datagrams_within_the_mtu() {
         B,
         Message::Release {
             limit: Timestamp(5),
+            epoch: None,
         },
     );
     let ds = datagrams(&mut a, now);
@@ -86,7 +87,8 @@ fn small_messages_share_datagrams_within_the_mtu() {
         .collect();
     assert_eq!(data, ps);
     assert!(got.contains(&Message::Release {
-        limit: Timestamp(5)
+        limit: Timestamp(5),
+        epoch: None,
     }));
     assert_eq!(b.poll_event(), Some(LinkEvent::Up(A)));
 }
@@ -150,6 +152,7 @@ fn forged_replayed_truncated_flipped_oversized_are_dropped_and_counted() {
         B,
         Message::Release {
             limit: Timestamp(9),
+            epoch: None,
         },
     );
     let d = datagrams(&mut a, now).remove(0);
@@ -158,6 +161,7 @@ fn forged_replayed_truncated_flipped_oversized_are_dropped_and_counted() {
         B,
         Message::Release {
             limit: Timestamp(u64::MAX),
+            epoch: None,
         },
     );
     let forged = datagrams(&mut evil, now).remove(0);
@@ -175,7 +179,8 @@ fn forged_replayed_truncated_flipped_oversized_are_dropped_and_counted() {
     assert_eq!(
         deliver(&mut b, now, vec![d.clone()]),
         vec![Message::Release {
-            limit: Timestamp(9)
+            limit: Timestamp(9),
+            epoch: None,
         }]
     );
     assert!(deliver(&mut b, now, vec![d]).is_empty(), "replay");
@@ -250,6 +255,7 @@ fn liveness_and_restart_events() {
         Message::Heads(vec![HeadReport {
             pair: PairId(0),
             head: Stamp::ZERO,
+            resync: None,
         }]),
     );
     assert_eq!(deliver(&mut b, t1, datagrams(&mut a2, t1)).len(), 1);

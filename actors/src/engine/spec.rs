@@ -96,6 +96,8 @@ pub struct EngineBuilder {
     pub(super) journals: BTreeMap<SystemId, (PathBuf, u64)>,
     pub(super) time_base: TimeBaseConfig,
     pub(super) initial_sync: BTreeMap<PairId, InitialSync>,
+    pub(super) undo_dirs: BTreeMap<SystemId, PathBuf>,
+    pub(super) undo_region: u64,
 }
 
 impl Default for EngineBuilder {
@@ -130,7 +132,35 @@ impl EngineBuilder {
             journals: BTreeMap::new(),
             time_base: TimeBaseConfig::default(),
             initial_sync: BTreeMap::new(),
+            undo_dirs: BTreeMap::new(),
+            undo_region: tidemark::undo::DEFAULT_REGION,
         }
+    }
+
+    /// Where the remote units of `system` keep their undo files during a resync epoch
+    /// (default: `undo/` in the system's journal directory; a system without a journal
+    /// keeps none).
+    pub fn undo_dir(&mut self, system: SystemId, dir: PathBuf) -> &mut Self {
+        self.undo_dirs.insert(system, dir);
+        self
+    }
+
+    /// The undo region size: what one save copies at least (a multiple of 512 bytes up
+    /// to 16 MiB; default 64 KiB). Checked at start.
+    pub fn undo_region(&mut self, bytes: u64) -> &mut Self {
+        self.undo_region = bytes;
+        self
+    }
+
+    /// The undo directory of `system`'s remote units, if they keep undo files.
+    pub(super) fn undo_dir_of(&self, system: SystemId) -> Option<PathBuf> {
+        let (journal, _) = self.journals.get(&system)?;
+        Some(
+            self.undo_dirs
+                .get(&system)
+                .cloned()
+                .unwrap_or_else(|| journal.join("undo")),
+        )
     }
 
     /// Settings of the time base that a process runs when other processes stamp writes
@@ -271,6 +301,9 @@ impl EngineBuilder {
 
     pub(super) fn validate(&self) -> Result<SystemId, EngineError> {
         let bad = |m: String| Err(EngineError::Topology(m));
+        if let Err(e) = tidemark::undo::check_region(self.undo_region) {
+            return bad(e.to_string());
+        }
         let mut names = BTreeSet::new();
         for (n, _) in &self.systems {
             if n.is_empty() {

@@ -184,11 +184,11 @@ impl EngineBuilder {
             return Ok(None);
         }
         let ids: Vec<PairId> = (0..self.pairs.len() as u32).map(PairId).collect();
-        let released = journals
+        let (released, epoch) = journals
             .get(&orderer_system)
-            .map_or(Timestamp::ZERO, |(_, r)| r.limit);
+            .map_or((Timestamp::ZERO, None), |(_, r)| (r.limit, r.epoch));
         Orderer::new(&ids, &self.remote_systems(), released)
-            .map(Some)
+            .map(|o| Some(o.with_epoch(epoch)))
             .map_err(|e| EngineError::Topology(e.to_string()))
     }
 
@@ -454,6 +454,11 @@ impl<'a> Startup<'a> {
                         .get(&p.remote)
                         .map_or(Timestamp::ZERO, |(_, r)| r.limit),
                     state: recovered.and_then(|r| r.state),
+                    prepared: self
+                        .journals
+                        .get(&p.remote)
+                        .map_or(Timestamp::ZERO, |(_, r)| r.prepared),
+                    epoch: self.journals.get(&p.remote).and_then(|(_, r)| r.epoch),
                 };
                 let wiring = RemoteWiring {
                     local_system: p.local,
@@ -466,6 +471,8 @@ impl<'a> Startup<'a> {
                     wall: self.wall.clone(),
                     budget: b.remote_budget(p.remote),
                     health: self.health.clone(),
+                    undo_dir: b.undo_dir_of(p.remote),
+                    undo_region: b.undo_region,
                 };
                 spawn(self.arbiter(p.remote), RemoteUnit::new(id, wiring, resume))
             });
@@ -522,9 +529,9 @@ impl<'a> Startup<'a> {
     /// from the limits its journal made durable.
     fn start_sites(&mut self) {
         for (sys, units) in std::mem::take(&mut self.site_units) {
-            let (journal, prepared, released) = match self.journals.get(&sys) {
-                Some((j, r)) => (Some(j.clone()), r.prepared.max(r.limit), r.limit),
-                None => (None, Timestamp::ZERO, Timestamp::ZERO),
+            let (journal, prepared, released, epoch) = match self.journals.get(&sys) {
+                Some((j, r)) => (Some(j.clone()), r.prepared.max(r.limit), r.limit, r.epoch),
+                None => (None, Timestamp::ZERO, Timestamp::ZERO, None),
             };
             let wiring = SiteWiring {
                 me: sys,
@@ -537,7 +544,7 @@ impl<'a> Startup<'a> {
             };
             let site = spawn(
                 self.arbiter(sys),
-                RemoteSite::new(wiring, prepared, released),
+                RemoteSite::new(wiring, prepared, released).with_epoch(epoch),
             );
             if let Some(r) = self.routes.get_mut(&sys) {
                 r.site = Some(SiteRoute::of(&site));

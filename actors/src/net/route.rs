@@ -165,12 +165,12 @@ impl Routes {
                     }
                 }
                 WireMessage::Heads(h) => heads.extend(h),
-                WireMessage::Announce { limit } => match &self.site {
-                    Some(s) => s.announce.do_send(AnnounceIn(limit)),
+                WireMessage::Announce { limit, epoch } => match &self.site {
+                    Some(s) => s.announce.do_send(AnnounceIn { limit, epoch }),
                     None => miss("announce"),
                 },
-                WireMessage::Release { limit } => match &self.site {
-                    Some(s) => s.release.do_send(LimitIn(limit)),
+                WireMessage::Release { limit, epoch } => match &self.site {
+                    Some(s) => s.release.do_send(LimitIn { limit, epoch }),
                     None => miss("release"),
                 },
                 WireMessage::Durable { system, limit } => match &self.orderer {

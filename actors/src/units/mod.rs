@@ -12,3 +12,4 @@ pub mod remote;
 pub mod site;
 pub mod sync;
 pub mod timebase;
+pub mod undo;

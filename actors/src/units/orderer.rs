@@ -34,8 +34,8 @@ impl OrdererActor {
 
     fn broadcast(&self, action: OrderAction) {
         let msg = match action {
-            OrderAction::Announce { limit } => WireMessage::Announce { limit },
-            OrderAction::Release { limit } => WireMessage::Release { limit },
+            OrderAction::Announce { limit, epoch } => WireMessage::Announce { limit, epoch },
+            OrderAction::Release { limit, epoch } => WireMessage::Release { limit, epoch },
         };
         for s in &self.systems {
             self.link.do_send(Outbound {
@@ -69,8 +69,16 @@ impl Handler<HeadsIn> for OrdererActor {
     type Result = ();
     fn handle(&mut self, msg: HeadsIn, ctx: &mut Context<Self>) {
         for r in msg.0 {
-            if !self.core.handle_head(r.pair, r.head.ts) {
+            let epoch = self.core.epoch_base();
+            if !self.core.handle_report(r.pair, r.head.ts, r.resync) {
                 tracing::warn!(pair = %r.pair, "head report for a pair not in the group");
+            }
+            match (epoch, self.core.epoch_base()) {
+                (None, Some(base)) => {
+                    tracing::info!(pair = %r.pair, %base, resync = ?r.resync, "resync epoch opens")
+                }
+                (Some(base), None) => tracing::info!(%base, "resync epoch closes"),
+                _ => {}
             }
         }
         self.schedule(ctx);
@@ -117,6 +125,7 @@ impl Handler<GetOrdererStats> for OrdererActor {
             released: self.core.released(),
             releases: self.core.releases(),
             laggard: self.core.laggard(),
+            epoch_base: self.core.epoch_base(),
         })
     }
 }

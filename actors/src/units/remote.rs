@@ -4,6 +4,18 @@
 //!
 //! I1 on this unit: after applying under limit `L` the unit holds exactly the pair's
 //! writes with `ts <= L` (the run from the applied point, cut at the first `ts > L`).
+//!
+//! **Resync** (`docs/design.md`, the resync epoch). The unit reports the pair's resync
+//! with every head report ([`tidemark::undo::ResyncStatus`]): from the report whose head
+//! includes the `ResyncBegin` mark (the status is worked out from the packets that
+//! joined the run before the report is sent, so the orderer never learns of a head past
+//! the mark without the resync) until it applied past the `ResyncDone` mark. While its
+//! site's epoch (base `E`) is open, before it applies a packet stamped above `E` it
+//! saves the regions that packet overwrites and that are not saved yet in its undo file
+//! ([`crate::units::undo`]): packets at or below `E` of a batch first, then the saves
+//! (one fdatasync), then the rest. If the save fails (ENOSPC or any error) the unit
+//! stops applying and reports to the engine's health: the remote stays at or below the
+//! cut at `E`, never applies without the save, never spins.
 
 use crate::error::EngineError;
 use crate::health::Health;
@@ -11,13 +23,17 @@ use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
 use crate::units::lag::LagSamples;
+use crate::units::undo::{UndoFile, UndoFileError};
 use actix::prelude::*;
-use std::sync::Arc;
-use tidemark::journal::{JournalError, PairState, Record};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tidemark::journal::{Epoch, JournalError, PairState, Record};
 use tidemark::run::RunTracker;
+use tidemark::undo::ResyncStatus;
 use tidemark::Mark;
 use tidemark::{
-    BlockStore, HeadReport, Intake, Message as WireMessage, Packet, PairId, Seq, Stamp,
+    BlockStore, HeadReport, Heartbeat, Intake, Message as WireMessage, Packet, PairId, Resync, Seq,
+    Stamp,
 };
 use tidemark::{SystemId, Timestamp};
 use tokio::sync::oneshot;
@@ -47,6 +63,12 @@ pub struct RemoteResume {
     pub limit: Timestamp,
     /// The pair state the journal recorded.
     pub state: Option<PairState>,
+    /// The highest limit the system prepared (with several remote systems): with
+    /// `limit`, a floor for the head's time stamp after a restart (every packet of the
+    /// pair stamped at or below it was journaled before it was announced).
+    pub prepared: Timestamp,
+    /// The resync epoch the system's journal holds open.
+    pub epoch: Option<Epoch>,
 }
 
 /// Settings and wiring of a remote unit.
@@ -63,6 +85,16 @@ pub struct RemoteWiring {
     pub budget: usize,
     /// Where the unit reports that its journal or disk failed.
     pub health: Health,
+    /// Where its undo file lives (`None`: no undo log; tests without a journal only).
+    pub undo_dir: Option<PathBuf>,
+    /// Undo region size (bytes, a multiple of 512; [`tidemark::undo::DEFAULT_REGION`]).
+    pub undo_region: u64,
+}
+
+/// The unit's undo file as the disk jobs see it (one job in flight at a time).
+#[derive(Default)]
+struct UndoSlot {
+    file: Option<UndoFile>,
 }
 
 pub struct RemoteUnit {
@@ -103,6 +135,21 @@ pub struct RemoteUnit {
     health: Health,
     /// The pair state, as marks in the stream set it (see [`crate::units::sync`]).
     state: Option<PairState>,
+    /// The resync the unit reports with its head.
+    resync: ResyncStatus,
+    /// The head the resync status was last brought up to.
+    scanned: Stamp,
+    /// The site's epoch, as the last limit said (or the journal at start).
+    epoch: Option<Epoch>,
+    undo_dir: Option<PathBuf>,
+    undo_region: u64,
+    undo: Arc<Mutex<UndoSlot>>,
+    /// The epoch base the undo file on disk is for (`None`: no file), as the last disk
+    /// job left it.
+    undo_base: Option<Timestamp>,
+    undo_bytes: u64,
+    /// Something found at start that stops the unit (reported once it runs).
+    init_error: Option<String>,
 }
 
 impl RemoteUnit {
@@ -111,6 +158,43 @@ impl RemoteUnit {
         for p in resume.live {
             intake.handle_durable(p);
         }
+        // A restart loses the heartbeat part of the head: raise it again to the durable
+        // limit. Every packet of the pair stamped at or below that limit was journaled
+        // before the limit was announced, so it is in the run: nothing newer than the
+        // run head exists as of the floor (what a heartbeat says). Without it the
+        // orderer could see a head below a limit it released, and open an epoch below
+        // what the units applied.
+        let floor = resume.limit.max(resume.prepared);
+        let head = intake.tracker().head();
+        if floor > head.ts {
+            intake.handle_heartbeat(Heartbeat {
+                pair,
+                stamp: Stamp::new(floor, head.seq),
+            });
+        }
+        let mut init_error = None;
+        let mut undo = UndoSlot::default();
+        let mut undo_status = None;
+        if let Some(dir) = &w.undo_dir {
+            match Self::reopen_undo(dir, pair, resume.epoch, w.store.size()) {
+                Ok((file, status)) => {
+                    undo.file = file;
+                    undo_status = status;
+                }
+                Err(e) => init_error = Some(e),
+            }
+        }
+        let run: Vec<Packet> = intake.tracker().run().cloned().collect();
+        let resync = ResyncStatus::recover(
+            undo_status,
+            resume.epoch,
+            floor,
+            intake.tracker().applied(),
+            &run,
+        );
+        let undo_base = undo.file.as_ref().map(UndoFile::base);
+        let undo_bytes = undo.file.as_ref().map_or(0, UndoFile::bytes);
+        let scanned = intake.tracker().head();
         RemoteUnit {
             pair,
             local_system: w.local_system,
@@ -139,7 +223,62 @@ impl RemoteUnit {
             failed: None,
             health: w.health,
             state: resume.state,
+            resync,
+            scanned,
+            epoch: resume.epoch,
+            undo_dir: w.undo_dir,
+            undo_region: w.undo_region,
+            undo: Arc::new(Mutex::new(undo)),
+            undo_base,
+            undo_bytes,
+            init_error,
         }
+    }
+
+    /// At start: the undo file to go on with, if the system's epoch is open and the
+    /// file is of it (the torn tail cut), with the resync status it recorded. A file of
+    /// no open epoch, or of another base, is of an epoch that closed (the site replaces
+    /// its epoch only once the old one closed): removed. A file `promote` restored means
+    /// the unit was rolled back: the unit refuses to run (replication cannot resume on
+    /// a unit set back behind its journal's applied point).
+    fn reopen_undo(
+        dir: &std::path::Path,
+        pair: PairId,
+        epoch: Option<Epoch>,
+        size: u64,
+    ) -> Result<(Option<UndoFile>, Option<Resync>), String> {
+        let opened = UndoFile::reopen(dir, pair, size).map_err(|e| e.to_string())?;
+        match (opened, epoch) {
+            (None, _) => Ok((None, None)),
+            (Some((_, d)), _) if tidemark::undo::is_restored(&d.records) => Err(format!(
+                "promote rolled this remote unit back to the cut at {} (undo file {}): \
+                 it cannot resume replication; start it from a fresh copy",
+                d.header.base,
+                crate::units::undo::undo_path(dir, pair).display()
+            )),
+            (Some((file, d)), Some(e)) if file.base() == e.base => {
+                Ok((Some(file), tidemark::undo::last_status(&d.records)))
+            }
+            (Some(_), _) => {
+                UndoFile::remove(dir, pair).map_err(|e| e.to_string())?;
+                Ok((None, None))
+            }
+        }
+    }
+
+    /// The resync status follows the packets that joined the run since the last call.
+    fn scan_head(&mut self) {
+        let head = self.intake.tracker().head();
+        if head.seq > self.scanned.seq {
+            let from = self.scanned.seq;
+            let joined = self
+                .intake
+                .tracker()
+                .run()
+                .filter(|p| p.stamp.seq > from && p.stamp.seq <= head.seq);
+            self.resync.joined(self.scanned, joined);
+        }
+        self.scanned = head;
     }
 
     /// Makes the queued packets durable in the journal, one batch in flight; only then
@@ -186,6 +325,7 @@ impl RemoteUnit {
             to: self.local_system,
             msg: WireMessage::Acks(vec![self.intake.tracker().ack()]),
         });
+        self.scan_head();
         let head = self.intake.tracker().head();
         if head != self.reported {
             self.reported = head;
@@ -194,6 +334,7 @@ impl RemoteUnit {
                 msg: WireMessage::Heads(vec![HeadReport {
                     pair: self.pair,
                     head,
+                    resync: self.resync.get(),
                 }]),
             });
         }
@@ -214,7 +355,18 @@ impl RemoteUnit {
 
     /// Applies what the limit allows, one batch in flight.
     fn apply(&mut self, ctx: &mut Context<Self>) {
-        if self.applying || self.failed.is_some() || self.limit <= self.applied_limit {
+        if self.applying || self.failed.is_some() {
+            return;
+        }
+        let want_undo = match (&self.undo_dir, self.epoch) {
+            (Some(_), Some(e)) => Some(e.base),
+            _ => None,
+        };
+        if self.limit <= self.applied_limit {
+            if want_undo != self.undo_base {
+                // The epoch changed (closed, most often) with nothing to apply.
+                self.run_apply(ctx, self.limit, Vec::new(), want_undo);
+            }
             return;
         }
         let limit = self.limit;
@@ -226,15 +378,39 @@ impl RemoteUnit {
         }
         let batch: Vec<Packet> = self.intake.tracker().select(limit).cloned().collect();
         self.applying_ts = batch.iter().map(|p| p.stamp.ts).collect();
-        let batch_bytes: usize = batch.iter().map(|p| p.payload.wire_len()).sum();
-        if batch.is_empty() {
+        if batch.is_empty() && want_undo == self.undo_base {
             self.finish(limit, None);
             return;
         }
+        self.run_apply(ctx, limit, batch, want_undo);
+    }
+
+    /// Applies `batch` under `limit` on the disk pool, with the undo file brought to
+    /// the epoch `want_undo` first (created, replaced or removed) and the saves made
+    /// before anything above the base is applied.
+    fn run_apply(
+        &mut self,
+        ctx: &mut Context<Self>,
+        limit: Timestamp,
+        batch: Vec<Packet>,
+        want_undo: Option<Timestamp>,
+    ) {
+        let batch_bytes: usize = batch.iter().map(|p| p.payload.wire_len()).sum();
         self.applying = true;
         let store = self.store.clone();
         let journal = self.journal.clone();
         let pair = self.pair;
+        // The resync status the marks of this batch leave (only if it applies one).
+        let status = batch
+            .iter()
+            .any(|p| matches!(p.payload.mark(), Some(Mark::ResyncBegin | Mark::ResyncDone)))
+            .then(|| {
+                self.resync
+                    .applied_view(batch.last().map_or(Seq::ZERO, |p| p.stamp.seq))
+            });
+        let undo = self.undo.clone();
+        let undo_dir = self.undo_dir.clone();
+        let region = self.undo_region;
         // The writes go to the unit only (no flush): the applied point is recorded in
         // the journal later, by `record_applied`, once a flush made them durable; until
         // then the journal keeps their packets and recovery re-applies them (I4).
@@ -244,7 +420,37 @@ impl RemoteUnit {
         let job = self.disk.run(move || {
             let mut last = None;
             let mut state = None;
-            for p in &batch {
+            let mut slot = match undo.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some(dir) = &undo_dir {
+                if let Err(e) = bring_undo(&mut slot, dir, pair, want_undo, region, store.size()) {
+                    let base = slot.file.as_ref().map(UndoFile::base);
+                    return (last, state, Some(format!("undo: {e}")), base, 0);
+                }
+            }
+            let split = slot.file.as_ref().map_or(batch.len(), |f| f.split(&batch));
+            for (i, p) in batch.iter().enumerate() {
+                if i == split {
+                    if let Some(f) = slot.file.as_mut() {
+                        // Saved durably before anything above the base lands; if not,
+                        // the unit stops here, at or below the cut at the base.
+                        if let Err(e) = f.save(store.as_ref(), &batch[split..], status) {
+                            let bytes = f.bytes();
+                            return (
+                                last,
+                                state,
+                                Some(format!(
+                                    "undo: {e}; the unit stops at or below the epoch base {}",
+                                    f.base()
+                                )),
+                                Some(f.base()),
+                                bytes,
+                            );
+                        }
+                    }
+                }
                 // Only the initial sync's marks change the pair state; a resync keeps
                 // the unit part of a cut through the resync epoch instead.
                 let marked = match p.payload.mark() {
@@ -257,28 +463,51 @@ impl RemoteUnit {
                         if let Err(e) =
                             j.append(&[Record::PairState { pair, state: s }], durability)
                         {
-                            return (last, state, Some(format!("journal: {e}")));
+                            let (base, bytes) = undo_state(&slot);
+                            return (last, state, Some(format!("journal: {e}")), base, bytes);
                         }
                     }
                     state = Some(s);
                 }
                 if let Err(e) = store.apply(&p.payload) {
-                    return (last, state, Some(e.to_string()));
+                    let (base, bytes) = undo_state(&slot);
+                    return (last, state, Some(e.to_string()), base, bytes);
                 }
                 last = Some(p.stamp.seq);
             }
-            (last, state, None)
+            if split == batch.len() && status.is_some() {
+                // Marks only at or below the base (or nothing above it): the status
+                // frame still goes in.
+                if let Some(f) = slot.file.as_mut() {
+                    if let Err(e) = f.save(store.as_ref(), &[], status) {
+                        let bytes = f.bytes();
+                        return (
+                            last,
+                            state,
+                            Some(format!("undo: {e}")),
+                            Some(f.base()),
+                            bytes,
+                        );
+                    }
+                }
+            }
+            let (base, bytes) = undo_state(&slot);
+            (last, state, None, base, bytes)
         });
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
             act.applying = false;
-            if let Some((_, Some(state), _)) = &res {
+            if let Some((_, _, _, base, bytes)) = &res {
+                act.undo_base = *base;
+                act.undo_bytes = *bytes;
+            }
+            if let Some((_, Some(state), _, _, _)) = &res {
                 if act.state != Some(*state) {
                     tracing::info!(pair = %act.pair, ?state, "pair state");
                 }
                 act.state = Some(*state);
             }
             match res {
-                Some((last, _, None)) => {
+                Some((last, _, None, _, _)) => {
                     act.finish(limit, last);
                     act.unflushed = true;
                     act.unrecorded_bytes += batch_bytes;
@@ -287,7 +516,7 @@ impl RemoteUnit {
                         act.record_applied(ctx);
                     }
                 }
-                Some((last, _, Some(e))) => {
+                Some((last, _, Some(e), _, _)) => {
                     act.fail(format!("apply: {e}"));
                     if let Some(seq) = last {
                         act.intake.mark_applied(seq);
@@ -306,6 +535,7 @@ impl RemoteUnit {
         }
         if let Some(seq) = last {
             self.intake.mark_applied(seq);
+            self.resync.applied(seq);
         }
         self.applied_limit = limit;
         self.applies += 1;
@@ -367,6 +597,9 @@ impl Actor for RemoteUnit {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(e) = self.init_error.take() {
+            self.fail(e);
+        }
         ctx.run_interval(std::time::Duration::from_millis(100), |act, ctx| {
             act.record_applied(ctx)
         });
@@ -421,8 +654,13 @@ impl Handler<HeartbeatsIn> for RemoteUnit {
 impl Handler<LimitIn> for RemoteUnit {
     type Result = ();
     fn handle(&mut self, msg: LimitIn, ctx: &mut Context<Self>) {
-        if msg.0 > self.limit {
-            self.limit = msg.0;
+        // The site sends its epoch with every limit, once both are durable.
+        let changed = msg.epoch != self.epoch;
+        self.epoch = msg.epoch;
+        if msg.limit > self.limit {
+            self.limit = msg.limit;
+            self.apply(ctx);
+        } else if changed {
             self.apply(ctx);
         }
     }
@@ -461,6 +699,8 @@ impl Handler<GetRemoteStats> for RemoteUnit {
             applies: self.applies,
             limit_violations: self.limit_violations,
             flow_dropped: i.no_room + i.refused + self.failed_dropped,
+            resync: self.resync.get(),
+            undo_bytes: self.undo_base.map(|_| self.undo_bytes),
             lag_ns: self.lag.samples().to_vec(),
         })
     }
@@ -470,5 +710,38 @@ impl Handler<Stop> for RemoteUnit {
     type Result = ();
     fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+/// The undo file's base and size, as a disk job leaves it.
+fn undo_state(slot: &UndoSlot) -> (Option<Timestamp>, u64) {
+    match &slot.file {
+        Some(f) => (Some(f.base()), f.bytes()),
+        None => (None, 0),
+    }
+}
+
+/// Brings the undo file to the epoch at `want` (`None`: none open): removed when the
+/// epoch closed, created when one opened, replaced when the site moved to another
+/// epoch (only once the old one closed, so nothing above the new base was applied).
+fn bring_undo(
+    slot: &mut UndoSlot,
+    dir: &std::path::Path,
+    pair: PairId,
+    want: Option<Timestamp>,
+    region: u64,
+    size: u64,
+) -> Result<(), UndoFileError> {
+    let have = slot.file.as_ref().map(UndoFile::base);
+    if have == want {
+        return Ok(());
+    }
+    slot.file = None;
+    match want {
+        None => UndoFile::remove(dir, pair),
+        Some(base) => {
+            slot.file = Some(UndoFile::create(dir, pair, base, region, size)?);
+            Ok(())
+        }
     }
 }
