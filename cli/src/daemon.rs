@@ -72,6 +72,8 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
     for &i in here {
         let s = &cfg.systems[i];
         b.journal(SystemId(i as u32), s.segments_dir(), s.journal_size);
+        // Where promote looks for them too (`promote::undo_dir`).
+        b.undo_dir(SystemId(i as u32), s.journal_dir.join("undo"));
     }
     let listen = here
         .iter()

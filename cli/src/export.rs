@@ -17,6 +17,12 @@
 //!   units all the same and says so (`forced`, each export's `state`). `force` does not
 //!   lift the rule above: an unpromoted system is refused whatever.
 //!
+//! - if the journal holds a resync epoch open at the durable limit (above its base,
+//!   below its `closes_at` or with none), the units are a cut only at the base, once
+//!   `promote` rolled them back: every unit's undo file must be marked restored, and
+//!   the rule above applies at the base (`limit_ts` is the base then). Otherwise
+//!   export refuses, naming `promote`.
+//!
 //! The unit files are opened read-only ([`FileStore::open_read_only`]): nothing served
 //! can change them.
 
@@ -26,10 +32,11 @@ use crate::promote::state_name;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tidemark::journal::{PairState, Recovered};
-use tidemark::{BlockStore, FileStore, PairId, Stamp};
+use tidemark::{BlockStore, FileStore, PairId, Stamp, Timestamp};
 use tidemark_actors::error::EngineError;
 use tidemark_actors::nbd::ReadOnlyBackend;
 use tidemark_actors::units::journaling::SharedJournal;
+use tidemark_actors::units::undo::UndoFile;
 
 /// One served remote unit.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -61,14 +68,14 @@ pub struct ExportReport {
     pub exports: Vec<ExportedUnit>,
 }
 
-/// The pairs of `system` (by name) whose journal still holds packets at or below the
-/// durable limit that are not applied, with how many. Empty exactly when the remote
-/// units of `system` are the cut at `recovered.limit` (every packet up to it applied,
-/// none missing).
-pub fn unapplied_at_or_below_limit(
+/// The pairs of `system` (by name) whose journal still holds packets at or below `cut`
+/// that are not applied, with how many. Empty exactly when the remote units of `system`
+/// are the cut at `cut` (every packet up to it applied, none missing).
+pub fn unapplied_at_or_below(
     cfg: &Config,
     system: usize,
     recovered: &Recovered,
+    cut: Timestamp,
 ) -> Vec<(String, usize)> {
     cfg.pairs
         .iter()
@@ -76,11 +83,7 @@ pub fn unapplied_at_or_below_limit(
         .filter(|(_, p)| p.remote == system)
         .filter_map(|(i, p)| {
             let rp = recovered.pair(PairId(i as u32))?;
-            let n = rp
-                .live
-                .iter()
-                .filter(|pkt| pkt.stamp.ts <= recovered.limit)
-                .count();
+            let n = rp.live.iter().filter(|pkt| pkt.stamp.ts <= cut).count();
             (n > 0).then(|| (p.name.clone(), n))
         })
         .collect()
@@ -110,7 +113,37 @@ impl Exporter {
         let lock = lock_system(cfg, system)?;
         let (journal, recovered) = SharedJournal::open(&sys.segments_dir(), sys.journal_size)?;
         drop(journal);
-        let behind = unapplied_at_or_below_limit(cfg, system, &recovered);
+        let (cut, rolled_back) = crate::promote::cut_at(&recovered, recovered.limit);
+        if rolled_back {
+            let dir = crate::promote::undo_dir(cfg, system);
+            let mut not_restored = Vec::new();
+            for (i, p) in cfg.pairs.iter().enumerate() {
+                if p.remote != system {
+                    continue;
+                }
+                let restored = UndoFile::read(&dir, PairId(i as u32))
+                    .map_err(|e| EngineError::Unit(format!("undo: {e}")))?
+                    .is_some_and(|d| {
+                        d.header.base == cut && tidemark::undo::is_restored(&d.records)
+                    });
+                if !restored {
+                    not_restored.push(p.name.clone());
+                }
+            }
+            if !not_restored.is_empty() {
+                return Err(EngineError::NotPromoted {
+                    system: sys.name.clone(),
+                    detail: format!(
+                        "a resync epoch (base {}) is open at its durable commit limit {}: \
+                         the units are a cut only once rolled back to the base (not yet: {})",
+                        cut.0,
+                        recovered.limit.0,
+                        not_restored.join(", ")
+                    ),
+                });
+            }
+        }
+        let behind = unapplied_at_or_below(cfg, system, &recovered, cut);
         if !behind.is_empty() {
             let detail = behind
                 .iter()
@@ -122,7 +155,7 @@ impl Exporter {
                 detail: format!(
                     "its journal holds packets at or below its durable commit limit {} \
                      that are not applied ({detail})",
-                    recovered.limit.0
+                    cut.0
                 ),
             });
         }
@@ -177,7 +210,7 @@ impl Exporter {
             report: ExportReport {
                 system: sys.name.clone(),
                 listen: String::new(),
-                limit_ts: recovered.limit.0,
+                limit_ts: cut.0,
                 read_only: true,
                 forced: !unfinished.is_empty(),
                 exports,

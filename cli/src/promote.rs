@@ -16,14 +16,30 @@
 //! 2) with nothing applied and nothing journaled — the secondary can still be restarted
 //! to let the sync finish — unless `force`, which applies up to the limit all the same
 //! and says so in the report (`forced`, each pair's `state`).
+//!
+//! **Resync epoch.** A system whose journal holds an open resync epoch (base `E`, maybe
+//! `closes_at`) is not a cut at a limit above `E` and below `closes_at` (or with no
+//! `closes_at`): some pair of the group was resyncing. If the target limit is there,
+//! promote brings every remote unit of the system to the cut at `E` instead: it applies
+//! the journaled packets stamped at or below `E`, then restores every region the unit's
+//! undo file saved (the bytes as of `E`), flushes, journals the applied points, and
+//! marks each undo file restored (synced; a unit without one gets a file that says so).
+//! The report says `rolled_back_to: E`. Running it again, or after a crash midway, does
+//! the same again (the epoch and the undo files stay). A secondary rolled back this way
+//! does not resume replication (its units refuse to start): the journal's applied
+//! points lie above what the units hold. With every system (no `--system`) all of them
+//! must end at one cut: the same base, or all at the target (every system's epoch
+//! closed at or below it); otherwise promote refuses, changing nothing.
 
 use crate::config::Config;
 use crate::daemon::lock_system;
+use std::path::{Path, PathBuf};
 use tidemark::journal::{PairState, Record, Recovered};
 use tidemark::run::RunTracker;
 use tidemark::{BlockStore, FileStore, Mark, Packet, PairId, Stamp, Timestamp};
 use tidemark_actors::error::EngineError;
 use tidemark_actors::units::journaling::{Durability, SharedJournal};
+use tidemark_actors::units::undo::UndoFile;
 
 #[derive(Debug, serde::Serialize)]
 pub struct PromotedPair {
@@ -52,6 +68,24 @@ pub struct PromoteReport {
     /// `--force` took pairs whose initial sync had not finished (their `state` is
     /// `"inconsistent"`); false when `--force` was given but not needed.
     pub forced: bool,
+    /// A resync epoch was open at the target: the units were rolled back to the cut at
+    /// its base (this time stamp) instead of `limit_ts`.
+    pub rolled_back_to: Option<u64>,
+}
+
+/// Where the remote units of a system keep their undo files (`journal_dir/undo`).
+pub fn undo_dir(cfg: &Config, system: usize) -> PathBuf {
+    cfg.systems[system].journal_dir.join("undo")
+}
+
+/// The cut a system's units are brought to at `target`: the base of its open resync
+/// epoch if `target` lies inside it (above the base, below `closes_at` or none), else
+/// `target`. Returns the cut and whether it is a rollback.
+pub fn cut_at(recovered: &Recovered, target: Timestamp) -> (Timestamp, bool) {
+    match recovered.epoch {
+        Some(e) if e.base < target && e.closes_at.is_none_or(|c| target < c) => (e.base, true),
+        _ => (target, false),
+    }
 }
 
 /// What promote found for one pair before changing anything.
@@ -99,13 +133,40 @@ pub fn promote(
             .unwrap_or(Timestamp::ZERO)
     };
 
+    // Each system's cut: the target, or its epoch's base. They must agree.
+    let cuts: Vec<(usize, Timestamp, bool)> = opened
+        .iter()
+        .map(|(s, _, r)| {
+            let (cut, back) = cut_at(r, target);
+            (*s, cut, back)
+        })
+        .collect();
+    if cuts.windows(2).any(|w| w[0].1 != w[1].1) {
+        let detail = cuts
+            .iter()
+            .map(|(s, cut, back)| {
+                format!(
+                    "{}: {} {}",
+                    cfg.systems[*s].name,
+                    if *back { "epoch base" } else { "limit" },
+                    cut.0
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(EngineError::JournalState(format!(
+            "promote: the systems cannot reach one cut ({detail}); nothing was changed"
+        )));
+    }
+    let (cut, rolled_back) = cuts.first().map_or((target, false), |(_, c, b)| (*c, *b));
+
     // Plan every pair first: nothing is changed if promote refuses.
     let mut plans = Vec::new();
     let mut gap = false;
     for (s, _, recovered) in &opened {
         for (i, p) in cfg.pairs.iter().enumerate() {
             if p.remote == *s {
-                let (plan, pair_gap) = plan_pair(*s, PairId(i as u32), recovered, target);
+                let (plan, pair_gap) = plan_pair(*s, PairId(i as u32), recovered, cut);
                 gap |= pair_gap;
                 plans.push(plan);
             }
@@ -137,6 +198,11 @@ pub fn promote(
             for pkt in &plan.apply {
                 store.apply(&pkt.payload)?;
             }
+            if rolled_back {
+                // The bytes as of the base, of every region overwritten above it.
+                let dir = undo_dir(cfg, *s);
+                restore_unit(&dir, plan.pair, cut, &store, p.size)?;
+            }
             store.flush()?;
             if let Some(last) = plan.apply.last() {
                 records.push(Record::Applied {
@@ -162,7 +228,7 @@ pub fn promote(
                 state: state_name(plan.state),
             });
         }
-        if target > recovered.limit {
+        if target > recovered.limit && !rolled_back {
             records.push(Record::Limit { ts: target });
         }
         journal
@@ -171,9 +237,18 @@ pub fn promote(
                 dir: cfg.systems[*s].segments_dir(),
                 source,
             })?;
+        if rolled_back {
+            // Only now: the units hold the cut at the base and the journal says where
+            // they were applied to. A crash before this runs promote again from the top.
+            for plan in plans.iter().filter(|p| p.system == *s) {
+                let p = &cfg.pairs[plan.pair.0 as usize];
+                mark_restored(&undo_dir(cfg, *s), plan.pair, cut, p.size)?;
+            }
+        }
     }
     let forced = !unfinished.is_empty();
     Ok(PromoteReport {
+        rolled_back_to: rolled_back.then_some(cut.0),
         limit_ts: target.0,
         systems: systems
             .iter()
@@ -223,6 +298,50 @@ fn plan_pair(
         state,
     };
     (plan, gap)
+}
+
+fn undo_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unit(format!("undo: {e}"))
+}
+
+/// Writes every region `pair`'s undo file in `dir` saved (the first copy of each: the
+/// bytes as of `base`) back to `store`. No file: the unit applied nothing above the
+/// base. A file of another base is refused (it is not of this epoch).
+fn restore_unit(
+    dir: &Path,
+    pair: PairId,
+    base: Timestamp,
+    store: &FileStore,
+    _size: u64,
+) -> Result<(), EngineError> {
+    let Some(d) = UndoFile::read(dir, pair).map_err(undo_err)? else {
+        return Ok(());
+    };
+    if d.header.base != base {
+        return Err(EngineError::JournalState(format!(
+            "undo file of {pair} is of an epoch at {}, not the journal's {base}",
+            d.header.base
+        )));
+    }
+    for (offset, data) in tidemark::undo::restore_plan(&d.records) {
+        store.write_at(offset, data)?;
+    }
+    Ok(())
+}
+
+/// Marks `pair`'s undo file restored (creating one that says only that, if the unit had
+/// none), synced.
+fn mark_restored(dir: &Path, pair: PairId, base: Timestamp, size: u64) -> Result<(), EngineError> {
+    let region = match UndoFile::read(dir, pair).map_err(undo_err)? {
+        Some(d) if tidemark::undo::is_restored(&d.records) => return Ok(()),
+        Some(d) => d.header.region,
+        None => tidemark::undo::DEFAULT_REGION,
+    };
+    let mut file = match UndoFile::reopen(dir, pair, size).map_err(undo_err)? {
+        Some((f, _)) => f,
+        None => UndoFile::create(dir, pair, base, region, size).map_err(undo_err)?,
+    };
+    file.mark_restored().map_err(undo_err)
 }
 
 /// How a pair state reads in reports.
