@@ -36,6 +36,21 @@ pub struct PairStats {
     pub srtt_us: Option<u64>,
     pub lag_p50_us: u64,
     pub lag_p99_us: u64,
+    /// The resync the remote unit reports (`since`, `done`), if one is in its run.
+    pub resync: Option<tidemark::Resync>,
+    /// Bytes of the remote unit's undo file while its system's resync epoch is open.
+    pub undo_bytes: Option<u64>,
+}
+
+/// A remote system's resync epoch (see `docs/design.md`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EpochStats {
+    /// The system's index in the group.
+    pub system: u32,
+    /// The cut `promote` rolls back to while the epoch is open.
+    pub base: u64,
+    /// The limit at which it closes, once the orderer said.
+    pub closes_at: Option<u64>,
 }
 
 /// The engine's figures.
@@ -52,6 +67,10 @@ pub struct Stats {
     pub lag_p50_us: u64,
     pub lag_p99_us: u64,
     pub lag_samples: usize,
+    /// The open resync epoch of every remote system here that has one.
+    pub epochs: Vec<EpochStats>,
+    /// The base of the epoch open at the orderer, if it runs here and one is open.
+    pub orderer_epoch_base: Option<u64>,
 }
 
 impl Stats {
@@ -105,6 +124,8 @@ impl Engine {
                 srtt_us: l.srtt_us,
                 lag_p50_us: percentile(&mut r.lag_ns.clone(), 50.0) / 1000,
                 lag_p99_us: percentile(&mut r.lag_ns.clone(), 99.0) / 1000,
+                resync: r.resync,
+                undo_bytes: r.undo_bytes,
             });
             all_lags.extend_from_slice(&r.lag_ns);
         }
@@ -119,6 +140,17 @@ impl Engine {
                 .laggard
                 .and_then(|p| self.pairs.get(p.0 as usize))
                 .map(|p| p.name.clone());
+            out.orderer_epoch_base = o.epoch_base.map(|t| t.0);
+        }
+        for site in &self.sites {
+            let s = site.send(GetSiteStats).await?;
+            if let Some(e) = s.epoch {
+                out.epochs.push(EpochStats {
+                    system: s.system.0,
+                    base: e.base.0,
+                    closes_at: e.closes_at.map(|t| t.0),
+                });
+            }
         }
         for l in &self.links {
             let s = match l {
