@@ -54,6 +54,8 @@ pub struct LocalStats {
     pub heartbeats: u64,
     pub bytes: u64,
     pub srtt_us: Option<u64>,
+    /// Bytes in regions the remote misses (tracked, not yet resynced).
+    pub dirty_bytes: u64,
 }
 
 #[derive(Message)]

@@ -71,6 +71,8 @@ pub struct Engine {
     pub(super) counters: Arc<[PairCounters]>,
     pub(super) timebase: Option<(Addr<TimeBaseActor>, Arc<Mutex<TimeStatus>>)>,
     pub(super) health: Health,
+    /// This run's markers in the journal directories (see `boot`).
+    pub(super) markers: Vec<std::path::PathBuf>,
 }
 
 impl Engine {
@@ -246,6 +248,12 @@ impl Engine {
         }
         for d in &self.disks {
             d.shutdown();
+        }
+        if result.is_ok() {
+            // Everything journaled is synced (the flushes above): a clean stop.
+            for m in &self.markers {
+                super::boot::mark_stopped(m);
+            }
         }
         result
     }
