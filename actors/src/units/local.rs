@@ -468,9 +468,6 @@ impl LocalUnit {
         if let Some(done) = self.sync_done {
             if self.sender.acked() >= done && !self.stopping && self.failed.is_none() {
                 self.sync_done = None;
-                if self.sync.as_ref().is_some_and(|s| s.finished) {
-                    self.sync = None;
-                }
                 let kind = if self.resyncing {
                     "resync"
                 } else {
@@ -584,7 +581,7 @@ impl LocalUnit {
     /// Queues the resync's first mark (if the remote's epoch is not open already) and
     /// has the copy planned.
     fn begin_resync(&mut self) {
-        let initial = self.sync.as_ref().is_some_and(|_| !self.resyncing);
+        let initial = self.sync.as_ref().is_some_and(|s| !s.finished) && !self.resyncing;
         if !initial && !self.resync_open {
             self.resync_open = true;
             self.state = Some(PairState::Resyncing);
@@ -630,7 +627,9 @@ impl LocalUnit {
     /// start over after every tracking spell, and never end while they write faster than
     /// the link carries). The remote going silent still tracks.
     fn copying(&self) -> bool {
-        self.sync.is_some() || self.resync_open
+        self.sync.as_ref().is_some_and(|s| !s.finished)
+            || self.sync_done.is_some()
+            || self.resync_open
     }
 
     fn dirty_bytes(&self) -> u64 {
