@@ -61,7 +61,7 @@ impl PairHandle {
 pub struct Engine {
     pub(super) pairs: Vec<PairHandle>,
     pub(super) orderer: Option<Addr<OrdererActor>>,
-    pub(super) links: Vec<LinkAddr>,
+    pub(super) links: BTreeMap<SystemId, LinkAddr>,
     pub(super) link_status: BTreeMap<SystemId, Arc<Mutex<UdpStatus>>>,
     pub(super) sites: Vec<Addr<RemoteSite>>,
     pub(super) arbiters: Vec<Arbiter>,
@@ -180,6 +180,15 @@ impl Engine {
         self.pair(pair)?.remote()?.send(WaitApplied(seq)).await?
     }
 
+    /// Cuts `system` off the in-process network (`down`: an outage; every message it
+    /// sends or that arrives for it is dropped) or puts it back. Does nothing on the UDP
+    /// link (stop a process or a relay there). For tests and the demo.
+    pub fn set_link_down(&self, system: SystemId, down: bool) {
+        if let Some(LinkAddr::InProcess(a)) = self.links.get(&system) {
+            a.do_send(crate::net::sim::SetDown(down));
+        }
+    }
+
     /// The UDP links' counters and peer states, by system name.
     pub fn link_status(&self) -> BTreeMap<SystemId, UdpStatus> {
         self.link_status
@@ -236,7 +245,7 @@ impl Engine {
         if let Some(o) = &self.orderer {
             o.do_send(Stop);
         }
-        for l in &self.links {
+        for l in self.links.values() {
             match l {
                 LinkAddr::InProcess(a) => a.do_send(Stop),
                 LinkAddr::Udp(a) => a.do_send(Stop),

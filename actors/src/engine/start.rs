@@ -728,7 +728,7 @@ impl<'a> Startup<'a> {
         Engine {
             pairs: self.pairs,
             orderer: self.orderer,
-            links: self.links.into_values().collect(),
+            links: self.links,
             link_status: self.link_status,
             sites: self.sites,
             arbiters,

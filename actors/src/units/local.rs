@@ -609,7 +609,14 @@ impl LocalUnit {
             Err(e) => return self.fail(format!("local unit extents for the resync: {e}")),
         };
         match &mut self.sync {
-            Some(sync) if !sync.finished => sync.add(&runs, &extents),
+            Some(sync) if !sync.finished => {
+                // Holes planned before the tracked writes may hold data now: those
+                // parts are read like data (what reads as zeros still ships as zeros).
+                for &(o, l) in &runs {
+                    sync.written(o, l);
+                }
+                sync.add(&runs, &extents);
+            }
             _ => {
                 self.sync = Some(InitialSync::regions(
                     self.store.size(),
