@@ -198,6 +198,10 @@ pub struct LocalUnit {
     sync_done: Option<Seq>,
     /// The copy under way is a resync (of dirty regions), not the initial sync.
     resyncing: bool,
+    /// Copies planned since start (the initial sync counts), and whether the last one
+    /// is a resync: for progress reports.
+    copies: u64,
+    last_copy_resync: bool,
     /// A resync's first mark (`ResyncBegin` or `Restart`) is stamped and its
     /// `ResyncDone` is not: the remote keeps its units undoable (the resync epoch).
     resync_open: bool,
@@ -387,6 +391,7 @@ impl LocalUnit {
             .sync
             .as_ref()
             .map(|extents| InitialSync::new(store.size(), extents, max_part as u64));
+        let has_sync = sync.is_some();
         let mut queue = Vec::new();
         if sync.is_none() && resume.state.is_none() {
             // No copy: the journal says so, so that a restart does not copy either.
@@ -447,6 +452,8 @@ impl LocalUnit {
             state: resume.state,
             sync_done: None,
             resyncing: false,
+            copies: u64::from(has_sync),
+            last_copy_resync: false,
             resync_open,
             tracking: None,
             tracked_after_done: false,
@@ -625,6 +632,8 @@ impl LocalUnit {
                     self.max_part as u64,
                 ));
                 self.resyncing = true;
+                self.copies += 1;
+                self.last_copy_resync = true;
             }
         }
     }
@@ -1507,7 +1516,11 @@ impl Handler<GetLocalStats> for LocalUnit {
             } else {
                 self.state
             },
-            sync: self.sync.as_ref().map(InitialSync::stats),
+            sync: self.sync.as_ref().map(|s| SyncStats {
+                resync: self.last_copy_resync,
+                copy: self.copies,
+                ..s.stats()
+            }),
             dirty_bytes: self.dirty_bytes(),
         })
     }

@@ -317,6 +317,8 @@ impl InitialSync {
 
     pub fn stats(&self) -> SyncStats {
         SyncStats {
+            resync: false,
+            copy: 0,
             total_bytes: self.total,
             copied_bytes: self.issued,
             finished: self.finished,
