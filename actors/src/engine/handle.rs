@@ -125,7 +125,8 @@ impl Engine {
     }
 
     /// Writes `data` at `offset` of `pair`'s local unit; resolves with the write's stamp
-    /// once it is written locally and queued for the remote.
+    /// once it is written locally and queued for the remote (`Stamp::ZERO` while the
+    /// pair is tracking: the write is local only, its region recorded for a resync).
     pub async fn write(
         &self,
         pair: PairId,
@@ -160,11 +161,30 @@ impl Engine {
     }
 
     /// Waits until the remote units have applied everything written before this call.
-    /// Pairs whose two units are not both in this process are skipped.
+    /// Pairs whose two units are not both in this process are skipped. A pair that is
+    /// tracking or resyncing is waited for until it replicates again with no dirty
+    /// region left (its writes since tracking began reach the remote through the
+    /// resync, not as packets of their own), so this waits as long as the remote is
+    /// away: bound it with a timeout where that matters.
     pub async fn drain(&self) -> Result<(), EngineError> {
         let mut targets = Vec::new();
         for p in self.pairs.iter().filter(|p| p.is_local() && p.is_remote()) {
-            let s = p.local()?.send(GetLocalStats).await?;
+            let mut s = p.local()?.send(GetLocalStats).await?;
+            while s.dirty_bytes > 0
+                || matches!(
+                    s.state,
+                    Some(
+                        tidemark::journal::PairState::Tracking
+                            | tidemark::journal::PairState::Resyncing
+                    )
+                )
+            {
+                if let Some(f) = self.health.failure() {
+                    return Err(EngineError::Failed(f));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                s = p.local()?.send(GetLocalStats).await?;
+            }
             targets.push((p, s.last.seq));
         }
         for (p, seq) in targets {
