@@ -79,6 +79,8 @@ pub struct IntakeStats {
     pub refused: u64,
     /// Batches handed to the journal.
     pub batches: u64,
+    /// Restarted streams: gaps given up below a `Restart` mark.
+    pub restarts: u64,
 }
 
 /// A batch handed to the journal and not yet back.
@@ -109,6 +111,9 @@ pub struct Intake {
     /// The highest `seq` journaled or on its way: at or above the run head; every `seq`
     /// from the head to it is queued, in flight, or held out of order.
     frontier: Seq,
+    /// The highest `seq` recovered from the journal above a gap (a `Restart` mark and
+    /// what followed it): durable already.
+    recovered_ahead: Seq,
     stats: IntakeStats,
 }
 
@@ -128,6 +133,7 @@ impl Intake {
             queued_fresh: 0,
             in_flight: None,
             frontier,
+            recovered_ahead: Seq::ZERO,
             stats: IntakeStats::default(),
         }
     }
@@ -137,9 +143,44 @@ impl Intake {
     /// queued or in flight.
     pub fn handle_durable(&mut self, p: Packet) -> Received {
         debug_assert!(self.queued.is_empty() && self.in_flight.is_none());
+        let seq = p.stamp.seq;
         let r = self.track(p);
         self.frontier = self.frontier.max(self.tracker.head().seq);
+        if seq > self.tracker.head().seq {
+            self.recovered_ahead = self.recovered_ahead.max(seq);
+        }
+        self.try_restart();
         r
+    }
+
+    /// A `Restart` mark is the lowest packet held above the gap and everything received
+    /// in order is applied: the gap below the mark is given up (the primary lost those
+    /// packets; its resync copies their regions), what is held in it dropped, and the
+    /// mark goes to the journal (with the packets held right after it) — or, recovered
+    /// from the journal, joins the run at once.
+    fn try_restart(&mut self) {
+        let Some(s) = self.tracker.restart_ahead() else {
+            return;
+        };
+        if !self.queued.is_empty() || self.in_flight.is_some() || self.frontier >= s {
+            return;
+        }
+        let durable = s <= self.recovered_ahead;
+        let Some(dropped) = self.tracker.skip_to(Seq(s.0 - 1), durable) else {
+            return;
+        };
+        self.held = self.held.saturating_sub(dropped);
+        self.stats.restarts += 1;
+        if durable {
+            self.run = self.tracker.run().map(|p| p.payload.wire_len()).sum();
+            self.frontier = self.tracker.head().seq.max(self.recovered_ahead);
+            return;
+        }
+        self.frontier = Seq(s.0 - 1);
+        while let Some(q) = self.tracker.held_ahead(self.frontier.next()) {
+            self.queued.push(q.clone());
+            self.frontier = self.frontier.next();
+        }
     }
 
     /// Hands a packet to the tracker and keeps the byte counts: a packet that extends the
@@ -231,7 +272,14 @@ impl Intake {
             return Offer::NoRoom;
         }
         match self.track(p) {
-            Received::New => Offer::Ahead,
+            Received::New => {
+                self.try_restart();
+                if self.frontier >= seq {
+                    Offer::Queued
+                } else {
+                    Offer::Ahead
+                }
+            }
             Received::Duplicate | Received::Stale => Offer::Duplicate,
             r => Offer::Rejected(r),
         }
@@ -264,6 +312,17 @@ impl Intake {
             {
                 self.track(p);
             }
+        }
+        // A restarted stream's batch is held out of order until it is durable.
+        let joined = self.tracker.join_held() as usize;
+        if joined > 0 {
+            self.run += self
+                .tracker
+                .run()
+                .rev()
+                .take(joined)
+                .map(|p| p.payload.wire_len())
+                .sum::<usize>();
         }
         if self.tracker.head().seq < f.last {
             // The tracker refused part of the batch (a conflicting stamp): what is queued
@@ -323,6 +382,7 @@ impl Intake {
         self.tracker.mark_applied(seq);
         self.held = self.held.saturating_sub(freed);
         self.run = self.run.saturating_sub(freed);
+        self.try_restart();
     }
 }
 

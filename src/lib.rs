@@ -7,6 +7,7 @@
 //! of them they keep.
 
 pub mod clock;
+pub mod dirty;
 pub mod intake;
 pub mod journal;
 pub mod link;

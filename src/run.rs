@@ -64,6 +64,8 @@ pub struct RunTracker {
     /// need not walk the packets.
     ranges: BTreeMap<Seq, Seq>,
     pending_heartbeat: Option<Stamp>,
+    /// The seqs of `Restart` marks held out of order (entries may be stale: checked).
+    restarts: std::collections::BTreeSet<Seq>,
     window: u64,
     stats: RunStats,
 }
@@ -86,6 +88,7 @@ impl RunTracker {
             ahead: BTreeMap::new(),
             ranges: BTreeMap::new(),
             pending_heartbeat: None,
+            restarts: std::collections::BTreeSet::new(),
             window: DEFAULT_WINDOW,
             stats: RunStats::default(),
         }
@@ -172,6 +175,9 @@ impl RunTracker {
             return self.repeat(held.stamp == packet.stamp);
         }
         self.stats.received += 1;
+        if packet.payload.mark() == Some(crate::Mark::Restart) {
+            self.restarts.insert(seq);
+        }
         self.ahead.insert(seq, packet);
         self.add_to_ranges(seq);
         Received::New
@@ -281,6 +287,73 @@ impl RunTracker {
         self.ahead
             .first_key_value()
             .is_some_and(|(_, p)| p.stamp.ts <= limit)
+    }
+
+    /// The lowest [`Mark::Restart`](crate::Mark) held out of order, if any: the primary
+    /// gave up every `seq` below it that is not held (see [`RunTracker::skip_to`]).
+    pub fn restart_ahead(&self) -> Option<Seq> {
+        self.restarts
+            .range(self.head.seq.next()..)
+            .find(|s| {
+                self.ahead
+                    .get(s)
+                    .is_some_and(|p| p.payload.mark() == Some(crate::Mark::Restart))
+            })
+            .copied()
+    }
+
+    /// A restarted stream: the primary gave up every `seq` up to `seq` that this unit
+    /// does not hold (a `Restart` mark follows it). Only with the run empty (everything
+    /// received in order applied): the applied point and the head move to `seq` (the
+    /// head keeps its time stamp), and the packets held out of order at or below it are
+    /// dropped; returns their bytes ([`Payload::wire_len`](crate::Payload::wire_len)).
+    /// With `join`, the packets held right after `seq` join the run (they are durable:
+    /// recovered from the journal). Does nothing and returns `None` otherwise.
+    pub fn skip_to(&mut self, seq: Seq, join: bool) -> Option<usize> {
+        if !self.run.is_empty() || seq <= self.head.seq {
+            return None;
+        }
+        let keep = self.ahead.split_off(&seq.next());
+        let dropped: usize = std::mem::replace(&mut self.ahead, keep)
+            .values()
+            .map(|p| p.payload.wire_len())
+            .sum();
+        self.ranges = self
+            .ranges
+            .iter()
+            .filter_map(|(&first, &last)| (last > seq).then_some((first.max(seq.next()), last)))
+            .collect();
+        self.applied = Stamp::new(self.head.ts, seq);
+        self.head = self.applied;
+        self.restarts = self.restarts.split_off(&seq.next());
+        if self.pending_heartbeat.is_some_and(|hb| hb.seq <= seq) {
+            self.pending_heartbeat = None;
+        }
+        if join
+            && self
+                .ranges
+                .first_key_value()
+                .is_some_and(|(&first, _)| first == seq.next())
+        {
+            self.join_ahead();
+            self.use_pending_heartbeat();
+        }
+        Some(dropped)
+    }
+
+    /// The packets held out of order right after the head join the run (they were made
+    /// durable: see `tidemark::intake`). Returns how many joined.
+    pub fn join_held(&mut self) -> u64 {
+        let before = self.head.seq;
+        if self
+            .ranges
+            .first_key_value()
+            .is_some_and(|(&first, _)| first == self.head.seq.next())
+        {
+            self.join_ahead();
+            self.use_pending_heartbeat();
+        }
+        self.head.seq.0 - before.0
     }
 
     /// Marks everything up to `seq` as applied and frees it. `seq` must be at or below the

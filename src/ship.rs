@@ -956,6 +956,18 @@ impl Sender {
         }
     }
 
+    /// A heartbeat that promises nothing new: the last stamp handed out or promised,
+    /// again. A pair whose head must not move (it is tracking writes it does not ship)
+    /// still gets an answer from the remote this way.
+    pub fn probe(&mut self, now: Instant) -> Heartbeat {
+        self.last_tx = Some(now);
+        self.stats.heartbeats += 1;
+        Heartbeat {
+            pair: self.pair,
+            stamp: self.last,
+        }
+    }
+
     /// When `poll_transmit` or a heartbeat will next have something to do (`None`:
     /// nothing in flight and nothing ever sent, so a heartbeat is due whenever asked).
     pub fn poll_timeout(&self) -> Option<Instant> {

@@ -26,7 +26,9 @@ pub mod net;
 pub mod units;
 
 pub use check::{units_differ, CutChecker};
-pub use engine::{Engine, EngineBuilder, InitialSync, PairSpec, Role, Stats, StoreSpec};
+pub use engine::{
+    Engine, EngineBuilder, InitialSync, PairSpec, PairStats, Role, Stats, StoreSpec, TrackConfig,
+};
 pub use error::EngineError;
 pub use health::{Failure, Health};
 pub use msg::{now, Stop, Wall};

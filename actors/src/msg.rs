@@ -55,21 +55,27 @@ pub struct LocalStats {
     pub heartbeats: u64,
     pub bytes: u64,
     pub srtt_us: Option<u64>,
+    /// Bytes in regions the remote misses (tracked, not yet resynced).
+    pub dirty_bytes: u64,
 }
 
 #[derive(Message)]
 #[rtype(result = "LocalStats")]
 pub struct GetLocalStats;
 
-/// Progress of an initial sync, for stats and status.
+/// Progress of a copy (the initial sync or a resync), for stats and status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SyncStats {
+    /// A resync of dirty regions (else the initial sync).
+    pub resync: bool,
+    /// Which copy since start (1, 2, ...): a new number is a new copy.
+    pub copy: u64,
     /// Bytes of data to copy (the local unit's allocated extents).
     pub total_bytes: u64,
     /// Bytes read and on their way (journaled, shipped or acknowledged).
     pub copied_bytes: u64,
-    /// Every piece is handed out and the `SyncDone` mark is queued (stamped with the next
-    /// batch); the remote is consistent again once it applies that mark.
+    /// Every piece is handed out and the copy's last mark (`SyncDone`, `ResyncDone`) is
+    /// queued (stamped with the next batch).
     pub finished: bool,
 }
 

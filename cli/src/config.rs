@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tidemark_actors::engine::TrackConfig;
 use tidemark_actors::error::EngineError;
 use tidemark_actors::InitialSync;
 
@@ -33,6 +34,16 @@ struct RawConfig {
     /// Largest clock skew tolerated between primary processes (commit-wait bound).
     #[serde(default = "default_max_clock_skew")]
     max_clock_skew_ms: u64,
+    /// "track" (default) or "block": what a full journal or window does to writers.
+    #[serde(default)]
+    on_journal_full: Option<String>,
+    /// Track once the remote has not answered for this long while writes wait on it;
+    /// 0 = never on silence alone.
+    #[serde(default = "default_suspend_after")]
+    suspend_after_ms: u64,
+    /// Bytes per region of the dirty-region map, e.g. "64KiB".
+    #[serde(default)]
+    region_size: Option<String>,
     #[serde(default)]
     system: Vec<RawSystem>,
     #[serde(default)]
@@ -44,6 +55,9 @@ fn default_heartbeat() -> u64 {
 }
 fn default_peer_timeout() -> u64 {
     3000
+}
+fn default_suspend_after() -> u64 {
+    2000
 }
 fn default_max_clock_skew() -> u64 {
     20
@@ -131,6 +145,11 @@ pub struct Config {
     pub rate: u64,
     pub window: u64,
     pub max_clock_skew: Duration,
+    /// When a primary pair tracks dirty regions instead of shipping (`on_journal_full`,
+    /// `suspend_after_ms`).
+    pub track: TrackConfig,
+    /// `region_size`: bytes per region of the dirty-region map.
+    pub region: u64,
     pub systems: Vec<SystemConfig>,
     pub pairs: Vec<PairConfig>,
 }
@@ -204,6 +223,8 @@ impl Config {
             rate: globals.rate,
             window: globals.window,
             max_clock_skew: globals.max_clock_skew,
+            track: globals.track,
+            region: globals.region,
             systems: systems.list,
             pairs: pairs.list,
         })
@@ -263,13 +284,17 @@ struct Globals {
     rate: u64,
     window: u64,
     max_clock_skew: Duration,
+    track: TrackConfig,
+    region: u64,
 }
 
 impl Globals {
     /// Checks, in this order: `heartbeat_ms` and `max_clock_skew_ms` lie in 1..=10000,
     /// `peer_timeout_ms` is at least twice `heartbeat_ms`, `mtu` lies in 576..=65000,
-    /// `rate` and `window` (if given) are sizes. Fills in the defaults: `rate` 0
-    /// (unpaced), `window` 64 MiB.
+    /// `rate` and `window` (if given) are sizes, `on_journal_full` is `"track"` or
+    /// `"block"`, `suspend_after_ms` is at most 3600000, `region_size` is a power of two
+    /// from 4 KiB to 1 GiB. Fills in the defaults: `rate` 0 (unpaced), `window` 64 MiB,
+    /// `on_journal_full` track, `suspend_after_ms` 2000, `region_size` 64 KiB.
     fn parse(raw: &RawConfig) -> Result<Globals, EngineError> {
         if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
             return bad(format!(
@@ -297,7 +322,38 @@ impl Globals {
             Some(w) => parse_size("window", w)?,
             None => 64 << 20,
         };
+        let on_full = match raw.on_journal_full.as_deref() {
+            None | Some("track") => true,
+            Some("block") => false,
+            Some(other) => {
+                return bad(format!(
+                    "on_journal_full: {other:?} is neither \"track\" nor \"block\""
+                ))
+            }
+        };
+        if raw.suspend_after_ms > 3_600_000 {
+            return bad(format!(
+                "suspend_after_ms: {} is above 3600000 (an hour); 0 turns it off",
+                raw.suspend_after_ms
+            ));
+        }
+        let region = match &raw.region_size {
+            Some(r) => parse_size("region_size", r)?,
+            None => tidemark::dirty::DEFAULT_REGION,
+        };
+        if !region.is_power_of_two() || !(4096..=1 << 30).contains(&region) {
+            return bad(format!(
+                "region_size: {region} bytes is not a power of two from 4KiB to 1GiB"
+            ));
+        }
+        let track = TrackConfig {
+            suspend_after: (raw.suspend_after_ms > 0)
+                .then(|| Duration::from_millis(raw.suspend_after_ms)),
+            on_full,
+        };
         Ok(Globals {
+            track,
+            region,
             heartbeat: Duration::from_millis(raw.heartbeat_ms),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms),
             mtu: raw.mtu,

@@ -92,6 +92,8 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
     b.orderer(SystemId(cfg.orderer as u32))
         .heartbeat(cfg.heartbeat)
         .window_bytes(cfg.window as usize)
+        .tracking(cfg.track)
+        .region_size(cfg.region)
         .time_base(tidemark::timebase::TimeBaseConfig {
             max_skew: cfg.max_clock_skew,
             ..Default::default()

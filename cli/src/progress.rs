@@ -47,6 +47,8 @@ struct PairProgress {
     /// The figures once the copy finished (they no longer change).
     done: Option<SyncFigures>,
     bar: Option<ProgressBar>,
+    /// Which copy of the pair these figures are of (`SyncStats::copy`).
+    copy: u64,
 }
 
 impl PairProgress {
@@ -96,7 +98,7 @@ impl PairProgress {
     }
 }
 
-/// The progress of every pair of this process that runs an initial sync.
+/// The progress of every pair of this process that runs a copy (initial sync, resync).
 pub struct SyncProgress {
     /// By pair name.
     pairs: BTreeMap<String, PairProgress>,
@@ -131,6 +133,18 @@ impl SyncProgress {
                 continue;
             };
             let entry = self.pairs.entry(p.name.clone()).or_default();
+            if entry.copy != sync.copy {
+                // A new copy (a resync after the initial sync, or another one): new figures.
+                *entry = PairProgress {
+                    copy: sync.copy,
+                    ..PairProgress::default()
+                };
+            }
+            let what = if sync.resync {
+                "resync"
+            } else {
+                "initial sync"
+            };
             let was_done = entry.done.is_some();
             let f = entry.sample(now, sync.total_bytes, sync.copied_bytes, sync.finished);
             if let Some(multi) = &self.bars {
@@ -139,7 +153,7 @@ impl SyncProgress {
                         let bar = multi.add(ProgressBar::new(sync.total_bytes));
                         bar.set_style(
                             ProgressStyle::with_template(
-                                "initial sync {prefix} {wide_bar} {binary_bytes}/{binary_total_bytes} {msg}",
+                                &format!("{what} {{prefix}} {{wide_bar}} {{binary_bytes}}/{{binary_total_bytes}} {{msg}}"),
                             )
                             .unwrap_or_else(|_| ProgressStyle::default_bar()),
                         );
@@ -162,7 +176,7 @@ impl SyncProgress {
                     total_mib = sync.total_bytes >> 20,
                     mb_per_s = f.rate_bytes_per_s.map(|r| (r as f64 / 1e5).round() / 10.0),
                     eta_s = f.eta_s,
-                    "initial sync{}",
+                    "{what}{}",
                     if sync.finished { ": finished" } else { "" }
                 );
             }

@@ -36,7 +36,7 @@ use crate::daemon::lock_system;
 use std::path::{Path, PathBuf};
 use tidemark::journal::{PairState, Record, Recovered};
 use tidemark::run::RunTracker;
-use tidemark::{BlockStore, FileStore, Mark, Packet, PairId, Stamp, Timestamp};
+use tidemark::{BlockStore, FileStore, Mark, Packet, PairId, Seq, Stamp, Timestamp};
 use tidemark_actors::error::EngineError;
 use tidemark_actors::units::journaling::{Durability, SharedJournal};
 use tidemark_actors::units::undo::UndoFile;
@@ -275,8 +275,24 @@ fn plan_pair(
     for pkt in rp.map_or(&[][..], |r| &r.live[..]) {
         tracker.handle_packet(pkt.clone());
     }
+    let mut apply: Vec<Packet> = Vec::new();
+    loop {
+        let run: Vec<Packet> = tracker.select(target).cloned().collect();
+        if let Some(last) = run.last() {
+            tracker.mark_applied(last.stamp.seq);
+        }
+        apply.extend(run);
+        // A restarted stream (its `Restart` mark at or below the target) goes on past
+        // the sequence numbers its primary gave up.
+        let restart = tracker
+            .restart_ahead()
+            .filter(|s| tracker.held_ahead(*s).is_some_and(|p| p.stamp.ts <= target));
+        match restart {
+            Some(s) if tracker.skip_to(Seq(s.0 - 1), true).is_some() => {}
+            _ => break,
+        }
+    }
     let gap = tracker.limit_violated(target);
-    let apply: Vec<Packet> = tracker.select(target).cloned().collect();
     let recorded = rp.and_then(|r| r.state);
     let state = apply.iter().fold(
         recorded.unwrap_or(PairState::Consistent),
@@ -286,9 +302,6 @@ fn plan_pair(
             Some(Mark::ResyncBegin | Mark::ResyncDone | Mark::Restart) | None => s,
         },
     );
-    if let Some(last) = apply.last() {
-        tracker.mark_applied(last.stamp.seq);
-    }
     let plan = Plan {
         system,
         pair,

@@ -468,3 +468,75 @@ fn any_arrival_order_replicates_everything_through_a_small_journal() {
         assert_eq!(r.journaled[0], n, "seed {seed}");
     }
 }
+
+fn restart(seq: u64) -> Packet {
+    Packet {
+        pair: PAIR,
+        stamp: Stamp::new(Timestamp(seq * 10), Seq(seq)),
+        payload: Payload::Mark(crate::Mark::Restart),
+    }
+}
+
+/// A primary that lost packets from its journal restarts its stream above its
+/// reservation with a `Restart` mark: the remote gives the gap below it up once what it
+/// received in order is applied, drops what it held in the gap, and journals the mark
+/// with the packets after it.
+#[test]
+fn a_restart_mark_gives_the_gap_below_it_up_once_the_run_is_applied() {
+    let mut i = intake(1 << 20);
+    // The old stream: 1-2 journaled, 4 held above the gap (3 was lost with the primary).
+    assert_eq!(i.offer(pkt(1, 100)), Offer::Queued);
+    assert_eq!(i.offer(pkt(2, 100)), Offer::Queued);
+    let b = i.take_batch().unwrap();
+    i.journaled(b);
+    assert_eq!(i.offer(pkt(4, 100)), Offer::Ahead);
+    // The new stream: Restart at 101, then 102, 103.
+    assert_eq!(i.offer(pkt(102, 100)), Offer::Ahead);
+    assert_eq!(
+        i.offer(restart(101)),
+        Offer::Ahead,
+        "the run 1-2 is not applied yet"
+    );
+    assert_eq!(i.offer(pkt(103, 100)), Offer::Ahead);
+    assert_eq!(head(&i), 2);
+    // Applying the run lets the gap go: 4 is dropped, 101-103 go to the journal.
+    i.mark_applied(Seq(2));
+    let b = i.take_batch().expect("the restart goes to the journal");
+    assert_eq!(seqs(&b), vec![101, 102, 103]);
+    i.journaled(b);
+    assert_eq!(head(&i), 103);
+    assert_eq!(i.tracker().applied().seq, Seq(100));
+    assert_eq!(i.stats().restarts, 1);
+    assert_eq!(sack(&i), vec![]);
+    // Old packets sent again are stale; the budget counts only the new run.
+    assert_eq!(i.offer(pkt(3, 100)), Offer::Duplicate);
+    assert_eq!(i.pending_bytes(), i.run_bytes());
+    i.mark_applied(Seq(103));
+    assert_eq!(i.pending_bytes(), 0);
+}
+
+/// With the run already applied the mark goes to the journal at once; a restart
+/// recovered from the journal (durable above the gap) joins the run on recovery.
+#[test]
+fn a_restart_with_an_empty_run_goes_at_once_and_survives_recovery() {
+    let mut i = intake(1 << 20);
+    assert_eq!(i.offer(pkt(1, 10)), Offer::Queued);
+    let b = i.take_batch().unwrap();
+    i.journaled(b);
+    i.mark_applied(Seq(1));
+    assert_eq!(i.offer(restart(50)), Offer::Queued);
+    assert_eq!(seqs(&i.take_batch().unwrap()), vec![50]);
+
+    // Recovery: applied 1; the journal holds 50 (Restart) and 51.
+    let mut r = Intake::new(RunTracker::new(PAIR, pkt(1, 10).stamp), 1 << 20);
+    r.handle_durable(restart(50));
+    r.handle_durable(pkt(51, 10));
+    assert_eq!(head(&r), 51);
+    assert_eq!(r.frontier(), Seq(51));
+    assert_eq!(r.take_batch(), None, "nothing to journal again");
+    // Not a restart: a plain gap stays a gap.
+    let mut g = intake(1 << 20);
+    assert_eq!(g.offer(pkt(5, 10)), Offer::Ahead);
+    assert_eq!(head(&g), 0);
+    assert_eq!(g.stats().restarts, 0);
+}

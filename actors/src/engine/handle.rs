@@ -61,7 +61,7 @@ impl PairHandle {
 pub struct Engine {
     pub(super) pairs: Vec<PairHandle>,
     pub(super) orderer: Option<Addr<OrdererActor>>,
-    pub(super) links: Vec<LinkAddr>,
+    pub(super) links: BTreeMap<SystemId, LinkAddr>,
     pub(super) link_status: BTreeMap<SystemId, Arc<Mutex<UdpStatus>>>,
     pub(super) sites: Vec<Addr<RemoteSite>>,
     pub(super) arbiters: Vec<Arbiter>,
@@ -71,6 +71,8 @@ pub struct Engine {
     pub(super) counters: Arc<[PairCounters]>,
     pub(super) timebase: Option<(Addr<TimeBaseActor>, Arc<Mutex<TimeStatus>>)>,
     pub(super) health: Health,
+    /// This run's markers in the journal directories (see `boot`).
+    pub(super) markers: Vec<std::path::PathBuf>,
 }
 
 impl Engine {
@@ -123,7 +125,8 @@ impl Engine {
     }
 
     /// Writes `data` at `offset` of `pair`'s local unit; resolves with the write's stamp
-    /// once it is written locally and queued for the remote.
+    /// once it is written locally and queued for the remote (`Stamp::ZERO` while the
+    /// pair is tracking: the write is local only, its region recorded for a resync).
     pub async fn write(
         &self,
         pair: PairId,
@@ -158,11 +161,30 @@ impl Engine {
     }
 
     /// Waits until the remote units have applied everything written before this call.
-    /// Pairs whose two units are not both in this process are skipped.
+    /// Pairs whose two units are not both in this process are skipped. A pair that is
+    /// tracking or resyncing is waited for until it replicates again with no dirty
+    /// region left (its writes since tracking began reach the remote through the
+    /// resync, not as packets of their own), so this waits as long as the remote is
+    /// away: bound it with a timeout where that matters.
     pub async fn drain(&self) -> Result<(), EngineError> {
         let mut targets = Vec::new();
         for p in self.pairs.iter().filter(|p| p.is_local() && p.is_remote()) {
-            let s = p.local()?.send(GetLocalStats).await?;
+            let mut s = p.local()?.send(GetLocalStats).await?;
+            while s.dirty_bytes > 0
+                || matches!(
+                    s.state,
+                    Some(
+                        tidemark::journal::PairState::Tracking
+                            | tidemark::journal::PairState::Resyncing
+                    )
+                )
+            {
+                if let Some(f) = self.health.failure() {
+                    return Err(EngineError::Failed(f));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                s = p.local()?.send(GetLocalStats).await?;
+            }
             targets.push((p, s.last.seq));
         }
         for (p, seq) in targets {
@@ -176,6 +198,15 @@ impl Engine {
     /// Waits until the remote unit of `pair` (in this process) has applied `seq`.
     pub async fn wait_applied(&self, pair: PairId, seq: Seq) -> Result<(), EngineError> {
         self.pair(pair)?.remote()?.send(WaitApplied(seq)).await?
+    }
+
+    /// Cuts `system` off the in-process network (`down`: an outage; every message it
+    /// sends or that arrives for it is dropped) or puts it back. Does nothing on the UDP
+    /// link (stop a process or a relay there). For tests and the demo.
+    pub fn set_link_down(&self, system: SystemId, down: bool) {
+        if let Some(LinkAddr::InProcess(a)) = self.links.get(&system) {
+            a.do_send(crate::net::sim::SetDown(down));
+        }
     }
 
     /// The UDP links' counters and peer states, by system name.
@@ -234,7 +265,7 @@ impl Engine {
         if let Some(o) = &self.orderer {
             o.do_send(Stop);
         }
-        for l in &self.links {
+        for l in self.links.values() {
             match l {
                 LinkAddr::InProcess(a) => a.do_send(Stop),
                 LinkAddr::Udp(a) => a.do_send(Stop),
@@ -246,6 +277,12 @@ impl Engine {
         }
         for d in &self.disks {
             d.shutdown();
+        }
+        if result.is_ok() {
+            // Everything journaled is synced (the flushes above): a clean stop.
+            for m in &self.markers {
+                super::boot::mark_stopped(m);
+            }
         }
         result
     }

@@ -7,11 +7,13 @@
 //! - `handle`: the running [`Engine`]: write, flush, drain, health, shutdown;
 //! - `stats`: [`Engine::stats`] and its figures.
 
+mod boot;
 mod handle;
 mod spec;
 mod start;
 mod stats;
 
+pub use crate::units::local::TrackConfig;
 pub use handle::{Engine, PairHandle};
 pub use spec::{EngineBuilder, InitialSync, PairSpec, Role, StoreSpec, UdpTransport};
 pub use stats::{PairStats, Stats};

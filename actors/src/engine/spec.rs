@@ -4,6 +4,7 @@
 use crate::error::EngineError;
 use crate::msg::Wall;
 use crate::net::impair::Impairment;
+use crate::units::local::TrackConfig;
 use crate::units::remote::ApplyHook;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -98,6 +99,8 @@ pub struct EngineBuilder {
     pub(super) initial_sync: BTreeMap<PairId, InitialSync>,
     pub(super) undo_dirs: BTreeMap<SystemId, PathBuf>,
     pub(super) undo_region: u64,
+    pub(super) track: TrackConfig,
+    pub(super) region: u64,
 }
 
 impl Default for EngineBuilder {
@@ -134,6 +137,8 @@ impl EngineBuilder {
             initial_sync: BTreeMap::new(),
             undo_dirs: BTreeMap::new(),
             undo_region: tidemark::undo::DEFAULT_REGION,
+            track: TrackConfig::default(),
+            region: tidemark::dirty::DEFAULT_REGION,
         }
     }
 
@@ -274,6 +279,20 @@ impl EngineBuilder {
     /// Whether `pair` is copied to the remote first (default [`InitialSync::Auto`]).
     pub fn initial_sync(&mut self, pair: PairId, mode: InitialSync) -> &mut Self {
         self.initial_sync.insert(pair, mode);
+        self
+    }
+
+    /// When a primary pair stops shipping and tracks dirty regions instead (default:
+    /// never: writers wait for the remote, as with `on_journal_full = "block"`).
+    pub fn tracking(&mut self, track: TrackConfig) -> &mut Self {
+        self.track = track;
+        self
+    }
+
+    /// Bytes per region of the dirty-region map (a power of two, 4 KiB to 1 GiB; default
+    /// 64 KiB).
+    pub fn region_size(&mut self, bytes: u64) -> &mut Self {
+        self.region = bytes;
         self
     }
 

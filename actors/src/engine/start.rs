@@ -12,8 +12,9 @@ use crate::net::route::{
 use crate::net::sim::{Link, PairCounters, SetPeers};
 use crate::net::udp::{UdpLink, UdpStatus};
 use crate::units::disk::Disk;
+use crate::units::journaling::Durability;
 use crate::units::journaling::SharedJournal;
-use crate::units::local::{LocalConfig, LocalResume, LocalUnit, LocalWiring};
+use crate::units::local::{LocalConfig, LocalResume, LocalUnit, LocalWiring, ResyncStart};
 use crate::units::orderer::OrdererActor;
 use crate::units::remote::{RemoteResume, RemoteUnit, RemoteWiring};
 use crate::units::site::{RemoteSite, SiteWiring};
@@ -23,14 +24,35 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tidemark::dirty::DirtyFile;
+use tidemark::journal::Record;
 use tidemark::journal::{PairState, Recovered, RecoveredPair};
 use tidemark::timebase::{CommitGate, TimeBase};
-use tidemark::{BlockStore, HybridClock, Offset, Orderer, PairId, Stamp, SystemId, Timestamp};
+use tidemark::{BlockStore, HybridClock, Offset, Orderer, PairId, Seq, Stamp, SystemId, Timestamp};
+use tidemark::{Mark, Packet, Payload};
 
 /// A pair's units opened here: (local, remote); `None` where the unit runs elsewhere.
 type Stores = (Option<Arc<dyn BlockStore>>, Option<Arc<dyn BlockStore>>);
-/// Per pair: copy its local unit first (initial sync), and where the unit's data lies.
-type SyncPlans = Vec<Option<Vec<(Offset, u64)>>>;
+/// Per pair: what its local unit copies first.
+type SyncPlans = Vec<CopyPlan>;
+
+/// What a local unit copies when it starts.
+#[derive(Default)]
+struct CopyPlan {
+    /// The initial sync: where the unit's data lies.
+    sync: Option<Vec<(Offset, u64)>>,
+    resync: ResyncStart,
+    /// The dirty map beside the journal.
+    dirty: Option<DirtyFile>,
+}
+
+/// What the journal directories said about the last run, and this run's markers.
+struct Boot {
+    /// Systems whose last run ended with the machine going down (see `boot`).
+    unclean: BTreeSet<SystemId>,
+    markers: Vec<std::path::PathBuf>,
+}
+
 /// The journals of the systems here, with what each recovered.
 type Journals = BTreeMap<SystemId, (SharedJournal, Recovered)>;
 
@@ -41,13 +63,14 @@ impl EngineBuilder {
     pub fn start(&self) -> Result<Engine, EngineError> {
         let orderer_system = self.check()?;
         let stores = self.open_stores()?;
-        let journals = self.open_journals()?;
+        let (mut journals, boot) = self.open_journals()?;
         self.redo_journals(&stores, &journals)?;
-        let syncs = self.plan_syncs(&stores, &journals)?;
+        let syncs = self.plan_syncs(&stores, &mut journals, &boot.unclean)?;
         let sockets = self.bind_sockets()?;
         let orderer_core = self.orderer_core(orderer_system, &journals)?;
 
         let mut s = Startup::place(self, orderer_system, journals);
+        s.markers = boot.markers;
         s.start_links(sockets);
         let gate = s.start_time_base();
         s.start_pairs(stores, syncs, gate);
@@ -98,15 +121,25 @@ impl EngineBuilder {
             .collect()
     }
 
-    /// Opens and recovers the journals of the systems here.
-    fn open_journals(&self) -> Result<Journals, EngineError> {
+    /// Opens and recovers the journals of the systems here, and notes whether each
+    /// one's last run ended with the machine going down (then marks this run).
+    fn open_journals(&self) -> Result<(Journals, Boot), EngineError> {
         let mut journals = Journals::new();
+        let mut boot = Boot {
+            unclean: BTreeSet::new(),
+            markers: Vec::new(),
+        };
         for (s, (dir, capacity)) in &self.journals {
             if self.runs(*s) {
                 journals.insert(*s, SharedJournal::open(dir, *capacity)?);
+                if super::boot::unclean_reboot(dir) {
+                    tracing::warn!(dir = %dir.display(), "the last run did not stop cleanly and the machine rebooted since: packets the journal lost are resynced");
+                    boot.unclean.insert(*s);
+                }
+                boot.markers.push(super::boot::mark_running(dir)?);
             }
         }
-        Ok(journals)
+        Ok((journals, boot))
     }
 
     /// A primary redoes what its journal holds but its local units may have missed (a
@@ -131,28 +164,118 @@ impl EngineBuilder {
     /// copy was cut short); one that recorded any other state, or has journal records
     /// from before pair states existed, does not; a pair new to its journal follows its
     /// [`InitialSync`] mode. Runs after the redo, so the extents include what it wrote.
-    fn plan_syncs(&self, stores: &[Stores], journals: &Journals) -> Result<SyncPlans, EngineError> {
+    fn plan_syncs(
+        &self,
+        stores: &[Stores],
+        journals: &mut Journals,
+        unclean: &BTreeSet<SystemId>,
+    ) -> Result<SyncPlans, EngineError> {
         let mut plans = Vec::with_capacity(stores.len());
         for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
             let id = PairId(i as u32);
             let Some(store) = local else {
-                plans.push(None);
+                plans.push(CopyPlan::default());
                 continue;
             };
-            let recovered = journals.get(&p.local).and_then(|(_, r)| r.pairs.get(&id));
-            let plan = match recovered.map(|r| r.state) {
-                Some(Some(PairState::Syncing)) => Some(store.allocated()?),
-                Some(_) => None,
-                None => match self.initial_sync.get(&id).copied().unwrap_or_default() {
-                    InitialSync::Full => Some(store.allocated()?),
-                    InitialSync::None => None,
-                    // One scan of the unit decides and plans.
-                    InitialSync::Auto => Some(store.allocated()?).filter(|e| !e.is_empty()),
-                },
+            let mut dirty = match self.journals.get(&p.local) {
+                Some((dir, _)) => Some(
+                    DirtyFile::open(
+                        &dir.join(format!("dirty-{}.map", id.0)),
+                        p.size,
+                        self.region,
+                    )
+                    .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?,
+                ),
+                None => None,
             };
+            let dirty_clean = dirty.as_ref().is_none_or(|d| d.map().is_clean());
+            let recovered = journals.get(&p.local).and_then(|(_, r)| r.pairs.get(&id));
+            let lost =
+                unclean.contains(&p.local) && recovered.is_some_and(|r| r.reserved > r.last().seq);
+            let mut plan = CopyPlan::default();
+            if lost {
+                if let Some(d) = &mut dirty {
+                    d.mark_all()
+                        .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?;
+                }
+                self.restart_stream(id, &p.local, journals)?;
+                plan.resync = ResyncStart::Continue;
+            } else {
+                match recovered.map(|r| r.state) {
+                    Some(Some(PairState::Syncing)) => plan.sync = Some(store.allocated()?),
+                    Some(Some(PairState::Resyncing)) => plan.resync = ResyncStart::Continue,
+                    Some(Some(_)) if !dirty_clean => plan.resync = ResyncStart::Begin,
+                    Some(_) => {}
+                    None => {
+                        plan.sync = match self.initial_sync.get(&id).copied().unwrap_or_default() {
+                            InitialSync::Full => Some(store.allocated()?),
+                            InitialSync::None => None,
+                            // One scan of the unit decides and plans.
+                            InitialSync::Auto => Some(store.allocated()?).filter(|e| !e.is_empty()),
+                        }
+                    }
+                }
+            }
+            plan.dirty = dirty;
             plans.push(plan);
         }
         Ok(plans)
+    }
+
+    /// Restarts pair `id`'s stream after its journal may have lost packets the remote
+    /// saw: every sequence number up to the pair's reservation is given up (the journal
+    /// forgets its packets: the full resync copies their regions), and a `Restart` mark
+    /// takes the next one — journaled, synced, before anything else, so that a crash now
+    /// still restarts above the reservation. The pair is resyncing from here.
+    fn restart_stream(
+        &self,
+        id: PairId,
+        system: &SystemId,
+        journals: &mut Journals,
+    ) -> Result<(), EngineError> {
+        let Some((journal, recovered)) = journals.get_mut(system) else {
+            return Ok(());
+        };
+        let Some(rp) = recovered.pairs.get(&id) else {
+            return Ok(());
+        };
+        let given_up = Stamp::new(rp.last().ts, rp.reserved);
+        let ts = Timestamp(recovered.max_ts.0.max(given_up.ts.0) + 1);
+        let restart = Packet {
+            pair: id,
+            stamp: Stamp::new(ts, rp.reserved.next()),
+            payload: Payload::Mark(Mark::Restart),
+        };
+        tracing::warn!(pair = %id, last = %rp.last().seq, reserved = %rp.reserved,
+            "the journal may have lost packets the remote holds: restarting the stream above the reservation, with a full resync");
+        let records = [
+            Record::Released {
+                pair: id,
+                stamp: given_up,
+            },
+            Record::Packet(restart.clone()),
+            Record::PairState {
+                pair: id,
+                state: PairState::Resyncing,
+            },
+        ];
+        journal
+            .append(&records, Durability::Synced)
+            .map_err(|source| EngineError::Journal {
+                dir: self
+                    .journals
+                    .get(system)
+                    .map(|(d, _)| d.clone())
+                    .unwrap_or_default(),
+                source,
+            })?;
+        recovered.max_ts = recovered.max_ts.max(ts);
+        if let Some(rp) = recovered.pairs.get_mut(&id) {
+            rp.released = given_up;
+            rp.live = vec![restart];
+            rp.state = Some(PairState::Resyncing);
+        }
+        Ok(())
     }
 
     /// Binds the UDP socket of every system here (none for the in-process link).
@@ -265,6 +388,8 @@ struct Startup<'a> {
     site_units: BTreeMap<SystemId, Vec<Addr<RemoteUnit>>>,
     sites: Vec<Addr<RemoteSite>>,
     orderer: Option<Addr<OrdererActor>>,
+    /// This run's markers in the journal directories (removed by a clean shutdown).
+    markers: Vec<std::path::PathBuf>,
 }
 
 impl<'a> Startup<'a> {
@@ -313,6 +438,7 @@ impl<'a> Startup<'a> {
             site_units: BTreeMap::new(),
             sites: Vec::new(),
             orderer: None,
+            markers: Vec::new(),
         }
     }
 
@@ -484,12 +610,15 @@ impl<'a> Startup<'a> {
                     // A pair with journal records from before pair states counts as
                     // replicating (no state record is then added).
                     state: recovered.map(|r| r.state.unwrap_or(PairState::Replicating)),
-                    sync,
+                    sync: sync.sync,
+                    resync: sync.resync,
+                    reserved: recovered.map_or(Seq::ZERO, |r| r.reserved),
                 };
                 let cfg = LocalConfig {
                     heartbeat: b.heartbeat,
                     window_bytes: windows.get(&p.local).copied().unwrap_or(b.window_bytes),
                     rtt: b.rtt,
+                    track: b.track,
                 };
                 let wiring = LocalWiring {
                     remote_system: p.remote,
@@ -500,6 +629,7 @@ impl<'a> Startup<'a> {
                     link: self.link(p.local),
                     gate: gate.clone(),
                     health: self.health.clone(),
+                    dirty: sync.dirty,
                 };
                 spawn(
                     self.arbiter(p.local),
@@ -605,7 +735,7 @@ impl<'a> Startup<'a> {
         Engine {
             pairs: self.pairs,
             orderer: self.orderer,
-            links: self.links.into_values().collect(),
+            links: self.links,
             link_status: self.link_status,
             sites: self.sites,
             arbiters,
@@ -614,6 +744,7 @@ impl<'a> Startup<'a> {
             counters: self.counters,
             timebase: self.timebase,
             health: self.health,
+            markers: self.markers,
         }
     }
 }

@@ -11,14 +11,18 @@ use tidemark::journal::PairState;
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PairStats {
     pub name: String,
-    /// The pair's state at the primary (`syncing`, `replicating`), if its local unit
-    /// runs here.
+    /// The pair's state at the primary (`syncing`, `replicating`, `tracking`,
+    /// `resyncing`), if its local unit runs here.
     pub primary_state: Option<&'static str>,
     /// The pair's state at the secondary (`consistent`, `inconsistent`), if its remote
     /// unit runs here. A unit that never took part in an initial sync is consistent.
     pub secondary_state: Option<&'static str>,
-    /// The initial sync, if one ran since start (bytes to copy, copied, finished).
+    /// The initial sync or the last resync, if one ran since start (bytes to copy,
+    /// copied, finished).
     pub sync: Option<SyncStats>,
+    /// Bytes of the local unit in dirty regions: written while tracking, not yet
+    /// resynced (what the remote misses, rounded out to regions).
+    pub dirty_bytes: u64,
     pub written_seq: u64,
     pub acked_seq: u64,
     pub head_seq: u64,
@@ -107,6 +111,7 @@ impl Engine {
                     _ => "consistent",
                 }),
                 sync: l.sync,
+                dirty_bytes: l.dirty_bytes,
                 written_seq: l.last.seq.0,
                 acked_seq: l.acked.0,
                 head_seq: r.head.seq.0,
@@ -152,7 +157,7 @@ impl Engine {
                 });
             }
         }
-        for l in &self.links {
+        for l in self.links.values() {
             let s = match l {
                 LinkAddr::InProcess(a) => a.send(GetLinkStats).await?,
                 LinkAddr::Udp(a) => a.send(GetLinkStats).await?,

@@ -43,6 +43,21 @@ pub struct Link {
     counters: Arc<[PairCounters]>,
     stats: LinkStats,
     fates: Vec<Duration>,
+    /// Cut off the network (an outage): everything sent or arriving is dropped.
+    down: bool,
+}
+
+/// Cuts this system off the network (`true`: an outage; every message it sends or that
+/// arrives for it is dropped) or puts it back (`false`). For tests and the demo.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDown(pub bool);
+
+impl Handler<SetDown> for Link {
+    type Result = ();
+    fn handle(&mut self, msg: SetDown, _: &mut Context<Self>) {
+        self.down = msg.0;
+    }
 }
 
 /// Delays are rounded to this, so that items due together travel together.
@@ -63,6 +78,7 @@ impl Link {
             counters,
             stats: LinkStats::default(),
             fates: Vec::new(),
+            down: false,
         }
     }
 
@@ -88,7 +104,7 @@ impl Link {
     }
 
     fn send_impaired(&mut self, to: SystemId, msgs: Vec<WireMessage>, ctx: &mut Context<Self>) {
-        let Some(peer) = self.peers.get(&to).cloned() else {
+        let Some(peer) = self.peers.get(&to).cloned().filter(|_| !self.down) else {
             self.stats.dropped += msgs.len() as u64;
             return;
         };
@@ -191,6 +207,10 @@ impl Handler<FlushQueued> for Link {
 impl Handler<Deliver> for Link {
     type Result = ();
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
+        if self.down {
+            self.stats.dropped += msg.msgs.len() as u64;
+            return;
+        }
         self.stats.dropped += self.routes.deliver(self.me, msg.from, msg.msgs);
     }
 }

@@ -27,7 +27,10 @@ use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
+use tidemark::dirty::{DirtyFile, DirtyMap};
 use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
@@ -51,6 +54,9 @@ enum Op {
     Mark(Mark, Option<PairState>),
     /// Records the pair's state in the journal (no packet).
     State(PairState),
+    /// The remote holds every dirty region: the lane clears the dirty map, then the
+    /// journal records the pair as replicating.
+    Clean,
 }
 
 impl Op {
@@ -59,12 +65,12 @@ impl Op {
         match self {
             Op::Write(_, r) => drop(r.send(Err(err))),
             Op::Flush(r) => drop(r.send(Err(err))),
-            Op::Copy | Op::Mark(..) | Op::State(_) => {}
+            Op::Copy | Op::Mark(..) | Op::State(_) | Op::Clean => {}
         }
     }
 
     fn is_sync(&self) -> bool {
-        matches!(self, Op::Copy | Op::Mark(..) | Op::State(_))
+        matches!(self, Op::Copy | Op::Mark(..) | Op::State(_) | Op::Clean)
     }
 }
 
@@ -82,6 +88,15 @@ struct Batch {
     holes: Arc<Vec<usize>>,
     /// Its last packet, if it has any: the lane having written it lets it go on the wire.
     last: Option<Seq>,
+    /// The copy pieces its `Copy` ops took from the plan (given back if the batch is).
+    pieces: Vec<Piece>,
+    /// A tracking batch: its writes go to the local unit only, their regions marked
+    /// dirty first (write-ahead); nothing is stamped or journaled.
+    tracked: bool,
+    /// The lane clears the dirty map (the remote acknowledged the resync's last mark).
+    clear_dirty: bool,
+    /// The reservation it records, synced with it.
+    reserve: Option<Seq>,
 }
 
 /// How the disk job ended.
@@ -127,6 +142,10 @@ const MAX_PART: usize = 4 << 20;
 /// …nor larger than a quarter of a journal segment (a record must fit in a segment), but
 /// never cut finer than this.
 const MIN_PART: usize = 4 << 10;
+
+/// Sequence numbers reserved per [`Record::Reserve`]: one synced journal append every
+/// this many packets of a pair; a restart after a power loss skips at most this many.
+const RESERVE_STEP: u64 = 1 << 16;
 
 /// Writers may run this many congestion windows ahead of the acknowledgements…
 const ADMIT_CWNDS: usize = 2;
@@ -174,8 +193,112 @@ pub struct LocalUnit {
     sync: Option<InitialSync>,
     /// The pair state the journal holds (or will, once the lane wrote it).
     state: Option<PairState>,
-    /// The `seq` of the initial sync's `SyncDone` mark, until the remote acknowledged it.
+    /// The `seq` of the copy's last mark (`SyncDone`, `ResyncDone`), until the remote
+    /// acknowledged it.
     sync_done: Option<Seq>,
+    /// The copy under way is a resync (of dirty regions), not the initial sync.
+    resyncing: bool,
+    /// Copies planned since start (the initial sync counts), and whether the last one
+    /// is a resync: for progress reports.
+    copies: u64,
+    last_copy_resync: bool,
+    /// A resync's first mark (`ResyncBegin` or `Restart`) is stamped and its
+    /// `ResyncDone` is not: the remote keeps its units undoable (the resync epoch).
+    resync_open: bool,
+    /// Tracking since then: writes go to the local unit only, their regions recorded in
+    /// `dirty` first; no heartbeat promises anything past the tracking start.
+    tracking: Option<Instant>,
+    /// The pair tracked after its copy's last mark was stamped: the dirty map holds
+    /// regions that copy did not cover, so it is not cleared when the mark is
+    /// acknowledged.
+    tracked_after_done: bool,
+    /// Tracking ended: the resync is planned once no tracking batch is on the lane
+    /// (their regions are in the dirty map by then).
+    plan_pending: bool,
+    /// Tracking batches on the lane.
+    tracked_inflight: usize,
+    /// The regions the remote misses, write-ahead.
+    dirty: Arc<Mutex<Dirty>>,
+    track: TrackConfig,
+    /// When the remote last answered (anything): the suspend timer runs from here.
+    last_ack_at: Instant,
+    /// Sequence numbers up to here are reserved durably: none above goes on the wire
+    /// before a batch reserving it is synced (restart safety after a power loss).
+    reserved: Seq,
+    /// A reservation on the lane, not yet durable.
+    reserving: Option<Seq>,
+}
+
+/// The dirty-region map: in a file beside the journal, or in memory when the unit has
+/// no journal (tests only).
+pub enum Dirty {
+    File(DirtyFile),
+    Mem(DirtyMap),
+}
+
+impl Dirty {
+    pub fn map(&self) -> &DirtyMap {
+        match self {
+            Dirty::File(f) => f.map(),
+            Dirty::Mem(m) => m,
+        }
+    }
+
+    /// Marks `ranges` dirty, durably for a file (write-ahead).
+    fn mark(&mut self, ranges: &[(tidemark::Offset, u64)]) -> Result<(), String> {
+        match self {
+            Dirty::File(f) => f.mark(ranges).map(|_| ()).map_err(|e| e.to_string()),
+            Dirty::Mem(m) => {
+                for &(o, l) in ranges {
+                    m.mark(o, l);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn clear(&mut self) -> Result<(), String> {
+        match self {
+            Dirty::File(f) => f.clear().map_err(|e| e.to_string()),
+            Dirty::Mem(m) => {
+                m.clear();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// When a pair stops shipping writes and tracks dirty regions instead.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrackConfig {
+    /// Track once the remote has not answered for this long while something waits for
+    /// it (`None`: never on silence alone).
+    pub suspend_after: Option<Duration>,
+    /// Track when the journal refuses a batch for space or `window_bytes` are
+    /// unacknowledged (`on_journal_full = "track"`); otherwise writers wait ("block").
+    pub on_full: bool,
+}
+
+impl TrackConfig {
+    fn enabled(&self) -> bool {
+        self.on_full || self.suspend_after.is_some()
+    }
+}
+
+/// How a restarted pair resumes a resync, from its journal and dirty map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResyncStart {
+    /// Nothing to resync.
+    #[default]
+    None,
+    /// The dirty map holds regions the remote misses: a resync begins (a new epoch).
+    Begin,
+    /// The journal says `Resyncing`: the remote's epoch is open; copy the map again.
+    Continue,
+    /// The journal lost packets the remote may hold (power loss): the stream restarts
+    /// above the reservation with a `Restart` mark, and the whole unit is copied (the
+    /// map was marked all dirty).
+    Restart,
 }
 
 /// The process is stopping, so that no client waits on anything any more:
@@ -196,6 +319,7 @@ pub struct LocalConfig {
     /// Writers wait while this many bytes are unacknowledged by the remote.
     pub window_bytes: usize,
     pub rtt: (Duration, Duration, Duration),
+    pub track: TrackConfig,
 }
 
 /// Where a restarted local unit stands, from its system's journal.
@@ -209,6 +333,10 @@ pub struct LocalResume {
     pub state: Option<PairState>,
     /// Copy the unit to the remote first (initial sync): where its data lies.
     pub sync: Option<Vec<(Offset, u64)>>,
+    /// A resync to begin or continue.
+    pub resync: ResyncStart,
+    /// Sequence numbers up to here may have been handed out ([`Record::Reserve`]).
+    pub reserved: Seq,
 }
 
 /// What a local unit is wired to.
@@ -228,6 +356,8 @@ pub struct LocalWiring {
     pub gate: Option<Arc<CommitGate>>,
     /// Where the unit reports that its journal or disk failed.
     pub health: Health,
+    /// The dirty map, beside the journal (in memory when `None`; tests without one).
+    pub dirty: Option<DirtyFile>,
 }
 
 impl LocalUnit {
@@ -241,6 +371,7 @@ impl LocalUnit {
             link,
             gate,
             health,
+            dirty,
         } = wiring;
         let (initial, min, max) = cfg.rtt;
         let mut sender = Sender::new(
@@ -260,10 +391,34 @@ impl LocalUnit {
             .sync
             .as_ref()
             .map(|extents| InitialSync::new(store.size(), extents, max_part as u64));
+        let has_sync = sync.is_some();
         let mut queue = Vec::new();
         if sync.is_none() && resume.state.is_none() {
             // No copy: the journal says so, so that a restart does not copy either.
             queue.push(Op::State(PairState::Replicating));
+        }
+        let dirty = match dirty {
+            Some(f) => Dirty::File(f),
+            None => Dirty::Mem(
+                DirtyMap::new(store.size(), tidemark::dirty::DEFAULT_REGION)
+                    .unwrap_or_else(|_| unreachable!("the default region size is valid")),
+            ),
+        };
+        // A resync resumes before any write is stamped: its first mark goes first.
+        let (mut resync_open, mut plan_pending) = (false, false);
+        if sync.is_none() {
+            match resume.resync {
+                ResyncStart::None => {}
+                ResyncStart::Continue => (resync_open, plan_pending) = (true, true),
+                ResyncStart::Begin => {
+                    queue.insert(0, Op::Mark(Mark::ResyncBegin, Some(PairState::Resyncing)));
+                    (resync_open, plan_pending) = (true, true);
+                }
+                ResyncStart::Restart => {
+                    queue.insert(0, Op::Mark(Mark::Restart, Some(PairState::Resyncing)));
+                    (resync_open, plan_pending) = (true, true);
+                }
+            }
         }
         LocalUnit {
             pair,
@@ -296,28 +451,61 @@ impl LocalUnit {
             sync,
             state: resume.state,
             sync_done: None,
+            resyncing: false,
+            copies: u64::from(has_sync),
+            last_copy_resync: false,
+            resync_open,
+            tracking: None,
+            tracked_after_done: false,
+            plan_pending,
+            tracked_inflight: 0,
+            dirty: Arc::new(Mutex::new(dirty)),
+            track: cfg.track,
+            last_ack_at: now(),
+            reserved: resume.reserved,
+            reserving: None,
         }
     }
 
-    /// Once the remote acknowledged the copy's `SyncDone` mark (it holds every piece
-    /// durably), the journal records the pair as replicating.
+    /// Once the remote acknowledged the copy's last mark (it holds every piece durably),
+    /// the journal records the pair as replicating and the dirty map is cleared — unless
+    /// the pair tracked after the mark was stamped: the map then holds regions that copy
+    /// missed, and a resync follows.
     fn record_synced(&mut self) {
         if let Some(done) = self.sync_done {
             if self.sender.acked() >= done && !self.stopping && self.failed.is_none() {
                 self.sync_done = None;
-                self.state = Some(PairState::Replicating);
-                tracing::info!(pair = %self.pair, "initial sync: complete");
-                self.queue.push(Op::State(PairState::Replicating));
+                let kind = if self.resyncing {
+                    "resync"
+                } else {
+                    "initial sync"
+                };
+                self.resyncing = false;
+                if self.tracked_after_done || self.tracking.is_some() {
+                    self.tracked_after_done = false;
+                    tracing::info!(pair = %self.pair, "{kind}: complete; regions written since are tracked");
+                    if !self.resync_open {
+                        self.state = Some(PairState::Tracking);
+                        self.queue.push(Op::State(PairState::Tracking));
+                    }
+                    if self.tracking.is_none() {
+                        self.begin_resync();
+                    }
+                } else {
+                    tracing::info!(pair = %self.pair, "{kind}: complete");
+                    self.state = Some(PairState::Replicating);
+                    self.queue.push(Op::Clean);
+                }
             }
         }
     }
 
-    /// Adds the next step of the initial sync to the queue, if one runs and the window
-    /// admits it: one step per batch, so client writes and the copy share the window.
-    /// The step goes first in the queue, so it is stamped first in its batch: every write
-    /// stamped before a piece was then written to the local unit by an earlier batch of
-    /// the lane before the piece is read (the lane reads a batch's pieces before it
-    /// writes the batch's writes).
+    /// Adds the next step of the copy (initial sync or resync) to the queue, if one runs
+    /// and the window admits it: one step per batch, so client writes and the copy share
+    /// the window. The step goes first in the queue, so it is stamped first in its batch:
+    /// every write stamped before a piece was then written to the local unit by an
+    /// earlier batch of the lane before the piece is read (the lane reads a batch's
+    /// pieces before it writes the batch's writes).
     fn add_sync_step(&mut self) {
         if self.stopping || self.failed.is_some() || self.queue.iter().any(Op::is_sync) {
             return;
@@ -325,30 +513,143 @@ impl LocalUnit {
         if self.sender.unacked_bytes() > self.admit_bytes() {
             return;
         }
+        let resync = self.resyncing;
         let Some(sync) = &mut self.sync else {
             return;
         };
         if sync.finished {
             return;
         }
+        let kind = if resync { "resync" } else { "initial sync" };
         let mut step = Vec::with_capacity(2);
         if !sync.begun {
             sync.begun = true;
-            self.state = Some(PairState::Syncing);
-            tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: starting");
-            step.push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
+            tracing::info!(pair = %self.pair, bytes = sync.total, "{kind}: starting");
+            if !resync {
+                self.state = Some(PairState::Syncing);
+                step.push(Op::Mark(Mark::SyncBegin, Some(PairState::Syncing)));
+            }
         }
         if sync.has_next() {
             step.push(Op::Copy);
         } else {
             sync.finished = true;
-            tracing::info!(pair = %self.pair, bytes = sync.total, "initial sync: every piece shipped");
+            tracing::info!(pair = %self.pair, bytes = sync.total, "{kind}: every piece shipped");
             // `Replicating` is journaled only once the remote acknowledged this mark
             // (`record_synced`): a power loss that tears the copy's last packets off the
-            // journal then still finds `Syncing`, and copies again.
-            step.push(Op::Mark(Mark::SyncDone, None));
+            // journal then still finds `Syncing` (`Resyncing`), and copies again.
+            step.push(Op::Mark(
+                if resync {
+                    Mark::ResyncDone
+                } else {
+                    Mark::SyncDone
+                },
+                None,
+            ));
         }
         self.queue.splice(0..0, step);
+    }
+
+    /// Enters tracking (once): from now on writes go to the local unit only, their
+    /// regions marked dirty first; heartbeats stop promising anything past now.
+    fn enter_tracking(&mut self, why: &str) {
+        if self.tracking.is_some() || !self.track.enabled() || self.stopping {
+            return;
+        }
+        tracing::warn!(pair = %self.pair, why, unacked = self.sender.unacked_len(),
+            "tracking: writes go on locally, their regions are recorded for a resync");
+        self.tracking = Some(now());
+        self.plan_pending = false;
+        if self.sync_done.is_some() {
+            self.tracked_after_done = true;
+        }
+        // A clean-up not done yet would clear regions tracked from now on: dropped (the
+        // resync after this tracking copies those regions again).
+        let cleaned = self.queue.len();
+        self.queue.retain(|op| !matches!(op, Op::Clean));
+        if (!self.resync_open && self.sync.is_none()) || self.queue.len() < cleaned {
+            self.state = Some(PairState::Tracking);
+            self.queue.insert(0, Op::State(PairState::Tracking));
+        }
+    }
+
+    /// The remote answered while tracking: writes are shipped again, behind the resync's
+    /// first mark (stamped before any of them, so that the remote learns of the resync no
+    /// later than of any write after the tracked ones). The copy is planned once the
+    /// tracking batches on the lane have marked their regions.
+    fn leave_tracking(&mut self) {
+        if self.tracking.take().is_none() {
+            return;
+        }
+        tracing::info!(pair = %self.pair, dirty_bytes = self.dirty_bytes(), "remote answered: resync");
+        self.begin_resync();
+    }
+
+    /// Queues the resync's first mark (if the remote's epoch is not open already) and
+    /// has the copy planned.
+    fn begin_resync(&mut self) {
+        let initial = self.sync.as_ref().is_some_and(|s| !s.finished) && !self.resyncing;
+        if !initial && !self.resync_open {
+            self.resync_open = true;
+            self.state = Some(PairState::Resyncing);
+            let mark = Op::Mark(Mark::ResyncBegin, Some(PairState::Resyncing));
+            self.queue.insert(0, mark);
+        }
+        self.plan_pending = true;
+    }
+
+    /// Plans the copy of the dirty regions, once no tracking batch is on the lane: into
+    /// the initial sync if one runs, into the resync if one runs, else a new resync.
+    fn plan_resync(&mut self) {
+        if !self.plan_pending || self.tracked_inflight > 0 || self.tracking.is_some() {
+            return;
+        }
+        self.plan_pending = false;
+        let runs = {
+            let Ok(d) = self.dirty.lock() else {
+                return self.fail("dirty map lock poisoned".into());
+            };
+            d.map().runs()
+        };
+        let extents = match self.store.allocated() {
+            Ok(e) => e,
+            Err(e) => return self.fail(format!("local unit extents for the resync: {e}")),
+        };
+        match &mut self.sync {
+            Some(sync) if !sync.finished => {
+                // Holes planned before the tracked writes may hold data now: those
+                // parts are read like data (what reads as zeros still ships as zeros).
+                for &(o, l) in &runs {
+                    sync.written(o, l);
+                }
+                sync.add(&runs, &extents);
+            }
+            _ => {
+                self.sync = Some(InitialSync::regions(
+                    self.store.size(),
+                    &runs,
+                    &extents,
+                    self.max_part as u64,
+                ));
+                self.resyncing = true;
+                self.copies += 1;
+                self.last_copy_resync = true;
+            }
+        }
+    }
+
+    /// A copy (initial sync or resync) runs: a full journal or window then makes writers
+    /// wait rather than track, so that the copy ends whatever the clients' rate (it would
+    /// start over after every tracking spell, and never end while they write faster than
+    /// the link carries). The remote going silent still tracks.
+    fn copying(&self) -> bool {
+        self.sync.as_ref().is_some_and(|s| !s.finished)
+            || self.sync_done.is_some()
+            || self.resync_open
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        self.dirty.lock().map_or(0, |d| d.map().dirty_bytes())
     }
 
     /// The unit's journal or disk failed: it takes no more writes (they are answered
@@ -417,9 +718,38 @@ impl LocalUnit {
         if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() {
             return;
         }
+        if self.tracking.is_some() {
+            if let Some(e) = &self.failed {
+                let e = e.clone();
+                for op in self.queue.drain(..) {
+                    op.fail(EngineError::Unit(format!("{}: {e}", self.pair)));
+                }
+                return;
+            }
+            // A copy's steps and marks wait for the end of tracking (stamped then, ahead
+            // of any write shipped after it); the rest goes to the lane now.
+            let (keep, ops): (Vec<Op>, Vec<Op>) = std::mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|op| matches!(op, Op::Copy | Op::Mark(..)));
+            self.queue = keep;
+            if !ops.is_empty() {
+                self.submit_tracked(ops, ctx);
+            }
+            return;
+        }
+        self.plan_resync();
         self.add_sync_step();
         if self.queue.is_empty() {
             return;
+        }
+        if self.track.on_full
+            && !self.copying()
+            && self.sender.unacked_bytes() >= self.window_bytes
+            && self.failed.is_none()
+        {
+            // The window is full: rather than make writers wait, track.
+            self.enter_tracking("window full");
+            return self.pump(ctx);
         }
         if self.sender.unacked_bytes() > self.admit_bytes() && self.failed.is_none() {
             // Writes wait for acknowledgements; a flush need not (it covers only writes
@@ -445,12 +775,48 @@ impl LocalUnit {
         self.submit_ops(ops, ctx);
     }
 
+    /// Tracking: hands `ops` to the lane as one batch that marks the regions of its
+    /// writes dirty (synced, write-ahead), then writes them to the local unit; nothing is
+    /// stamped, journaled or shipped. Its state records are journaled as usual.
+    fn submit_tracked(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
+        let mut stamps = Vec::with_capacity(ops.len());
+        let mut records = Vec::new();
+        for op in &ops {
+            match op {
+                Op::Write(payloads, _) => stamps.push(vec![Stamp::ZERO; payloads.len()]),
+                Op::State(state) => {
+                    records.push(Record::PairState {
+                        pair: self.pair,
+                        state: *state,
+                    });
+                    stamps.push(Vec::new());
+                }
+                _ => stamps.push(Vec::new()),
+            }
+        }
+        let batch = Batch {
+            ops,
+            stamps,
+            records: Arc::new(records),
+            copies: Arc::new(Vec::new()),
+            holes: Arc::new(Vec::new()),
+            last: None,
+            pieces: Vec::new(),
+            tracked: true,
+            clear_dirty: false,
+            reserve: None,
+        };
+        self.submit(batch, ctx);
+    }
+
     /// Stamps `ops` and hands them to the lane as one batch.
     fn submit_ops(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
         let mut records = Vec::new();
         let mut copies = Vec::new();
         let mut holes = Vec::new();
         let mut stamps = Vec::with_capacity(ops.len());
+        let mut pieces = Vec::new();
+        let mut clear_dirty = false;
         for op in &ops {
             let mut v = Vec::new();
             // The piece is taken now, after the writes stamped before it told the plan.
@@ -458,6 +824,7 @@ impl LocalUnit {
                 Op::Copy => self.sync.as_mut().and_then(InitialSync::next_piece),
                 _ => None,
             };
+            pieces.extend(piece);
             match (op, piece) {
                 (Op::Copy, Some(Piece::Data { offset, len })) => {
                     // A placeholder until the lane reads the bytes (`Sender::fill_held`).
@@ -497,14 +864,24 @@ impl LocalUnit {
                             state: *state,
                         });
                     }
-                    if *mark == Mark::SyncDone {
+                    if matches!(mark, Mark::SyncDone | Mark::ResyncDone) {
                         self.sync_done = Some(stamp.seq);
+                    }
+                    if *mark == Mark::ResyncDone {
+                        self.resync_open = false;
                     }
                 }
                 (Op::State(state), _) => records.push(Record::PairState {
                     pair: self.pair,
                     state: *state,
                 }),
+                (Op::Clean, _) => {
+                    clear_dirty = true;
+                    records.push(Record::PairState {
+                        pair: self.pair,
+                        state: PairState::Replicating,
+                    });
+                }
                 (Op::Flush(_), _) => {}
                 (Op::Write(payloads, _), _) => {
                     for p in payloads {
@@ -530,6 +907,19 @@ impl LocalUnit {
             }
             stamps.push(v);
         }
+        // Restart safety: the batch that stamps past the durable reservation reserves
+        // further, synced before any of its packets can leave (a restart after a power
+        // loss then never hands out a number the remote may have seen).
+        let reserve = (self.sender.last().seq
+            > self.reserved.max(self.reserving.unwrap_or_default()))
+        .then(|| Seq(self.sender.last().seq.0 + RESERVE_STEP));
+        if let Some(r) = reserve {
+            self.reserving = Some(r);
+            records.push(Record::Reserve {
+                pair: self.pair,
+                seq: r,
+            });
+        }
         let batch = Batch {
             ops,
             stamps,
@@ -540,6 +930,10 @@ impl LocalUnit {
             records: Arc::new(records),
             copies: Arc::new(copies),
             holes: Arc::new(holes),
+            pieces,
+            tracked: false,
+            clear_dirty,
+            reserve,
         };
         self.submit(batch, ctx);
     }
@@ -563,18 +957,54 @@ impl LocalUnit {
         let flush = batch
             .ops
             .iter()
-            .any(|o| matches!(o, Op::Flush(_) | Op::Mark(..) | Op::State(_)));
+            .any(|o| matches!(o, Op::Flush(_) | Op::Mark(..) | Op::State(_) | Op::Clean))
+            || batch.reserve.is_some();
         let (copies, holes) = (batch.copies.clone(), batch.holes.clone());
+        let dirty = self.dirty.clone();
+        let (tracked, clear_dirty) = (batch.tracked, batch.clear_dirty);
+        let writes: Vec<Payload> = if tracked {
+            batch
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Write(p, _) => Some(p.iter().cloned()),
+                    _ => None,
+                })
+                .flatten()
+                .collect()
+        } else {
+            Vec::new()
+        };
         let job = self.disk.run(move || {
             if stalled.load(Ordering::Acquire) {
                 return Outcome::Skipped;
             }
-            let outcome = Self::journal_and_write(journal, store, records, &copies, &holes, flush);
+            let outcome = if tracked {
+                Self::track_and_write(journal, store, &dirty, records, writes, flush)
+            } else if clear_dirty {
+                // The remote holds every dirty region: the map is cleared before the
+                // journal says replicating (a crash in between resyncs nothing).
+                match dirty
+                    .lock()
+                    .map_err(|_| "poisoned".to_string())
+                    .and_then(|mut d| d.clear())
+                {
+                    Ok(()) => {
+                        Self::journal_and_write(journal, store, records, &copies, &holes, flush)
+                    }
+                    Err(e) => Outcome::Failed(format!("dirty map: {e}")),
+                }
+            } else {
+                Self::journal_and_write(journal, store, records, &copies, &holes, flush)
+            };
             if !matches!(outcome, Outcome::Done(_)) {
                 stalled.store(true, Ordering::Release);
             }
             outcome
         });
+        if batch.tracked {
+            self.tracked_inflight += 1;
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.inflight.push_back(InFlight {
@@ -589,6 +1019,53 @@ impl LocalUnit {
                 ctx,
             )
         }));
+    }
+
+    /// The disk job of a tracking batch: mark the regions of its writes dirty, durably
+    /// (write-ahead: a crash after the local write still finds them), then write them to
+    /// the local unit; its records (states, a watermark) go to the journal, which never
+    /// refuses a batch without packets.
+    fn track_and_write(
+        journal: Option<SharedJournal>,
+        store: Arc<dyn BlockStore>,
+        dirty: &Mutex<Dirty>,
+        records: Vec<Record>,
+        writes: Vec<Payload>,
+        flush: bool,
+    ) -> Outcome {
+        let ranges: Vec<(Offset, u64)> = writes
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| (p.offset(), p.len()))
+            .collect();
+        let marked = match dirty.lock() {
+            Ok(mut d) => d.mark(&ranges),
+            Err(_) => Err("poisoned".into()),
+        };
+        if let Err(e) = marked {
+            return Outcome::Failed(format!("dirty map: {e}"));
+        }
+        for p in &writes {
+            if let Err(e) = store.apply(p) {
+                return Outcome::Failed(format!("local write: {e}"));
+            }
+        }
+        if let (Some(j), false) = (&journal, records.is_empty()) {
+            let durability = if flush {
+                Durability::Synced
+            } else {
+                Durability::Written
+            };
+            if let Err(e) = j.append(&records, durability) {
+                return Outcome::Failed(format!("journal: {e}"));
+            }
+        }
+        if flush {
+            if let Err(e) = store.flush() {
+                return Outcome::Failed(format!("local flush: {e}"));
+            }
+        }
+        Outcome::Done(Vec::new())
     }
 
     /// The disk job of a batch: read its initial-sync pieces, journal it (I3), then write
@@ -674,9 +1151,19 @@ impl LocalUnit {
             else {
                 break;
             };
+            if batch.tracked {
+                self.tracked_inflight -= 1;
+            }
+            if matches!(outcome, Outcome::Full) && self.track.on_full && !self.copying() {
+                // Rather than make writers wait for journal space, track.
+                self.enter_tracking("journal full");
+            }
             match outcome {
                 Outcome::Done(filled) => {
                     self.released = self.released.max(acked);
+                    if let Some(r) = batch.reserve {
+                        self.reserved = self.reserved.max(r);
+                    }
                     for (seq, payload) in filled {
                         if !self.sender.fill_held(seq, payload) {
                             tracing::error!(pair = %self.pair, %seq, "initial sync: a piece was no longer held");
@@ -696,7 +1183,7 @@ impl LocalUnit {
                             Op::Flush(reply) => {
                                 let _ = reply.send(Ok(()));
                             }
-                            Op::Copy | Op::Mark(..) | Op::State(_) => {}
+                            Op::Copy | Op::Mark(..) | Op::State(_) | Op::Clean => {}
                         }
                     }
                     sent = true;
@@ -724,6 +1211,10 @@ impl LocalUnit {
         }
         if self.retry.is_empty() {
             self.pump(ctx);
+        } else if self.tracking.is_some() {
+            // The batches a full journal refused become tracking batches once the lane
+            // is done with what it holds.
+            self.resubmit(ctx);
         } else {
             // The journal was full. What frees it is the watermark of what the remote
             // acknowledged: record it on its own (never refused for space); the retry
@@ -785,6 +1276,13 @@ impl LocalUnit {
             for batch in retry {
                 self.fail_unjournaled_writes(batch.ops);
             }
+        } else if self.tracking.is_some() && self.failed.is_none() {
+            // Tracking began: the refused batches give their stamps back (never
+            // journaled, written or sent: with the lane idle every held packet is theirs)
+            // and their ops go to the front of the queue, as tracking writes.
+            self.sender.drop_held();
+            self.reserving = None;
+            self.requeue(retry);
         } else {
             match self.failed.clone() {
                 Some(e) => retry.into_iter().for_each(|b| self.fail_batch(b, &e)),
@@ -792,6 +1290,45 @@ impl LocalUnit {
             }
         }
         self.pump(ctx);
+    }
+
+    /// Puts the ops of `batches` (stamped, never journaled, their stamps given back)
+    /// back at the front of the queue, in order, undoing what stamping them did: the
+    /// copy pieces they took go back to the plan, and the marks they carried are owed
+    /// again. A tracking batch goes back whole.
+    fn requeue(&mut self, batches: Vec<Batch>) {
+        let mut ops = Vec::new();
+        for batch in batches {
+            if let Some(sync) = &mut self.sync {
+                for piece in batch.pieces {
+                    sync.put_back(piece);
+                }
+            }
+            for op in batch.ops {
+                match &op {
+                    Op::Mark(Mark::SyncBegin, _) => {
+                        if let Some(sync) = &mut self.sync {
+                            sync.begun = false;
+                        }
+                        continue;
+                    }
+                    Op::Mark(Mark::SyncDone | Mark::ResyncDone, _) => {
+                        if let Some(sync) = &mut self.sync {
+                            sync.finished = false;
+                        }
+                        self.sync_done = None;
+                        self.resync_open = self.resyncing;
+                        continue;
+                    }
+                    // The epoch's first mark is owed before anything else is stamped.
+                    Op::Mark(Mark::ResyncBegin | Mark::Restart, _) => {}
+                    Op::Copy => continue,
+                    _ => {}
+                }
+                ops.push(op);
+            }
+        }
+        self.queue.splice(0..0, ops);
     }
 
     /// Stopping: answers the writes among `ops` with an error (they were never
@@ -805,7 +1342,7 @@ impl LocalUnit {
                     "stopping: the write was not journaled and is not written".into(),
                 )))),
                 Op::Flush(r) => self.queue.push(Op::Flush(r)),
-                Op::Copy | Op::Mark(..) | Op::State(_) => {}
+                Op::Copy | Op::Mark(..) | Op::State(_) | Op::Clean => {}
             }
         }
     }
@@ -843,13 +1380,39 @@ impl LocalUnit {
         }
         self.transmit();
         let t = now();
+        if let Some(after) = self.track.suspend_after {
+            let waiting =
+                self.sender.unacked_len() > 0 || !self.queue.is_empty() || !self.retry.is_empty();
+            if waiting && self.tracking.is_none() && t.duration_since(self.last_ack_at) > after {
+                self.enter_tracking("the remote has not answered for suspend_after_ms");
+                self.resubmit(ctx);
+            }
+        }
         if self.sender.heartbeat_due(t) {
-            let hb = self.sender.heartbeat(t, self.clock.now());
+            // While tracking, and until the resync's first mark is stamped, the pair must
+            // not promise anything past the tracking start (its head would move the
+            // group's limit past writes the remote misses): it only probes, repeating
+            // its last stamp, so that the remote's answer says it is back.
+            let hb = if self.heartbeat_frozen() {
+                self.sender.probe(t)
+            } else {
+                self.sender.heartbeat(t, self.clock.now())
+            };
             self.link.do_send(Outbound {
                 to: self.remote_system,
                 msg: WireMessage::Heartbeats(vec![hb]),
             });
         }
+    }
+
+    /// Whether heartbeats must repeat the last stamp rather than promise a new one:
+    /// tracking, or a resync's first mark owed but not stamped yet.
+    fn heartbeat_frozen(&self) -> bool {
+        self.tracking.is_some()
+            || self
+                .queue
+                .iter()
+                .any(|op| matches!(op, Op::Mark(Mark::ResyncBegin | Mark::Restart, _)))
     }
 }
 
@@ -919,6 +1482,8 @@ impl Handler<AcksIn> for LocalUnit {
         for ack in &msg.0 {
             self.sender.handle_ack(t, ack);
         }
+        self.last_ack_at = t;
+        self.leave_tracking();
         self.record_synced();
         // Acknowledgements open the congestion window and reveal losses: send at once.
         self.transmit();
@@ -946,8 +1511,17 @@ impl Handler<GetLocalStats> for LocalUnit {
             heartbeats: s.heartbeats,
             bytes: self.bytes,
             srtt_us: self.sender.rtt().srtt().map(|d| d.as_micros() as u64),
-            state: self.state,
-            sync: self.sync.as_ref().map(InitialSync::stats),
+            state: if self.tracking.is_some() {
+                Some(PairState::Tracking)
+            } else {
+                self.state
+            },
+            sync: self.sync.as_ref().map(|s| SyncStats {
+                resync: self.last_copy_resync,
+                copy: self.copies,
+                ..s.stats()
+            }),
+            dirty_bytes: self.dirty_bytes(),
         })
     }
 }

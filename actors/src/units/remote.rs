@@ -509,6 +509,8 @@ impl RemoteUnit {
             match res {
                 Some((last, _, None, _, _)) => {
                     act.finish(limit, last);
+                    // Applying may let a restarted stream's mark go to the journal.
+                    act.journal_incoming(ctx);
                     act.unflushed = true;
                     act.unrecorded_bytes += batch_bytes;
                     if act.unrecorded_bytes > act.budget / 4 {

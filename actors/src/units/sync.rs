@@ -127,6 +127,92 @@ impl InitialSync {
         }
     }
 
+    /// A copy of the dirty regions `dirty` (sorted, not overlapping) of a unit of `size`
+    /// bytes whose data lies in `extents`: a resync. The dirty bytes in allocated
+    /// extents are read; those in holes ship as zeros (the remote may hold data there
+    /// that the local unit lost or trimmed). Bytes outside `dirty` are not copied.
+    pub fn regions(
+        size: u64,
+        dirty: &[(Offset, u64)],
+        extents: &[(Offset, u64)],
+        chunk: u64,
+    ) -> Self {
+        let mut s = InitialSync {
+            todo: BTreeMap::new(),
+            size,
+            chunk: chunk.max(1),
+            total: 0,
+            issued: 0,
+            begun: false,
+            finished: false,
+        };
+        s.add(dirty, extents);
+        s
+    }
+
+    /// Adds the dirty regions `dirty` (with the unit's data in `extents`) to what is left
+    /// to copy, wherever the walk stands: bytes already planned stay as planned, the rest
+    /// become data (in an extent) or hole pieces. A copy that was finished is not any
+    /// more if something was added.
+    pub fn add(&mut self, dirty: &[(Offset, u64)], extents: &[(Offset, u64)]) {
+        let mut added = false;
+        for piece in intersect(dirty, extents, self.size) {
+            for part in self.uncovered(piece) {
+                if let Piece::Data { len, .. } = part {
+                    self.total += len;
+                }
+                self.todo.insert(start_of(&part), part);
+                added = true;
+            }
+        }
+        if added {
+            self.finished = false;
+            self.merge_data(0, self.size);
+        }
+    }
+
+    /// Gives a piece taken with [`InitialSync::next_piece`] back (it was never shipped:
+    /// the batch that took it was given up): it is copied again.
+    pub fn put_back(&mut self, piece: Piece) {
+        for part in self.uncovered(piece) {
+            if let Piece::Data { len, .. } = part {
+                self.issued = self.issued.saturating_sub(len);
+            }
+            self.todo.insert(start_of(&part), part);
+        }
+        self.finished = false;
+        self.merge_data(0, self.size);
+    }
+
+    /// The parts of `piece` no planned piece covers, as pieces of its kind.
+    fn uncovered(&self, piece: Piece) -> Vec<Piece> {
+        let (mut at, end) = (start_of(&piece), end_of(&piece));
+        let mut out = Vec::new();
+        let before = self
+            .todo
+            .range(..at)
+            .next_back()
+            .filter(|(_, p)| end_of(p) > at)
+            .map(|(_, p)| *p);
+        for p in before
+            .into_iter()
+            .chain(self.todo.range(at..end).map(|(_, p)| *p))
+        {
+            let (ps, pe) = (start_of(&p), end_of(&p));
+            if ps > at {
+                out.push(with_range(piece, at, ps.min(end)));
+            }
+            at = at.max(pe);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push(with_range(piece, at, end));
+        }
+        out
+    }
+
     /// Whether a piece is left: [`InitialSync::next_piece`] will give one.
     pub fn has_next(&self) -> bool {
         !self.todo.is_empty()
@@ -231,11 +317,62 @@ impl InitialSync {
 
     pub fn stats(&self) -> SyncStats {
         SyncStats {
+            resync: false,
+            copy: 0,
             total_bytes: self.total,
             copied_bytes: self.issued,
             finished: self.finished,
         }
     }
+}
+
+/// `piece`'s kind over `[start, end)`.
+fn with_range(piece: Piece, start: u64, end: u64) -> Piece {
+    match piece {
+        Piece::Data { .. } => Piece::Data {
+            offset: Offset(start),
+            len: end - start,
+        },
+        Piece::Hole { .. } => Piece::Hole {
+            offset: Offset(start),
+            len: end - start,
+        },
+    }
+}
+
+/// `dirty` (sorted runs) split by `extents` (sorted, not overlapping) into data pieces
+/// (inside an extent) and hole pieces (outside), clipped to `size`, ascending.
+fn intersect(dirty: &[(Offset, u64)], extents: &[(Offset, u64)], size: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    for &(Offset(ds), dl) in dirty {
+        let de = ds.saturating_add(dl).min(size);
+        let mut at = ds;
+        for &(Offset(es), el) in extents {
+            let ee = es.saturating_add(el);
+            if ee <= at || es >= de {
+                continue;
+            }
+            if es > at {
+                out.push(Piece::Hole {
+                    offset: Offset(at),
+                    len: es - at,
+                });
+            }
+            let e = ee.min(de);
+            out.push(Piece::Data {
+                offset: Offset(es.max(at)),
+                len: e - es.max(at),
+            });
+            at = e;
+        }
+        if at < de {
+            out.push(Piece::Hole {
+                offset: Offset(at),
+                len: de - at,
+            });
+        }
+    }
+    out
 }
 
 fn start_of(p: &Piece) -> u64 {
@@ -317,6 +454,48 @@ mod tests {
             }
             assert_eq!(at, size);
         }
+    }
+
+    /// Dirty regions × extents → the pieces of a resync: data where allocated, holes
+    /// (shipped as zeros) where not, nothing outside the dirty regions.
+    #[test]
+    fn a_resync_copies_the_dirty_regions_only() {
+        type Row = (Vec<(u64, u64)>, Vec<(u64, u64)>, Vec<Piece>);
+        let rows: Vec<Row> = vec![
+            (vec![], vec![(0, 100)], vec![]),
+            (vec![(10, 20)], vec![(0, 100)], vec![d(10, 20)]),
+            (vec![(10, 20)], vec![], vec![h(10, 20)]),
+            (
+                vec![(0, 40), (60, 40)],
+                vec![(20, 50)],
+                vec![h(0, 20), d(20, 20), d(60, 10), h(70, 30)],
+            ),
+            // Past the unit's end: clipped.
+            (vec![(90, 50)], vec![(0, 200)], vec![d(90, 10)]),
+        ];
+        for (dirty, extents, want) in rows {
+            let dr: Vec<(Offset, u64)> = dirty.iter().map(|&(o, l)| (Offset(o), l)).collect();
+            let ex: Vec<(Offset, u64)> = extents.iter().map(|&(o, l)| (Offset(o), l)).collect();
+            let mut s = InitialSync::regions(100, &dr, &ex, 1000);
+            let got: Vec<Piece> = std::iter::from_fn(|| s.next_piece()).collect();
+            assert_eq!(got, want, "dirty {dirty:?}, extents {extents:?}");
+        }
+    }
+
+    /// Regions added while a copy runs, and a piece given back, are copied (once);
+    /// what is planned already stays.
+    #[test]
+    fn added_regions_and_given_back_pieces_are_copied() {
+        let all = [(Offset(0), 100)];
+        let mut s = InitialSync::regions(100, &[(Offset(50), 20)], &all, 1000);
+        let first = s.next_piece().unwrap();
+        assert_eq!(first, d(50, 20));
+        // Behind the walk, and overlapping what is left to copy.
+        s.add(&[(Offset(0), 10), (Offset(60), 30)], &all);
+        s.put_back(first);
+        let got: Vec<Piece> = std::iter::from_fn(|| s.next_piece()).collect();
+        assert_eq!(got, vec![d(0, 10), d(50, 40)]);
+        assert_eq!(s.stats().copied_bytes, s.total);
     }
 
     #[test]

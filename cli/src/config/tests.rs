@@ -102,6 +102,26 @@ const BAD: &[(&str, &str, &str)] = &[
     ("heartbeat_ms = 10", "heartbeat_ms = 0", "heartbeat_ms"),
     (
         "heartbeat_ms = 10",
+        "heartbeat_ms = 10\non_journal_full = \"drop\"",
+        "on_journal_full: \"drop\" is neither",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nsuspend_after_ms = 4000000",
+        "suspend_after_ms",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nregion_size = \"48KiB\"",
+        "region_size: 49152 bytes is not a power of two",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nregion_size = \"lots\"",
+        "region_size: \"lots\" is not a size",
+    ),
+    (
+        "heartbeat_ms = 10",
         "heartbeat_ms = 10\ncolour = \"blue\"",
         "colour",
     ),
