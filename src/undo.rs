@@ -425,14 +425,21 @@ impl ResyncStatus {
     }
 
     /// `packets` joined the run, in `seq` order; the head just before them was `before`.
-    /// A [`Mark::ResyncBegin`] opens a resync with `since` the head time stamp just
-    /// before it; a [`Mark::ResyncDone`] completes the open one (without one it is of a
+    /// A [`Mark::ResyncBegin`] (or a [`Mark::Restart`], which a begin mark follows: the
+    /// writes a restarted primary lost are stamped above the head before it) opens a
+    /// resync with `since` the head time stamp just before it, unless one is open
+    /// without its done mark (it keeps its `since`); a [`Mark::ResyncDone`] completes the open one (without one it is of a
     /// resync whose epoch closed: nothing to report).
     pub fn joined<'a>(&mut self, before: Stamp, packets: impl IntoIterator<Item = &'a Packet>) {
         let mut head = before.ts;
         for p in packets {
             match p.payload.mark() {
-                Some(Mark::ResyncBegin) => {
+                // A resync still open (an outage cut it short; or the `Restart` mark
+                // that precedes the begin mark of a restarted stream) keeps its `since`:
+                // the writes it misses are stamped above that one.
+                Some(Mark::ResyncBegin | Mark::Restart)
+                    if self.status.is_some_and(|s| s.done.is_none()) => {}
+                Some(Mark::ResyncBegin | Mark::Restart) => {
                     self.status = Some(Resync {
                         since: head,
                         done: None,
@@ -509,7 +516,9 @@ impl ResyncStatus {
         let mut head = applied_at.ts;
         for p in run {
             match p.payload.mark() {
-                Some(Mark::ResyncBegin) => {
+                Some(Mark::ResyncBegin | Mark::Restart)
+                    if st.status.is_some_and(|s| s.done.is_none()) => {}
+                Some(Mark::ResyncBegin | Mark::Restart) => {
                     let lower = match epoch {
                         Some(e) => Some(e.base),
                         None => (floor < p.stamp.ts).then_some(floor),

@@ -237,6 +237,24 @@ fn resync_status_follows_the_marks() {
     assert_eq!(st.get(), Some(done));
     st.applied(Seq(4));
     assert_eq!(st.get(), None);
+    // A restarted stream: the Restart mark opens it, the begin mark after it keeps
+    // its since; so does a second begin mark before the done mark.
+    let mut st = ResyncStatus::default();
+    st.joined(
+        Stamp::new(t(5), Seq(0)),
+        &[
+            mark(1, 50, Mark::Restart),
+            mark(2, 51, Mark::ResyncBegin),
+            mark(3, 60, Mark::ResyncBegin),
+        ],
+    );
+    assert_eq!(
+        st.get(),
+        Some(Resync {
+            since: t(5),
+            done: None
+        })
+    );
     // A done mark without a begin (its epoch closed before a restart): nothing.
     let mut st = ResyncStatus::default();
     st.joined(Stamp::ZERO, &run[3..]);
