@@ -177,6 +177,11 @@ impl Intake {
             return;
         }
         self.frontier = Seq(s.0 - 1);
+        self.queue_held();
+    }
+
+    /// The packets held in memory right after the frontier go to the journal with it.
+    fn queue_held(&mut self) {
         while let Some(q) = self.tracker.held_ahead(self.frontier.next()) {
             self.queued.push(q.clone());
             self.frontier = self.frontier.next();
@@ -192,17 +197,19 @@ impl Intake {
         if r == Received::New {
             self.held += len;
         }
-        let joined = (self.tracker.head().seq.0 - before.0) as usize;
-        if joined > 0 {
-            self.run += self
-                .tracker
-                .run()
-                .rev()
-                .take(joined)
-                .map(|p| p.payload.wire_len())
-                .sum::<usize>();
-        }
+        self.count_joined((self.tracker.head().seq.0 - before.0) as usize);
         r
+    }
+
+    /// The last `joined` packets of the run just joined it: their bytes count in `run`.
+    fn count_joined(&mut self, joined: usize) {
+        self.run += self
+            .tracker
+            .run()
+            .rev()
+            .take(joined)
+            .map(|p| p.payload.wire_len())
+            .sum::<usize>();
     }
 
     pub fn tracker(&self) -> &RunTracker {
@@ -255,11 +262,7 @@ impl Intake {
             self.queued.push(p);
             self.queued_fresh += len;
             self.frontier = seq;
-            // The packets held in memory right after it go to the journal with it.
-            while let Some(q) = self.tracker.held_ahead(self.frontier.next()) {
-                self.queued.push(q.clone());
-                self.frontier = self.frontier.next();
-            }
+            self.queue_held();
             return Offer::Queued;
         }
         let room = if seq.0 <= head.0.saturating_add(NEAR_HEAD) {
@@ -315,15 +318,7 @@ impl Intake {
         }
         // A restarted stream's batch is held out of order until it is durable.
         let joined = self.tracker.join_held() as usize;
-        if joined > 0 {
-            self.run += self
-                .tracker
-                .run()
-                .rev()
-                .take(joined)
-                .map(|p| p.payload.wire_len())
-                .sum::<usize>();
-        }
+        self.count_joined(joined);
         if self.tracker.head().seq < f.last {
             // The tracker refused part of the batch (a conflicting stamp): what is queued
             // no longer extends the run. Start again from the head.

@@ -160,13 +160,7 @@ impl RunTracker {
         if seq == self.head.seq.next() {
             self.stats.received += 1;
             self.extend_run(packet);
-            if self
-                .ranges
-                .first_key_value()
-                .is_some_and(|(&first, _)| first == self.head.seq.next())
-            {
-                self.join_ahead();
-            }
+            self.join_held();
             self.use_pending_heartbeat();
             return Received::New;
         }
@@ -329,14 +323,8 @@ impl RunTracker {
         if self.pending_heartbeat.is_some_and(|hb| hb.seq <= seq) {
             self.pending_heartbeat = None;
         }
-        if join
-            && self
-                .ranges
-                .first_key_value()
-                .is_some_and(|(&first, _)| first == seq.next())
-        {
-            self.join_ahead();
-            self.use_pending_heartbeat();
+        if join {
+            self.join_held();
         }
         Some(dropped)
     }

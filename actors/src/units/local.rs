@@ -274,8 +274,11 @@ pub struct TrackConfig {
     /// Track once the remote has not answered for this long while something waits for
     /// it (`None`: never on silence alone).
     pub suspend_after: Option<Duration>,
-    /// Track when the journal refuses a batch for space or `window_bytes` are
-    /// unacknowledged (`on_journal_full = "track"`); otherwise writers wait ("block").
+    /// Track when the journal refuses a batch for space (`on_journal_full = "track"`);
+    /// otherwise writers wait for it ("block"). A full window alone never tracks: while
+    /// the remote answers, writers waiting for its acknowledgements is back-pressure
+    /// (the link is slower than the clients), and a remote that stops answering is
+    /// `suspend_after`'s case.
     pub on_full: bool,
 }
 
@@ -567,7 +570,10 @@ impl LocalUnit {
         // resync after this tracking copies those regions again).
         let cleaned = self.queue.len();
         self.queue.retain(|op| !matches!(op, Op::Clean));
-        if (!self.resync_open && self.sync.is_none()) || self.queue.len() < cleaned {
+        // The journal keeps `syncing` during an initial sync (a restart copies again)
+        // and `resyncing` while the remote's resync epoch is open.
+        let initial = self.sync.as_ref().is_some_and(|s| !s.finished) && !self.resyncing;
+        if (!initial && !self.resync_open) || self.queue.len() < cleaned {
             self.state = Some(PairState::Tracking);
             self.queue.insert(0, Op::State(PairState::Tracking));
         }
@@ -741,15 +747,6 @@ impl LocalUnit {
         self.add_sync_step();
         if self.queue.is_empty() {
             return;
-        }
-        if self.track.on_full
-            && !self.copying()
-            && self.sender.unacked_bytes() >= self.window_bytes
-            && self.failed.is_none()
-        {
-            // The window is full: rather than make writers wait, track.
-            self.enter_tracking("window full");
-            return self.pump(ctx);
         }
         if self.sender.unacked_bytes() > self.admit_bytes() && self.failed.is_none() {
             // Writes wait for acknowledgements; a flush need not (it covers only writes
