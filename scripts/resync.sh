@@ -69,9 +69,19 @@ raise SystemExit(0 if ($1) else 1)"; then return 0; fi
   done
 }
 
+# A size as the config writes it ("64MiB") in bytes (fio reads "MiB" as 10^6).
+bytes_of() {
+  python3 - "$1" <<'PY'
+import sys
+units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+s = sys.argv[1]
+print(next((int(s[:-3]) * m for u, m in units.items() if s.endswith(u)), None) or int(s))
+PY
+}
+
 # One fio job of the benchmark's kind on the data export; extra arguments follow.
 fio_job() { # $1 output file, $2 unit size, rest: more fio arguments
-  local out=$1 size=$2; shift 2
+  local out=$1 size; size=$(bytes_of "$2"); shift 2
   fio --name=resync-bench --ioengine=nbd --uri="$URI" --rw=randwrite --bs="$BS" \
     --iodepth="$QD" --size="$size" --refill_buffers --output-format=json --output="$out" "$@"
 }

@@ -311,6 +311,8 @@ fn a_power_loss_on_the_primary_restarts_the_stream_and_resyncs() {
     site.edit_config(|c| {
         c.on_journal_full = Some("track".into());
         c.suspend_after_ms = Some(SUSPEND_AFTER_MS);
+        // Not the default: the key reaches the dirty maps (the full resync marks all).
+        c.region_size = Some("256KiB".into());
     });
     let mut daemons = start_daemons(&site, port);
     let (s1, s2) = (seed, seed ^ 0x5eed_0002);

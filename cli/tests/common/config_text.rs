@@ -196,15 +196,6 @@ impl ConfigText {
         self
     }
 
-    /// Writers wait for the remote instead of tracking: `on_journal_full = "block"` and
-    /// `suspend_after_ms = 0` (for tests that need writers blocked while the secondary
-    /// is away).
-    pub fn blocking(mut self) -> ConfigText {
-        self.on_journal_full = Some("block".into());
-        self.suspend_after_ms = Some(0);
-        self
-    }
-
     /// Tracking (`on_journal_full = "track"`) once the remote has been silent for `ms`
     /// while writes wait on it.
     pub fn tracking_after_ms(mut self, ms: u64) -> ConfigText {

@@ -154,11 +154,10 @@ pub fn compare_units(a: &Path, b: &Path) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", b.display()))?;
         if let Some(i) = first_difference(&x[..n], &y[..n]) {
             return Err(format!(
-                "{} and {} differ at byte {} (region {} of 64 KiB)",
+                "{} and {} differ at byte {}",
                 a.display(),
                 b.display(),
-                at + i as u64,
-                (at + i as u64) >> 16
+                at + i as u64
             ));
         }
         at += n as u64;
