@@ -10,7 +10,7 @@
 #   3. resync: the secondary continues (SIGCONT) and a second fio job writes (time
 #      based) while the primary resyncs; the resync time runs from the primary's
 #      "remote answered: resync" log line to its "resync: complete" line (one clock),
-#      and fio is stopped (SIGINT) once that line appears.
+#      and fio is stopped (SIGTERM) once that line appears.
 # Each fio job: --rw=randwrite --bs=BS --iodepth=QD over the whole unit, random data.
 # Afterwards the remote unit must equal the local one (cmp), or the script fails.
 #
@@ -79,11 +79,12 @@ print(next((int(s[:-3]) * m for u, m in units.items() if s.endswith(u)), None) o
 PY
 }
 
-# One fio job of the benchmark's kind on the data export; extra arguments follow.
-fio_job() { # $1 output file, $2 unit size, rest: more fio arguments
-  local out=$1 size; size=$(bytes_of "$2"); shift 2
-  fio --name=resync-bench --ioengine=nbd --uri="$URI" --rw=randwrite --bs="$BS" \
-    --iodepth="$QD" --size="$size" --refill_buffers --output-format=json --output="$out" "$@"
+# The fio job of the benchmark (on the data export, over a unit of $1): sets FIO, a
+# command to which the output file and more arguments are added. (A plain command, not
+# a function: started in the background, $! is then fio's own process.)
+fio_command() {
+  FIO=(fio --name=resync-bench --ioengine=nbd --uri="$URI" --rw=randwrite --bs="$BS"
+    --iodepth="$QD" --size="$(bytes_of "$1")" --refill_buffers --output-format=json)
 }
 
 # "MB/s p99-ms" of a fio JSON file (its write side).
@@ -122,7 +123,8 @@ for size in $SIZES; do
     done
 
     # 1. Connected; then everything acknowledged before the outage.
-    fio_job conn.json "$size" >/dev/null
+    fio_command "$size"
+    "${FIO[@]}" --output=conn.json >/dev/null
     wait_state 'state == "replicating" and written == acked' "replication before the outage"
 
     # 2. Tracking: the secondary stops; one write waits out suspend_after_ms.
@@ -130,20 +132,24 @@ for size in $SIZES; do
     fio --name=prime --ioengine=nbd --uri="$URI" --rw=write --bs=4k --size=4k \
       --output=/dev/null >/dev/null
     wait_state 'state == "tracking"' "tracking"
-    fio_job track.json "$size" >/dev/null
+    "${FIO[@]}" --output=track.json >/dev/null
     wait_state 'state == "tracking" and dirty > 0' "dirty bytes"
 
     # 3. Resync with a client writing.
     mark=$(wc -l < pri.log)
     kill -CONT "$sec"
-    fio_job resync.json "$size" --time_based --runtime=3600 >/dev/null 2>&1 & fio=$!
+    "${FIO[@]}" --output=resync.json --time_based --runtime=3600 >/dev/null 2>&1 & fio=$!
     i=0
-    until tail -n +"$((mark + 1))" pri.log | grep -v 'regions written since' | grep -q 'resync: complete'; do
+    # (grep -c reads to the end: with pipefail, grep -q could make tail die of SIGPIPE.)
+    until [ "$(tail -n +"$((mark + 1))" pri.log | grep -v 'regions written since' \
+        | grep -c 'resync: complete' || true)" -gt 0 ]; do
       i=$((i + 1)); [ $i -gt 36000 ] && { echo "no resync in an hour" >&2; exit 1; }
       kill -0 "$fio" 2>/dev/null || { echo "the resync-phase fio ended early" >&2; exit 1; }
       sleep 0.1
     done
-    kill -INT "$fio"; wait "$fio" || true
+    # fio ends its jobs on SIGTERM and still writes its report (SIGINT is ignored by
+    # background commands of a script).
+    kill -TERM "$fio"; wait "$fio" || true
     wait_state 'state == "replicating" and dirty == 0 and written == acked' "replication after the resync"
     kill -TERM "$pri"; wait "$pri" || true
     kill -TERM "$sec"; wait "$sec" || true
