@@ -237,6 +237,14 @@ fn sigterm_stops_a_primary_whose_writers_wait_on_an_unreachable_secondary() {
         }
     });
     let written = waiting.unwrap_or_else(|e| panic!("the writers never waited: {e}"));
+    // "block": the pair waits, it never tracks.
+    let status = site.status_after("site-a", SystemTime::now(), PATIENCE);
+    for p in status["stats"]["pairs"].as_array().into_iter().flatten() {
+        assert!(
+            p["primary_state"] != "tracking" && p["dirty_bytes"] == 0,
+            "on_journal_full = \"block\" tracked: {p}"
+        );
+    }
     eprintln!("writers wait with {written} writes stamped; SIGTERM to the primary");
     let pid = primary.id().to_string();
     signal("-TERM", &pid);
