@@ -175,7 +175,8 @@ fn an_8mib_journal_with_lagging_acknowledgements_never_stalls() {
 }
 
 /// The secondary is stopped (SIGSTOP) under fio's writes, so the primary's writers soon
-/// wait on a full window; SIGTERM to the primary must answer them (fio ends) and the
+/// wait on a full window (`on_journal_full = "block"`, `suspend_after_ms = 0`: no
+/// tracking); SIGTERM to the primary must answer them (fio ends) and the
 /// primary must exit, whatever it waits on. Before the fix its shutdown flush queued
 /// behind the writers and it never exited.
 #[test]
@@ -183,7 +184,13 @@ fn sigterm_stops_a_primary_whose_writers_wait_on_an_unreachable_secondary() {
     if !have(&["fio"]) {
         return;
     }
-    let (site, port, _) = site(false);
+    let (mut site, port, _) = site(false);
+    // Writers must wait on the unreachable secondary, as they did before tracking: with
+    // the default (`track` after 2 s of silence) they would go on locally instead.
+    site.edit_config(|c| {
+        c.on_journal_full = Some("block".into());
+        c.suspend_after_ms = Some(0);
+    });
     let secondary = site.secondary();
     let mut primary = site.primary();
     wait_tcp(port, &mut primary, PATIENCE);
@@ -230,6 +237,14 @@ fn sigterm_stops_a_primary_whose_writers_wait_on_an_unreachable_secondary() {
         }
     });
     let written = waiting.unwrap_or_else(|e| panic!("the writers never waited: {e}"));
+    // "block": the pair waits, it never tracks.
+    let status = site.status_after("site-a", SystemTime::now(), PATIENCE);
+    for p in status["stats"]["pairs"].as_array().into_iter().flatten() {
+        assert!(
+            p["primary_state"] != "tracking" && p["dirty_bytes"] == 0,
+            "on_journal_full = \"block\" tracked: {p}"
+        );
+    }
     eprintln!("writers wait with {written} writes stamped; SIGTERM to the primary");
     let pid = primary.id().to_string();
     signal("-TERM", &pid);

@@ -144,12 +144,36 @@ impl EngineBuilder {
 
     /// A primary redoes what its journal holds but its local units may have missed (a
     /// crash between journal and disk write): I3 for writes acknowledged before a crash.
+    ///
+    /// Not for a pair whose dirty map is not clean: it tracked since, so its local unit
+    /// may hold writes newer than its live packets (tracked writes are not journaled),
+    /// which a redo would overwrite with older data. Its live packets' regions are marked
+    /// dirty instead: the resync copies them from the local unit, which holds every
+    /// write that was acknowledged.
     fn redo_journals(&self, stores: &[Stores], journals: &Journals) -> Result<(), EngineError> {
         for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
             let live = journals
                 .get(&p.local)
                 .and_then(|(_, r)| r.pairs.get(&PairId(i as u32)));
             if let (Some(store), Some(rp)) = (local, live) {
+                let map = match self.journals.get(&p.local) {
+                    Some((dir, _)) => Some(
+                        DirtyFile::open(&dir.join(format!("dirty-{i}.map")), p.size, self.region)
+                            .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?,
+                    ),
+                    None => None,
+                };
+                if let Some(mut map) = map.filter(|m| !m.map().is_clean()) {
+                    let ranges: Vec<(Offset, u64)> = rp
+                        .live
+                        .iter()
+                        .filter(|pkt| !pkt.payload.is_empty())
+                        .map(|pkt| (pkt.payload.offset(), pkt.payload.len()))
+                        .collect();
+                    map.mark(&ranges)
+                        .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?;
+                    continue;
+                }
                 for pkt in &rp.live {
                     store.apply(&pkt.payload)?;
                 }

@@ -131,6 +131,14 @@ pub struct ConfigText {
     pub max_clock_skew_ms: Option<u64>,
     /// `rate`, pacing per link (e.g. `"4MiB"`); default `None` (unpaced).
     pub rate: Option<String>,
+    /// `on_journal_full` (`"track"` or `"block"`); default `None` (the parser's
+    /// `"track"`).
+    pub on_journal_full: Option<String>,
+    /// `suspend_after_ms` (0 = never track on silence alone); default `None` (the
+    /// parser's 2000).
+    pub suspend_after_ms: Option<u64>,
+    /// `region_size` of the dirty-region map (e.g. `"64KiB"`); default `None` (64 KiB).
+    pub region_size: Option<String>,
     pub systems: Vec<SystemSpec>,
     pub pairs: Vec<PairSpec>,
 }
@@ -160,6 +168,9 @@ impl ConfigText {
             peer_timeout_ms: Some(1000),
             max_clock_skew_ms: None,
             rate: None,
+            on_journal_full: None,
+            suspend_after_ms: None,
+            region_size: None,
             systems: Vec::new(),
             pairs: Vec::new(),
         }
@@ -182,6 +193,14 @@ impl ConfigText {
 
     pub fn max_clock_skew_ms(mut self, ms: u64) -> ConfigText {
         self.max_clock_skew_ms = Some(ms);
+        self
+    }
+
+    /// Tracking (`on_journal_full = "track"`) once the remote has been silent for `ms`
+    /// while writes wait on it.
+    pub fn tracking_after_ms(mut self, ms: u64) -> ConfigText {
+        self.on_journal_full = Some("track".into());
+        self.suspend_after_ms = Some(ms);
         self
     }
 
@@ -245,6 +264,15 @@ impl ConfigText {
         }
         if let Some(r) = &self.rate {
             line(format!("rate = {r:?}"));
+        }
+        if let Some(m) = &self.on_journal_full {
+            line(format!("on_journal_full = {m:?}"));
+        }
+        if let Some(ms) = self.suspend_after_ms {
+            line(format!("suspend_after_ms = {ms}"));
+        }
+        if let Some(r) = &self.region_size {
+            line(format!("region_size = {r:?}"));
         }
         for s in &self.systems {
             line(String::new());
