@@ -78,7 +78,13 @@ pub async fn load(
             .iter()
             .zip(engine.pairs())
             .filter(|(_, p)| p.is_local())
-            .all(|(s, _)| s.acked_seq >= s.written_seq);
+            // A pair that tracked must also have resynced: its tracked writes reach
+            // the remote through the resync, not as packets of their own.
+            .all(|(s, _)| {
+                s.acked_seq >= s.written_seq
+                    && s.dirty_bytes == 0
+                    && !matches!(s.primary_state, Some("tracking" | "resyncing"))
+            });
         if done {
             break s;
         }

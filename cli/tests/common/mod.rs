@@ -335,6 +335,78 @@ impl Site {
         Ok(last_in.map_or(0, |a| a + 1))
     }
 
+    /// Finds the cut the unit `images` hold by their content alone: the smallest `k`
+    /// such that each image equals its pair's bytes after writes `0..k` of the workload
+    /// `seed` (a global prefix: dependent writes). For a remote that resynced, whose
+    /// sequence numbers no longer count the writes. Costs one pass over the writes,
+    /// comparing only the 4 KiB blocks each one touches.
+    pub fn cut_by_content(
+        &self,
+        seed: u64,
+        planned: usize,
+        max_write: u64,
+        images: &[PathBuf],
+    ) -> Result<usize, String> {
+        const BLOCK: usize = 4096;
+        let pairs: Vec<(PairId, u64)> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PairId(i as u32), *s))
+            .collect();
+        let got: Vec<Vec<u8>> = images
+            .iter()
+            .map(|i| std::fs::read(i).map_err(|e| format!("{}: {e}", i.display())))
+            .collect::<Result<_, _>>()?;
+        let mut model: Vec<Vec<u8>> = pairs.iter().map(|(_, s)| vec![0u8; *s as usize]).collect();
+        if got.iter().zip(&model).any(|(g, m)| g.len() != m.len()) {
+            return Err("an image has the wrong size".into());
+        }
+        let differs = |m: &[u8], g: &[u8], b: usize| {
+            let r = b * BLOCK..((b + 1) * BLOCK).min(m.len());
+            m[r.clone()] != g[r]
+        };
+        let mut bad: Vec<Vec<bool>> = model
+            .iter()
+            .zip(&got)
+            .map(|(m, g)| {
+                (0..m.len().div_ceil(BLOCK))
+                    .map(|b| differs(m, g, b))
+                    .collect()
+            })
+            .collect();
+        let mut total: usize = bad.iter().map(|v| v.iter().filter(|x| **x).count()).sum();
+        if total == 0 {
+            return Ok(0);
+        }
+        for (i, w) in Workload::new(seed, &pairs, max_write)
+            .take(planned)
+            .enumerate()
+        {
+            let p = w.pair.0 as usize;
+            let at = w.offset as usize;
+            model[p][at..at + w.data.len()].copy_from_slice(&w.data);
+            for b in at / BLOCK..(at + w.data.len()).div_ceil(BLOCK) {
+                let now = differs(&model[p], &got[p], b);
+                if now != bad[p][b] {
+                    if now {
+                        total += 1;
+                    } else {
+                        total -= 1;
+                    }
+                    bad[p][b] = now;
+                }
+            }
+            if total == 0 {
+                return Ok(i + 1);
+            }
+        }
+        Err(format!(
+            "not a cut: no prefix of the {planned} writes matches the images \
+             ({total} blocks differ from the whole workload's)"
+        ))
+    }
+
     /// Copies the secondary's state (journal, units) and the config next to it, runs
     /// `promote` on the copy, and checks the result is a cut of the workload.
     pub fn promote_copy_and_check(
