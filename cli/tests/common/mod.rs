@@ -386,15 +386,21 @@ impl Site {
             let p = w.pair.0 as usize;
             let at = w.offset as usize;
             model[p][at..at + w.data.len()].copy_from_slice(&w.data);
-            for b in at / BLOCK..(at + w.data.len()).div_ceil(BLOCK) {
+            let blocks = at / BLOCK..(at + w.data.len()).div_ceil(BLOCK);
+            for (b, was) in bad[p]
+                .iter_mut()
+                .enumerate()
+                .take(blocks.end)
+                .skip(blocks.start)
+            {
                 let now = differs(&model[p], &got[p], b);
-                if now != bad[p][b] {
+                if now != *was {
                     if now {
                         total += 1;
                     } else {
                         total -= 1;
                     }
-                    bad[p][b] = now;
+                    *was = now;
                 }
             }
             if total == 0 {
