@@ -11,8 +11,10 @@
 //! cut it reports (the base it rolled back to, or its limit): a consistent cut. Seeded
 //! (`TIDEMARK_SEED`), the seed printed.
 
+mod common;
 use actix::prelude::*;
 use bytes::Bytes;
+use common::epoch::{copy_dir, two_pair_config};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::path::{Path, PathBuf};
@@ -83,49 +85,7 @@ impl Handler<Outbound> for Wire {
 }
 
 fn config(dir: &Path) -> Config {
-    let text = r#"
-key_file = "cluster.key"
-orderer = "b"
-
-[[system]]
-name = "a"
-role = "primary"
-listen = "127.0.0.1:7100"
-journal_dir = "a/journal"
-
-[[system]]
-name = "b"
-role = "secondary"
-listen = "127.0.0.1:7200"
-journal_dir = "b/journal"
-journal_size = "4MiB"
-
-[[pair]]
-name = "p0"
-size = "64KiB"
-local  = { system = "a", path = "a/p0.img" }
-remote = { system = "b", path = "b/p0.img" }
-
-[[pair]]
-name = "p1"
-size = "64KiB"
-local  = { system = "a", path = "a/p1.img" }
-remote = { system = "b", path = "b/p1.img" }
-"#;
-    Config::parse(text, dir, &dir.join("t.toml")).expect("config")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read_dir") {
-        let e = e.expect("entry");
-        let target = to.join(e.file_name());
-        if e.file_type().expect("type").is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).expect("copy");
-        }
-    }
+    two_pair_config(dir, "4MiB", "64KiB")
 }
 
 /// A client write: (pair, ts, offset, data), shipped or tracked.

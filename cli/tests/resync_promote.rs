@@ -6,7 +6,9 @@
 //! at or below the cut it reports (`rolled_back_to`, else its limit). Live applications
 //! are checked with `CutChecker` outside the epoch. Seeded (`TIDEMARK_SEED`).
 
+mod common;
 use bytes::Bytes;
+use common::epoch::{copy_dir, two_pair_config};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::path::{Path, PathBuf};
@@ -21,49 +23,7 @@ use tidemark_cli::config::Config;
 const UNIT: u64 = 1 << 20;
 
 fn config(dir: &Path) -> Config {
-    let text = r#"
-key_file = "cluster.key"
-orderer = "b"
-
-[[system]]
-name = "a"
-role = "primary"
-listen = "127.0.0.1:7100"
-journal_dir = "a/journal"
-
-[[system]]
-name = "b"
-role = "secondary"
-listen = "127.0.0.1:7200"
-journal_dir = "b/journal"
-journal_size = "16MiB"
-
-[[pair]]
-name = "p0"
-size = "1MiB"
-local  = { system = "a", path = "a/p0.img" }
-remote = { system = "b", path = "b/p0.img" }
-
-[[pair]]
-name = "p1"
-size = "1MiB"
-local  = { system = "a", path = "a/p1.img" }
-remote = { system = "b", path = "b/p1.img" }
-"#;
-    Config::parse(text, dir, &dir.join("t.toml")).expect("config")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read_dir") {
-        let e = e.expect("entry");
-        let target = to.join(e.file_name());
-        if e.file_type().expect("type").is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).expect("copy");
-        }
-    }
+    two_pair_config(dir, "16MiB", "1MiB")
 }
 
 fn run_sim<F: std::future::Future>(f: F) -> F::Output {

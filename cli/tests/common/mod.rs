@@ -3,6 +3,7 @@
 
 pub mod config_text;
 pub mod dependent;
+pub mod epoch;
 pub mod outage;
 
 pub use config_text::{ConfigText, PairSpec, SystemSpec};
