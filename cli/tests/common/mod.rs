@@ -187,14 +187,18 @@ impl Site {
         out
     }
 
-    /// Writes per pair of the first `n` writes of workload `seed`.
-    pub fn counts(&self, seed: u64, n: usize, max_write: u64) -> BTreeMap<PairId, u64> {
-        let pairs: Vec<(PairId, u64)> = self
-            .sizes
+    /// Each pair of the config with its unit size, as the workload takes them.
+    fn pair_sizes(&self) -> Vec<(PairId, u64)> {
+        self.sizes
             .iter()
             .enumerate()
             .map(|(i, s)| (PairId(i as u32), *s))
-            .collect();
+            .collect()
+    }
+
+    /// Writes per pair of the first `n` writes of workload `seed`.
+    pub fn counts(&self, seed: u64, n: usize, max_write: u64) -> BTreeMap<PairId, u64> {
+        let pairs = self.pair_sizes();
         let mut c = BTreeMap::new();
         for w in Workload::new(seed, &pairs, max_write).take(n) {
             *c.entry(w.pair).or_insert(0) += 1;
@@ -279,12 +283,7 @@ impl Site {
         applied: &[u64],
         images: &[PathBuf],
     ) -> Result<usize, String> {
-        let pairs: Vec<(PairId, u64)> = self
-            .sizes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (PairId(i as u32), *s))
-            .collect();
+        let pairs = self.pair_sizes();
         let items: Vec<_> = Workload::new(seed, &pairs, max_write)
             .take(planned)
             .collect();
@@ -349,12 +348,7 @@ impl Site {
         images: &[PathBuf],
     ) -> Result<usize, String> {
         const BLOCK: usize = 4096;
-        let pairs: Vec<(PairId, u64)> = self
-            .sizes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (PairId(i as u32), *s))
-            .collect();
+        let pairs = self.pair_sizes();
         let got: Vec<Vec<u8>> = images
             .iter()
             .map(|i| std::fs::read(i).map_err(|e| format!("{}: {e}", i.display())))
