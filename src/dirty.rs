@@ -84,9 +84,13 @@ impl DirtyMap {
         self.count == 0
     }
 
-    /// Bytes of the unit in dirty regions (the last region may be short).
+    /// Bytes of the unit in dirty regions (the last region may be short). Constant
+    /// time: status and `drain` ask for it often, on units of any size.
     pub fn dirty_bytes(&self) -> u64 {
-        self.runs().iter().map(|(_, len)| len).sum()
+        let regions = self.size.div_ceil(self.region);
+        let short = regions * self.region - self.size;
+        let last_dirty = regions > 0 && self.is_dirty(regions - 1);
+        self.count * self.region - if last_dirty { short } else { 0 }
     }
 
     pub fn is_dirty(&self, region: u64) -> bool {
