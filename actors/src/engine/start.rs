@@ -64,8 +64,9 @@ impl EngineBuilder {
         let orderer_system = self.check()?;
         let stores = self.open_stores()?;
         let (mut journals, boot) = self.open_journals()?;
-        self.redo_journals(&stores, &journals)?;
-        let syncs = self.plan_syncs(&stores, &mut journals, &boot.unclean)?;
+        let mut dirty = self.open_dirty_maps(&stores)?;
+        self.redo_journals(&stores, &journals, &mut dirty)?;
+        let syncs = self.plan_syncs(&stores, &mut journals, &boot.unclean, dirty)?;
         let sockets = self.bind_sockets()?;
         let orderer_core = self.orderer_core(orderer_system, &journals)?;
 
@@ -142,6 +143,26 @@ impl EngineBuilder {
         Ok((journals, boot))
     }
 
+    /// Opens (or creates) the dirty-region map of every local unit here that has a
+    /// journal, beside it: `dirty-<N>.map`, N the pair's index. `None` elsewhere.
+    fn open_dirty_maps(&self, stores: &[Stores]) -> Result<Vec<Option<DirtyFile>>, EngineError> {
+        self.pairs
+            .iter()
+            .zip(stores)
+            .enumerate()
+            .map(
+                |(i, (p, (local, _)))| match (local, self.journals.get(&p.local)) {
+                    (Some(_), Some((dir, _))) => {
+                        DirtyFile::open(&dir.join(format!("dirty-{i}.map")), p.size, self.region)
+                            .map(Some)
+                            .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))
+                    }
+                    _ => Ok(None),
+                },
+            )
+            .collect()
+    }
+
     /// A primary redoes what its journal holds but its local units may have missed (a
     /// crash between journal and disk write): I3 for writes acknowledged before a crash.
     ///
@@ -150,20 +171,18 @@ impl EngineBuilder {
     /// which a redo would overwrite with older data. Its live packets' regions are marked
     /// dirty instead: the resync copies them from the local unit, which holds every
     /// write that was acknowledged.
-    fn redo_journals(&self, stores: &[Stores], journals: &Journals) -> Result<(), EngineError> {
-        for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
+    fn redo_journals(
+        &self,
+        stores: &[Stores],
+        journals: &Journals,
+        dirty: &mut [Option<DirtyFile>],
+    ) -> Result<(), EngineError> {
+        for (i, ((p, (local, _)), map)) in self.pairs.iter().zip(stores).zip(dirty).enumerate() {
             let live = journals
                 .get(&p.local)
                 .and_then(|(_, r)| r.pairs.get(&PairId(i as u32)));
             if let (Some(store), Some(rp)) = (local, live) {
-                let map = match self.journals.get(&p.local) {
-                    Some((dir, _)) => Some(
-                        DirtyFile::open(&dir.join(format!("dirty-{i}.map")), p.size, self.region)
-                            .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?,
-                    ),
-                    None => None,
-                };
-                if let Some(mut map) = map.filter(|m| !m.map().is_clean()) {
+                if let Some(map) = map.as_mut().filter(|m| !m.map().is_clean()) {
                     let ranges: Vec<(Offset, u64)> = rp
                         .live
                         .iter()
@@ -193,24 +212,16 @@ impl EngineBuilder {
         stores: &[Stores],
         journals: &mut Journals,
         unclean: &BTreeSet<SystemId>,
+        dirty: Vec<Option<DirtyFile>>,
     ) -> Result<SyncPlans, EngineError> {
         let mut plans = Vec::with_capacity(stores.len());
-        for (i, (p, (local, _))) in self.pairs.iter().zip(stores).enumerate() {
+        for (i, ((p, (local, _)), mut dirty)) in
+            self.pairs.iter().zip(stores).zip(dirty).enumerate()
+        {
             let id = PairId(i as u32);
             let Some(store) = local else {
                 plans.push(CopyPlan::default());
                 continue;
-            };
-            let mut dirty = match self.journals.get(&p.local) {
-                Some((dir, _)) => Some(
-                    DirtyFile::open(
-                        &dir.join(format!("dirty-{}.map", id.0)),
-                        p.size,
-                        self.region,
-                    )
-                    .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?,
-                ),
-                None => None,
             };
             let dirty_clean = dirty.as_ref().is_none_or(|d| d.map().is_clean());
             let recovered = journals.get(&p.local).and_then(|(_, r)| r.pairs.get(&id));
