@@ -9,19 +9,34 @@
 //! [`LinkCore::poll_transmit`] returns to the peer's address, and feeds received
 //! datagrams to [`LinkCore::handle_datagram`].
 //!
-//! Delivery is at most once per datagram and unordered; reliability is end to end
-//! (units retransmit until acknowledged; heads and limits are re-sent state).
+//! Datagrams that carry data are numbered per peer and receipted by the peer's link
+//! ([`flow`]): the link paces them by its congestion window and round trip, and sends
+//! the items of a lost datagram again (part by part: a lost part of a split write costs
+//! that part, not the write). Other messages (acknowledgements, heads, heartbeats,
+//! limits) are state that their senders re-send until superseded; they go first, in
+//! datagrams of their own, unnumbered. Reliability stays end to end: units retransmit
+//! until the remote unit acknowledges durably, and the link's recovery only makes that
+//! rare.
 //!
 //! Invariant (I6): nothing that fails to open, is replayed, malformed or oversized
 //! reaches the caller or changes any state but the drop counters.
+
+pub mod flow;
+mod received;
 
 use crate::packet::{Message, Packet, Part, Payload};
 use crate::seal::{Opener, Peer, SealError, Sealer, Session, KEY_LEN, OVERHEAD};
 use crate::types::{PairId, Seq, SystemId};
 use crate::wire::{self, FRAME_OVERHEAD};
 use bytes::Bytes;
+use flow::{Flow, FlowStats, Item};
+use received::Received;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// Room a datagram keeps for its [`Message::Number`] (a varint of at most 10 bytes
+/// after the variant's tag).
+const NUMBER_ROOM: usize = 11;
 
 /// Settings of a link.
 #[derive(Clone, Copy, Debug)]
@@ -30,10 +45,14 @@ pub struct LinkConfig {
     pub mtu: usize,
     /// Largest datagram accepted.
     pub max_datagram: usize,
-    /// Pacing rate, bytes per second (0: unpaced).
+    /// Most bytes per second to one peer (0: as the congestion window and round trip
+    /// allow; the link always paces).
     pub rate: u64,
-    /// Bytes that may leave at once before pacing applies.
+    /// Bytes that may leave back to back before pacing applies.
     pub burst: u64,
+    /// Bytes of data in flight to a peer before its first receipt (the congestion
+    /// window's start).
+    pub initial_window: usize,
     /// A peer silent this long is down.
     pub peer_timeout: Duration,
     /// Bytes of partly reassembled packets kept at most.
@@ -50,7 +69,8 @@ impl Default for LinkConfig {
             mtu: 1400,
             max_datagram: 65_507,
             rate: 0,
-            burst: 256 * 1024,
+            burst: 64 * 1024,
+            initial_window: crate::ship::congestion::INITIAL_CWND,
             peer_timeout: Duration::from_secs(3),
             reassembly_bytes: 64 << 20,
             reassembly_packets: 4096,
@@ -86,8 +106,22 @@ pub struct LinkCounters {
     pub dropped_oversize: u64,
     pub dropped_misaddressed: u64,
     pub dropped_bad_part: u64,
+    /// Receipts whose ranges were not well formed (ignored).
+    pub dropped_bad_receipt: u64,
     pub reassembly_evicted: u64,
     pub unknown_peer: u64,
+    /// Numbered datagrams deemed lost (all peers).
+    pub datagrams_lost: u64,
+    /// Data items sent again by the link after their datagram was lost.
+    pub items_resent: u64,
+    /// Data items the link gave up on (the units retransmit them end to end).
+    pub items_abandoned: u64,
+    /// Losses that turned out to be reordering.
+    pub spurious_losses: u64,
+    /// Probe timeouts.
+    pub probe_timeouts: u64,
+    /// Receipts sent.
+    pub receipts_out: u64,
 }
 
 impl LinkCounters {
@@ -106,6 +140,21 @@ impl LinkCounters {
 struct PeerState {
     last_heard: Option<Instant>,
     up: bool,
+    /// Messages waiting to leave: state (unnumbered, first) and data (numbered).
+    control: VecDeque<Vec<u8>>,
+    data: VecDeque<Item>,
+    flow: Flow,
+    received: Received,
+}
+
+/// What the link shows about one peer's path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PathStats {
+    pub srtt_us: Option<u64>,
+    pub cwnd: usize,
+    pub in_flight: usize,
+    pub pacing_rate: f64,
+    pub flow: FlowStats,
 }
 
 /// Which write packet a part belongs to: its sender and its pair, seq and stamp. Every
@@ -154,11 +203,9 @@ pub struct LinkCore {
     cfg: LinkConfig,
     sealer: Sealer,
     opener: Opener,
-    queued: BTreeMap<SystemId, Vec<Vec<u8>>>,
-    ready: VecDeque<(SystemId, Vec<u8>)>,
-    tokens: f64,
-    refilled: Option<Instant>,
     peers: BTreeMap<SystemId, PeerState>,
+    /// The peer served first by the next [`LinkCore::poll_transmit`] (round robin).
+    turn: usize,
     events: VecDeque<LinkEvent>,
     partial: BTreeMap<PartKey, Partial>,
     partial_bytes: usize,
@@ -180,10 +227,6 @@ impl LinkCore {
             cfg,
             sealer: Sealer::new(key, session),
             opener: Opener::new(key, me, cfg.max_datagram),
-            queued: BTreeMap::new(),
-            ready: VecDeque::new(),
-            tokens: cfg.burst as f64,
-            refilled: None,
             peers: peers
                 .iter()
                 .filter(|p| **p != me)
@@ -193,10 +236,15 @@ impl LinkCore {
                         PeerState {
                             last_heard: None,
                             up: false,
+                            control: VecDeque::new(),
+                            data: VecDeque::new(),
+                            flow: Flow::new(cfg.burst, cfg.rate, cfg.initial_window),
+                            received: Received::default(),
                         },
                     )
                 })
                 .collect(),
+            turn: 0,
             events: VecDeque::new(),
             partial: BTreeMap::new(),
             partial_bytes: 0,
@@ -205,8 +253,30 @@ impl LinkCore {
         }
     }
 
+    /// The counters, with the flows' figures summed over peers.
     pub fn counters(&self) -> LinkCounters {
-        self.counters
+        let mut c = self.counters;
+        for p in self.peers.values() {
+            let f = p.flow.stats();
+            c.datagrams_lost += f.lost;
+            c.items_resent += f.resent_items;
+            c.items_abandoned += f.abandoned_items;
+            c.spurious_losses += f.spurious;
+            c.probe_timeouts += f.probe_timeouts;
+        }
+        c
+    }
+
+    /// What the link knows of the path to `peer`.
+    pub fn path_stats(&self, peer: SystemId) -> Option<PathStats> {
+        let p = self.peers.get(&peer)?;
+        Some(PathStats {
+            srtt_us: p.flow.srtt().map(|d| d.as_micros() as u64),
+            cwnd: p.flow.cwnd(),
+            in_flight: p.flow.in_flight(),
+            pacing_rate: p.flow.pacing_rate(),
+            flow: p.flow.stats(),
+        })
     }
 
     /// Whether `peer` has been heard from within the timeout.
@@ -222,139 +292,209 @@ impl LinkCore {
             .max(64)
     }
 
-    /// Queues `msg` for `to`. Call [`LinkCore::flush`] when a burst of messages is queued.
+    /// Room for data items in one datagram (it also carries its number).
+    fn data_budget(&self) -> usize {
+        self.budget() - NUMBER_ROOM
+    }
+
+    /// Queues `msg` for `to`; datagrams are built when they may leave
+    /// ([`LinkCore::poll_transmit`]), so many messages queued together share them.
     pub fn send(&mut self, to: SystemId, msg: Message) {
-        if !self.peers.contains_key(&to) {
+        let budget = self.budget();
+        let data_budget = self.data_budget();
+        let Some(peer) = self.peers.get_mut(&to) else {
             self.counters.unknown_peer += 1;
             return;
-        }
-        let budget = self.budget();
+        };
         let mut items = Vec::new();
         explode(msg, &mut items);
-        let q = self.queued.entry(to).or_default();
         for m in items {
-            // A write whose data alone fills a datagram is split without being encoded
-            // whole first (that would copy up to a whole write only to measure it).
-            let bytes = match m {
-                Message::Data(ps) if ps.len() == 1 && data_len(&ps[0]) >= budget => {
-                    Err(Message::Data(ps))
-                }
-                m => {
-                    let bytes = wire::encode_item(&m);
-                    if bytes.len() <= budget {
-                        Ok(bytes)
-                    } else {
-                        Err(m)
-                    }
-                }
-            };
-            match bytes {
-                Ok(bytes) => q.push(bytes),
-                Err(Message::Data(mut ps)) if ps.len() == 1 => {
-                    let p = ps.remove(0);
-                    for part in split(p, budget) {
-                        self.counters.parts_out += 1;
-                        q.push(wire::encode_item(&Message::Part(part)));
+            match m {
+                Message::Data(mut ps) if ps.len() == 1 => {
+                    // A write whose data alone fills a datagram is split without being
+                    // encoded whole first (that would copy up to a whole write only to
+                    // measure it).
+                    let whole = (data_len(&ps[0]) < data_budget)
+                        .then(|| wire::encode_item(&Message::Data(ps.clone())))
+                        .filter(|b| b.len() <= data_budget);
+                    match whole {
+                        Some(bytes) => peer.data.push_back(Item { bytes, tries: 0 }),
+                        None => {
+                            for part in split(ps.remove(0), data_budget) {
+                                self.counters.parts_out += 1;
+                                peer.data.push_back(Item {
+                                    bytes: wire::encode_item(&Message::Part(part)),
+                                    tries: 0,
+                                });
+                            }
+                        }
                     }
                 }
                 // Nothing else grows past a datagram (acks carry a bounded SACK list).
-                Err(other) => q.push(wire::encode_item(&other)),
-            }
-        }
-    }
-
-    /// Packs everything queued into sealed datagrams.
-    pub fn flush(&mut self) {
-        let budget = self.budget();
-        for (to, items) in std::mem::take(&mut self.queued) {
-            let mut batch: Vec<Vec<u8>> = Vec::new();
-            let mut size = 0;
-            for item in items {
-                if !batch.is_empty() && size + item.len() > budget {
-                    let d = self.seal(to, &batch);
-                    self.ready.push_back((to, d));
-                    batch.clear();
-                    size = 0;
+                other => {
+                    let bytes = wire::encode_item(&other);
+                    debug_assert!(bytes.len() <= budget || budget == 64);
+                    peer.control.push_back(bytes);
                 }
-                size += item.len();
-                batch.push(item);
-            }
-            if !batch.is_empty() {
-                let d = self.seal(to, &batch);
-                self.ready.push_back((to, d));
             }
         }
     }
 
     /// Encodes the frame straight after the seal header and seals it in place.
-    fn seal(&mut self, to: SystemId, items: &[Vec<u8>]) -> Vec<u8> {
+    fn seal(&mut self, to: SystemId, items: &[&[u8]]) -> Vec<u8> {
         let me = self.me;
-        let len = FRAME_OVERHEAD + items.iter().map(Vec::len).sum::<usize>();
+        let len = FRAME_OVERHEAD + items.iter().map(|i| i.len()).sum::<usize>();
         self.sealer
             .seal_with(len, |out| wire::encode_parts_into(out, me, to, items))
     }
 
-    /// The next datagram to send now, and to whom; `None` if nothing is ready or the
-    /// pacer says wait (see [`LinkCore::poll_timeout`]).
+    /// The next datagram to send now, and to whom; `None` if nothing may leave now (see
+    /// [`LinkCore::poll_timeout`]).
+    ///
+    /// Per peer, in turn: owed receipts and other state messages first, in unnumbered
+    /// datagrams that neither wait for the pacer nor count against the window (they are
+    /// small and re-sent state); then data, lost items before new ones, in a numbered
+    /// datagram, if the window has room and the pacer has tokens. Every datagram's
+    /// bytes are taken from the pacer's tokens.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(SystemId, Vec<u8>)> {
-        let len = self.ready.front()?.1.len() as f64;
-        if self.cfg.rate > 0 {
-            self.refill(now);
-            if self.tokens < len {
-                return None;
+        let ids: Vec<SystemId> = self.peers.keys().copied().collect();
+        if ids.is_empty() {
+            return None;
+        }
+        for k in 0..ids.len() {
+            let to = ids[(self.turn + k) % ids.len()];
+            if let Some(d) = self.datagram_for(to, now) {
+                self.turn = (self.turn + k + 1) % ids.len();
+                self.counters.datagrams_out += 1;
+                self.counters.bytes_out += d.len() as u64;
+                return Some((to, d));
             }
-            self.tokens -= len;
         }
-        let (to, d) = self.ready.pop_front()?;
-        self.counters.datagrams_out += 1;
-        self.counters.bytes_out += d.len() as u64;
-        Some((to, d))
+        None
     }
 
-    fn refill(&mut self, now: Instant) {
-        if let Some(last) = self.refilled {
-            let dt = now.saturating_duration_since(last).as_secs_f64();
-            self.tokens = (self.tokens + dt * self.cfg.rate as f64).min(self.cfg.burst as f64);
+    /// The next datagram for `to` that may leave now, if any.
+    fn datagram_for(&mut self, to: SystemId, now: Instant) -> Option<Vec<u8>> {
+        let budget = self.budget();
+        let data_budget = self.data_budget();
+        let mtu = self.cfg.mtu;
+        let peer = self.peers.get_mut(&to)?;
+        if let Some(r) = peer.received.poll_receipt(now) {
+            self.counters.receipts_out += 1;
+            peer.control
+                .push_front(wire::encode_item(&Message::Receipt(r)));
         }
-        self.refilled = Some(now);
+        let has_data = !peer.data.is_empty() || peer.flow.has_resend();
+        if has_data && peer.flow.may_send(now, mtu) {
+            // A numbered datagram: lost items first, then new ones, then state that fits.
+            let number = wire::encode_item(&Message::Number(peer.flow.next_number()));
+            let mut items: Vec<Item> = Vec::new();
+            let mut size = number.len();
+            loop {
+                let (item, resent) = match peer.flow.take_resend() {
+                    Some(i) => (i, true),
+                    None => match peer.data.pop_front() {
+                        Some(i) => (i, false),
+                        None => break,
+                    },
+                };
+                if !items.is_empty() && size + item.bytes.len() > data_budget + NUMBER_ROOM {
+                    if resent {
+                        peer.flow.put_back(item);
+                    } else {
+                        peer.data.push_front(item);
+                    }
+                    break;
+                }
+                size += item.bytes.len();
+                items.push(item);
+            }
+            let mut state: Vec<Vec<u8>> = Vec::new();
+            while let Some(c) = peer.control.front() {
+                if size + c.len() > budget {
+                    break;
+                }
+                size += c.len();
+                state.extend(peer.control.pop_front());
+            }
+            let mut refs: Vec<&[u8]> = vec![&number];
+            refs.extend(items.iter().map(|i| i.bytes.as_slice()));
+            refs.extend(state.iter().map(Vec::as_slice));
+            let d = self.seal(to, &refs);
+            let peer = self.peers.get_mut(&to)?;
+            peer.flow.spend(now, d.len());
+            peer.flow.on_sent(now, d.len(), items);
+            return Some(d);
+        }
+        if peer.control.is_empty() {
+            return None;
+        }
+        let mut state: Vec<Vec<u8>> = Vec::new();
+        let mut size = 0;
+        while let Some(c) = peer.control.front() {
+            if !state.is_empty() && size + c.len() > budget {
+                break;
+            }
+            size += c.len();
+            state.extend(peer.control.pop_front());
+        }
+        let refs: Vec<&[u8]> = state.iter().map(Vec::as_slice).collect();
+        let d = self.seal(to, &refs);
+        if let Some(peer) = self.peers.get_mut(&to) {
+            peer.flow.spend(now, d.len());
+        }
+        Some(d)
     }
 
-    /// Datagrams waiting for the pacer.
+    /// Datagrams' worth of messages waiting (for the window, the pacer, or a call).
     pub fn backlog(&self) -> usize {
-        self.ready.len()
+        self.peers
+            .values()
+            .map(|p| p.control.len() + p.data.len() + usize::from(p.flow.has_resend()))
+            .sum()
     }
 
-    /// When to call again: the pacer's next slot, or the next liveness check.
+    /// When to call [`LinkCore::poll_transmit`] or [`LinkCore::handle_timeout`] again:
+    /// the pacer's next slot for data the window lets go, a loss or probe timer, or the
+    /// next liveness check.
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        let pace = match self.ready.front() {
-            Some((_, d)) if self.cfg.rate > 0 && self.tokens < d.len() as f64 => {
-                let need = d.len() as f64 - self.tokens;
-                Some(now + Duration::from_secs_f64(need / self.cfg.rate as f64))
+        let mtu = self.cfg.mtu;
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        for p in self.peers.values() {
+            if !p.control.is_empty() {
+                at(now);
             }
-            Some(_) => Some(now),
-            None => None,
-        };
-        let live = self
-            .peers
-            .values()
-            .filter(|p| p.up)
-            .filter_map(|p| p.last_heard)
-            .min()
-            .map(|t| t + self.cfg.peer_timeout);
-        match (pace, live) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            if (!p.data.is_empty() || p.flow.has_resend()) && p.flow.window_open(mtu) {
+                at(p.flow.pace_at(now));
+            }
+            if let Some(t) = p.flow.poll_timeout() {
+                at(t);
+            }
+            if p.up {
+                if let Some(t) = p.last_heard {
+                    at(t + self.cfg.peer_timeout);
+                }
+            }
         }
+        next
     }
 
     /// Liveness: peers silent for `peer_timeout` go down.
+    ///
+    /// Also the flows' timers: losses by time and probe timeouts. A peer that goes down
+    /// forgets what was in flight to it and what waited (the units send again when it
+    /// is back).
     pub fn handle_timeout(&mut self, now: Instant) {
         for (id, p) in self.peers.iter_mut() {
+            p.flow.handle_timeout(now);
             if p.up
                 && p.last_heard
                     .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.peer_timeout)
             {
                 p.up = false;
+                p.flow.reset();
+                p.data.clear();
                 self.events.push_back(LinkEvent::Down(*id));
             }
         }
@@ -401,6 +541,10 @@ impl LinkCore {
         state.up = true;
         if let Peer::Restarted { previous: Some(_) } = peer {
             self.events.push_back(LinkEvent::Restarted(from));
+            // Its numbers begin again, and nothing in flight to its old self will be
+            // receipted.
+            state.received.reset();
+            state.flow.reset();
             // Parts of the old session can never complete.
             self.drop_partials(from);
         }
@@ -410,6 +554,18 @@ impl LinkCore {
         let mut out = Vec::with_capacity(frame.messages.len());
         for m in frame.messages {
             match m {
+                Message::Number(n) => {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.received.record(n, now);
+                    }
+                }
+                Message::Receipt(r) => {
+                    if !r.is_well_formed() {
+                        self.counters.dropped_bad_receipt += 1;
+                    } else if let Some(p) = self.peers.get_mut(&from) {
+                        p.flow.on_receipt(now, &r);
+                    }
+                }
                 Message::Part(part) => {
                     if let Some(p) = self.reassemble(from, part) {
                         out.push(Message::Data(vec![p]));

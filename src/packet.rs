@@ -232,6 +232,39 @@ pub enum Message {
     /// The answer to a probe: the probe's `sent` and the answerer's wall clock when it
     /// answered.
     TimeReply { sent: u64, remote: u64 },
+    /// Link to link (never delivered to a unit): the number of the datagram it opens in
+    /// its sender's stream to this receiver, 1, 2, 3, ... per sender session. Only
+    /// datagrams that carry data are numbered; each asks for a [`Receipt`] (wire
+    /// version 3).
+    Number(u64),
+    /// Link to link (never delivered to a unit): which numbered datagrams arrived
+    /// (wire version 3).
+    Receipt(Receipt),
+}
+
+/// The most ranges one [`Receipt`] lists.
+pub const RECEIPT_RANGES: usize = 32;
+
+/// Numbered datagrams a link received from one peer: the inclusive ranges of numbers,
+/// highest first, disjoint and not touching, at most [`RECEIPT_RANGES`] of them.
+/// `delay_us`: how long the receiver held the highest one before it sent this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub delay_us: u32,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Receipt {
+    /// Whether the ranges are what the format promises: at most [`RECEIPT_RANGES`],
+    /// each `lo <= hi`, highest first with a gap between neighbours.
+    pub fn is_well_formed(&self) -> bool {
+        self.ranges.len() <= RECEIPT_RANGES
+            && self.ranges.iter().all(|&(lo, hi)| lo <= hi)
+            && self
+                .ranges
+                .windows(2)
+                .all(|w| w[1].1.checked_add(1).is_some_and(|next| next < w[0].0))
+    }
 }
 
 /// Bytes `at .. at + data.len()` of the data of the write packet `(pair, stamp)`, which

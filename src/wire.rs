@@ -28,7 +28,14 @@ use serde::{Deserialize, Serialize};
 /// field: no resync, no epoch); a build that speaks only version 1 drops version 2
 /// frames as of an unknown version (counted, I6). So a remote system and its orderer
 /// must be upgraded together.
-pub const VERSION: u8 = 2;
+///
+/// Version 3 encodes as version 2 and adds the link's own messages at the end of
+/// [`Message`] ([`Message::Number`], [`Message::Receipt`]): receipts of datagrams
+/// for the link's loss recovery, pacing and congestion control (`docs/design.md`, the
+/// link). A version 2 build cannot receive a version 3 system's data (its datagrams
+/// open with a number), so the version changes: both ends must run version 3. This
+/// build still decodes versions 1 and 2.
+pub const VERSION: u8 = 3;
 
 /// The oldest frame version this build decodes.
 pub const OLDEST_VERSION: u8 = 1;
@@ -70,7 +77,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
 
 /// Builds the same bytes as [`encode`] of a frame whose messages are given already
 /// serialised (each one `postcard` of a [`Message`]), so a sender can size datagrams.
-pub fn encode_parts(from: SystemId, to: SystemId, items: &[Vec<u8>]) -> Vec<u8> {
+pub fn encode_parts<T: AsRef<[u8]>>(from: SystemId, to: SystemId, items: &[T]) -> Vec<u8> {
     let mut out = Vec::new();
     encode_parts_into(&mut out, from, to, items);
     out
@@ -78,9 +85,14 @@ pub fn encode_parts(from: SystemId, to: SystemId, items: &[Vec<u8>]) -> Vec<u8> 
 
 /// As [`encode_parts`], appending the frame to `out` (whatever `out` held before stays
 /// untouched and outside the checksum): lets a sealer write the frame after its header.
-pub fn encode_parts_into(out: &mut Vec<u8>, from: SystemId, to: SystemId, items: &[Vec<u8>]) {
+pub fn encode_parts_into<T: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    from: SystemId,
+    to: SystemId,
+    items: &[T],
+) {
     let start = out.len();
-    out.reserve(FRAME_OVERHEAD + items.iter().map(Vec::len).sum::<usize>());
+    out.reserve(FRAME_OVERHEAD + items.iter().map(|i| i.as_ref().len()).sum::<usize>());
     out.push(VERSION);
     let header = (from, to, items.len());
     // Serialising our own types into a Vec has no failure mode (no I/O, no size limit).
@@ -90,7 +102,7 @@ pub fn encode_parts_into(out: &mut Vec<u8>, from: SystemId, to: SystemId, items:
         .len();
     out.extend_from_slice(&buf[..used]);
     for i in items {
-        out.extend_from_slice(i);
+        out.extend_from_slice(i.as_ref());
     }
     let crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -121,7 +133,7 @@ pub fn decode(bytes: &[u8], max_len: usize) -> Result<Frame, WireError> {
         return Err(WireError::Checksum);
     }
     let (frame, rest) = match body[0] {
-        VERSION => postcard::take_from_bytes::<Frame>(&body[1..]),
+        VERSION | 2 => postcard::take_from_bytes::<Frame>(&body[1..]),
         1 => postcard::take_from_bytes::<v1::Frame>(&body[1..]).map(|(f, r)| (f.into(), r)),
         v => return Err(WireError::Version(v)),
     }
@@ -402,7 +414,7 @@ mod tests {
             to: SystemId(u32::MAX),
             messages: vec![],
         };
-        let bytes = encode_parts(big.from, big.to, &[]);
+        let bytes = encode_parts::<Vec<u8>>(big.from, big.to, &[]);
         assert_eq!(bytes, encode(&big));
         assert!(bytes.len() <= FRAME_OVERHEAD);
     }

@@ -13,6 +13,16 @@ fn session(epoch: u64) -> Session {
     }
 }
 
+/// A link whose window and pacer never hold anything back (for tests of packing,
+/// splitting and reassembly).
+fn open() -> LinkConfig {
+    LinkConfig {
+        burst: 1 << 40,
+        initial_window: crate::ship::congestion::MAX_CWND,
+        ..LinkConfig::default()
+    }
+}
+
 fn pair(cfg: LinkConfig) -> (LinkCore, LinkCore) {
     (
         LinkCore::new(A, &[A, B], &KEY, session(1), cfg),
@@ -36,7 +46,6 @@ fn write(seq: u64, len: usize) -> Packet {
 }
 
 fn datagrams(l: &mut LinkCore, now: Instant) -> Vec<Vec<u8>> {
-    l.flush();
     std::iter::from_fn(|| l.poll_transmit(now).map(|(_, d)| d)).collect()
 }
 
@@ -52,7 +61,7 @@ fn deliver(to: &mut LinkCore, now: Instant, ds: Vec<Vec<u8>>) -> Vec<Message> {
 
 #[test]
 fn small_messages_share_datagrams_within_the_mtu() {
-    let (mut a, mut b) = pair(LinkConfig::default());
+    let (mut a, mut b) = pair(open());
     let now = Instant::now();
     let ps: Vec<Packet> = (1..=40).map(|s| write(s, 16)).collect();
     a.send(B, Message::Data(ps.clone()));
@@ -95,7 +104,7 @@ fn small_messages_share_datagrams_within_the_mtu() {
 
 #[test]
 fn large_writes_are_split_and_reassembled_in_any_order_with_duplicates() {
-    let (mut a, mut b) = pair(LinkConfig::default());
+    let (mut a, mut b) = pair(open());
     let now = Instant::now();
     let p = write(1, 100_000);
     a.send(B, Message::Data(vec![p.clone()]));
@@ -120,7 +129,7 @@ fn large_writes_are_split_and_reassembled_in_any_order_with_duplicates() {
 fn lost_parts_leave_nothing_and_reassembly_memory_is_bounded() {
     let cfg = LinkConfig {
         reassembly_bytes: 250_000,
-        ..LinkConfig::default()
+        ..open()
     };
     let (mut a, mut b) = pair(cfg);
     let now = Instant::now();
@@ -145,7 +154,7 @@ fn lost_parts_leave_nothing_and_reassembly_memory_is_bounded() {
 fn forged_replayed_truncated_flipped_oversized_are_dropped_and_counted() {
     let (mut a, mut b) = pair(LinkConfig {
         max_datagram: 2000,
-        ..LinkConfig::default()
+        ..open()
     });
     let now = Instant::now();
     a.send(
@@ -204,7 +213,6 @@ fn pacing_spreads_datagrams_over_time() {
     for s in 1..=20 {
         a.send(B, Message::Data(vec![write(s, 1000)]));
     }
-    a.flush();
     let mut sent = 0;
     while a.poll_transmit(t0).is_some() {
         sent += 1;
@@ -234,7 +242,7 @@ fn pacing_spreads_datagrams_over_time() {
 fn liveness_and_restart_events() {
     let cfg = LinkConfig {
         peer_timeout: Duration::from_millis(100),
-        ..LinkConfig::default()
+        ..open()
     };
     let (mut a, mut b) = pair(cfg);
     let t0 = Instant::now();
@@ -291,7 +299,7 @@ fn deliver_some(
 
 #[test]
 fn a_retransmission_fills_the_holes_of_earlier_attempts() {
-    let (mut a, mut b) = pair(LinkConfig::default());
+    let (mut a, mut b) = pair(open());
     let now = Instant::now();
     let p = write(1, 64 * 1024);
     a.send(B, Message::Data(vec![p.clone()]));
@@ -316,7 +324,7 @@ fn lossy_rounds_deliver_every_split_write_in_a_few_retransmissions() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20261129);
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
-    let (mut a, mut b) = pair(LinkConfig::default());
+    let (mut a, mut b) = pair(open());
     let now = Instant::now();
     let mut missing: BTreeMap<Seq, Packet> =
         (1..=20).map(|s| (Seq(s), write(s, 64 * 1024))).collect();
@@ -355,7 +363,7 @@ fn lossy_rounds_deliver_every_split_write_in_a_few_retransmissions() {
 fn partial_packets_are_bounded_in_count_least_recent_evicted() {
     let cfg = LinkConfig {
         reassembly_packets: 3,
-        ..LinkConfig::default()
+        ..open()
     };
     let (mut a, mut b) = pair(cfg);
     let now = Instant::now();
@@ -408,7 +416,7 @@ fn parts_overlapping_differently_still_complete() {
 #[test]
 fn marks_travel_between_writes_like_any_packet() {
     use crate::packet::Mark;
-    let (mut a, mut b) = pair(LinkConfig::default());
+    let (mut a, mut b) = pair(open());
     let now = Instant::now();
     let mark = |seq: u64, m: Mark| Packet {
         pair: PairId(3),

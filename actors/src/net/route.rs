@@ -187,6 +187,7 @@ impl Routes {
                 },
                 // Links reassemble parts before delivering.
                 WireMessage::Part(_) => miss("part"),
+                WireMessage::Number(_) | WireMessage::Receipt(_) => miss("link message"),
             }
         }
         for (pair, ps) in data {

@@ -33,6 +33,9 @@ const RECV_SLOT: usize = 65_536;
 pub struct UdpStatus {
     pub counters: LinkCounters,
     pub peers_up: BTreeMap<String, bool>,
+    /// Per peer: round trip, congestion window, bytes in flight, pacing rate and the
+    /// link's loss recovery figures.
+    pub paths: BTreeMap<String, tidemark::link::PathStats>,
     pub send_errors: u64,
 }
 
@@ -53,7 +56,8 @@ pub struct UdpLink {
     names: BTreeMap<SystemId, String>,
     routes: Routes,
     flush_scheduled: bool,
-    wake_scheduled: bool,
+    /// The earliest wake-up scheduled.
+    wake_at: Option<std::time::Instant>,
     send_errors: u64,
     status: Arc<Mutex<UdpStatus>>,
     tick: Duration,
@@ -82,7 +86,7 @@ impl UdpLink {
             names,
             routes: Routes::default(),
             flush_scheduled: false,
-            wake_scheduled: false,
+            wake_at: None,
             send_errors: 0,
             status,
             tick,
@@ -111,19 +115,30 @@ impl UdpLink {
             self.gso.push(addr, &d);
         }
         self.send_errors += self.gso.send(&socket, &state);
-        if self.core.backlog() > 0 && !self.wake_scheduled {
-            self.wake_scheduled = true;
-            let wait = self
-                .core
-                .poll_timeout(t)
-                .map(|w| w.saturating_duration_since(t))
-                .unwrap_or(Duration::from_millis(1))
-                .max(Duration::from_micros(100));
-            ctx.run_later(wait, |act, ctx| {
-                act.wake_scheduled = false;
-                act.transmit(ctx);
-            });
+        self.arm(ctx, t);
+    }
+
+    /// Schedules a wake-up at the core's next deadline (the pacer's next slot, a loss or
+    /// probe timer) unless one at or before it is already scheduled. The periodic tick
+    /// stays the safety net.
+    fn arm(&mut self, ctx: &mut Context<Self>, t: std::time::Instant) {
+        let Some(due) = self.core.poll_timeout(t) else {
+            return;
+        };
+        let due = due.max(t + Duration::from_micros(100));
+        if self.wake_at.is_some_and(|w| w <= due) {
+            return;
         }
+        self.wake_at = Some(due);
+        ctx.run_later(due.saturating_duration_since(t), |act, ctx| {
+            let now = now();
+            if act.wake_at.is_some_and(|w| w <= now) {
+                act.wake_at = None;
+            }
+            act.core.handle_timeout(now);
+            act.events();
+            act.transmit(ctx);
+        });
     }
 
     fn events(&mut self) {
@@ -146,6 +161,9 @@ impl UdpLink {
             for (id, name) in &self.names {
                 if *id != self.me {
                     s.peers_up.insert(name.clone(), self.core.is_up(*id));
+                    if let Some(p) = self.core.path_stats(*id) {
+                        s.paths.insert(name.clone(), p);
+                    }
                 }
             }
         }
@@ -327,14 +345,13 @@ impl Handler<FlushQueued> for UdpLink {
     type Result = ();
     fn handle(&mut self, _: FlushQueued, ctx: &mut Context<Self>) {
         self.flush_scheduled = false;
-        self.core.flush();
         self.transmit(ctx);
     }
 }
 
 impl Handler<Datagrams> for UdpLink {
     type Result = ();
-    fn handle(&mut self, msg: Datagrams, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Datagrams, ctx: &mut Context<Self>) {
         let t = now();
         let mut by_peer: BTreeMap<SystemId, Vec<tidemark::Message>> = BTreeMap::new();
         for mut d in msg.0 {
@@ -346,6 +363,8 @@ impl Handler<Datagrams> for UdpLink {
             self.routes.deliver(self.me, from, msgs);
         }
         self.events();
+        // Receipts are owed, and receipts taken may have opened the window.
+        self.transmit(ctx);
     }
 }
 
@@ -365,7 +384,6 @@ impl Handler<GetLinkStats> for UdpLink {
 impl Handler<Stop> for UdpLink {
     type Result = ();
     fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
-        self.core.flush();
         self.transmit(ctx);
         ctx.stop();
     }
