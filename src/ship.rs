@@ -67,6 +67,9 @@ pub const DEFAULT_INITIAL_RTO: Duration = Duration::from_millis(50);
 /// mailboxes and queues for milliseconds; a smaller minimum fires falsely and resends
 /// packets that are not lost.
 pub const DEFAULT_MIN_RTO: Duration = Duration::from_millis(10);
+/// The least retransmission timeout of a sender whose link recovers lost datagrams
+/// itself ([`Sender::set_link_recovers`]): the end-to-end timer is then a backstop.
+pub const LINK_MIN_RTO: Duration = Duration::from_millis(250);
 /// The default maximum retransmission timeout (backing off stops there).
 pub const DEFAULT_MAX_RTO: Duration = Duration::from_secs(2);
 
@@ -111,6 +114,13 @@ impl Rtt {
                 self.srtt = Some((srtt * 7 + rtt) / 8);
             }
         }
+    }
+
+    /// Raises the minimum (and initial) timeout to at least `min`.
+    pub fn raise_min(&mut self, min: Duration) {
+        self.min_rto = self.min_rto.max(min);
+        self.initial = self.initial.max(min);
+        self.max_rto = self.max_rto.max(self.min_rto);
     }
 
     /// The path delivers again (an acknowledgement moved forward): stop backing off.
@@ -276,6 +286,8 @@ pub struct Sender {
     reo_mult: u32,
     /// Loss episodes since a retransmission last turned out spurious.
     calm_episodes: u32,
+    /// The link below recovers lost datagrams itself ([`Sender::set_link_recovers`]).
+    link_recovers: bool,
     stats: SendStats,
 }
 
@@ -443,7 +455,23 @@ impl Sender {
             rack_at: None,
             reo_mult: 1,
             calm_episodes: 0,
+            link_recovers: false,
             stats: SendStats::default(),
+        }
+    }
+
+    /// Says that the link below recovers lost datagrams itself, from receipts that
+    /// measure the path alone (`link::flow`). Then this sender's acknowledgements are
+    /// durability, not receipt: a gap in them is the remote's journal sync or the
+    /// link's recovery at work, not loss. So no packet is deemed lost by RACK, and the
+    /// retransmission timeout is at least [`LINK_MIN_RTO`]: end-to-end retransmission
+    /// remains the backstop for what the link cannot recover (the remote restarted, the
+    /// link gave up on an item, the reassembly evicted a packet), so I3 and I5 keep
+    /// holding without depending on the link.
+    pub fn set_link_recovers(&mut self, on: bool) {
+        self.link_recovers = on;
+        if on {
+            self.rtt.raise_min(LINK_MIN_RTO);
         }
     }
 
@@ -741,7 +769,7 @@ impl Sender {
     /// one known delivered and is older than that one's round trip plus the reordering
     /// window. The log is in transmission order, so only its front is looked at.
     fn detect_lost(&mut self, now: Instant) {
-        let Some((rack_xmit, rack_rtt)) = self.rack else {
+        let Some((rack_xmit, rack_rtt)) = self.rack.filter(|_| !self.link_recovers) else {
             return;
         };
         let wait = rack_rtt + self.reorder_window();
@@ -790,7 +818,7 @@ impl Sender {
         let front = self.sends.front();
         let due = front.map(|tx| tx.due(self.rtt.rto()));
         self.retransmit_at = due.map(|d| self.quiet_until.map_or(d, |q| q.max(d)));
-        self.rack_at = match (front, self.rack) {
+        self.rack_at = match (front, self.rack.filter(|_| !self.link_recovers)) {
             (Some(tx), Some((x, rtt))) if tx.xmit < x => Some(tx.at + rtt + self.reorder_window()),
             _ => None,
         };

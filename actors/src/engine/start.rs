@@ -654,6 +654,7 @@ impl<'a> Startup<'a> {
                     window_bytes: windows.get(&p.local).copied().unwrap_or(b.window_bytes),
                     rtt: b.rtt,
                     track: b.track,
+                    link_recovers: b.udp.is_some(),
                 };
                 let wiring = LocalWiring {
                     remote_system: p.remote,
@@ -784,6 +785,9 @@ impl<'a> Startup<'a> {
     }
 }
 
+/// The socket buffers asked for, bytes.
+const RECV_BUFFER: usize = 8 << 20;
+
 /// Binds a UDP socket with generous buffers (bursts of datagrams arrive together).
 fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, EngineError> {
     let err = EngineError::io(format!("cannot listen on udp {addr}"));
@@ -792,9 +796,22 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, EngineError> {
         Ok(s) => s,
         Err(e) => return Err(err(e)),
     };
-    // Best effort: the kernel caps these at its own maximum.
-    let _ = s.set_recv_buffer_size(8 << 20);
-    let _ = s.set_send_buffer_size(8 << 20);
+    // Best effort: the kernel caps these at its own maximum (net.core.rmem_max and
+    // wmem_max); a capped receive buffer is reported, since a burst beyond it is lost.
+    let _ = s.set_recv_buffer_size(RECV_BUFFER);
+    let _ = s.set_send_buffer_size(RECV_BUFFER);
+    match s.recv_buffer_size() {
+        // Linux reports twice what it grants (the doubling covers its bookkeeping).
+        Ok(got) if got < RECV_BUFFER => tracing::warn!(
+            %addr,
+            asked = RECV_BUFFER,
+            got,
+            "the kernel capped the UDP receive buffer (raise net.core.rmem_max to lift it); \
+             bursts beyond it are lost and recovered by the link"
+        ),
+        Ok(got) => tracing::debug!(%addr, got, "UDP receive buffer"),
+        Err(e) => tracing::debug!(%addr, error = %e, "cannot read the UDP receive buffer size"),
+    }
     match s.bind(&addr.into()).and_then(|()| s.set_nonblocking(true)) {
         Ok(()) => Ok(s.into()),
         Err(e) => Err(err(e)),

@@ -37,6 +37,8 @@ pub struct UdpStatus {
     /// link's loss recovery figures.
     pub paths: BTreeMap<String, tidemark::link::PathStats>,
     pub send_errors: u64,
+    /// The socket's receive buffer as the kernel reports it (bytes; 0: unknown).
+    pub recv_buffer: usize,
 }
 
 /// Datagrams read from the socket.
@@ -75,6 +77,11 @@ impl UdpLink {
         status: Arc<Mutex<UdpStatus>>,
         tick: Duration,
     ) -> Self {
+        if let Ok(mut s) = status.lock() {
+            s.recv_buffer = socket2::SockRef::from(&socket)
+                .recv_buffer_size()
+                .unwrap_or(0);
+        }
         UdpLink {
             me,
             core,

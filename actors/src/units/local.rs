@@ -323,6 +323,8 @@ pub struct LocalConfig {
     pub window_bytes: usize,
     pub rtt: (Duration, Duration, Duration),
     pub track: TrackConfig,
+    /// The link recovers lost datagrams itself (UDP): see [`Sender::set_link_recovers`].
+    pub link_recovers: bool,
 }
 
 /// Where a restarted local unit stands, from its system's journal.
@@ -383,6 +385,7 @@ impl LocalUnit {
             cfg.heartbeat,
             Rtt::new(initial, min, max),
         );
+        sender.set_link_recovers(cfg.link_recovers);
         for p in resume.live {
             sender.push_recovered(p);
         }
