@@ -6,15 +6,27 @@
 # from anywhere (it works in the repository root):
 #   bash scripts/replication.sh [writes] [depth]
 # PORT=N (default 17100) moves the UDP ports (N, N+1, N+100, N+101), so two runs on
-# one machine do not clash.
+# one machine do not clash. TIDEMARK_BIN=path runs that binary as is (an older build,
+# for a peer run in the same session); CASES picks cases (default: all of
+#   clean      loopback, no wan-sim
+#   loss5      wan-sim 5 % loss, 20 % reordering
+#   wan40      wan-sim 1 % loss, 40 ms delay, 5 ms jitter
+#   loss20     wan-sim 20 % loss (liveness: every write must be acknowledged)
+# ). "resent" is what the link sent again part by part, "retrans" what the units
+# retransmitted end to end.
 set -euo pipefail
 WRITES=${1:-4000}
 DEPTH=${2:-4}
 A=${PORT:-17100}; B=$((A + 100))
 cd "$(dirname "$0")/.."
 . scripts/config.sh   # example_config: examples/tidemark.toml with a few values changed
-cargo build --release --bin tidemark >/dev/null 2>&1
-T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
+if [ -z "${TIDEMARK_BIN:-}" ]; then
+  cargo build --release --bin tidemark >/dev/null 2>&1
+  T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
+else
+  T=$TIDEMARK_BIN
+fi
+CASES=${CASES:-"clean loss5 wan40 loss20"}
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$DIR"; }
@@ -31,22 +43,45 @@ run_case() { # $1 = name, $2 = a advertise, $3 = b advertise
   rm -rf run; config "$2" "$3"
   "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 --baseline > base.json
   "$T" secondary --config tm.toml 2>sec.log & PIDS+=($!); local sec=$!
-  "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 > load.json
+  if ! "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 > load.json 2>load.err; then
+    echo "$1: NOT every write was acknowledged: $(tail -1 load.err)"
+  fi
   sleep 1.2   # let the secondary write its status once more after the last commit
   kill -TERM "$sec"; wait "$sec" || true
-  python3 - "$1" base.json load.json run/site-b/journal/status.json <<'PY'
+  python3 - "$1" base.json load.json run/site-b/journal/status.json run/site-a/journal/status.json <<'PY'
 import json, sys
-name, base, load, status = sys.argv[1:]
-b, l, s = (json.load(open(f)) for f in (base, load, status))
+name, base, load, status, primary = sys.argv[1:]
+b, s = (json.load(open(f)) for f in (base, status))
+try:
+    l = json.load(open(load))
+except Exception:
+    sys.exit(0)
+try:
+    resent = json.load(open(primary))["link"]["counters"].get("items_resent", "-")
+except Exception:
+    resent = "-"
 st = s["stats"]
 print(f"{name:<28} {b['mb_per_s']:>8.1f} {l['mb_per_s']:>8.1f} {l['mb_per_s']/b['mb_per_s']:>6.2f}x "
-      f"{st['lag_p50_us']/1000:>8.2f} {st['lag_p99_us']/1000:>8.2f} {l['retransmits']:>8}")
+      f"{st['lag_p50_us']/1000:>8.2f} {st['lag_p99_us']/1000:>8.2f} {l['retransmits']:>8} {resent:>8}")
 PY
 }
+sims() { # wan-sim arguments for both directions
+  "$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 "$@" 2>/dev/null & PIDS+=($!)
+  "$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 "$@" 2>/dev/null & PIDS+=($!)
+}
+unsims() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
 echo "workload: $WRITES writes of 1 B..64 KiB over 2 pairs, $DEPTH chains of dependent writes"
-printf "%-28s %8s %8s %7s %8s %8s %8s\n" case "file MB/s" "tm MB/s" ratio "lag p50" "lag p99" retrans
-run_case "loopback, clean" "$A" "$B"
-"$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --loss 0.05 --reorder 0.2 --seed 1 2>/dev/null & PIDS+=($!)
-"$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --loss 0.05 --reorder 0.2 --seed 2 2>/dev/null & PIDS+=($!)
-run_case "wan-sim 5% loss 20% reorder" "$((A + 1))" "$((B + 1))"
+printf "%-28s %8s %8s %7s %8s %8s %8s %8s\n" case "file MB/s" "tm MB/s" ratio "lag p50" "lag p99" retrans resent
+for c in $CASES; do
+  case $c in
+    clean) run_case "loopback, clean" "$A" "$B" ;;
+    loss5) sims --loss 0.05 --reorder 0.2; run_case "wan-sim 5% loss 20% reorder" "$((A + 1))" "$((B + 1))"; unsims ;;
+    wan40) sims --loss 0.01 --delay-ms 40 --jitter-ms 5; run_case "wan-sim 1% loss 40 ms" "$((A + 1))" "$((B + 1))"; unsims ;;
+    loss20) sims --loss 0.2; run_case "wan-sim 20% loss" "$((A + 1))" "$((B + 1))"; unsims ;;
+    *) echo "unknown case $c" >&2; exit 2 ;;
+  esac
+done
 echo "(lag in ms: from a write's stamp to its application at the remote, secondary's recent samples)"

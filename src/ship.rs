@@ -460,6 +460,25 @@ impl Sender {
         }
     }
 
+    /// What the path and the remote deliver in one round trip, bytes: the base of
+    /// admission (writers wait beyond a few of these). With a link that recovers
+    /// datagrams itself, the congestion window no longer shrinks on loss, so this is the
+    /// durable delivery rate (the best per-round rate of the last rounds, acknowledged
+    /// durably) times the least round trip seen, once measured, and never above the
+    /// window: the remote's disk, when it is the bottleneck, then sets how much is
+    /// admitted, and queues do not build in front of it. Otherwise, and until a rate is
+    /// measured, the congestion window.
+    pub fn delivery_window(&self) -> usize {
+        let cwnd = self.cc.cwnd();
+        if !self.link_recovers {
+            return cwnd;
+        }
+        match self.cc.floor(self.rtt.min_rtt()) {
+            0 => cwnd,
+            bdp => bdp.min(cwnd),
+        }
+    }
+
     /// Says that the link below recovers lost datagrams itself, from receipts that
     /// measure the path alone (`link::flow`). Then this sender's acknowledgements are
     /// durability, not receipt: a gap in them is the remote's journal sync or the
@@ -688,6 +707,19 @@ impl Sender {
         // shortened the timeout, so the timer is judged on current figures.
         self.rearm();
         let limit = self.writable.min(self.send_window());
+        if self.link_recovers && self.retransmit_at.is_some_and(|t| now >= t) {
+            // No RACK here to find the rest once one packet is resent and delivered:
+            // nothing came back durably for a timeout although the link recovers what
+            // it can, so whatever is in flight did not make it (the remote was away,
+            // restarted, or the link gave up). All of it goes again, oldest first, as
+            // the (reset) congestion window lets it.
+            self.deem_all_lost();
+            self.stats.timeouts += 1;
+            self.rtt.on_timeout();
+            self.cc.on_timeout(self.next_xmit);
+            self.quiet_until = Some(now + self.rtt.rto());
+            self.retransmit_at = None;
+        }
         let mut retransmits = 0;
         let mut wire = Wire {
             now,
@@ -794,6 +826,24 @@ impl Sender {
                     self.calm_episodes = 0;
                 }
             }
+        }
+    }
+
+    /// Deems lost every packet in flight (after a retransmission timeout, with a link
+    /// that recovers datagrams itself: see [`Sender::set_link_recovers`]).
+    fn deem_all_lost(&mut self) {
+        while let Some(tx) = self.sends.pop_front() {
+            let Some(i) = self.live(tx) else {
+                continue;
+            };
+            let f = &mut self.unacked[i];
+            if !f.in_pipe() {
+                continue;
+            }
+            f.lost = true;
+            self.pipe -= f.len();
+            self.lost.push(f.packet.stamp.seq);
+            self.stats.lost += 1;
         }
     }
 
@@ -1059,6 +1109,40 @@ mod tests {
 
     fn seqs(v: &[Packet]) -> Vec<u64> {
         v.iter().map(|p| p.stamp.seq.0).collect()
+    }
+
+    /// With a link that recovers datagrams itself, a gap in durable acknowledgements is
+    /// not loss (no RACK), but a retransmission timeout sends everything in flight
+    /// again: after an outage nothing waits a timeout per packet.
+    #[test]
+    fn with_a_recovering_link_gaps_are_not_loss_and_a_timeout_resends_all() {
+        let mut s = sender();
+        s.set_link_recovers(true);
+        let t0 = Instant::now();
+        for n in 1..=6u8 {
+            s.push(Timestamp(n as u64), w(n));
+        }
+        let mut out = Vec::new();
+        s.poll_transmit(t0, &mut out);
+        assert_eq!(seqs(&out), vec![1, 2, 3, 4, 5, 6]);
+        // 3..6 durable, 1 and 2 not yet (the remote's sync, or the link's recovery).
+        let t1 = t0 + Duration::from_millis(5);
+        s.handle_ack(t1, &ack(0, &[(3, 6)]));
+        out.clear();
+        let t2 = t0 + Duration::from_millis(100);
+        assert_eq!(s.poll_transmit(t2, &mut out), 0, "no RACK loss: {out:?}");
+        out.clear();
+        let before_rto = t0 + LINK_MIN_RTO - Duration::from_millis(1);
+        assert_eq!(
+            s.poll_transmit(before_rto, &mut out),
+            0,
+            "the backstop waits"
+        );
+        // Nothing durable for a timeout: both go again at once.
+        let t3 = t0 + Duration::from_secs(2);
+        out.clear();
+        assert_eq!(s.poll_transmit(t3, &mut out), 2);
+        assert_eq!(seqs(&out), vec![1, 2]);
     }
 
     #[test]

@@ -313,13 +313,18 @@ mod tests {
         let crc = crc32c::crc32c(&bytes).to_le_bytes();
         bytes.extend_from_slice(&crc);
         assert_eq!(decode(&bytes, 1 << 20), Ok(old.clone()));
-        // This build writes the same messages as version 2, byte for byte otherwise.
-        let mut v2 = bytes[..bytes.len() - 4].to_vec();
-        v2[0] = 2;
-        let crc = crc32c::crc32c(&v2).to_le_bytes();
-        v2.extend_from_slice(&crc);
-        assert_eq!(encode(&old), v2);
-        assert_eq!(decode(&v2, 1 << 20), Ok(old));
+        // Versions 2 and 3 encode these messages the same, byte for byte but the
+        // version; this build writes version 3 and reads both.
+        let with_version = |v: u8| {
+            let mut b = bytes[..bytes.len() - 4].to_vec();
+            b[0] = v;
+            let crc = crc32c::crc32c(&b).to_le_bytes();
+            b.extend_from_slice(&crc);
+            b
+        };
+        assert_eq!(encode(&old), with_version(3));
+        assert_eq!(decode(&with_version(2), 1 << 20), Ok(old.clone()));
+        assert_eq!(decode(&with_version(3), 1 << 20), Ok(old));
 
         let mark = Message::Data(vec![Packet {
             pair: PairId(3),

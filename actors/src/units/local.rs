@@ -713,11 +713,12 @@ impl LocalUnit {
 
     /// Starts the next batch if the lane has room and the window too: stamps it, then
     /// journals and writes it on the lane (after every batch stamped before it).
-    /// How much may be unacknowledged before writers wait: a few congestion windows
-    /// (so writes queue unstamped at the client, not stamped behind the network, and
-    /// commit lag stays near the network's own delay), never more than `window_bytes`.
+    /// How much may be unacknowledged before writers wait: a few of what the path and
+    /// the remote deliver per round trip ([`Sender::delivery_window`]; so writes queue
+    /// unstamped at the client, not stamped behind the network or the remote's disk,
+    /// and commit lag stays near the path's own delay), never more than `window_bytes`.
     fn admit_bytes(&self) -> usize {
-        let cwnd = self.sender.congestion().cwnd();
+        let cwnd = self.sender.delivery_window();
         (cwnd.saturating_mul(ADMIT_CWNDS))
             .max(ADMIT_MIN)
             .min(self.window_bytes)
