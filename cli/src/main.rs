@@ -306,7 +306,7 @@ fn status(a: StatusArgs) -> ExitCode {
                     one.error.as_deref().unwrap_or("no answer")
                 ),
                 all => format!(
-                    "no system of {} is running here (asked {} on their control sockets)",
+                    "not running: no system of {} ({}) answers on its control socket here",
                     a.config.display(),
                     all.iter()
                         .map(|s| s.name.as_str())
