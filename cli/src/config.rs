@@ -44,6 +44,10 @@ struct RawConfig {
     /// Bytes per region of the dirty-region map, e.g. "64KiB".
     #[serde(default)]
     region_size: Option<String>,
+    /// The group's recovery point objective: a pair whose commit lag exceeds it is
+    /// flagged (status, metrics) and logged.
+    #[serde(default)]
+    rpo_target_ms: Option<u64>,
     #[serde(default)]
     system: Vec<RawSystem>,
     #[serde(default)]
@@ -76,6 +80,7 @@ struct RawSystem {
     journal_dir: PathBuf,
     journal_size: Option<String>,
     nbd_listen: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +114,8 @@ pub struct SystemConfig {
     /// `tidemark export` serves the remote units read-only after a promote (the
     /// `secondary` daemon itself never serves NBD).
     pub nbd_listen: Option<String>,
+    /// Where the running system serves Prometheus metrics over HTTP (`/metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl SystemConfig {
@@ -116,6 +123,12 @@ impl SystemConfig {
     /// and `status.json`).
     pub fn segments_dir(&self) -> PathBuf {
         self.journal_dir.join("segments")
+    }
+
+    /// The running system's control socket (`tidemark status` talks to it): a Unix
+    /// socket, mode 0600, that exists only while the system runs.
+    pub fn control_socket(&self) -> PathBuf {
+        self.journal_dir.join("control.sock")
     }
 }
 
@@ -150,6 +163,8 @@ pub struct Config {
     pub track: TrackConfig,
     /// `region_size`: bytes per region of the dirty-region map.
     pub region: u64,
+    /// `rpo_target_ms`: a pair whose commit lag exceeds it is flagged and logged.
+    pub rpo_target: Option<Duration>,
     pub systems: Vec<SystemConfig>,
     pub pairs: Vec<PairConfig>,
 }
@@ -225,6 +240,7 @@ impl Config {
             max_clock_skew: globals.max_clock_skew,
             track: globals.track,
             region: globals.region,
+            rpo_target: globals.rpo_target,
             systems: systems.list,
             pairs: pairs.list,
         })
@@ -286,6 +302,7 @@ struct Globals {
     max_clock_skew: Duration,
     track: TrackConfig,
     region: u64,
+    rpo_target: Option<Duration>,
 }
 
 impl Globals {
@@ -293,8 +310,9 @@ impl Globals {
     /// `peer_timeout_ms` is at least twice `heartbeat_ms`, `mtu` lies in 576..=65000,
     /// `rate` and `window` (if given) are sizes, `on_journal_full` is `"track"` or
     /// `"block"`, `suspend_after_ms` is at most 3600000, `region_size` is a power of two
-    /// from 4 KiB to 1 GiB. Fills in the defaults: `rate` 0 (unpaced), `window` 64 MiB,
-    /// `on_journal_full` track, `suspend_after_ms` 2000, `region_size` 64 KiB.
+    /// from 4 KiB to 1 GiB, `rpo_target_ms` (if given) lies in 1..=86400000. Fills in
+    /// the defaults: `rate` 0 (unpaced), `window` 64 MiB, `on_journal_full` track,
+    /// `suspend_after_ms` 2000, `region_size` 64 KiB, no RPO target.
     fn parse(raw: &RawConfig) -> Result<Globals, EngineError> {
         if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
             return bad(format!(
@@ -346,6 +364,15 @@ impl Globals {
                 "region_size: {region} bytes is not a power of two from 4KiB to 1GiB"
             ));
         }
+        let rpo_target = match raw.rpo_target_ms {
+            None => None,
+            Some(ms @ 1..=86_400_000) => Some(Duration::from_millis(ms)),
+            Some(ms) => {
+                return bad(format!(
+                "rpo_target_ms: {ms} is outside 1..=86400000 (a day); leave it out for no target"
+            ))
+            }
+        };
         let track = TrackConfig {
             suspend_after: (raw.suspend_after_ms > 0)
                 .then(|| Duration::from_millis(raw.suspend_after_ms)),
@@ -354,6 +381,7 @@ impl Globals {
         Ok(Globals {
             track,
             region,
+            rpo_target,
             heartbeat: Duration::from_millis(raw.heartbeat_ms),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms),
             mtu: raw.mtu,
@@ -371,6 +399,7 @@ struct Systems {
     /// Name -> index in `list`.
     index: BTreeMap<String, usize>,
     listens: BTreeSet<SocketAddr>,
+    metrics: BTreeSet<SocketAddr>,
     journals: BTreeSet<PathBuf>,
 }
 
@@ -381,7 +410,8 @@ struct Systems {
 /// to `base`) is not an earlier system's; `journal_size`, if given, is a size, and it
 /// is at least 4 MiB (default 256 MiB); `nbd_listen`, if given, is `host:port` or a
 /// unix socket (`unix:PATH` or an absolute path; a relative PATH is relative to `base`,
-/// like every path of the config).
+/// like every path of the config); `metrics_listen`, if given, is an address
+/// (`host:port`) not used by an earlier system's `metrics_listen`.
 fn parse_system(
     i: usize,
     s: &RawSystem,
@@ -431,6 +461,19 @@ fn parse_system(
     if journal_size < 4 << 20 {
         return bad(format!("{}: at least 4MiB", key("journal_size")));
     }
+    let metrics_listen = match &s.metrics_listen {
+        Some(m) => {
+            let a = parse_addr(&key("metrics_listen"), m)?;
+            if !systems.metrics.insert(a) {
+                return bad(format!(
+                    "{}: {a} is used by another system",
+                    key("metrics_listen")
+                ));
+            }
+            Some(a)
+        }
+        None => None,
+    };
     systems.list.push(SystemConfig {
         name: s.name.clone(),
         primary,
@@ -443,6 +486,7 @@ fn parse_system(
             .as_deref()
             .map(|l| parse_nbd_listen(&key("nbd_listen"), l, base))
             .transpose()?,
+        metrics_listen,
     });
     Ok(())
 }
@@ -581,4 +625,4 @@ pub fn read_key(path: &Path) -> Result<[u8; 32], EngineError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -2,7 +2,11 @@
 //! engine start-up that `load` shares with them).
 
 use crate::config::Config;
+use crate::control::{ControlSocket, Latest};
+use crate::metrics::Metrics;
 use crate::progress::{SyncFigures, SyncProgress};
+use crate::view::{Inputs, SystemView};
+use crate::watch::Events;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::IsTerminal;
@@ -153,39 +157,24 @@ struct Status<'a> {
     clock: Option<&'a tidemark_actors::units::timebase::TimeStatus>,
     /// The first fatal failure of the process (it is stopping because of it), or null.
     failed: Option<&'a tidemark_actors::Failure>,
+    /// The operator's view (stable; what `tidemark status` and the metrics show).
+    view: &'a SystemView,
 }
 
 /// Writes each running system's status file (atomically: write, then rename), with the
 /// initial syncs' progress figures ([`SyncProgress`]) added to each copying pair's
-/// `sync`.
+/// `sync` and the operator's [`SystemView`] under `view`. Returns the documents written
+/// (system index, status document, view).
 pub async fn write_status(
     cfg: &Config,
     here: &[usize],
     engine: &Engine,
     progress: &mut SyncProgress,
-) {
-    let Ok(stats) = engine.stats().await else {
-        return;
-    };
-    let figures = progress.sample(std::time::Instant::now(), &stats);
-    let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
-    let clock = engine.time_status();
-    let failed = engine.failure();
-    for &i in here {
-        let s = &cfg.systems[i];
-        let status = Status {
-            system: &s.name,
-            pid: std::process::id(),
-            stats: &stats,
-            link: links.get(&SystemId(i as u32)),
-            clock: clock.as_ref().filter(|_| s.primary),
-            failed: failed.as_ref(),
-        };
-        let Ok(mut value) = serde_json::to_value(&status) else {
-            continue;
-        };
-        add_figures(&mut value, &figures);
-        let Ok(text) = serde_json::to_string_pretty(&value) else {
+) -> Vec<(usize, serde_json::Value, SystemView)> {
+    let docs = sample_status(cfg, here, engine, progress).await;
+    for (i, doc, _) in &docs {
+        let s = &cfg.systems[*i];
+        let Ok(text) = serde_json::to_string_pretty(doc) else {
             continue;
         };
         let tmp = s.journal_dir.join("status.json.tmp");
@@ -193,6 +182,56 @@ pub async fn write_status(
             let _ = std::fs::rename(&tmp, s.journal_dir.join("status.json"));
         }
     }
+    docs
+}
+
+/// Each running system's status document (what `status.json` holds) and view.
+pub async fn sample_status(
+    cfg: &Config,
+    here: &[usize],
+    engine: &Engine,
+    progress: &mut SyncProgress,
+) -> Vec<(usize, serde_json::Value, SystemView)> {
+    let Ok(stats) = engine.stats().await else {
+        return Vec::new();
+    };
+    let now_ns = crate::view::now_ns();
+    let figures = progress.sample(std::time::Instant::now(), &stats);
+    let links: BTreeMap<SystemId, UdpStatus> = engine.link_status();
+    let clock = engine.time_status();
+    let failed = engine.failure();
+    let orderer_here = here.contains(&cfg.orderer);
+    let mut out = Vec::new();
+    for &i in here {
+        let s = &cfg.systems[i];
+        let link = links.get(&SystemId(i as u32));
+        let view = SystemView::build(&Inputs {
+            cfg,
+            system: i,
+            stats: &stats,
+            link,
+            clock: clock.as_ref(),
+            failed: failed.as_ref(),
+            figures: &figures,
+            now_ns,
+            orderer_here,
+        });
+        let status = Status {
+            system: &s.name,
+            pid: std::process::id(),
+            stats: &stats,
+            link,
+            clock: clock.as_ref().filter(|_| s.primary),
+            failed: failed.as_ref(),
+            view: &view,
+        };
+        let Ok(mut value) = serde_json::to_value(&status) else {
+            continue;
+        };
+        add_figures(&mut value, &figures);
+        out.push((i, value, view));
+    }
+    out
 }
 
 /// Adds each pair's progress figures to its `stats.pairs[i].sync` in a status.
@@ -233,6 +272,18 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
             listeners.push((SystemId(i as u32), l));
         }
     }
+    // Metrics listeners and control sockets too: a bad or busy address fails the start.
+    let mut metrics_listeners = Vec::new();
+    for &i in here {
+        if let Some(addr) = cfg.systems[i].metrics_listen {
+            let key = format!("system[{i}] ({}).metrics_listen", cfg.systems[i].name);
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(EngineError::io(format!("{key}: cannot listen on {addr}")))?;
+            metrics_listeners.push((i, l));
+        }
+    }
+    let ops = Ops::start(cfg, here, metrics_listeners)?;
     let engine = std::sync::Arc::new(builder(cfg, here)?.start()?);
     let names: Vec<&str> = here.iter().map(|&i| cfg.systems[i].name.as_str()).collect();
     tracing::info!(systems = ?names, "running");
@@ -275,7 +326,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
             _ = tokio::signal::ctrl_c() => break None,
             _ = term.recv() => break None,
             f = health.failed() => break Some(f),
-            _ = every.tick() => write_status(cfg, here, &engine, &mut progress).await,
+            _ = every.tick() => ops.publish(write_status(cfg, here, &engine, &mut progress).await),
         }
     };
     tracing::info!(systems = ?names, failed = failure.is_some(), "stopping");
@@ -288,7 +339,9 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         for s in servers {
             let _ = s.await;
         }
-        write_status(cfg, here, &engine, &mut progress).await;
+        ops.publish(write_status(cfg, here, &engine, &mut progress).await);
+        // The control sockets and metrics go with the engine: a stopped system has none.
+        drop(ops);
         match std::sync::Arc::try_unwrap(engine) {
             Ok(engine) => engine.shutdown().await,
             Err(_) => Err(EngineError::Stopped),
@@ -309,6 +362,80 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         }
         _ = tokio::signal::ctrl_c() => Err(EngineError::Shutdown("interrupted again while stopping".into())),
         _ = term.recv() => Err(EngineError::Shutdown("terminated again while stopping".into())),
+    }
+}
+
+/// What a running daemon offers operators besides `status.json`: a control socket per
+/// system, metrics per system with `metrics_listen`, and log lines for events. Dropping
+/// it closes the sockets (and removes the control sockets' files).
+struct Ops {
+    latest: BTreeMap<usize, Latest>,
+    metrics: BTreeMap<usize, std::sync::Arc<Metrics>>,
+    _sockets: Vec<ControlSocket>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    events: std::cell::RefCell<Events>,
+}
+
+impl Ops {
+    /// Opens the control socket of every system `here` and serves metrics on
+    /// `listeners`.
+    fn start(
+        cfg: &Config,
+        here: &[usize],
+        listeners: Vec<(usize, tokio::net::TcpListener)>,
+    ) -> Result<Ops, EngineError> {
+        let mut latest = BTreeMap::new();
+        let mut sockets = Vec::new();
+        for &i in here {
+            let l = Latest::default();
+            let path = cfg.systems[i].control_socket();
+            let socket = ControlSocket::serve(&path, l.clone()).map_err(
+                |crate::control::ControlError::Io { path, source }| EngineError::Io {
+                    what: format!("system {}: control socket {path}", cfg.systems[i].name),
+                    source,
+                },
+            )?;
+            sockets.push(socket);
+            latest.insert(i, l);
+        }
+        let mut metrics = BTreeMap::new();
+        let mut servers = Vec::new();
+        for (i, l) in listeners {
+            let m = std::sync::Arc::new(Metrics::new());
+            servers.push(tokio::spawn(crate::metrics::serve(l, m.clone())));
+            metrics.insert(i, m);
+        }
+        Ok(Ops {
+            latest,
+            metrics,
+            _sockets: sockets,
+            servers,
+            events: Default::default(),
+        })
+    }
+
+    /// Hands fresh status documents to the control sockets and metrics, and logs what
+    /// changed.
+    fn publish(&self, docs: Vec<(usize, serde_json::Value, SystemView)>) {
+        for (i, doc, view) in docs {
+            if let Some(m) = self.metrics.get(&i) {
+                m.update(&view);
+            }
+            self.events.borrow_mut().observe(&view);
+            if let Some(l) = self.latest.get(&i) {
+                if let Ok(mut g) = l.lock() {
+                    *g = Some(doc);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ops {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            s.abort();
+        }
     }
 }
 

@@ -5,11 +5,16 @@
 //! `cli/tests` use it to read status files, keys and workloads.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod export;
 pub mod load;
+pub mod metrics;
 pub mod progress;
 pub mod promote;
+pub mod status;
+pub mod view;
 pub mod wansim;
+pub mod watch;
 pub mod workload;

@@ -48,6 +48,9 @@ enum Command {
     /// Offline: bring stopped remote system(s) to the durable commit limit, a consistent
     /// cut; without --system, every remote system of the group to the same cut.
     Promote(PromoteArgs),
+    /// Show the running systems of the config: per pair its state, sequence numbers,
+    /// commit lag and link figures (asks each system on its control socket).
+    Status(StatusArgs),
     /// Offline, after promote: serve the remote units of a stopped secondary read-only
     /// over NBD (one export per pair) until SIGINT/SIGTERM.
     Export(ExportArgs),
@@ -67,6 +70,27 @@ struct ExportArgs {
     /// Serve units whose initial sync has not finished (NOT a consistent cut) anyway.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Ask only this system (default: every system of the config).
+    #[arg(long)]
+    system: Option<String>,
+    /// Print the stable JSON (one object; with --watch one per line) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Refresh in place until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: the refresh period in milliseconds (at least 100).
+    #[arg(long = "interval-ms", default_value_t = 1000)]
+    interval_ms: u64,
+    /// With --watch: stop after this many refreshes.
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -184,6 +208,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in journald or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -194,6 +220,7 @@ fn main() -> ExitCode {
         Command::Load(a) => exit(load(a)),
         Command::WanSim(a) => exit(wan_sim(a)),
         Command::Promote(a) => exit(promote(a)),
+        Command::Status(a) => status(a),
         Command::Export(a) => exit(export(a)),
     }
 }
@@ -239,6 +266,83 @@ fn run_system(a: SystemArgs, primary: bool) -> Result<(), EngineError> {
         )));
     }
     actix_rt::System::new().block_on(daemon::run_until_signal(&cfg, &here))
+}
+
+/// `tidemark status`: 0 if every system asked answered (with --watch: on leaving), 1 if
+/// the system named or every system is not running, 2 for bad flags or config.
+fn status(a: StatusArgs) -> ExitCode {
+    use std::io::Write;
+    use tidemark_cli::status;
+    let cfg = match Config::load(&a.config) {
+        Ok(c) => c,
+        Err(e) => return exit(Err(e)),
+    };
+    let systems = match &a.system {
+        Some(n) => match cfg.system(n) {
+            Ok(i) => vec![i],
+            Err(e) => return exit(Err(e)),
+        },
+        None => (0..cfg.systems.len()).collect(),
+    };
+    if a.interval_ms < 100 {
+        return exit(Err(EngineError::Config(format!(
+            "--interval-ms: {} is below 100",
+            a.interval_ms
+        ))));
+    }
+    if a.count.is_some() && !a.watch {
+        return exit(Err(EngineError::Config(
+            "--count: only with --watch".into(),
+        )));
+    }
+    let mut shown = 0u64;
+    loop {
+        let g = status::collect(&cfg, &systems);
+        if !a.watch && g.systems.iter().all(|s| !s.running) {
+            let why = match &g.systems[..] {
+                [one] => format!(
+                    "{}: {}",
+                    one.name,
+                    one.error.as_deref().unwrap_or("no answer")
+                ),
+                all => format!(
+                    "not running: no system of {} ({}) answers on its control socket here",
+                    a.config.display(),
+                    all.iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            eprintln!("tidemark status: {why}");
+            return ExitCode::from(1);
+        }
+        let text = if a.json {
+            match serde_json::to_string(&g) {
+                Ok(t) => t + "\n",
+                Err(e) => return exit(Err(EngineError::Config(format!("status: {e}")))),
+            }
+        } else {
+            status::render(&g)
+        };
+        let mut out = std::io::stdout().lock();
+        let written = if a.watch && !a.json {
+            // Home, clear the screen, then the table: it refreshes in place.
+            write!(out, "\x1b[H\x1b[2J{text}")
+        } else {
+            write!(out, "{text}")
+        };
+        if written.and_then(|_| out.flush()).is_err() {
+            // stdout closed (a pipe whose reader left): nothing more to show.
+            return ExitCode::SUCCESS;
+        }
+        drop(out);
+        shown += 1;
+        if !a.watch || a.count.is_some_and(|c| shown >= c) {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(a.interval_ms));
+    }
 }
 
 fn promote(a: PromoteArgs) -> Result<(), EngineError> {

@@ -30,6 +30,11 @@ pub struct PairStats {
     pub applied_seq: u64,
     pub commit_limit: u64,
     pub bytes: u64,
+    /// Data packets the local unit handed to its sender, each counted once however often
+    /// it was transmitted (`retransmits` counts the extra transmissions).
+    pub packets: u64,
+    /// Packets written and not yet acknowledged by the remote (the local unit's).
+    pub unacked: u64,
     pub retransmits: u64,
     pub heartbeats: u64,
     pub dropped: u64,
@@ -119,6 +124,8 @@ impl Engine {
                 applied_seq: r.applied.seq.0,
                 commit_limit: r.limit.0,
                 bytes: l.bytes,
+                packets: l.packets,
+                unacked: l.unacked as u64,
                 retransmits: l.retransmits,
                 heartbeats: l.heartbeats,
                 dropped: c.dropped.load(Ordering::Relaxed),

@@ -330,6 +330,7 @@ fn defaults_are_filled_in_and_given_values_kept() {
     assert_eq!(c.rate, 0, "unpaced");
     assert_eq!(c.window, 64 << 20);
     assert_eq!(c.max_clock_skew, Duration::from_millis(20));
+    assert_eq!(c.rpo_target, None, "no RPO target unless given");
     let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
     assert_eq!(
         c.systems[1],
@@ -341,6 +342,7 @@ fn defaults_are_filled_in_and_given_values_kept() {
             journal_dir: PathBuf::from("/etc/tm/run/site-b/journal"),
             journal_size: 256 << 20,
             nbd_listen: None,
+            metrics_listen: None,
         }
     );
     assert_eq!(
@@ -515,6 +517,59 @@ fn nbd_listen_is_checked_at_load_and_a_relative_socket_is_relative_to_the_config
                 "nbd_listen = {bad_value:?} was accepted: {:?}",
                 other.map(|_| ())
             ),
+        }
+    }
+}
+
+#[test]
+fn metrics_listen_and_rpo_target_are_kept_and_checked() {
+    let text = EXAMPLE
+        .replacen(
+            "heartbeat_ms = 10",
+            "heartbeat_ms = 10\nrpo_target_ms = 750",
+            1,
+        )
+        .replacen(
+            "journal_size = \"256MiB\"\n",
+            "journal_size = \"256MiB\"\nmetrics_listen = \"127.0.0.1:9187\"\n",
+            1,
+        )
+        .replacen(
+            "journal_dir = \"run/site-b/journal\"\n",
+            "journal_dir = \"run/site-b/journal\"\nmetrics_listen = \"127.0.0.1:9188\"\n",
+            1,
+        );
+    let c = parse(&text).expect("metrics_listen and rpo_target_ms are valid");
+    assert_eq!(c.rpo_target, Some(Duration::from_millis(750)));
+    let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+    assert_eq!(c.systems[0].metrics_listen, Some(addr("127.0.0.1:9187")));
+    assert_eq!(c.systems[1].metrics_listen, Some(addr("127.0.0.1:9188")));
+    assert_eq!(
+        c.systems[1].control_socket(),
+        PathBuf::from("/etc/tm/run/site-b/journal/control.sock")
+    );
+    let cases = [
+        (
+            text.replacen("rpo_target_ms = 750", "rpo_target_ms = 0", 1),
+            "rpo_target_ms: 0 is outside",
+        ),
+        (
+            text.replacen("rpo_target_ms = 750", "rpo_target_ms = \"1s\"", 1),
+            "invalid type",
+        ),
+        (
+            text.replacen("127.0.0.1:9188", "127.0.0.1:9187", 1),
+            "system[1] (site-b).metrics_listen: 127.0.0.1:9187 is used by another system",
+        ),
+        (
+            text.replacen("127.0.0.1:9188", "nowhere", 1),
+            "system[1] (site-b).metrics_listen: \"nowhere\" is not an address",
+        ),
+    ];
+    for (bad_text, needle) in cases {
+        match parse(&bad_text) {
+            Err(EngineError::Config(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+            other => panic!("accepted or wrong error: {:?}", other.map(|_| ())),
         }
     }
 }

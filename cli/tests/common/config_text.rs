@@ -35,6 +35,8 @@ pub struct SystemSpec {
     pub journal_dir: String,
     /// `journal_size` in bytes; `None` leaves the key out (then it is 256 MiB).
     pub journal_size: Option<u64>,
+    /// The TCP port of 127.0.0.1 of `metrics_listen`; `None` leaves the key out.
+    pub metrics_port: Option<u16>,
 }
 
 impl SystemSpec {
@@ -49,6 +51,7 @@ impl SystemSpec {
             nbd_port: None,
             journal_dir: format!("run/{name}/journal"),
             journal_size: Some(64 << 20),
+            metrics_port: None,
         }
     }
 
@@ -139,6 +142,8 @@ pub struct ConfigText {
     pub suspend_after_ms: Option<u64>,
     /// `region_size` of the dirty-region map (e.g. `"64KiB"`); default `None` (64 KiB).
     pub region_size: Option<String>,
+    /// `rpo_target_ms`; default `None` (no target).
+    pub rpo_target_ms: Option<u64>,
     pub systems: Vec<SystemSpec>,
     pub pairs: Vec<PairSpec>,
 }
@@ -171,6 +176,7 @@ impl ConfigText {
             on_journal_full: None,
             suspend_after_ms: None,
             region_size: None,
+            rpo_target_ms: None,
             systems: Vec::new(),
             pairs: Vec::new(),
         }
@@ -274,6 +280,9 @@ impl ConfigText {
         if let Some(r) = &self.region_size {
             line(format!("region_size = {r:?}"));
         }
+        if let Some(ms) = self.rpo_target_ms {
+            line(format!("rpo_target_ms = {ms}"));
+        }
         for s in &self.systems {
             line(String::new());
             line("[[system]]".into());
@@ -289,6 +298,9 @@ impl ConfigText {
             }
             if let Some(p) = s.nbd_port {
                 line(format!("nbd_listen = \"127.0.0.1:{p}\""));
+            }
+            if let Some(p) = s.metrics_port {
+                line(format!("metrics_listen = \"127.0.0.1:{p}\""));
             }
             line(format!("journal_dir = {:?}", s.journal_dir));
             if let Some(n) = s.journal_size {
