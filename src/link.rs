@@ -24,7 +24,7 @@
 pub mod flow;
 mod received;
 
-use crate::packet::{Message, Packet, Part, Payload};
+use crate::packet::{Message, Packet, Part, Payload, Zipped};
 use crate::seal::{Opener, Peer, SealError, Sealer, Session, KEY_LEN, OVERHEAD};
 use crate::types::{PairId, Seq, SystemId};
 use crate::wire::{self, FRAME_OVERHEAD};
@@ -61,6 +61,9 @@ pub struct LinkConfig {
     pub reassembly_packets: usize,
     /// Largest write accepted in parts.
     pub max_write: u32,
+    /// Compress write data on the wire with zstd at this level (`None`: off). A write
+    /// travels compressed only if that makes it smaller.
+    pub compress: Option<i32>,
 }
 
 impl Default for LinkConfig {
@@ -75,6 +78,7 @@ impl Default for LinkConfig {
             reassembly_bytes: 64 << 20,
             reassembly_packets: 4096,
             max_write: 32 << 20,
+            compress: None,
         }
     }
 }
@@ -122,6 +126,12 @@ pub struct LinkCounters {
     pub probe_timeouts: u64,
     /// Receipts sent.
     pub receipts_out: u64,
+    /// Write data offered to compression, and what it became (a write that did not
+    /// shrink counts the same on both sides and travels raw).
+    pub zip_raw_bytes: u64,
+    pub zip_wire_bytes: u64,
+    /// Compressed writes that did not decompress to their announced length (dropped).
+    pub dropped_bad_zip: u64,
 }
 
 impl LinkCounters {
@@ -166,6 +176,8 @@ type PartKey = (SystemId, PairId, Seq, crate::types::Timestamp);
 #[derive(Debug)]
 struct Partial {
     offset: crate::types::Offset,
+    /// `Some(n)`: `buf` is compressed data that decompresses to `n` bytes.
+    raw: Option<u32>,
     buf: Vec<u8>,
     /// Byte ranges received so far: sorted, disjoint, not touching.
     have: Vec<(u32, u32)>,
@@ -310,25 +322,37 @@ impl LinkCore {
         explode(msg, &mut items);
         for m in items {
             match m {
-                Message::Data(mut ps) if ps.len() == 1 => {
-                    // A write whose data alone fills a datagram is split without being
-                    // encoded whole first (that would copy up to a whole write only to
-                    // measure it).
-                    let whole = (data_len(&ps[0]) < data_budget)
-                        .then(|| wire::encode_item(&Message::Data(ps.clone())))
-                        .filter(|b| b.len() <= data_budget);
-                    match whole {
-                        Some(bytes) => peer.data.push_back(Item { bytes, tries: 0 }),
-                        None => {
-                            for part in split(ps.remove(0), data_budget) {
-                                self.counters.parts_out += 1;
+                Message::Data(mut ps) if ps.len() == 1 && self.cfg.compress.is_some() => {
+                    let level = self.cfg.compress.unwrap_or_default();
+                    let p = ps.remove(0);
+                    match zip(&p, level) {
+                        Some((raw, z)) => {
+                            self.counters.zip_raw_bytes += u64::from(raw);
+                            self.counters.zip_wire_bytes += z.len() as u64;
+                            let parts = split_bytes(&p, z, data_budget);
+                            if parts.len() > 1 {
+                                self.counters.parts_out += parts.len() as u64;
+                            }
+                            for part in parts {
                                 peer.data.push_back(Item {
-                                    bytes: wire::encode_item(&Message::Part(part)),
+                                    bytes: wire::encode_item(&Message::Zipped(Zipped {
+                                        raw,
+                                        part,
+                                    })),
                                     tries: 0,
                                 });
                             }
                         }
+                        None => {
+                            let n = data_len(&p) as u64;
+                            self.counters.zip_raw_bytes += n;
+                            self.counters.zip_wire_bytes += n;
+                            push_raw(peer, &mut self.counters, p, data_budget);
+                        }
                     }
+                }
+                Message::Data(mut ps) if ps.len() == 1 => {
+                    push_raw(peer, &mut self.counters, ps.remove(0), data_budget);
                 }
                 // Nothing else grows past a datagram (acks carry a bounded SACK list).
                 other => {
@@ -567,7 +591,12 @@ impl LinkCore {
                     }
                 }
                 Message::Part(part) => {
-                    if let Some(p) = self.reassemble(from, part) {
+                    if let Some(p) = self.reassemble(from, part, None) {
+                        out.push(Message::Data(vec![p]));
+                    }
+                }
+                Message::Zipped(z) => {
+                    if let Some(p) = self.reassemble(from, z.part, Some(z.raw)) {
                         out.push(Message::Data(vec![p]));
                     }
                 }
@@ -614,10 +643,14 @@ impl LinkCore {
     /// Invariant: at most `reassembly_packets` partial packets holding at most
     /// `reassembly_bytes` bytes are kept; making room evicts the least recently fed ones
     /// and counts them in `reassembly_evicted`.
-    fn reassemble(&mut self, from: SystemId, part: Part) -> Option<Packet> {
+    ///
+    /// `raw`: the part is of compressed data that decompresses to `raw` bytes (at most
+    /// `max_write`; anything else is dropped and counted, never allocated).
+    fn reassemble(&mut self, from: SystemId, part: Part, raw: Option<u32>) -> Option<Packet> {
         let end = u64::from(part.at) + part.data.len() as u64;
         if part.total == 0
             || part.total > self.cfg.max_write
+            || raw.is_some_and(|r| r == 0 || r > self.cfg.max_write)
             || end > u64::from(part.total)
             || part.data.is_empty()
             || part.total as usize > self.cfg.reassembly_bytes
@@ -641,6 +674,7 @@ impl LinkCore {
                 key,
                 Partial {
                     offset: part.offset,
+                    raw,
                     buf: vec![0; need],
                     have: Vec::new(),
                     touched: self.touched,
@@ -648,7 +682,7 @@ impl LinkCore {
             );
         }
         let p = self.partial.get_mut(&key)?;
-        if p.buf.len() != part.total as usize || p.offset != part.offset {
+        if p.buf.len() != part.total as usize || p.offset != part.offset || p.raw != raw {
             // Same identity, other shape: not a part of this packet.
             self.counters.dropped_bad_part += 1;
             return None;
@@ -665,13 +699,23 @@ impl LinkCore {
         }
         let done = self.partial.remove(&key)?;
         self.partial_bytes -= done.buf.len();
+        let data = match done.raw {
+            None => done.buf,
+            Some(raw) => match unzip(&done.buf, raw) {
+                Some(d) => d,
+                None => {
+                    self.counters.dropped_bad_zip += 1;
+                    return None;
+                }
+            },
+        };
         self.counters.reassembled += 1;
         Some(Packet {
             pair: part.pair,
             stamp: part.stamp,
             payload: Payload::Write {
                 offset: done.offset,
-                data: Bytes::from(done.buf),
+                data: Bytes::from(data),
             },
         })
     }
@@ -695,12 +739,62 @@ fn explode(msg: Message, out: &mut Vec<Message>) {
     }
 }
 
-/// Splits a write packet into parts whose encoding fits `budget`.
-fn split(p: Packet, budget: usize) -> Vec<Part> {
-    let Payload::Write { offset, data } = p.payload else {
+/// Queues a data packet uncompressed: whole if its encoding fits `budget`, else as
+/// parts. A write whose data alone fills a datagram is split without being encoded whole
+/// first (that would copy up to a whole write only to measure it).
+fn push_raw(peer: &mut PeerState, counters: &mut LinkCounters, p: Packet, budget: usize) {
+    let whole = (data_len(&p) < budget)
+        .then(|| wire::encode_item(&Message::Data(vec![p.clone()])))
+        .filter(|b| b.len() <= budget);
+    match whole {
+        Some(bytes) => peer.data.push_back(Item { bytes, tries: 0 }),
+        None => {
+            let data = match &p.payload {
+                Payload::Write { data, .. } => data.clone(),
+                _ => Bytes::new(),
+            };
+            for part in split_bytes(&p, data, budget) {
+                counters.parts_out += 1;
+                peer.data.push_back(Item {
+                    bytes: wire::encode_item(&Message::Part(part)),
+                    tries: 0,
+                });
+            }
+        }
+    }
+}
+
+/// Writes smaller than this travel raw: compressing them saves too little.
+const MIN_ZIP: usize = 256;
+
+/// The write's data compressed at `level`, with its raw length, if that is smaller than
+/// the raw data (by at least the bytes a zipped part adds).
+fn zip(p: &Packet, level: i32) -> Option<(u32, Bytes)> {
+    let Payload::Write { data, .. } = &p.payload else {
+        return None;
+    };
+    if data.len() < MIN_ZIP {
+        return None;
+    }
+    let raw = u32::try_from(data.len()).ok()?;
+    let z = zstd::bulk::compress(data, level).ok()?;
+    (z.len() + 8 < data.len()).then(|| (raw, Bytes::from(z)))
+}
+
+/// Decompresses a zipped write; `None` unless it is exactly `raw` bytes.
+fn unzip(z: &[u8], raw: u32) -> Option<Vec<u8>> {
+    let d = zstd::bulk::decompress(z, raw as usize).ok()?;
+    (d.len() == raw as usize).then_some(d)
+}
+
+/// Splits `data` (the packet's write data, raw or compressed) into parts of the packet
+/// `p` whose encoding fits `budget`.
+fn split_bytes(p: &Packet, data: Bytes, budget: usize) -> Vec<Part> {
+    let Payload::Write { offset, .. } = p.payload else {
         return Vec::new();
     };
-    // A part's fields other than its data take at most ~48 bytes in postcard.
+    // A part's fields other than its data take at most ~48 bytes in postcard (a zipped
+    // one 5 more).
     let chunk = budget.saturating_sub(64).max(1);
     let total = data.len() as u32;
     (0..data.len())

@@ -240,6 +240,19 @@ pub enum Message {
     /// Link to link (never delivered to a unit): which numbered datagrams arrived
     /// (wire version 3).
     Receipt(Receipt),
+    /// A piece of a write packet whose data travels compressed (`compress = "zstd"`):
+    /// the part's `data`, `at` and `total` are of the compressed bytes; once every
+    /// piece arrived the receiving link decompresses them to `raw` bytes (wire
+    /// version 3).
+    Zipped(Zipped),
+}
+
+/// A [`Part`] of a compressed write: see [`Message::Zipped`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zipped {
+    /// The length of the write's data once decompressed.
+    pub raw: u32,
+    pub part: Part,
 }
 
 /// The most ranges one [`Receipt`] lists.

@@ -48,6 +48,12 @@ struct RawConfig {
     /// flagged (status, metrics) and logged.
     #[serde(default)]
     rpo_target_ms: Option<u64>,
+    /// "zstd" to compress write data on the wire; absent or "off": raw.
+    #[serde(default)]
+    compress: Option<String>,
+    /// zstd level, 1..=19 (default 3).
+    #[serde(default)]
+    compress_level: Option<i32>,
     #[serde(default)]
     system: Vec<RawSystem>,
     #[serde(default)]
@@ -165,6 +171,8 @@ pub struct Config {
     pub region: u64,
     /// `rpo_target_ms`: a pair whose commit lag exceeds it is flagged and logged.
     pub rpo_target: Option<Duration>,
+    /// zstd level for write data on the wire (`None`: sent raw).
+    pub compress: Option<i32>,
     pub systems: Vec<SystemConfig>,
     pub pairs: Vec<PairConfig>,
 }
@@ -241,6 +249,7 @@ impl Config {
             track: globals.track,
             region: globals.region,
             rpo_target: globals.rpo_target,
+            compress: globals.compress,
             systems: systems.list,
             pairs: pairs.list,
         })
@@ -303,6 +312,7 @@ struct Globals {
     track: TrackConfig,
     region: u64,
     rpo_target: Option<Duration>,
+    compress: Option<i32>,
 }
 
 impl Globals {
@@ -312,7 +322,9 @@ impl Globals {
     /// `"block"`, `suspend_after_ms` is at most 3600000, `region_size` is a power of two
     /// from 4 KiB to 1 GiB, `rpo_target_ms` (if given) lies in 1..=86400000. Fills in
     /// the defaults: `rate` 0 (unpaced), `window` 64 MiB, `on_journal_full` track,
-    /// `suspend_after_ms` 2000, `region_size` 64 KiB, no RPO target.
+    /// `suspend_after_ms` 2000, `region_size` 64 KiB, no RPO target. `compress` is
+    /// `"off"` (the default) or `"zstd"`, `compress_level` 1..=19 (default 3) and only
+    /// with `compress = "zstd"`.
     fn parse(raw: &RawConfig) -> Result<Globals, EngineError> {
         if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
             return bad(format!(
@@ -378,10 +390,27 @@ impl Globals {
                 .then(|| Duration::from_millis(raw.suspend_after_ms)),
             on_full,
         };
+        let compress = match (raw.compress.as_deref(), raw.compress_level) {
+            (None | Some("off"), None) => None,
+            (None | Some("off"), Some(_)) => {
+                return bad("compress_level: set compress = \"zstd\" to use it")
+            }
+            (Some("zstd"), level) => {
+                let level = level.unwrap_or(3);
+                if !(1..=19).contains(&level) {
+                    return bad(format!("compress_level: {level} is outside 1..=19"));
+                }
+                Some(level)
+            }
+            (Some(other), _) => {
+                return bad(format!("compress: {other:?} is not \"off\" or \"zstd\""))
+            }
+        };
         Ok(Globals {
             track,
             region,
             rpo_target,
+            compress,
             heartbeat: Duration::from_millis(raw.heartbeat_ms),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms),
             mtu: raw.mtu,

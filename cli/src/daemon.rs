@@ -113,6 +113,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
                 max_datagram: (cfg.mtu * 2).max(2048),
                 rate: cfg.rate,
                 peer_timeout: cfg.peer_timeout,
+                compress: cfg.compress,
                 ..LinkConfig::default()
             },
             epoch,

@@ -396,6 +396,7 @@ fn partial_packets_are_bounded_in_count_least_recent_evicted() {
 fn parts_overlapping_differently_still_complete() {
     let mut p = Partial {
         offset: Offset(0),
+        raw: None,
         buf: vec![0; 100],
         have: Vec::new(),
         touched: 0,
@@ -576,4 +577,87 @@ fn a_burst_larger_than_a_path_queue_arrives() {
         resent <= 2 * writes.len(),
         "seed {seed}: {resent} whole resends"
     );
+}
+
+/// With `compress` on, a compressible write travels compressed (split if it must be)
+/// and arrives intact; an incompressible one travels raw; a zipped write that does not
+/// decompress to its announced length is dropped and counted, never delivered.
+#[test]
+fn compressed_writes_arrive_intact_and_only_when_smaller() {
+    let cfg = LinkConfig {
+        compress: Some(3),
+        ..open()
+    };
+    let (mut a, mut b) = pair(cfg);
+    let now = Instant::now();
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog; "
+        .iter()
+        .copied()
+        .cycle()
+        .take(200_000)
+        .collect();
+    let compressible = Packet {
+        pair: PairId(3),
+        stamp: Stamp::new(Timestamp(1001), Seq(1)),
+        payload: Payload::Write {
+            offset: Offset(0),
+            data: Bytes::from(text),
+        },
+    };
+    // write() data is a short-period pattern: make an incompressible one instead.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..50_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let incompressible = Packet {
+        pair: PairId(3),
+        stamp: Stamp::new(Timestamp(1002), Seq(2)),
+        payload: Payload::Write {
+            offset: Offset(4096),
+            data: Bytes::from(noise),
+        },
+    };
+    a.send(B, Message::Data(vec![compressible.clone()]));
+    a.send(B, Message::Data(vec![incompressible.clone()]));
+    let ds = datagrams(&mut a, now);
+    let wire: usize = ds.iter().map(Vec::len).sum();
+    let mut got: Vec<Packet> = deliver(&mut b, now, ds)
+        .into_iter()
+        .flat_map(|m| match m {
+            Message::Data(ps) => ps,
+            _ => Vec::new(),
+        })
+        .collect();
+    got.sort_by_key(|p| p.stamp.seq);
+    assert_eq!(got, vec![compressible, incompressible]);
+    let c = a.counters();
+    assert_eq!(c.zip_raw_bytes, 250_000);
+    assert!(c.zip_wire_bytes < 60_000, "{c:?}");
+    assert!(wire < 70_000, "{wire} bytes on the wire");
+
+    // A zipped write whose bytes do not decompress to `raw`: dropped, counted.
+    let bogus = |raw: u32, seq: u64| {
+        Message::Zipped(Zipped {
+            raw,
+            part: Part {
+                pair: PairId(3),
+                stamp: Stamp::new(Timestamp(2000 + seq), Seq(seq)),
+                offset: Offset(0),
+                total: 4,
+                at: 0,
+                data: Bytes::from_static(b"junk"),
+            },
+        })
+    };
+    a.send(B, bogus(100, 10));
+    a.send(B, bogus(u32::MAX, 11));
+    let out = deliver(&mut b, now, datagrams(&mut a, now));
+    assert!(out.iter().all(|m| !matches!(m, Message::Data(_))));
+    assert_eq!(b.counters().dropped_bad_zip, 1);
+    assert_eq!(b.counters().dropped_bad_part, 1, "raw beyond max_write");
 }

@@ -186,7 +186,7 @@ impl Routes {
                     None => miss("clock answer"),
                 },
                 // Links reassemble parts before delivering.
-                WireMessage::Part(_) => miss("part"),
+                WireMessage::Part(_) | WireMessage::Zipped(_) => miss("part"),
                 WireMessage::Number(_) | WireMessage::Receipt(_) => miss("link message"),
             }
         }

@@ -193,6 +193,21 @@ const BAD: &[(&str, &str, &str)] = &[
     ),
     (
         "heartbeat_ms = 10",
+        "heartbeat_ms = 10\ncompress = \"lz5\"",
+        "compress: \"lz5\" is not \"off\" or \"zstd\"",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\ncompress = \"zstd\"\ncompress_level = 20",
+        "compress_level: 20 is outside 1..=19",
+    ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\ncompress_level = 3",
+        "compress_level: set compress = \"zstd\" to use it",
+    ),
+    (
+        "heartbeat_ms = 10",
         "heartbeat_ms = 10\nmtu = 65001",
         "mtu: 65001 is outside 576..=65000",
     ),
@@ -519,6 +534,23 @@ fn nbd_listen_is_checked_at_load_and_a_relative_socket_is_relative_to_the_config
             ),
         }
     }
+}
+
+#[test]
+fn compress_is_off_by_default_and_zstd_takes_a_level() {
+    assert_eq!(parse(EXAMPLE).expect("example").compress, None);
+    let with = |extra: &str| {
+        parse(&EXAMPLE.replacen(
+            "heartbeat_ms = 10",
+            &format!("heartbeat_ms = 10\n{extra}"),
+            1,
+        ))
+        .expect("valid")
+        .compress
+    };
+    assert_eq!(with("compress = \"off\""), None);
+    assert_eq!(with("compress = \"zstd\""), Some(3));
+    assert_eq!(with("compress = \"zstd\"\ncompress_level = 9"), Some(9));
 }
 
 #[test]
