@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod export;
+pub mod failover;
 pub mod load;
 pub mod progress;
 pub mod promote;
