@@ -340,3 +340,207 @@ fn assert_units_equal_between(site: &Site, seed: u64) {
         }
     }
 }
+
+/// The byte counts of the pairs of a report (`bytes` of each).
+fn report_bytes(report: &serde_json::Value) -> u64 {
+    report["pairs"]
+        .as_array()
+        .expect("pairs")
+        .iter()
+        .map(|p| p["bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A planned switchover: writes, stop writing, drain, stop both, promote, failover and
+/// demote with `--require-drained` (nothing above the cut, nothing to resend), then the
+/// reversed group replicates the new primary's writes. No write is lost: both sides
+/// hold every write of both phases, and the promoted cut was all of the first.
+#[test]
+fn a_planned_switchover_loses_nothing() {
+    let seed = seed() + 100;
+    eprintln!(
+        "switchover test seed {seed} (TIDEMARK_SEED={} to replay)",
+        seed - 100
+    );
+    let (site, na, nb) = site();
+    let cfg = site.cfg().to_string();
+    let b = daemon(&site, "secondary", &site.config);
+    let mut a = daemon(&site, "primary", &site.config);
+    wait_tcp(na, &mut a, PATIENCE);
+    let mut images = blank();
+    write_nbd(na, seed, &writes(seed, 60), &mut images);
+    // Writes stopped: drain (every write acknowledged and applied), then stop both.
+    converge(&site, "site-a", "site-b");
+    assert!(stop(a).status.success());
+    assert!(stop(b).status.success());
+
+    let promoted = ok_json(&["promote", "--config", &cfg, "--system", "site-b"]);
+    assert_eq!(promoted["consistent"], true, "{promoted}");
+    assert!(promoted["rolled_back_to"].is_null(), "{promoted}");
+    assert_images(&site, "site-b", &images, seed, "at the promoted cut");
+    let new_cfg = site.path("reversed.toml");
+    let new = new_cfg.to_str().expect("utf-8").to_string();
+    let fo = ok_json(&[
+        "failover",
+        "--config",
+        &cfg,
+        "--system",
+        "site-b",
+        "--out",
+        &new,
+        "--require-drained",
+    ]);
+    let regions = site.path("regions.json");
+    let regions = regions.to_str().expect("utf-8");
+    let generation = fo["generation"].to_string();
+    let demoted = ok_json(&[
+        "demote",
+        "--config",
+        &new,
+        "--system",
+        "site-a",
+        "--generation",
+        &generation,
+        "--regions-out",
+        regions,
+        "--require-drained",
+    ]);
+    assert_eq!(report_bytes(&fo), 0, "{fo}");
+    assert_eq!(report_bytes(&demoted), 0, "{demoted}");
+    let fb = ok_json(&[
+        "failback",
+        "--config",
+        &new,
+        "--system",
+        "site-b",
+        "--regions",
+        regions,
+    ]);
+    assert!(
+        fb["pairs"]
+            .as_array()
+            .expect("pairs")
+            .iter()
+            .all(|p| p["resync_bytes"] == 0),
+        "nothing differs after a drained switchover: {fb}"
+    );
+
+    let a = daemon(&site, "secondary", &new_cfg);
+    let mut b = daemon(&site, "primary", &new_cfg);
+    wait_tcp(nb, &mut b, PATIENCE);
+    write_nbd(nb, seed + 1, &writes(seed + 1, 60), &mut images);
+    converge(&site, "site-b", "site-a");
+    assert!(stop(b).status.success());
+    assert!(stop(a).status.success());
+    assert_images(&site, "site-b", &images, seed, "on the new primary");
+    assert_images(&site, "site-a", &images, seed, "on the new secondary");
+}
+
+/// Split brain: after a failover (generation 1), the old primary is started with the
+/// old config without a demote, as a second primary. Neither side opens the other's
+/// datagrams; both say so in their status (`generation.error`), the old primary's writes
+/// stay unacknowledged and never reach the new primary's units. And the failed-over
+/// system refuses to start in its old role (exit 2).
+#[test]
+fn a_stale_primary_is_refused() {
+    let seed = seed() + 200;
+    eprintln!(
+        "split brain test seed {seed} (TIDEMARK_SEED={} to replay)",
+        seed - 200
+    );
+    let (site, na, nb) = site();
+    let cfg = site.cfg().to_string();
+    let b = daemon(&site, "secondary", &site.config);
+    let mut a = daemon(&site, "primary", &site.config);
+    wait_tcp(na, &mut a, PATIENCE);
+    let mut images = blank();
+    write_nbd(na, seed, &writes(seed, 20), &mut images);
+    converge(&site, "site-a", "site-b");
+    assert!(stop(a).status.success());
+    assert!(stop(b).status.success());
+    ok_json(&["promote", "--config", &cfg, "--system", "site-b"]);
+    let new_cfg = site.path("reversed.toml");
+    let new = new_cfg.to_str().expect("utf-8").to_string();
+    ok_json(&[
+        "failover", "--config", &cfg, "--system", "site-b", "--out", &new,
+    ]);
+    // Failback with nothing to merge: site-b is at generation 1, not pending.
+    let regions = site.path("regions.json");
+    std::fs::write(&regions, r#"{"generation":1,"system":"site-a","pairs":[]}"#).expect("write");
+    ok_json(&[
+        "failback",
+        "--config",
+        &new,
+        "--system",
+        "site-b",
+        "--regions",
+        regions.to_str().expect("utf-8"),
+    ]);
+
+    // site-b in its old role: refused before anything starts.
+    let out = run(&["secondary", "--config", &cfg, "--system", "site-b"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("generation 1") && err.contains("reversed config"),
+        "{err}"
+    );
+
+    // Two primaries: site-b (generation 1) and the stale site-a (generation 0).
+    let mut b = daemon(&site, "primary", &new_cfg);
+    wait_tcp(nb, &mut b, PATIENCE);
+    let before: Vec<Vec<u8>> = EXPORTS
+        .iter()
+        .map(|(n, _)| std::fs::read(unit(&site, "site-b", n)).expect("unit"))
+        .collect();
+    let mut a = daemon(&site, "primary", &site.config);
+    wait_tcp(na, &mut a, PATIENCE);
+    let mut stale = images.clone();
+    write_nbd(na, seed + 1, &writes(seed + 1, 10), &mut stale);
+    for system in ["site-a", "site-b"] {
+        let s = wait_until(PATIENCE, || {
+            let s = site.status(system).ok_or("no status")?;
+            match s["generation"]["error"].as_str() {
+                Some(e) if e.contains("split brain guard") => Ok(s),
+                _ => Err(s["generation"].to_string()),
+            }
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{system} never reported the split brain: {e}; logs:{}",
+                site.log_tails()
+            )
+        });
+        assert!(
+            s["link"]["counters"]["dropped_unauthenticated"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "{s}"
+        );
+        assert!(
+            s["link"]["peers_up"]
+                .as_object()
+                .expect("peers")
+                .values()
+                .all(|u| u == false),
+            "{s}"
+        );
+    }
+    let s = site.status("site-a").expect("status");
+    assert!(
+        pairs(&s)
+            .iter()
+            .any(|p| p["acked_seq"].as_u64() < p["written_seq"].as_u64()),
+        "the stale primary's writes were acknowledged: {s}"
+    );
+    assert!(stop(a).status.success());
+    assert!(stop(b).status.success());
+    for (e, (n, _)) in EXPORTS.iter().enumerate() {
+        let got = std::fs::read(unit(&site, "site-b", n)).expect("unit");
+        assert!(
+            got == before[e],
+            "seed {seed}: the stale primary's writes reached site-b/{n}"
+        );
+    }
+}
