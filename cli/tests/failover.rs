@@ -527,7 +527,21 @@ fn a_stale_primary_is_refused() {
             "{s}"
         );
     }
-    let s = site.status("site-a").expect("status");
+    // A status that counts the stale writes (20 before, 10 now) says none was
+    // acknowledged.
+    let s = wait_until(PATIENCE, || {
+        let s = site.status("site-a").ok_or("no status")?;
+        let written: u64 = pairs(&s)
+            .iter()
+            .map(|p| p["written_seq"].as_u64().unwrap_or(0))
+            .sum();
+        if written >= 30 {
+            Ok(s)
+        } else {
+            Err(s["stats"]["pairs"].to_string())
+        }
+    })
+    .unwrap_or_else(|e| panic!("the stale writes never showed in the status: {e}"));
     assert!(
         pairs(&s)
             .iter()
