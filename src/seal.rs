@@ -104,6 +104,36 @@ impl GroupKey {
     }
 }
 
+/// The link key of a group at `generation` (the split-brain guard, DRBD's UUIDs in
+/// spirit): generation 0 is the group key itself (so groups that never failed over keep
+/// their key), any other is `HKDF-SHA256(salt = "tidemark generation", ikm = group key,
+/// info = label ‖ generation)`. Systems at different generations (or labels) derive
+/// different keys, so every datagram one seals fails to open at the other: a stale
+/// primary can never replicate into a promoted group, nor a promoted primary into a
+/// stale secondary (I6: dropped and counted, no state changes). `label` separates keys
+/// that must not meet even at one generation (a primary waiting for its failback uses
+/// its own).
+pub fn generation_key(group: &[u8; KEY_LEN], generation: u64, label: &[u8]) -> [u8; KEY_LEN] {
+    if generation == 0 && label.is_empty() {
+        return *group;
+    }
+    struct Len;
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            KEY_LEN
+        }
+    }
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"tidemark generation").extract(group);
+    let g = generation.to_le_bytes();
+    let info = [label, &g[..]];
+    let mut out = [0u8; KEY_LEN];
+    // 32 bytes from HKDF-SHA256 (limit 255 * 32) into a buffer of exactly that length.
+    prk.expand(&info, Len)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 expands 32 bytes");
+    out
+}
+
 fn gcm_nonce(counter: u64) -> Nonce {
     let mut n = [0u8; NONCE_LEN];
     n[NONCE_LEN - 8..].copy_from_slice(&counter.to_be_bytes());
@@ -362,6 +392,33 @@ mod tests {
         Session {
             epoch,
             nonce: [r; 16],
+        }
+    }
+
+    /// A datagram sealed at one generation never opens at another (the split-brain
+    /// guard); generation 0 without a label is the group key itself.
+    #[test]
+    fn generations_do_not_talk() {
+        assert_eq!(generation_key(&KEY, 0, b""), KEY);
+        let g1 = generation_key(&KEY, 1, b"");
+        let g2 = generation_key(&KEY, 2, b"");
+        let pending = generation_key(&KEY, 2, b"failback pending");
+        assert_ne!(g1, g2);
+        assert_ne!(g2, pending);
+        assert_eq!(g2, generation_key(&KEY, 2, b""), "a pure function");
+        for (send, recv, opens) in [
+            (g1, g1, true),
+            (g1, g2, false),
+            (KEY, g1, false),
+            (g2, pending, false),
+        ] {
+            let mut s = Sealer::new(&send, session(10, 1));
+            let mut o = Opener::new(&recv, SystemId(2), 65_536);
+            let r = o.open(&s.seal(&frame(1, 2, 5)));
+            assert_eq!(r.is_ok(), opens, "{r:?}");
+            if !opens {
+                assert_eq!(r, Err(SealError::Unauthenticated));
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 //! are relative to the directory of the config file. Loading checks everything it can
 //! without touching the disks; each problem is an error naming the key.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use tidemark_actors::engine::TrackConfig;
 use tidemark_actors::error::EngineError;
 use tidemark_actors::InitialSync;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     key_file: PathBuf,
@@ -76,7 +76,7 @@ fn default_mtu() -> usize {
     1400
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawSystem {
     name: String,
@@ -89,7 +89,7 @@ struct RawSystem {
     metrics_listen: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawPair {
     name: String,
@@ -100,7 +100,7 @@ struct RawPair {
     initial_sync: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawEnd {
     system: String,
@@ -632,6 +632,44 @@ fn parse_end(
         return bad(format!("{key}: {:?} is not a {role}", e.system));
     }
     Ok(s)
+}
+
+/// The text of the reversed config of the two-system group in `path` whose secondary
+/// `new_primary` takes over (`tidemark failover`): roles swapped, each pair's `local`
+/// and `remote` swapped, the orderer on the new secondary; every other key as it was
+/// (comments are not kept). Relative paths stay relative, so the file belongs in the
+/// same directory. A group of more than one primary or secondary system is refused.
+pub fn reversed(path: &Path, new_primary: &str) -> Result<String, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+    let mut raw: RawConfig = toml::from_str(&text)
+        .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+    let roles: Vec<&str> = raw.system.iter().map(|s| s.role.as_str()).collect();
+    if roles.len() != 2 || !roles.contains(&"primary") || !roles.contains(&"secondary") {
+        return bad(
+            "failover: only a group of one primary and one secondary system can be reversed",
+        );
+    }
+    let Some(old_primary) = raw
+        .system
+        .iter()
+        .find(|s| s.role == "primary")
+        .map(|s| s.name.clone())
+    else {
+        return bad("failover: no primary system");
+    };
+    for s in &mut raw.system {
+        s.role = if s.name == new_primary {
+            "primary".into()
+        } else {
+            "secondary".into()
+        };
+    }
+    for p in &mut raw.pair {
+        std::mem::swap(&mut p.local, &mut p.remote);
+    }
+    raw.orderer = old_primary;
+    toml::to_string(&raw).map_err(|e| EngineError::Config(format!("failover: {e}")))
 }
 
 /// Reads a key file written by `tidemark keygen`.

@@ -46,9 +46,28 @@ pub fn lock_system(cfg: &Config, system: usize) -> Result<SystemLock, EngineErro
 }
 
 /// The engine description for the systems `here` of `cfg`, over UDP.
+///
+/// The link key is the group key derived for the systems' generation
+/// ([`crate::failover::link_key`]); the systems run together must share it. A primary
+/// whose failback is pending tracks from its start.
 pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineError> {
-    let key = cfg.read_key()?;
+    let group = cfg.read_key()?;
+    let mut key = None;
+    let mut pending = false;
+    for &i in here {
+        let k = crate::failover::link_key(cfg, i, &group)?;
+        if key.is_some_and(|other| other != k) {
+            return Err(EngineError::Config(format!(
+                "system {} is at another generation than {}: run them in separate processes",
+                cfg.systems[i].name, cfg.systems[here[0]].name
+            )));
+        }
+        key = Some(k);
+        pending |= crate::failover::current(cfg, i)?.is_some_and(|g| g.failback_pending);
+    }
+    let key = key.unwrap_or(group);
     let mut b = EngineBuilder::new();
+    b.track_from_start(pending);
     for s in &cfg.systems {
         if s.primary {
             b.primary(&s.name);
@@ -147,9 +166,83 @@ fn test_clock_offset() -> Result<Option<i128>, EngineError> {
     }
 }
 
+/// The split-brain guard as a running system sees it (`status.json` `generation`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GuardStatus {
+    /// The system's generation (0: never failed over).
+    pub generation: u64,
+    /// A primary after `failover`, before `failback`: it talks to no peer.
+    pub failback_pending: bool,
+    /// Datagrams that did not open under this generation's key (the link's
+    /// `dropped_unauthenticated`).
+    pub refused_datagrams: u64,
+    /// Set while datagrams are refused and no peer is up: what the guard concluded.
+    pub error: Option<String>,
+}
+
+/// Watches each running system's refused datagrams: a peer at another generation (or
+/// with another key) shows as datagrams that fail authentication while no peer is up.
+/// Logged once per episode at error level, shown in `status.json`.
+#[derive(Default)]
+pub struct Guard {
+    systems: BTreeMap<usize, GuardStatus>,
+}
+
+impl Guard {
+    /// The guard of the systems `here` (their generation files were checked at start).
+    pub fn new(cfg: &Config, here: &[usize]) -> Guard {
+        let systems = here
+            .iter()
+            .map(|&i| {
+                let g = crate::failover::current(cfg, i).ok().flatten();
+                (
+                    i,
+                    GuardStatus {
+                        generation: g.as_ref().map_or(0, |g| g.generation),
+                        failback_pending: g.is_some_and(|g| g.failback_pending),
+                        ..GuardStatus::default()
+                    },
+                )
+            })
+            .collect();
+        Guard { systems }
+    }
+
+    fn update(&mut self, cfg: &Config, i: usize, link: Option<&UdpStatus>) -> Option<GuardStatus> {
+        let g = self.systems.get_mut(&i)?;
+        let Some(link) = link else {
+            return Some(g.clone());
+        };
+        let refused = link.counters.dropped_unauthenticated;
+        let up = link.peers_up.values().any(|&u| u);
+        if up {
+            if g.error.take().is_some() {
+                tracing::info!(system = %cfg.systems[i].name, "a peer answers at this generation again");
+            }
+        } else if refused > g.refused_datagrams && g.error.is_none() {
+            let mut why = format!(
+                "split brain guard: {} datagrams did not open under the key of generation {} and no peer is up: a peer runs at another generation (a stale primary after a failover, or an old primary not demoted) or with another group key; everything it sends is refused",
+                refused - g.refused_datagrams,
+                g.generation
+            );
+            if g.failback_pending {
+                why.push_str(
+                    "; this system's failback is pending: it talks to no peer until `tidemark failback` merged the old primary's regions",
+                );
+            }
+            tracing::error!(system = %cfg.systems[i].name, "{why}");
+            g.error = Some(why);
+        }
+        g.refused_datagrams = refused;
+        Some(g.clone())
+    }
+}
+
 /// What a running process reports in `journal_dir/status.json`.
 #[derive(serde::Serialize)]
 struct Status<'a> {
+    /// The split-brain guard: generation, refused datagrams, the conclusion.
+    generation: Option<GuardStatus>,
     system: &'a str,
     pid: u32,
     stats: &'a Stats,
@@ -171,8 +264,9 @@ pub async fn write_status(
     here: &[usize],
     engine: &Engine,
     progress: &mut SyncProgress,
+    guard: &mut Guard,
 ) -> Vec<(usize, serde_json::Value, SystemView)> {
-    let docs = sample_status(cfg, here, engine, progress).await;
+    let docs = sample_status(cfg, here, engine, progress, guard).await;
     for (i, doc, _) in &docs {
         let s = &cfg.systems[*i];
         let Ok(text) = serde_json::to_string_pretty(doc) else {
@@ -192,6 +286,7 @@ pub async fn sample_status(
     here: &[usize],
     engine: &Engine,
     progress: &mut SyncProgress,
+    guard: &mut Guard,
 ) -> Vec<(usize, serde_json::Value, SystemView)> {
     let Ok(stats) = engine.stats().await else {
         return Vec::new();
@@ -218,6 +313,7 @@ pub async fn sample_status(
             orderer_here,
         });
         let status = Status {
+            generation: guard.update(cfg, i, link),
             system: &s.name,
             pid: std::process::id(),
             stats: &stats,
@@ -322,12 +418,13 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     let health = engine.health().clone();
     // Initial syncs: bars on a terminal, log lines otherwise.
     let mut progress = SyncProgress::new(std::io::stderr().is_terminal());
+    let mut guard = Guard::new(cfg, here);
     let failure = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break None,
             _ = term.recv() => break None,
             f = health.failed() => break Some(f),
-            _ = every.tick() => ops.publish(write_status(cfg, here, &engine, &mut progress).await),
+            _ = every.tick() => ops.publish(write_status(cfg, here, &engine, &mut progress, &mut guard).await),
         }
     };
     tracing::info!(systems = ?names, failed = failure.is_some(), "stopping");
@@ -340,7 +437,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         for s in servers {
             let _ = s.await;
         }
-        ops.publish(write_status(cfg, here, &engine, &mut progress).await);
+        ops.publish(write_status(cfg, here, &engine, &mut progress, &mut guard).await);
         // The control sockets and metrics go with the engine: a stopped system has none.
         drop(ops);
         match std::sync::Arc::try_unwrap(engine) {

@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod export;
+pub mod failover;
 pub mod load;
 pub mod metrics;
 pub mod progress;

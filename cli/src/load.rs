@@ -2,7 +2,7 @@
 //! writes until the remote holds them, and its baseline on plain files.
 
 use crate::config::Config;
-use crate::daemon::{builder, lock_system, write_status};
+use crate::daemon::{builder, lock_system, write_status, Guard};
 use std::time::Duration;
 use tidemark_actors::EngineError;
 
@@ -98,7 +98,14 @@ pub async fn load(
     };
     let replicated = started.elapsed();
     let mut progress = crate::progress::SyncProgress::new(false);
-    write_status(cfg, &[system], &engine, &mut progress).await;
+    write_status(
+        cfg,
+        &[system],
+        &engine,
+        &mut progress,
+        &mut Guard::new(cfg, &[system]),
+    )
+    .await;
     engine.shutdown().await?;
     Ok(LoadReport {
         writes,

@@ -54,6 +54,60 @@ enum Command {
     /// Offline, after promote: serve the remote units of a stopped secondary read-only
     /// over NBD (one export per pair) until SIGINT/SIGTERM.
     Export(ExportArgs),
+    /// Offline, after promote: make a promoted secondary the primary of the reversed
+    /// group (writes the reversed config, bumps the generation).
+    Failover(FailoverArgs),
+    /// Offline: turn the old primary into the secondary of the reversed group, writing
+    /// the regions it holds that never reached the cut.
+    Demote(DemoteArgs),
+    /// Offline: add the old primary's regions to the new primary's dirty maps; its next
+    /// start resyncs only the regions that differ.
+    Failback(FailbackArgs),
+}
+
+#[derive(clap::Args)]
+struct FailoverArgs {
+    /// The current config, where SYSTEM is the (promoted) secondary.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    system: String,
+    /// Where to write the reversed config (never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Planned switchover: refuse if any write lies above the cut.
+    #[arg(long)]
+    require_drained: bool,
+}
+
+#[derive(clap::Args)]
+struct DemoteArgs {
+    /// The reversed config, where SYSTEM is the secondary.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    system: String,
+    /// The new primary's generation (printed by failover).
+    #[arg(long)]
+    generation: u64,
+    /// Where to write the regions to resend (never overwritten).
+    #[arg(long)]
+    regions_out: PathBuf,
+    /// Planned switchover: refuse if the old primary holds a write the remote never got.
+    #[arg(long)]
+    require_drained: bool,
+}
+
+#[derive(clap::Args)]
+struct FailbackArgs {
+    /// The reversed config, where SYSTEM is the primary.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    system: String,
+    /// The regions file demote wrote.
+    #[arg(long)]
+    regions: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -222,6 +276,9 @@ fn main() -> ExitCode {
         Command::Promote(a) => exit(promote(a)),
         Command::Status(a) => status(a),
         Command::Export(a) => exit(export(a)),
+        Command::Failover(a) => exit(failover(a)),
+        Command::Demote(a) => exit(demote(a)),
+        Command::Failback(a) => exit(failback(a)),
     }
 }
 
@@ -360,6 +417,36 @@ fn promote(a: PromoteArgs) -> Result<(), EngineError> {
             "the journal has a gap below the durable limit: not a consistent cut".into(),
         ))
     }
+}
+
+fn failover(a: FailoverArgs) -> Result<(), EngineError> {
+    let cfg = Config::load(&a.config)?;
+    let system = cfg.select(Some(&a.system), false)?[0];
+    let report = tidemark_cli::failover::failover(&cfg, system, &a.out, a.require_drained)?;
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
+}
+
+fn demote(a: DemoteArgs) -> Result<(), EngineError> {
+    let cfg = Config::load(&a.config)?;
+    let system = cfg.select(Some(&a.system), false)?[0];
+    let report = tidemark_cli::failover::demote(
+        &cfg,
+        system,
+        a.generation,
+        &a.regions_out,
+        a.require_drained,
+    )?;
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
+}
+
+fn failback(a: FailbackArgs) -> Result<(), EngineError> {
+    let cfg = Config::load(&a.config)?;
+    let system = cfg.select(Some(&a.system), true)?[0];
+    let report = tidemark_cli::failover::failback(&cfg, system, &a.regions)?;
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
 }
 
 /// What `--force` took, said loudly on stderr.

@@ -100,6 +100,7 @@ pub struct EngineBuilder {
     pub(super) undo_dirs: BTreeMap<SystemId, PathBuf>,
     pub(super) undo_region: u64,
     pub(super) track: TrackConfig,
+    pub(super) track_from_start: bool,
     pub(super) region: u64,
 }
 
@@ -138,6 +139,7 @@ impl EngineBuilder {
             undo_dirs: BTreeMap::new(),
             undo_region: tidemark::undo::DEFAULT_REGION,
             track: TrackConfig::default(),
+            track_from_start: false,
             region: tidemark::dirty::DEFAULT_REGION,
         }
     }
@@ -286,6 +288,15 @@ impl EngineBuilder {
     /// never: writers wait for the remote, as with `on_journal_full = "block"`).
     pub fn tracking(&mut self, track: TrackConfig) -> &mut Self {
         self.track = track;
+        self
+    }
+
+    /// Every local unit here starts tracking, and leaves it only once its remote
+    /// answers: no write is journaled or shipped before, each one's region is in the
+    /// dirty map first. A resync the map would begin at start waits for that answer
+    /// too. For a promoted secondary that runs as the primary until its failback.
+    pub fn track_from_start(&mut self, on: bool) -> &mut Self {
+        self.track_from_start = on;
         self
     }
 

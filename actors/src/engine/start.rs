@@ -239,7 +239,10 @@ impl EngineBuilder {
                 match recovered.map(|r| r.state) {
                     Some(Some(PairState::Syncing)) => plan.sync = Some(store.allocated()?),
                     Some(Some(PairState::Resyncing)) => plan.resync = ResyncStart::Continue,
-                    Some(Some(_)) if !dirty_clean => plan.resync = ResyncStart::Begin,
+                    // Tracking from the start: the remote's answer begins the resync.
+                    Some(Some(_)) if !dirty_clean && !self.track_from_start => {
+                        plan.resync = ResyncStart::Begin
+                    }
                     Some(_) => {}
                     None => {
                         plan.sync = match self.initial_sync.get(&id).copied().unwrap_or_default() {
@@ -648,6 +651,7 @@ impl<'a> Startup<'a> {
                     sync: sync.sync,
                     resync: sync.resync,
                     reserved: recovered.map_or(Seq::ZERO, |r| r.reserved),
+                    tracking: b.track_from_start,
                 };
                 let cfg = LocalConfig {
                     heartbeat: b.heartbeat,

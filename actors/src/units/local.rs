@@ -342,6 +342,11 @@ pub struct LocalResume {
     pub resync: ResyncStart,
     /// Sequence numbers up to here may have been handed out ([`Record::Reserve`]).
     pub reserved: Seq,
+    /// Start tracking (writes go to the local unit only, their regions into the dirty
+    /// map first) and stay so until the remote answers: a promoted secondary running as
+    /// the primary before its failback, whose remote must not receive a write before
+    /// the resync that makes it a copy begins.
+    pub tracking: bool,
 }
 
 /// What a local unit is wired to.
@@ -426,6 +431,12 @@ impl LocalUnit {
                 }
             }
         }
+        let tracking = resume.tracking.then(now);
+        let state = if tracking.is_some() {
+            Some(PairState::Tracking)
+        } else {
+            resume.state
+        };
         LocalUnit {
             pair,
             remote_system,
@@ -455,13 +466,13 @@ impl LocalUnit {
             wake_at: None,
             abandon_held: false,
             sync,
-            state: resume.state,
+            state,
             sync_done: None,
             resyncing: false,
             copies: u64::from(has_sync),
             last_copy_resync: false,
             resync_open,
-            tracking: None,
+            tracking,
             tracked_after_done: false,
             plan_pending,
             tracked_inflight: 0,
