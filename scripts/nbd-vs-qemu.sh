@@ -93,7 +93,7 @@ wait_port() {
     return 1
 }
 
-JOBS="seqwrite-64k-qd16,randwrite-4k-qd16,randread-4k-qd16"
+JOBS=${JOBS:-"seqwrite-64k-qd16,randwrite-4k-qd16,randread-4k-qd16"}
 job_args() {
     case $1 in
         seqwrite-64k-qd16) echo "--rw=write --bs=64k" ;;
