@@ -11,7 +11,8 @@
 #   bash scripts/burst.sh [N]          # default N=50; prints "K of N complete"
 #
 # The config is examples/tidemark.toml with one pair ("data", 64 MiB) and other ports.
-# DEADLINE (default 30) bounds each wait; PORT (default 17500) moves the ports; KEEP=1
+# DEADLINE (default 30) bounds each wait; PORT (default 17500) moves the ports;
+# TIDEMARK_BIN=path runs that binary instead of building this checkout; KEEP=1
 # keeps the run directories. Needs: qemu-io (qemu-utils), python3, cargo. Exit status 1
 # if any run did not complete.
 set -euo pipefail
@@ -23,8 +24,12 @@ for p in qemu-io python3; do
 done
 cd "$(dirname "$0")/.."
 . scripts/config.sh   # example_config: examples/tidemark.toml with a few values changed
-cargo build --release --bin tidemark >/dev/null 2>&1
-T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
+if [ -z "${TIDEMARK_BIN:-}" ]; then
+    cargo build --release --bin tidemark >/dev/null 2>&1
+    T=${CARGO_TARGET_DIR:-$PWD/target}/release/tidemark
+else
+    T=$TIDEMARK_BIN   # a built binary as is (an older build, for a peer run)
+fi
 ROOT=$(mktemp -d)
 PIDS=()
 cleanup() {

@@ -29,7 +29,7 @@ fi
 CASES=${CASES:-"clean loss5 wan40 loss20"}
 DIR=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$DIR"; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; if [ -n "${KEEP:-}" ]; then echo "kept $DIR"; else rm -rf "$DIR"; fi; }
 trap cleanup EXIT
 cd "$DIR"
 "$T" keygen --out cluster.key

@@ -67,6 +67,9 @@ pub const DEFAULT_INITIAL_RTO: Duration = Duration::from_millis(50);
 /// mailboxes and queues for milliseconds; a smaller minimum fires falsely and resends
 /// packets that are not lost.
 pub const DEFAULT_MIN_RTO: Duration = Duration::from_millis(10);
+/// With a link that recovers datagrams itself, a sender admits what the path and the
+/// remote deliver durably in this long ([`Sender::delivery_window`]).
+pub const ADMIT_LAG: Duration = Duration::from_millis(15);
 /// The least retransmission timeout of a sender whose link recovers lost datagrams
 /// itself ([`Sender::set_link_recovers`]): the end-to-end timer is then a backstop.
 pub const LINK_MIN_RTO: Duration = Duration::from_millis(250);
@@ -460,22 +463,24 @@ impl Sender {
         }
     }
 
-    /// What the path and the remote deliver in one round trip, bytes: the base of
-    /// admission (writers wait beyond a few of these). With a link that recovers
-    /// datagrams itself, the congestion window no longer shrinks on loss, so this is the
-    /// durable delivery rate (the best per-round rate of the last rounds, acknowledged
-    /// durably) times the least round trip seen, once measured, and never above the
-    /// window: the remote's disk, when it is the bottleneck, then sets how much is
-    /// admitted, and queues do not build in front of it. Otherwise, and until a rate is
-    /// measured, the congestion window.
+    /// The base of admission, bytes (writers wait beyond a few of these). With a link
+    /// that recovers datagrams itself, the congestion window no longer shrinks on loss,
+    /// so this is what the path and the remote deliver durably in [`ADMIT_LAG`] (the
+    /// best per-round delivery rate of the last rounds times that), or in the least
+    /// round trip if longer, never above the window: the remote's disk, when it is the
+    /// bottleneck, then sets how much is admitted, and queues in front of it stay
+    /// within a few tens of milliseconds while the remote's group commit still gets
+    /// batches several round trips deep. Otherwise, and until a rate is measured, the
+    /// congestion window.
     pub fn delivery_window(&self) -> usize {
         let cwnd = self.cc.cwnd();
         if !self.link_recovers {
             return cwnd;
         }
-        match self.cc.floor(self.rtt.min_rtt()) {
+        let lag = self.rtt.min_rtt().map_or(ADMIT_LAG, |m| m.max(ADMIT_LAG));
+        match self.cc.floor(Some(lag)) {
             0 => cwnd,
-            bdp => bdp.min(cwnd),
+            bytes => bytes.min(cwnd),
         }
     }
 

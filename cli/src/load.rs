@@ -89,6 +89,16 @@ pub async fn load(
             break s;
         }
         if std::time::Instant::now() > deadline {
+            // What it got to, for the operator (status.json), before giving up.
+            let mut progress = crate::progress::SyncProgress::new(false);
+            write_status(
+                cfg,
+                &[system],
+                &engine,
+                &mut progress,
+                &mut Guard::new(cfg, &[system]),
+            )
+            .await;
             engine.shutdown().await?;
             return Err(EngineError::Timeout(
                 "the remote did not acknowledge every write".into(),

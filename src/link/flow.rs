@@ -16,9 +16,13 @@
 //!   retransmission is what remains (the link's recovery is an optimisation, never
 //!   needed for I3 or I5);
 //! - loss detection tolerates reordering as QUIC does (RFC 9002 §6.1): a datagram is
-//!   deemed lost once one numbered at least [`PACKET_THRESHOLD`] above it was received,
-//!   or once a later one was received and 9/8 of a round trip passed since it left;
-//!   a tail loss (nothing later received) is found by a probe timeout that backs off;
+//!   deemed lost once one numbered at least the packet threshold ([`PACKET_THRESHOLD`]
+//!   at first) above it was received, or once a later one was received and 9/8 of a
+//!   round trip (or the round trip plus the reordering seen, if longer) passed since it
+//!   left; a tail loss (nothing later received) is found by a probe timeout that backs
+//!   off. A loss that turns out to have been reordering (its receipt comes after all)
+//!   doubles the packet threshold and widens the reordering allowance to what was seen,
+//!   so a path that reorders stops costing spurious resends;
 //! - recovery is part by part: a lost datagram costs its own items again, never the
 //!   whole write of which it carried a part, and never the same burst shape (what goes
 //!   again is only what was lost, paced);
@@ -34,14 +38,20 @@ use crate::ship::{Congestion, Rtt};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// A datagram is deemed lost once one numbered this much higher was received.
+/// A datagram is deemed lost once one numbered this much higher was received (at
+/// first: the threshold doubles, up to [`MAX_PACKET_THRESHOLD`], each time a loss turns
+/// out to have been reordering).
 pub const PACKET_THRESHOLD: u64 = 3;
+/// The packet threshold grows to at most this.
+pub const MAX_PACKET_THRESHOLD: u64 = 256;
 /// How many times the link sends a data item at most (the first time included).
 pub const MAX_TRIES: u8 = 8;
 /// The round trip assumed before any was measured, for the pacing rate.
 pub const INITIAL_RTT: Duration = Duration::from_millis(10);
 /// Numbers deemed lost that are remembered, to notice a loss that was not one.
 const LOST_MEMORY: usize = 4096;
+/// The reordering allowance never exceeds four round trips plus this.
+const MAX_REORDER_SLACK: Duration = Duration::from_millis(20);
 /// The timer granularity below which loss delays are not cut.
 const GRANULARITY: Duration = Duration::from_millis(1);
 
@@ -88,7 +98,12 @@ pub(crate) struct Flow {
     cc: Congestion,
     /// Items of datagrams deemed lost, to go before new data.
     resend: VecDeque<Item>,
-    lost_numbers: VecDeque<u64>,
+    /// Numbers deemed lost lately, with when they were sent.
+    lost_numbers: VecDeque<(u64, Instant)>,
+    /// The packet threshold now.
+    threshold: u64,
+    /// How late past a round trip reordered datagrams were seen to arrive.
+    reorder: Duration,
     tokens: f64,
     refilled: Option<Instant>,
     burst: f64,
@@ -118,6 +133,8 @@ impl Flow {
             cc: Congestion::new(initial_window),
             resend: VecDeque::new(),
             lost_numbers: VecDeque::new(),
+            threshold: PACKET_THRESHOLD,
+            reorder: Duration::ZERO,
             tokens: burst as f64,
             refilled: None,
             burst: burst.max(1) as f64,
@@ -249,6 +266,7 @@ impl Flow {
         let mut newest = 0;
         let mut bytes = 0;
         let mut newest_at = None;
+        let srtt = self.rtt.srtt().unwrap_or(INITIAL_RTT);
         for &(lo, hi) in &r.ranges {
             let hi = hi.min(self.next.saturating_sub(1));
             if lo > hi {
@@ -265,15 +283,23 @@ impl Flow {
                     }
                 }
             }
-            // A number deemed lost that arrived after all: reordering, not loss.
-            let spurious = self
-                .lost_numbers
-                .iter()
-                .filter(|n| (lo..=hi).contains(*n))
-                .count();
+            // A number deemed lost that arrived after all: reordering, not loss. Its
+            // lateness past a round trip widens the allowance; the threshold doubles.
+            let mut spurious = 0;
+            let mut late = Duration::ZERO;
+            self.lost_numbers.retain(|&(n, at)| {
+                if (lo..=hi).contains(&n) {
+                    spurious += 1;
+                    late = late.max(now.saturating_duration_since(at).saturating_sub(srtt));
+                    false
+                } else {
+                    true
+                }
+            });
             if spurious > 0 {
-                self.stats.spurious += spurious as u64;
-                self.lost_numbers.retain(|n| !(lo..=hi).contains(n));
+                self.stats.spurious += spurious;
+                self.threshold = (self.threshold * 2).min(MAX_PACKET_THRESHOLD);
+                self.reorder = self.reorder.max(late).min(srtt * 4 + MAX_REORDER_SLACK);
                 self.cc.on_spurious();
             }
         }
@@ -306,7 +332,7 @@ impl Flow {
             (Some(a), Some(b)) => a.max(b),
             (a, b) => a.or(b).unwrap_or(INITIAL_RTT),
         };
-        (base * 9 / 8).max(GRANULARITY)
+        (base * 9 / 8).max(base + self.reorder).max(GRANULARITY)
     }
 
     /// Deems lost every datagram below the largest received that is [`PACKET_THRESHOLD`]
@@ -315,7 +341,7 @@ impl Flow {
         let delay = self.loss_delay();
         while let Some((&n, s)) = self.sent.first_key_value() {
             let lost = n < self.largest_acked
-                && (n + PACKET_THRESHOLD <= self.largest_acked || s.at + delay <= now);
+                && (n + self.threshold <= self.largest_acked || s.at + delay <= now);
             if !lost {
                 break;
             }
@@ -330,7 +356,7 @@ impl Flow {
         self.in_flight -= s.len;
         self.stats.lost += 1;
         self.cc.on_lost(n, self.next, self.rtt.srtt());
-        self.lost_numbers.push_back(n);
+        self.lost_numbers.push_back((n, s.at));
         if self.lost_numbers.len() > LOST_MEMORY {
             self.lost_numbers.pop_front();
         }
@@ -441,9 +467,17 @@ mod tests {
         assert!(due > t1);
         f.handle_timeout(due);
         assert_eq!(f.stats().lost, 1);
-        // It arrives after all: spurious.
+        // It arrives after all: spurious; the threshold doubles.
         f.on_receipt(due, &receipt(&[(1, 3)]));
         assert_eq!(f.stats().spurious, 1);
+        assert_eq!(f.threshold, 2 * PACKET_THRESHOLD);
+        // Now a gap of 3 is reordering, not loss.
+        let t2 = due + Duration::from_millis(1);
+        for b in 4..=8 {
+            f.on_sent(t2, 1000, item(b));
+        }
+        f.on_receipt(t2, &receipt(&[(5, 8), (1, 3)]));
+        assert_eq!(f.stats().lost, 1, "4 is only 4 below 8 now");
     }
 
     #[test]
