@@ -89,16 +89,8 @@ pub async fn load(
             break s;
         }
         if std::time::Instant::now() > deadline {
-            // What it got to, for the operator (status.json), before giving up.
-            let mut progress = crate::progress::SyncProgress::new(false);
-            write_status(
-                cfg,
-                &[system],
-                &engine,
-                &mut progress,
-                &mut Guard::new(cfg, &[system]),
-            )
-            .await;
+            // What it got to, for the operator, before giving up.
+            final_status(cfg, system, &engine).await;
             engine.shutdown().await?;
             return Err(EngineError::Timeout(
                 "the remote did not acknowledge every write".into(),
@@ -107,15 +99,7 @@ pub async fn load(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let replicated = started.elapsed();
-    let mut progress = crate::progress::SyncProgress::new(false);
-    write_status(
-        cfg,
-        &[system],
-        &engine,
-        &mut progress,
-        &mut Guard::new(cfg, &[system]),
-    )
-    .await;
+    final_status(cfg, system, &engine).await;
     engine.shutdown().await?;
     Ok(LoadReport {
         writes,
@@ -193,4 +177,11 @@ pub fn baseline(
         mb_per_s: bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9),
         retransmits: 0,
     })
+}
+
+/// Writes the system's `status.json` once more (a load has no status loop).
+async fn final_status(cfg: &Config, system: usize, engine: &tidemark_actors::Engine) {
+    let mut progress = crate::progress::SyncProgress::new(false);
+    let mut guard = Guard::new(cfg, &[system]);
+    write_status(cfg, &[system], engine, &mut progress, &mut guard).await;
 }
