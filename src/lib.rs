@@ -31,3 +31,13 @@ pub use run::{Received, RunTracker};
 pub use ship::{Rtt, Sender};
 pub use storage::{BlockStore, FileStore, MemStore, StoreError};
 pub use types::{Offset, PairId, Seq, Stamp, SystemId, Timestamp};
+
+/// The seed of a seeded test: `TIDEMARK_SEED` if set (to replay a failure), else
+/// `default`.
+#[cfg(test)]
+pub(crate) fn test_seed(default: u64) -> u64 {
+    std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}

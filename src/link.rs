@@ -216,7 +216,9 @@ pub struct LinkCore {
     sealer: Sealer,
     opener: Opener,
     peers: BTreeMap<SystemId, PeerState>,
-    /// The peer served first by the next [`LinkCore::poll_transmit`] (round robin).
+    /// The keys of `peers`, for the round robin of [`LinkCore::poll_transmit`].
+    ids: Vec<SystemId>,
+    /// The index in `ids` of the peer served first by the next `poll_transmit`.
     turn: usize,
     events: VecDeque<LinkEvent>,
     partial: BTreeMap<PartKey, Partial>,
@@ -234,6 +236,12 @@ impl LinkCore {
         session: Session,
         cfg: LinkConfig,
     ) -> Self {
+        let ids: Vec<SystemId> = {
+            let mut v: Vec<SystemId> = peers.iter().copied().filter(|p| *p != me).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
         LinkCore {
             me,
             cfg,
@@ -256,6 +264,7 @@ impl LinkCore {
                     )
                 })
                 .collect(),
+            ids,
             turn: 0,
             events: VecDeque::new(),
             partial: BTreeMap::new(),
@@ -381,14 +390,11 @@ impl LinkCore {
     /// datagram, if the window has room and the pacer has tokens. Every datagram's
     /// bytes are taken from the pacer's tokens.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(SystemId, Vec<u8>)> {
-        let ids: Vec<SystemId> = self.peers.keys().copied().collect();
-        if ids.is_empty() {
-            return None;
-        }
-        for k in 0..ids.len() {
-            let to = ids[(self.turn + k) % ids.len()];
+        let n = self.ids.len();
+        for k in 0..n {
+            let to = self.ids[(self.turn + k) % n];
             if let Some(d) = self.datagram_for(to, now) {
-                self.turn = (self.turn + k + 1) % ids.len();
+                self.turn = (self.turn + k + 1) % n;
                 self.counters.datagrams_out += 1;
                 self.counters.bytes_out += d.len() as u64;
                 return Some((to, d));
@@ -400,7 +406,6 @@ impl LinkCore {
     /// The next datagram for `to` that may leave now, if any.
     fn datagram_for(&mut self, to: SystemId, now: Instant) -> Option<Vec<u8>> {
         let budget = self.budget();
-        let data_budget = self.data_budget();
         let mtu = self.cfg.mtu;
         let peer = self.peers.get_mut(&to)?;
         if let Some(r) = peer.received.poll_receipt(now) {
@@ -422,7 +427,7 @@ impl LinkCore {
                         None => break,
                     },
                 };
-                if !items.is_empty() && size + item.bytes.len() > data_budget + NUMBER_ROOM {
+                if !items.is_empty() && size + item.bytes.len() > budget {
                     if resent {
                         peer.flow.put_back(item);
                     } else {

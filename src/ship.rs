@@ -819,11 +819,7 @@ impl Sender {
                 break;
             }
             self.sends.pop_front();
-            let f = &mut self.unacked[i];
-            f.lost = true;
-            self.pipe -= f.len();
-            self.lost.push(f.packet.stamp.seq);
-            self.stats.lost += 1;
+            self.mark_lost(i);
             if self.cc.on_lost(tx.xmit, self.next_xmit, self.rtt.srtt()) {
                 self.calm_episodes += 1;
                 if self.calm_episodes >= REORDER_DECAY_EPISODES {
@@ -841,15 +837,18 @@ impl Sender {
             let Some(i) = self.live(tx) else {
                 continue;
             };
-            let f = &mut self.unacked[i];
-            if !f.in_pipe() {
-                continue;
-            }
-            f.lost = true;
-            self.pipe -= f.len();
-            self.lost.push(f.packet.stamp.seq);
-            self.stats.lost += 1;
+            self.mark_lost(i);
         }
+    }
+
+    /// Takes the packet at `i` in `unacked` (in flight) out of the pipe and queues it for
+    /// retransmission.
+    fn mark_lost(&mut self, i: usize) {
+        let f = &mut self.unacked[i];
+        f.lost = true;
+        self.pipe -= f.len();
+        self.lost.push(f.packet.stamp.seq);
+        self.stats.lost += 1;
     }
 
     /// Drops dead transmissions from the front and sets the retransmission deadline from

@@ -24,21 +24,7 @@ fn a_large_write_crosses_a_relay_with_a_default_socket_buffer() {
     eprintln!("seed {seed}");
     let (site, port) = Site::with_nbd_proxied(true);
     // Plain relays: no loss, no delay; only their default receive buffers.
-    let relay = |listen: u16, forward: u16| {
-        site.spawn(&[
-            "wan-sim",
-            "--listen",
-            &format!("127.0.0.1:{listen}"),
-            "--forward",
-            &format!("127.0.0.1:{forward}"),
-            "--seed",
-            &seed.to_string(),
-        ])
-    };
-    let relays = [
-        relay(site.b_advertise, site.b_port),
-        relay(site.a_advertise, site.a_port),
-    ];
+    let relays = site.relays(&["--seed", &seed.to_string()]);
     let secondary = site.secondary();
     let mut primary = site.primary();
     wait_tcp(port, &mut primary, PATIENCE);

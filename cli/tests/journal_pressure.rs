@@ -28,21 +28,7 @@ fn site(relayed: bool) -> (Site, u16, Vec<Child>) {
     let (mut site, port) = Site::with_nbd_proxied(relayed);
     site.edit_config(|c| c.system_mut("site-a").journal_size = Some(8 << 20));
     let relays = if relayed {
-        let relay = |listen: u16, forward: u16| {
-            site.spawn(&[
-                "wan-sim",
-                "--listen",
-                &format!("127.0.0.1:{listen}"),
-                "--forward",
-                &format!("127.0.0.1:{forward}"),
-                "--delay-ms",
-                "1",
-            ])
-        };
-        vec![
-            relay(site.b_advertise, site.b_port),
-            relay(site.a_advertise, site.a_port),
-        ]
+        site.relays(&["--delay-ms", "1"])
     } else {
         Vec::new()
     };

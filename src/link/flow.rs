@@ -98,8 +98,9 @@ pub(crate) struct Flow {
     cc: Congestion,
     /// Items of datagrams deemed lost, to go before new data.
     resend: VecDeque<Item>,
-    /// Numbers deemed lost lately, with when they were sent.
-    lost_numbers: VecDeque<(u64, Instant)>,
+    /// Numbers deemed lost lately (the newest [`LOST_MEMORY`]), with when they were
+    /// sent.
+    lost_numbers: BTreeMap<u64, Instant>,
     /// The packet threshold now.
     threshold: u64,
     /// How late past a round trip reordered datagrams were seen to arrive.
@@ -132,7 +133,7 @@ impl Flow {
             ),
             cc: Congestion::new(initial_window),
             resend: VecDeque::new(),
-            lost_numbers: VecDeque::new(),
+            lost_numbers: BTreeMap::new(),
             threshold: PACKET_THRESHOLD,
             reorder: Duration::ZERO,
             tokens: burst as f64,
@@ -285,17 +286,17 @@ impl Flow {
             }
             // A number deemed lost that arrived after all: reordering, not loss. Its
             // lateness past a round trip widens the allowance; the threshold doubles.
-            let mut spurious = 0;
+            let arrived: Vec<(u64, Instant)> = self
+                .lost_numbers
+                .range(lo..=hi)
+                .map(|(n, at)| (*n, *at))
+                .collect();
+            let spurious = arrived.len() as u64;
             let mut late = Duration::ZERO;
-            self.lost_numbers.retain(|&(n, at)| {
-                if (lo..=hi).contains(&n) {
-                    spurious += 1;
-                    late = late.max(now.saturating_duration_since(at).saturating_sub(srtt));
-                    false
-                } else {
-                    true
-                }
-            });
+            for (n, at) in arrived {
+                self.lost_numbers.remove(&n);
+                late = late.max(now.saturating_duration_since(at).saturating_sub(srtt));
+            }
             if spurious > 0 {
                 self.stats.spurious += spurious;
                 self.threshold = (self.threshold * 2).min(MAX_PACKET_THRESHOLD);
@@ -356,9 +357,9 @@ impl Flow {
         self.in_flight -= s.len;
         self.stats.lost += 1;
         self.cc.on_lost(n, self.next, self.rtt.srtt());
-        self.lost_numbers.push_back((n, s.at));
+        self.lost_numbers.insert(n, s.at);
         if self.lost_numbers.len() > LOST_MEMORY {
-            self.lost_numbers.pop_front();
+            self.lost_numbers.pop_first();
         }
         for mut item in s.items {
             item.tries += 1;

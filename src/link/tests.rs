@@ -319,10 +319,7 @@ fn a_retransmission_fills_the_holes_of_earlier_attempts() {
 #[test]
 fn lossy_rounds_deliver_every_split_write_in_a_few_retransmissions() {
     use rand::{Rng, SeedableRng};
-    let seed: u64 = std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261129);
+    let seed = crate::test_seed(20261129);
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
     let (mut a, mut b) = pair(open());
     let now = Instant::now();
@@ -509,10 +506,7 @@ impl Bottleneck {
 #[test]
 fn a_burst_larger_than_a_path_queue_arrives() {
     use rand::SeedableRng;
-    let seed: u64 = std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261202);
+    let seed = crate::test_seed(20261202);
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
     let (mut a, mut b) = pair(LinkConfig::default());
     let mut ab = Bottleneck::new(208 << 10, 100e6, Duration::from_millis(1), 0.01);

@@ -300,10 +300,7 @@ fn resync_status_follows_the_marks() {
 /// as of the base. Seeded; the seed is printed.
 #[test]
 fn rolling_back_at_any_apply_point_gives_the_cut_at_the_base() {
-    let seed: u64 = std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed);
+    let seed = crate::test_seed(0x5eed);
     for round in 0..32u64 {
         let seed = seed.wrapping_add(round);
         println!("seed {seed}");

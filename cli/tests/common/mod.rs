@@ -559,6 +559,24 @@ impl Site {
 }
 
 impl Site {
+    /// One wan-sim per direction in front of the advertise addresses (a `proxied`
+    /// site), each given `args` after its addresses; returns them, site-b's first.
+    pub fn relays(&self, args: &[&str]) -> Vec<Child> {
+        let relay = |listen: u16, forward: u16| {
+            let (listen, forward) = (
+                format!("127.0.0.1:{listen}"),
+                format!("127.0.0.1:{forward}"),
+            );
+            let mut all = vec!["wan-sim", "--listen", &listen, "--forward", &forward];
+            all.extend_from_slice(args);
+            self.spawn(&all)
+        };
+        vec![
+            relay(self.b_advertise, self.b_port),
+            relay(self.a_advertise, self.a_port),
+        ]
+    }
+
     /// One wan-sim per direction in front of the advertise addresses (a `proxied` site):
     /// 5 % loss, 5 % duplication, 20 % reordering, 1 ms delay and jitter, 1 % corruption.
     pub fn wan_sims(&self, seed: u64) -> Vec<Child> {
