@@ -12,7 +12,10 @@
 #   loss5      wan-sim 5 % loss, 20 % reordering
 #   wan40      wan-sim 1 % loss, 40 ms delay, 5 ms jitter
 #   loss20     wan-sim 20 % loss (liveness: every write must be acknowledged)
-# ). "resent" is what the link sent again part by part, "retrans" what the units
+#   ret20      wan-sim 20 % loss on the return path only (secondary -> primary:
+#              acknowledgements and receipts)
+# ). LOAD_TIMEOUT=S gives up on the acknowledgements after S seconds (default 120).
+# "resent" is what the link sent again part by part, "retrans" what the units
 # retransmitted end to end.
 set -euo pipefail
 WRITES=${1:-4000}
@@ -26,7 +29,7 @@ if [ -z "${TIDEMARK_BIN:-}" ]; then
 else
   T=$TIDEMARK_BIN
 fi
-CASES=${CASES:-"clean loss5 wan40 loss20"}
+CASES=${CASES:-"clean loss5 wan40 loss20 ret20"}
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; if [ -n "${KEEP:-}" ]; then echo "kept $DIR"; else rm -rf "$DIR"; fi; }
@@ -43,7 +46,7 @@ run_case() { # $1 = name, $2 = a advertise, $3 = b advertise
   rm -rf run; config "$2" "$3"
   "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 --baseline > base.json
   "$T" secondary --config tm.toml 2>sec.log & PIDS+=($!); local sec=$!
-  if ! "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 > load.json 2>load.err; then
+  if ! "$T" load --config tm.toml --system site-a --writes "$WRITES" --depth "$DEPTH" --seed 7 ${LOAD_TIMEOUT:+--timeout-s "$LOAD_TIMEOUT"} > load.json 2>load.err; then
     echo "$1: NOT every write was acknowledged: $(tail -1 load.err)"
   fi
   sleep 1.2   # let the secondary write its status once more after the last commit
@@ -66,8 +69,13 @@ print(f"{name:<28} {b['mb_per_s']:>8.1f} {l['mb_per_s']:>8.1f} {l['mb_per_s']/b[
 PY
 }
 sims() { # wan-sim arguments for both directions
-  "$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 "$@" 2>/dev/null & PIDS+=($!)
-  "$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 "$@" 2>/dev/null & PIDS+=($!)
+  sims2 "$*" "$*"
+}
+sims2() { # $1 = wan-sim arguments towards the secondary, $2 = towards the primary
+  # shellcheck disable=SC2086
+  "$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 $1 2>/dev/null & PIDS+=($!)
+  # shellcheck disable=SC2086
+  "$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 $2 2>/dev/null & PIDS+=($!)
 }
 unsims() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
@@ -81,6 +89,7 @@ for c in $CASES; do
     loss5) sims --loss 0.05 --reorder 0.2; run_case "wan-sim 5% loss 20% reorder" "$((A + 1))" "$((B + 1))"; unsims ;;
     wan40) sims --loss 0.01 --delay-ms 40 --jitter-ms 5; run_case "wan-sim 1% loss 40 ms" "$((A + 1))" "$((B + 1))"; unsims ;;
     loss20) sims --loss 0.2; run_case "wan-sim 20% loss" "$((A + 1))" "$((B + 1))"; unsims ;;
+    ret20) sims2 "" "--loss 0.2"; run_case "wan-sim 20% loss returning" "$((A + 1))" "$((B + 1))"; unsims ;;
     *) echo "unknown case $c" >&2; exit 2 ;;
   esac
 done

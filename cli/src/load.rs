@@ -71,7 +71,13 @@ pub async fn load(
     }
     let write_ms = started.elapsed().as_millis() as u64;
     let deadline = started + timeout;
+    // While it waits, `journal_dir/status.json` shows where it is, once a second.
+    let mut status_at = std::time::Instant::now();
     let stats = loop {
+        if status_at.elapsed() >= Duration::from_secs(1) {
+            final_status(cfg, system, &engine).await;
+            status_at = std::time::Instant::now();
+        }
         let s = engine.stats().await?;
         let done = s
             .pairs

@@ -655,3 +655,62 @@ fn compressed_writes_arrive_intact_and_only_when_smaller() {
     assert_eq!(b.counters().dropped_bad_zip, 1);
     assert_eq!(b.counters().dropped_bad_part, 1, "raw beyond max_write");
 }
+
+/// Loss on the return path only: a fifth of the receipts never come back, the forward
+/// path delivers everything. A stream of writes must still all cross within a bounded
+/// (simulated) time: lost receipts make the sender deem delivered datagrams lost, and
+/// neither that nor the window full of them may leave the last writes of a burst queued
+/// for good (the liveness `scripts/replication.sh`'s `ret20` case measures end to end).
+#[test]
+fn receipts_lost_on_the_way_back_do_not_close_the_window_for_good() {
+    use rand::SeedableRng;
+    let seed = crate::test_seed(20261203);
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+    let (mut a, mut b) = pair(LinkConfig::default());
+    let mut ab = Bottleneck::new(8 << 20, 100e6, Duration::from_millis(1), 0.0);
+    let mut ba = Bottleneck::new(8 << 20, 100e6, Duration::from_millis(1), 0.2);
+    let writes: Vec<Packet> = (1..=600)
+        .map(|s| write(s, 4096 + (s as usize * 97) % 60_000))
+        .collect();
+    let mut delivered: Vec<Option<Instant>> = vec![None; writes.len()];
+    let t0 = Instant::now();
+    let step = Duration::from_micros(50);
+    let mut next_write = 0;
+    let mut t = t0;
+    while delivered.iter().any(Option::is_none) {
+        assert!(
+            t - t0 < Duration::from_secs(30),
+            "seed {seed}: {} of {} delivered in 30 s simulated; sender {:?}",
+            delivered.iter().filter(|d| d.is_some()).count(),
+            writes.len(),
+            a.path_stats(B)
+        );
+        // Bursts of 50 writes every 20 ms.
+        if next_write < writes.len() && (t - t0).as_millis() as usize >= next_write / 50 * 20 {
+            for w in &writes[next_write..next_write + 50] {
+                a.send(B, Message::Data(vec![w.clone()]));
+            }
+            next_write += 50;
+        }
+        a.handle_timeout(t);
+        b.handle_timeout(t);
+        while let Some((_, d)) = a.poll_transmit(t) {
+            ab.push(t, d, &mut rng);
+        }
+        while let Some((_, d)) = b.poll_transmit(t) {
+            ba.push(t, d, &mut rng);
+        }
+        for got in deliver(&mut b, t, ab.arrivals(t)) {
+            if let Message::Data(ps) = got {
+                for p in ps {
+                    let i = (p.stamp.seq.0 - 1) as usize;
+                    assert_eq!(p, writes[i], "seed {seed}: delivered intact");
+                    delivered[i].get_or_insert(t);
+                }
+            }
+        }
+        deliver(&mut a, t, ba.arrivals(t));
+        t += step;
+    }
+    assert!(ba.dropped > 0, "seed {seed}: no receipt was lost: no test");
+}
