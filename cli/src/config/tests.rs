@@ -357,6 +357,8 @@ fn defaults_are_filled_in_and_given_values_kept() {
             journal_dir: PathBuf::from("/etc/tm/run/site-b/journal"),
             journal_size: 256 << 20,
             nbd_listen: None,
+            nbd_tls: None,
+            nbd_insecure: false,
             metrics_listen: None,
         }
     );
