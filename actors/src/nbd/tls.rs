@@ -158,3 +158,127 @@ fn check_private(path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "../../tests/nbd_support/certs.rs"]
+mod test_certs;
+
+#[cfg(test)]
+mod tests {
+    use super::test_certs::TestPki;
+    use super::*;
+
+    fn files(pki: &TestPki, client_ca: bool) -> TlsFiles {
+        TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: client_ca.then(|| pki.ca.clone()),
+        }
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn good_files_load_with_and_without_client_certificates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = TestPki::write(dir.path());
+        let tls = ServerTls::load(&files(&pki, false)).expect("loads");
+        assert!(!tls.requires_client_cert());
+        let tls = ServerTls::load(&files(&pki, true)).expect("loads with a client CA");
+        assert!(tls.requires_client_cert());
+    }
+
+    #[test]
+    fn unusable_files_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = TestPki::write(dir.path());
+        let missing = dir.path().join("missing.pem");
+        // A key someone else may read is refused, as ssh refuses it.
+        let open_key = dir.path().join("open-key.pem");
+        std::fs::copy(&pki.server_key, &open_key).expect("copy");
+        chmod(&open_key, 0o640);
+        // The client's key does not belong to the server's certificate.
+        let other_key = pki.client.join("client-key.pem");
+        let cases: Vec<(&str, TlsFiles, TlsFile, &str)> = vec![
+            (
+                "key readable by group",
+                TlsFiles {
+                    key: open_key.clone(),
+                    ..files(&pki, false)
+                },
+                TlsFile::Key,
+                "chmod 600",
+            ),
+            (
+                "key of another certificate",
+                TlsFiles {
+                    key: other_key,
+                    ..files(&pki, false)
+                },
+                TlsFile::Key,
+                "cannot be used with the certificate",
+            ),
+            (
+                "certificate file holding a key",
+                TlsFiles {
+                    cert: pki.server_key.clone(),
+                    ..files(&pki, false)
+                },
+                TlsFile::Cert,
+                "no PEM CERTIFICATE",
+            ),
+            (
+                "missing certificate",
+                TlsFiles {
+                    cert: missing.clone(),
+                    ..files(&pki, false)
+                },
+                TlsFile::Cert,
+                "cannot read",
+            ),
+            (
+                "missing key",
+                TlsFiles {
+                    key: missing.clone(),
+                    ..files(&pki, false)
+                },
+                TlsFile::Key,
+                "cannot read",
+            ),
+            (
+                "missing client CA",
+                TlsFiles {
+                    client_ca: Some(missing.clone()),
+                    ..files(&pki, false)
+                },
+                TlsFile::ClientCa,
+                "cannot read",
+            ),
+            (
+                "client CA file holding a key",
+                TlsFiles {
+                    client_ca: Some(pki.server_key.clone()),
+                    ..files(&pki, false)
+                },
+                TlsFile::ClientCa,
+                "no PEM CERTIFICATE",
+            ),
+        ];
+        for (name, f, which, needle) in cases {
+            let e = ServerTls::load(&f).expect_err(name);
+            assert_eq!(e.file, which, "{name}: {e}");
+            let text = e.to_string();
+            assert!(text.contains(needle), "{name}: {text:?} lacks {needle:?}");
+        }
+        // The same key with mode 0600 loads.
+        chmod(&open_key, 0o600);
+        ServerTls::load(&TlsFiles {
+            key: open_key,
+            ..files(&pki, false)
+        })
+        .expect("a private key file loads");
+    }
+}
