@@ -119,7 +119,6 @@ struct Batch {
 }
 
 /// One connection: haggles (upgrading to TLS when the core asks), then transmits.
-#[allow(clippy::too_many_arguments)]
 async fn run_connection<S, B>(
     stream: S,
     peer: String,
