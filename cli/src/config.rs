@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidemark_actors::engine::TrackConfig;
 use tidemark_actors::error::EngineError;
+use tidemark_actors::nbd::{ListenAddr, ServerTls, TlsFile, TlsFiles};
 use tidemark_actors::InitialSync;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -86,6 +87,14 @@ struct RawSystem {
     journal_dir: PathBuf,
     journal_size: Option<String>,
     nbd_listen: Option<String>,
+    /// PEM files: the NBD server's certificate (chain) and its private key; with both,
+    /// every NBD client must use TLS.
+    nbd_tls_cert: Option<PathBuf>,
+    nbd_tls_key: Option<PathBuf>,
+    /// PEM file of the CA(s) whose certificates NBD clients must present.
+    nbd_tls_client_ca: Option<PathBuf>,
+    /// Serve NBD in plain text on a non-loopback address all the same.
+    nbd_insecure: Option<bool>,
     metrics_listen: Option<String>,
 }
 
@@ -120,6 +129,11 @@ pub struct SystemConfig {
     /// `tidemark export` serves the remote units read-only after a promote (the
     /// `secondary` daemon itself never serves NBD).
     pub nbd_listen: Option<String>,
+    /// `nbd_tls_cert`, `nbd_tls_key` and `nbd_tls_client_ca` (paths resolved): every
+    /// NBD client of this system (daemon or `export`) must use TLS.
+    pub nbd_tls: Option<TlsFiles>,
+    /// `nbd_insecure`: plain NBD on an address other hosts can reach is allowed.
+    pub nbd_insecure: bool,
     /// Where the running system serves Prometheus metrics over HTTP (`/metrics`).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -129,6 +143,46 @@ impl SystemConfig {
     /// and `status.json`).
     pub fn segments_dir(&self) -> PathBuf {
         self.journal_dir.join("segments")
+    }
+
+    /// Refuses to serve NBD in plain text at `addr` (from the config key or option
+    /// `key`) if other hosts can reach it: NBD has no authentication, so such an
+    /// export is a write path for anyone on the network. Loopback addresses and Unix
+    /// sockets are local; anything else needs TLS (`nbd_tls_cert`, `nbd_tls_key`) or
+    /// `nbd_insecure = true`.
+    pub fn check_nbd_exposure(&self, key: &str, addr: &ListenAddr) -> Result<(), EngineError> {
+        let local = match addr {
+            ListenAddr::Unix(_) => true,
+            ListenAddr::Tcp(a) => a.ip().to_canonical().is_loopback(),
+        };
+        if local || self.nbd_tls.is_some() || self.nbd_insecure {
+            return Ok(());
+        }
+        bad(format!(
+            "{key}: {addr} is not a loopback address, and NBD has no authentication: \
+             anyone who can reach it could read and write the units. Configure TLS for \
+             system {:?} (nbd_tls_cert and nbd_tls_key, and nbd_tls_client_ca to require \
+             client certificates), or set nbd_insecure = true to serve plain NBD there \
+             anyway",
+            self.name
+        ))
+    }
+
+    /// Loads the system's NBD TLS credentials, if it has any ([`ServerTls::load`]); a
+    /// file that cannot be used is a config error naming its key. `i` is the system's
+    /// index in the config (for the key).
+    pub fn load_nbd_tls(&self, i: usize) -> Result<Option<ServerTls>, EngineError> {
+        let Some(files) = &self.nbd_tls else {
+            return Ok(None);
+        };
+        ServerTls::load(files).map(Some).map_err(|e| {
+            let k = match e.file {
+                TlsFile::Cert => "nbd_tls_cert",
+                TlsFile::Key => "nbd_tls_key",
+                TlsFile::ClientCa => "nbd_tls_client_ca",
+            };
+            EngineError::Config(format!("system[{i}] ({}).{k}: {e}", self.name))
+        })
     }
 
     /// The running system's control socket (`tidemark status` talks to it): a Unix
@@ -440,7 +494,11 @@ struct Systems {
 /// is at least 4 MiB (default 256 MiB); `nbd_listen`, if given, is `host:port` or a
 /// unix socket (`unix:PATH` or an absolute path; a relative PATH is relative to `base`,
 /// like every path of the config); `metrics_listen`, if given, is an address
-/// (`host:port`) not used by an earlier system's `metrics_listen`.
+/// (`host:port`) not used by an earlier system's `metrics_listen`; `nbd_tls_cert` and
+/// `nbd_tls_key` come together, `nbd_tls_client_ca` only with them, `nbd_insecure` not
+/// with them (TLS is then required of every client); an `nbd_listen` that other hosts
+/// can reach needs TLS or `nbd_insecure` ([`SystemConfig::check_nbd_exposure`]). The
+/// TLS files are only resolved here (the daemon and `export` read them).
 fn parse_system(
     i: usize,
     s: &RawSystem,
@@ -503,27 +561,63 @@ fn parse_system(
         }
         None => None,
     };
-    systems.list.push(SystemConfig {
+    let nbd_listen = s
+        .nbd_listen
+        .as_deref()
+        .map(|l| parse_nbd_listen(&key("nbd_listen"), l, base))
+        .transpose()?;
+    let nbd_tls = match (&s.nbd_tls_cert, &s.nbd_tls_key) {
+        (Some(cert), Some(k)) => Some(TlsFiles {
+            cert: resolve(base, cert),
+            key: resolve(base, k),
+            client_ca: s.nbd_tls_client_ca.as_deref().map(|c| resolve(base, c)),
+        }),
+        (Some(_), None) => return bad(format!("{}: needed with nbd_tls_cert", key("nbd_tls_key"))),
+        (None, Some(_)) => return bad(format!("{}: needed with nbd_tls_key", key("nbd_tls_cert"))),
+        (None, None) => {
+            if s.nbd_tls_client_ca.is_some() {
+                return bad(format!(
+                    "{}: needs nbd_tls_cert and nbd_tls_key (client certificates are \
+                     checked inside TLS)",
+                    key("nbd_tls_client_ca")
+                ));
+            }
+            None
+        }
+    };
+    let nbd_insecure = s.nbd_insecure.unwrap_or(false);
+    if nbd_insecure && nbd_tls.is_some() {
+        return bad(format!(
+            "{}: contradicts nbd_tls_cert: with TLS configured every NBD client must use \
+             it; remove one of the two",
+            key("nbd_insecure")
+        ));
+    }
+    let system = SystemConfig {
         name: s.name.clone(),
         primary,
         listen,
         advertise,
         journal_dir,
         journal_size,
-        nbd_listen: s
-            .nbd_listen
-            .as_deref()
-            .map(|l| parse_nbd_listen(&key("nbd_listen"), l, base))
-            .transpose()?,
+        nbd_listen,
+        nbd_tls,
+        nbd_insecure,
         metrics_listen,
-    });
+    };
+    if let Some(l) = &system.nbd_listen {
+        let addr: ListenAddr = l
+            .parse()
+            .map_err(|e| EngineError::Config(format!("{}: {e}", key("nbd_listen"))))?;
+        system.check_nbd_exposure(&key("nbd_listen"), &addr)?;
+    }
+    systems.list.push(system);
     Ok(())
 }
 
 /// An NBD listen address, checked; a relative unix socket path is made relative to
 /// `base`.
 fn parse_nbd_listen(key: &str, text: &str, base: &Path) -> Result<String, EngineError> {
-    use tidemark_actors::nbd::ListenAddr;
     match text.parse::<ListenAddr>() {
         Ok(ListenAddr::Unix(p)) if p.is_relative() => {
             Ok(format!("unix:{}", resolve(base, &p).display()))

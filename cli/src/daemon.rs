@@ -362,11 +362,15 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
             let addr: ListenAddr = a
                 .parse()
                 .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+            // The config check already refused an exposed address without TLS; the
+            // TLS files are read now, so a bad certificate or key fails the start.
+            cfg.systems[i].check_nbd_exposure(&key, &addr)?;
+            let tls = cfg.systems[i].load_nbd_tls(i)?;
             let l = AnyListener::bind(&addr)
                 .await
                 .map_err(EngineError::io(format!("{key}: cannot listen on {addr}")))?;
             let l = l.into_std().map_err(EngineError::io(key))?;
-            listeners.push((SystemId(i as u32), l));
+            listeners.push((SystemId(i as u32), l, tls));
         }
     }
     // Metrics listeners and control sockets too: a bad or busy address fails the start.
@@ -386,7 +390,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     tracing::info!(systems = ?names, "running");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (system, l) in listeners {
+    for (system, l, tls) in listeners {
         let backend = std::sync::Arc::new(EngineBackend::new(engine.clone()));
         let mut rx = stop_rx.clone();
         let stop = async move {
@@ -397,7 +401,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let run = async move {
             match AnyListener::from_std(l) {
-                Ok(l) => l.serve(backend, Limits::default(), stop).await,
+                Ok(l) => l.serve(backend, Limits::default(), tls, stop).await,
                 Err(e) => tracing::error!("nbd: cannot serve: {e}"),
             }
             let _ = done_tx.send(());

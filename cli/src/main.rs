@@ -479,6 +479,10 @@ fn export(a: ExportArgs) -> Result<(), EngineError> {
     let addr: ListenAddr = text
         .parse()
         .map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+    // The same rule as for nbd_listen: plain NBD only where other hosts cannot reach it
+    // (or with nbd_insecure); the system's TLS settings apply to --listen too.
+    cfg.systems[system].check_nbd_exposure(&key, &addr)?;
+    let tls = cfg.systems[system].load_nbd_tls(system)?;
     let exporter = Exporter::open(&cfg, system, a.force)?;
     for e in exporter
         .report()
@@ -519,7 +523,7 @@ fn export(a: ExportArgs) -> Result<(), EngineError> {
             }
         };
         listener
-            .serve(exporter.backend().clone(), Limits::default(), stop)
+            .serve(exporter.backend().clone(), Limits::default(), tls, stop)
             .await;
         drop(exporter);
         Ok(())

@@ -6,8 +6,11 @@
 //! Written from the protocol document (`doc/proto.md` of NetworkBlockDevice/nbd):
 //! fixed newstyle handshake; `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (with no contexts);
-//! every other option (`STARTTLS`, `EXTENDED_HEADERS`, ...) is answered
-//! `NBD_REP_ERR_UNSUP` and the connection stays open. Commands `READ`, `WRITE` (with
+//! `STARTTLS` when TLS is on ([`TlsPolicy::Required`], the protocol's FORCEDTLS mode:
+//! the core decides, and asks the layer above to run the handshake with
+//! [`Event::StartTls`]; it holds no TLS code itself); every other option
+//! (`EXTENDED_HEADERS`, ...) is answered `NBD_REP_ERR_UNSUP` and the connection stays
+//! open. Commands `READ`, `WRITE` (with
 //! FUA), `FLUSH`, `TRIM`, `WRITE_ZEROES` and `DISC`; several requests may be in flight
 //! and may be answered in any order. With structured replies a read is answered with
 //! one `OFFSET_DATA` chunk marked done and an error with an `ERROR` chunk carrying a
@@ -31,5 +34,5 @@ mod tests;
 
 pub use server::{
     Command, Connection, Cookie, End, ErrorCode, Event, Export, ExportFlags, Limits, ProtocolError,
-    Reply, ReplyError, Request,
+    Reply, ReplyError, Request, TlsPolicy,
 };

@@ -168,6 +168,20 @@ impl Default for Limits {
     }
 }
 
+/// Whether a connection speaks TLS (`NBD_OPT_STARTTLS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS ("NOTLS" in the protocol): `NBD_OPT_STARTTLS` is answered
+    /// `NBD_REP_ERR_UNSUP` and everything else works in plain text.
+    #[default]
+    Off,
+    /// TLS is required ("FORCEDTLS"): until the TLS handshake succeeded every option but
+    /// `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is answered `NBD_REP_ERR_TLS_REQD`
+    /// (exports are neither listed nor described), `NBD_OPT_EXPORT_NAME` (which cannot
+    /// be answered with an error) ends the session, and no request is ever parsed.
+    Required,
+}
+
 /// An NBD error value, as sent in replies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -309,6 +323,13 @@ pub enum End {
 pub enum Event {
     /// The handshake is over and transmission starts on `exports[index]`.
     ExportChosen { index: usize, name: String },
+    /// The client sent `NBD_OPT_STARTTLS` and its `NBD_REP_ACK` is the last of the
+    /// output. The layer above writes out all pending output, then runs the TLS
+    /// handshake as the server on the same stream (reading nothing from it in plain
+    /// text meanwhile), and calls [`Connection::tls_started`] once it succeeded; every
+    /// later byte, both ways, travels inside TLS. If the handshake fails it closes the
+    /// connection. No input is taken until then ([`Connection::wants_input`] is false).
+    StartTls,
     /// A request to carry out and answer with [`Connection::reply`].
     Request(Request),
     /// The last event of a session.
@@ -330,6 +351,10 @@ pub enum ProtocolError {
     NotFixedNewstyle(u32),
     #[error("NBD_OPT_EXPORT_NAME asked for unknown export {0:?}")]
     UnknownExport(String),
+    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    ExportNameWithoutTls,
+    #[error("bytes in plain text after NBD_OPT_STARTTLS, before the TLS handshake")]
+    PlaintextAfterStartTls,
     #[error("request header magic is {0:#010x}, not {REQUEST_MAGIC:#010x}")]
     BadRequestMagic(u32),
     #[error("write of {len} bytes is above the {max}-byte request limit")]
@@ -365,6 +390,8 @@ enum Phase {
     ClientFlags,
     /// Option haggling.
     Options,
+    /// `NBD_OPT_STARTTLS` was acknowledged; waiting for [`Connection::tls_started`].
+    StartingTls,
     Transmission,
     /// Nothing more is read.
     Ended,
@@ -397,6 +424,9 @@ pub struct Connection {
     fixed: bool,
     /// The client agreed to leave out the `EXPORT_NAME` padding.
     no_zeroes: bool,
+    tls: TlsPolicy,
+    /// The TLS handshake succeeded: everything now travels inside TLS.
+    tls_active: bool,
     structured: bool,
     options_seen: u32,
     export: Option<usize>,
@@ -426,8 +456,18 @@ impl fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// A new connection; its greeting is waiting in the output.
+    /// A new connection without TLS; its greeting is waiting in the output.
     pub fn new(exports: impl Into<Arc<[Export]>>, limits: Limits) -> Connection {
+        Connection::with_tls(exports, limits, TlsPolicy::Off)
+    }
+
+    /// A new connection with the given TLS policy; its greeting is waiting in the
+    /// output.
+    pub fn with_tls(
+        exports: impl Into<Arc<[Export]>>,
+        limits: Limits,
+        tls: TlsPolicy,
+    ) -> Connection {
         let mut limits = limits;
         limits.max_request = limits.max_request.min(u32::MAX - 8);
         limits.max_in_flight = limits.max_in_flight.max(1);
@@ -437,6 +477,8 @@ impl Connection {
             phase: Phase::ClientFlags,
             fixed: false,
             no_zeroes: false,
+            tls,
+            tls_active: false,
             structured: false,
             options_seen: 0,
             export: None,
@@ -497,7 +539,33 @@ impl Connection {
             Phase::Ended => false,
             Phase::Transmission => !self.paused(),
             Phase::ClientFlags | Phase::Options => true,
+            Phase::StartingTls => false,
         }
+    }
+
+    /// The layer above finished the TLS handshake that [`Event::StartTls`] asked for:
+    /// option haggling goes on inside TLS. Ignored at any other time.
+    pub fn tls_started(&mut self) {
+        if self.phase != Phase::StartingTls {
+            return;
+        }
+        self.tls_active = true;
+        self.phase = Phase::Options;
+        // Nothing negotiated in plain text survives the upgrade (the protocol forbids
+        // keeping it: a man in the middle could have injected it). Under
+        // `TlsPolicy::Required` nothing could be negotiated before, but say so anyway.
+        self.structured = false;
+        self.process();
+    }
+
+    /// Whether the TLS handshake succeeded on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether the TLS handshake that [`Event::StartTls`] asked for is awaited.
+    pub fn starting_tls(&self) -> bool {
+        self.phase == Phase::StartingTls
     }
 
     /// Requests handed up and not answered yet.
@@ -586,6 +654,15 @@ impl Connection {
             let progressed = match self.phase {
                 Phase::ClientFlags => self.step_client_flags(),
                 Phase::Options => self.step_option(),
+                Phase::StartingTls => {
+                    // The client must wait for the ACK and then speak TLS: plain bytes
+                    // here were sent before the handshake (or injected by someone on
+                    // the path) and must never be taken as protected.
+                    if !self.input.is_empty() {
+                        self.fail(ProtocolError::PlaintextAfterStartTls);
+                    }
+                    false
+                }
                 Phase::Transmission => !self.paused() && self.step_request(),
                 Phase::Ended => false,
             };
@@ -679,6 +756,28 @@ impl Connection {
     }
 
     fn handle_option(&mut self, option: u32, data: &[u8]) {
+        if option == OPT_STARTTLS {
+            self.start_tls(data);
+            return;
+        }
+        if self.tls == TlsPolicy::Required && !self.tls_active {
+            match option {
+                OPT_ABORT => {}
+                OPT_EXPORT_NAME => {
+                    // It cannot be answered with an error: the protocol says hang up.
+                    self.fail(ProtocolError::ExportNameWithoutTls);
+                    return;
+                }
+                _ => {
+                    self.option_reply(
+                        option,
+                        REP_ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    return;
+                }
+            }
+        }
         match option {
             OPT_EXPORT_NAME => match self.find_export(data) {
                 Some(i) => {
@@ -727,10 +826,27 @@ impl Connection {
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data),
             _ => {
-                // STARTTLS, EXTENDED_HEADERS and anything unknown: keep the connection.
+                // EXTENDED_HEADERS and anything unknown: keep the connection.
                 let msg = format!("option {option} is not supported by this server");
                 self.option_reply(option, REP_ERR_UNSUP, msg.as_bytes());
             }
+        }
+    }
+
+    /// `NBD_OPT_STARTTLS`: refused without TLS, and inside TLS; otherwise acknowledged,
+    /// and the layer above is asked to start the handshake.
+    fn start_tls(&mut self, data: &[u8]) {
+        const OPTION: u32 = OPT_STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            self.option_reply(OPTION, REP_ERR_UNSUP, b"this server does not offer TLS");
+        } else if self.tls_active {
+            self.option_reply(OPTION, REP_ERR_INVALID, b"TLS is already running");
+        } else if !data.is_empty() {
+            self.option_reply(OPTION, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+        } else {
+            self.option_reply(OPTION, REP_ACK, &[]);
+            self.phase = Phase::StartingTls;
+            self.events.push_back(Event::StartTls);
         }
     }
 

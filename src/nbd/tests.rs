@@ -508,6 +508,248 @@ fn too_many_options_close_the_connection() {
     assert_eq!(c.end(), Some(&End::Error(ProtocolError::TooManyOptions(3))));
 }
 
+// ---- TLS required (FORCEDTLS) ------------------------------------------------------------
+
+fn tls_conn() -> Connection {
+    Connection::with_tls(exports(), Limits::default(), TlsPolicy::Required)
+}
+
+#[derive(Debug)]
+enum TlsExpect {
+    /// Still haggling in plain text.
+    Open,
+    /// The ACK to STARTTLS went out and the handshake is awaited.
+    Handshake,
+    Ended(End),
+}
+
+/// Before the TLS handshake, a server that requires TLS answers every option but
+/// STARTTLS and ABORT with `NBD_REP_ERR_TLS_REQD`, hangs up on `EXPORT_NAME`, lists
+/// and describes nothing, and never parses a request.
+#[test]
+fn handshakes_with_tls_required() {
+    let every_other_option = [
+        opt(OPT_LIST, &[]),
+        opt(OPT_INFO, &info_data("disk", &[INFO_NAME, INFO_DESCRIPTION])),
+        opt(OPT_STRUCTURED_REPLY, &[]),
+        opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &[])),
+        opt(OPT_SET_META_CONTEXT, &meta_data("disk", &[])),
+        opt(OPT_EXTENDED_HEADERS, &[]),
+        opt(OPT_PEEK_EXPORT, &[]),
+        opt(0xdead_beef, b"whatever"),
+        opt(OPT_GO, &info_data("disk", &[])),
+    ]
+    .concat();
+    let all_refused = vec![
+        (OPT_LIST, REP_ERR_TLS_REQD),
+        (OPT_INFO, REP_ERR_TLS_REQD),
+        (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+        (OPT_LIST_META_CONTEXT, REP_ERR_TLS_REQD),
+        (OPT_SET_META_CONTEXT, REP_ERR_TLS_REQD),
+        (OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD),
+        (OPT_PEEK_EXPORT, REP_ERR_TLS_REQD),
+        (0xdead_beef, REP_ERR_TLS_REQD),
+        (OPT_GO, REP_ERR_TLS_REQD),
+    ];
+    // (name, input, option replies as (option, reply type), expected state)
+    type Case = (&'static str, Vec<u8>, Vec<(u32, u32)>, TlsExpect);
+    let cases: Vec<Case> = vec![
+        (
+            "every option but STARTTLS and ABORT is refused, the connection stays",
+            [flags(BOTH), every_other_option.clone()].concat(),
+            all_refused.clone(),
+            TlsExpect::Open,
+        ),
+        (
+            "refused options, then STARTTLS",
+            [flags(BOTH), every_other_option, opt(OPT_STARTTLS, &[])].concat(),
+            [all_refused, vec![(OPT_STARTTLS, REP_ACK)]].concat(),
+            TlsExpect::Handshake,
+        ),
+        (
+            "STARTTLS first, as libnbd and qemu send it",
+            [flags(BOTH), opt(OPT_STARTTLS, &[])].concat(),
+            vec![(OPT_STARTTLS, REP_ACK)],
+            TlsExpect::Handshake,
+        ),
+        (
+            "STARTTLS with data is invalid and changes nothing",
+            [
+                flags(BOTH),
+                opt(OPT_STARTTLS, b"x"),
+                opt(OPT_LIST, &[]),
+                opt(OPT_STARTTLS, &[]),
+            ]
+            .concat(),
+            vec![
+                (OPT_STARTTLS, REP_ERR_INVALID),
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ACK),
+            ],
+            TlsExpect::Handshake,
+        ),
+        (
+            "EXPORT_NAME before TLS cannot be refused with an error: hang up",
+            [flags(BOTH), opt(OPT_EXPORT_NAME, b"disk")].concat(),
+            vec![],
+            TlsExpect::Ended(End::Error(ProtocolError::ExportNameWithoutTls)),
+        ),
+        (
+            "a plaintext client that sends requests after GO never reaches data",
+            [
+                flags(BOTH),
+                opt(OPT_GO, &info_data("disk", &[])),
+                req(0, CMD_WRITE, 1, 0, 4, b"evil"),
+                req(0, CMD_READ, 2, 0, 512, &[]),
+            ]
+            .concat(),
+            vec![(OPT_GO, REP_ERR_TLS_REQD)],
+            TlsExpect::Ended(End::Error(ProtocolError::BadOptionMagic(
+                u64::from(REQUEST_MAGIC) << 32 | 1,
+            ))),
+        ),
+        (
+            "ABORT before TLS",
+            [flags(BOTH), opt(OPT_ABORT, &[]), opt(OPT_LIST, &[])].concat(),
+            vec![(OPT_ABORT, REP_ACK)],
+            TlsExpect::Ended(End::Abort),
+        ),
+        (
+            "plain bytes right behind STARTTLS are never taken as protected",
+            [flags(BOTH), opt(OPT_STARTTLS, &[]), opt(OPT_LIST, &[])].concat(),
+            vec![(OPT_STARTTLS, REP_ACK)],
+            TlsExpect::Ended(End::Error(ProtocolError::PlaintextAfterStartTls)),
+        ),
+        (
+            "a client without fixed newstyle cannot start TLS",
+            [flags(0), opt(OPT_STARTTLS, &[])].concat(),
+            vec![],
+            TlsExpect::Ended(End::Error(ProtocolError::NotFixedNewstyle(OPT_STARTTLS))),
+        ),
+        (
+            "a client without fixed newstyle and EXPORT_NAME",
+            [flags(0), opt(OPT_EXPORT_NAME, b"disk")].concat(),
+            vec![],
+            TlsExpect::Ended(End::Error(ProtocolError::ExportNameWithoutTls)),
+        ),
+    ];
+    for (name, input, want_replies, want) in cases {
+        // Whole, and one byte at a time: the same outcome.
+        for bytewise in [false, true] {
+            let mut c = tls_conn();
+            if bytewise {
+                for b in input.chunks(1) {
+                    c.handle_input(b);
+                }
+            } else {
+                c.handle_input(&input);
+            }
+            let msgs = decode(&output(&mut c), &HashMap::new(), None);
+            assert_eq!(
+                msgs[0],
+                Msg::Greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+                "{name}"
+            );
+            assert_eq!(opt_replies(&msgs), want_replies, "{name}");
+            assert!(
+                !msgs.iter().any(|m| matches!(m, Msg::Opt { data, .. } if
+                    data.windows(4).any(|w| w == b"disk"))),
+                "{name}: an export name went out in plain text: {msgs:?}"
+            );
+            let ev = events(&mut c);
+            assert!(!c.tls_active(), "{name}");
+            assert!(
+                !ev.iter()
+                    .any(|e| matches!(e, Event::Request(_) | Event::ExportChosen { .. })),
+                "{name}: {ev:?}"
+            );
+            match &want {
+                TlsExpect::Open => {
+                    assert!(ev.is_empty(), "{name}: {ev:?}");
+                    assert!(c.wants_input() && !c.starting_tls(), "{name}");
+                }
+                TlsExpect::Handshake => {
+                    assert_eq!(ev, vec![Event::StartTls], "{name}");
+                    assert!(c.starting_tls() && !c.wants_input(), "{name}");
+                }
+                TlsExpect::Ended(end) => {
+                    assert_eq!(ev.last(), Some(&Event::End(end.clone())), "{name}: {ev:?}");
+                    assert!(c.is_ended() && !c.wants_input(), "{name}");
+                }
+            }
+        }
+    }
+}
+
+/// Once the layer above reports the handshake done, haggling goes on inside TLS as on
+/// a plain server: STARTTLS again is invalid, nothing is answered `TLS_REQD`, and GO
+/// leads to transmission.
+#[test]
+fn after_the_tls_handshake_haggling_goes_on_inside_tls() {
+    let mut c = tls_conn();
+    c.handle_input(&[flags(BOTH), opt(OPT_STARTTLS, &[])].concat());
+    assert_eq!(events(&mut c), vec![Event::StartTls]);
+    let plain = output(&mut c);
+    assert_eq!(
+        opt_replies(&decode(&plain, &HashMap::new(), None)),
+        vec![(OPT_STARTTLS, REP_ACK)]
+    );
+    // Until the handshake is reported, nothing is taken in.
+    assert!(!c.wants_input() && c.starting_tls());
+    c.tls_started();
+    assert!(c.tls_active() && c.wants_input() && !c.starting_tls());
+    assert!(
+        !c.has_output(),
+        "the handshake itself is not the core's business"
+    );
+    c.handle_input(
+        &[
+            opt(OPT_STARTTLS, &[]),
+            opt(OPT_LIST, &[]),
+            opt(OPT_STRUCTURED_REPLY, &[]),
+            opt(OPT_EXPORT_NAME, b"disk"),
+        ]
+        .concat(),
+    );
+    // The output inside TLS, decoded as a client would after the greeting.
+    let mut inside = plain[..GREETING_LEN].to_vec();
+    inside.extend(output(&mut c));
+    let msgs = decode(&inside, &HashMap::new(), Some(true));
+    assert_eq!(
+        opt_replies(&msgs),
+        vec![
+            (OPT_STARTTLS, REP_ERR_INVALID),
+            (OPT_LIST, REP_SERVER),
+            (OPT_LIST, REP_SERVER),
+            (OPT_LIST, REP_SERVER),
+            (OPT_LIST, REP_ACK),
+            (OPT_STRUCTURED_REPLY, REP_ACK),
+        ]
+    );
+    assert!(matches!(msgs.last(), Some(Msg::ExportName { size, .. }) if *size == 1 << 20));
+    assert!(matches!(&events(&mut c)[..], [Event::ExportChosen { name, .. }] if name == "disk"));
+    // Requests now reach the layer above.
+    c.handle_input(&req(0, CMD_READ, 5, 0, 512, &[]));
+    assert!(matches!(&events(&mut c)[..], [Event::Request(r)] if r.cookie == Cookie(5)));
+    // A second report of a handshake changes nothing.
+    c.tls_started();
+    assert!(c.in_transmission());
+}
+
+/// Without TLS, STARTTLS is unsupported and nothing asks for TLS; `tls_started` at a
+/// time nobody asked for it is ignored.
+#[test]
+fn without_tls_starttls_is_unsupported() {
+    let mut c = conn();
+    c.tls_started();
+    c.handle_input(&[flags(BOTH), opt(OPT_STARTTLS, &[]), opt(OPT_LIST, &[])].concat());
+    let msgs = decode(&output(&mut c), &HashMap::new(), None);
+    assert_eq!(opt_replies(&msgs)[0], (OPT_STARTTLS, REP_ERR_UNSUP));
+    assert_eq!(opt_replies(&msgs).last(), Some(&(OPT_LIST, REP_ACK)));
+    assert!(events(&mut c).is_empty());
+    assert!(!c.tls_active() && !c.starting_tls());
+}
+
 // ---- transmission ----------------------------------------------------------------------
 
 /// A connection in transmission on `export`; the handshake output is dropped.
@@ -1112,7 +1354,13 @@ fn a_write_payload_may_arrive_byte_by_byte() {
 /// the order handed up (reads with bytes of the cookie's value) until nothing new comes.
 /// Returns everything the server said and did.
 fn run(chunks: &[&[u8]], limits: Limits) -> (Vec<u8>, Vec<Event>) {
-    let mut c = Connection::new(exports(), limits);
+    run_with(chunks, limits, TlsPolicy::Off)
+}
+
+/// [`run`] under a TLS policy; a handshake asked for never happens (the client is taken
+/// to speak plain text throughout).
+fn run_with(chunks: &[&[u8]], limits: Limits, tls: TlsPolicy) -> (Vec<u8>, Vec<Event>) {
+    let mut c = Connection::with_tls(exports(), limits, tls);
     let mut evs = Vec::new();
     let mut out = Vec::new();
     for ch in chunks {
@@ -1283,6 +1531,36 @@ proptest! {
                     Command::Flush => {}
                 }
             }
+        }
+    }
+
+    /// With TLS required and no handshake, any session in plain text, however split,
+    /// gets the same outcome, reaches no export and hands up no request; the only
+    /// option replies are refusals, the ACKs of STARTTLS and ABORT, and errors for
+    /// malformed options.
+    #[test]
+    fn with_tls_required_plain_text_reaches_nothing(
+        input in any_session(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        small in any::<bool>(),
+    ) {
+        let limits = if small { small_limits() } else { Limits::default() };
+        let whole = run_with(&[&input], limits, TlsPolicy::Required);
+        let pieces = run_with(&split(&input, &cuts), limits, TlsPolicy::Required);
+        prop_assert_eq!(&whole, &pieces);
+        for e in &whole.1 {
+            prop_assert!(
+                matches!(e, Event::StartTls | Event::End(_)),
+                "{:?}", e
+            );
+        }
+        let msgs = decode(&whole.0, &HashMap::new(), None);
+        for (option, kind) in opt_replies(&msgs) {
+            let ok = kind == REP_ERR_TLS_REQD
+                || kind == REP_ERR_TOO_BIG
+                || (option == OPT_ABORT && kind == REP_ACK)
+                || (option == OPT_STARTTLS && (kind == REP_ACK || kind == REP_ERR_INVALID));
+            prop_assert!(ok, "option {} got reply {:#x}", option, kind);
         }
     }
 }

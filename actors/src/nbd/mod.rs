@@ -16,11 +16,16 @@
 //! [`EngineBackend`] serves every local unit of an [`Engine`] in this process as an
 //! export named after its pair; [`ReadOnlyBackend`] serves block stores read-only (the
 //! remote units of a promoted secondary, `tidemark export`).
+//!
+//! With a [`ServerTls`] the server requires TLS (`NBD_OPT_STARTTLS`, rustls) before any
+//! other option; the core decides the protocol, [`serve`] wraps the stream.
 mod backend;
 mod listen;
 mod serve;
+mod tls;
 
 pub use backend::{Backend, BackendError, EngineBackend, ReadOnlyBackend};
 pub use listen::{AnyListener, ListenAddr, Listener, StdListener};
 pub use serve::serve;
-pub use tidemark::nbd::{ErrorCode, Export, ExportFlags, Limits};
+pub use tidemark::nbd::{ErrorCode, Export, ExportFlags, Limits, TlsPolicy};
+pub use tls::{ServerTls, TlsError, TlsFile, TlsFiles};

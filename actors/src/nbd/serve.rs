@@ -1,13 +1,18 @@
 //! [`serve`]: accepts clients and runs one task per connection over the sans-IO
 //! protocol core, batching writes to the [`Backend`].
+//!
+//! A connection is haggled over on the whole stream, one option at a time
+//! ([`negotiate`]); when the core asks for TLS ([`Event::StartTls`]) the stream is
+//! wrapped by the TLS acceptor and haggling goes on inside it. Transmission then runs
+//! with the stream split into a reader and a writer task ([`transmit`]).
 
-use super::{AnyListener, Backend, ErrorCode, Export, Limits, Listener};
+use super::{AnyListener, Backend, ErrorCode, Export, Limits, Listener, ServerTls};
 use bytes::Bytes;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark::nbd::{Command, Connection, Cookie, End, Event, Reply, Request};
+use tidemark::nbd::{Command, Connection, Cookie, End, Event, Reply, Request, TlsPolicy};
 use tidemark::Payload;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch};
@@ -20,6 +25,10 @@ const READ_CHUNK: usize = 256 << 10;
 const OUTPUT_QUEUE: usize = 256;
 /// Writes gathered into one [`Backend::write`] call at most.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Bytes read at a time during option haggling (options are small).
+const HANDSHAKE_READ_CHUNK: usize = 16 << 10;
+/// A client that has not finished its TLS handshake by then is dropped.
+const TLS_HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
 
 impl AnyListener {
     /// [`serve`] on this listener.
@@ -27,11 +36,12 @@ impl AnyListener {
         self,
         backend: Arc<B>,
         limits: Limits,
+        tls: Option<ServerTls>,
         shutdown: impl Future<Output = ()> + Send,
     ) {
         match self {
-            AnyListener::Tcp(l) => serve(l, backend, limits, shutdown).await,
-            AnyListener::Unix(l, _) => serve(l, backend, limits, shutdown).await,
+            AnyListener::Tcp(l) => serve(l, backend, limits, tls, shutdown).await,
+            AnyListener::Unix(l, _) => serve(l, backend, limits, tls, shutdown).await,
         }
     }
 }
@@ -39,16 +49,22 @@ impl AnyListener {
 /// Accepts clients until `shutdown` resolves, one task per connection. On shutdown no
 /// new client is accepted, connections stop reading, answer what they have in flight
 /// and close; `serve` returns once every connection has ended.
+///
+/// With `tls`, every client must upgrade to TLS (`NBD_OPT_STARTTLS`) before anything
+/// else: the protocol's FORCEDTLS mode ([`TlsPolicy::Required`]).
 pub async fn serve<L: Listener, B: Backend>(
     listener: L,
     backend: Arc<B>,
     limits: Limits,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let mut listener = listener;
     let exports: Arc<[Export]> = backend.exports().into();
     info!(
         exports = ?exports.iter().map(|e| (&e.name, e.size)).collect::<Vec<_>>(),
+        tls = tls.is_some(),
+        client_certs = tls.as_ref().is_some_and(|t| t.requires_client_cert()),
         "nbd: serving"
     );
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -71,6 +87,7 @@ pub async fn serve<L: Listener, B: Backend>(
                         backend.clone(),
                         exports.clone(),
                         limits,
+                        tls.clone(),
                         stop_rx.clone(),
                     ));
                 }
@@ -101,13 +118,169 @@ struct Batch {
     fua: bool,
 }
 
-/// One connection: reads requests, hands them to the backend, writes the answers.
+/// One connection: haggles (upgrading to TLS when the core asks), then transmits.
 async fn run_connection<S, B>(
     stream: S,
     peer: String,
     backend: Arc<B>,
     exports: Arc<[Export]>,
     limits: Limits,
+    tls: Option<ServerTls>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    B: Backend,
+{
+    let policy = match tls {
+        Some(_) => TlsPolicy::Required,
+        None => TlsPolicy::Off,
+    };
+    let mut conn = Connection::with_tls(exports, limits, policy);
+    let mut plain = stream;
+    match negotiate(&mut plain, &mut conn, &peer, &mut stop).await {
+        Negotiated::Closed => return close(plain, &peer).await,
+        Negotiated::Transmission => return transmit(plain, conn, peer, backend, stop).await,
+        Negotiated::StartTls => {}
+    }
+    let Some(tls) = tls else {
+        // The core asks for TLS only under TlsPolicy::Required.
+        error!(%peer, "nbd: TLS asked for on a server without TLS; closing");
+        return;
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(TLS_HANDSHAKE_LIMIT, tls.acceptor().accept(plain)) => r,
+        _ = stop.changed() => {
+            debug!(%peer, "nbd: server shutting down during a TLS handshake");
+            return;
+        }
+    };
+    let mut stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, "nbd: TLS handshake failed, closing the connection: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "nbd: TLS handshake not finished in {TLS_HANDSHAKE_LIMIT:?}, closing");
+            return;
+        }
+    };
+    {
+        let (_, session) = stream.get_ref();
+        info!(
+            %peer,
+            version = ?session.protocol_version(),
+            cipher = ?session.negotiated_cipher_suite().map(|c| c.suite()),
+            client_cert = session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            "nbd: TLS established"
+        );
+    }
+    conn.tls_started();
+    match negotiate(&mut stream, &mut conn, &peer, &mut stop).await {
+        Negotiated::Transmission => transmit(stream, conn, peer, backend, stop).await,
+        Negotiated::Closed => close(stream, &peer).await,
+        Negotiated::StartTls => {
+            // The core refuses a second STARTTLS itself.
+            error!(%peer, "nbd: TLS asked for twice; closing");
+        }
+    }
+}
+
+/// How option haggling ended.
+enum Negotiated {
+    /// Transmission starts (the core's `ExportChosen` was seen; what followed it is
+    /// still queued in the core).
+    Transmission,
+    /// The ACK to `NBD_OPT_STARTTLS` is written out: run the TLS handshake now.
+    StartTls,
+    /// The session ended (abort, protocol error, client gone, server shutdown); the
+    /// output is written out.
+    Closed,
+}
+
+/// Option haggling on the whole stream: the client sends one option and waits for the
+/// answer, so a plain read-answer loop does. Nothing is read once the core asked for
+/// TLS: the client's handshake bytes stay in the socket for the TLS acceptor.
+async fn negotiate<S>(
+    stream: &mut S,
+    conn: &mut Connection,
+    peer: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Negotiated
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; HANDSHAKE_READ_CHUNK];
+    loop {
+        let mut start_tls = false;
+        while let Some(event) = conn.poll_event() {
+            match event {
+                Event::ExportChosen { name, .. } => {
+                    info!(%peer, export = %name, structured = conn.structured(), tls = conn.tls_active(), "nbd: transmission starts");
+                    return Negotiated::Transmission;
+                }
+                Event::StartTls => start_tls = true,
+                Event::End(End::Error(e)) => {
+                    warn!(%peer, "nbd: protocol error, closing the connection: {e}");
+                }
+                Event::End(end) => debug!(%peer, ?end, "nbd: the client ends the session"),
+                Event::Request(r) => {
+                    // Requests come only after ExportChosen, which returned above.
+                    error!(%peer, cookie = %r.cookie, "nbd: a request during option haggling");
+                }
+            }
+        }
+        while let Some(bytes) = conn.poll_output() {
+            if let Err(e) = stream.write_all(&bytes).await {
+                debug!(%peer, "nbd: write failed: {e}");
+                return Negotiated::Closed;
+            }
+        }
+        if let Err(e) = stream.flush().await {
+            debug!(%peer, "nbd: write failed: {e}");
+            return Negotiated::Closed;
+        }
+        if conn.is_ended() {
+            return Negotiated::Closed;
+        }
+        if start_tls {
+            return Negotiated::StartTls;
+        }
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) => {
+                    debug!(%peer, "nbd: client closed the connection during option haggling");
+                    return Negotiated::Closed;
+                }
+                Ok(n) => conn.handle_input(&buf[..n]),
+                Err(e) => {
+                    info!(%peer, "nbd: read failed: {e}");
+                    return Negotiated::Closed;
+                }
+            },
+            _ = stop.changed() => {
+                debug!(%peer, "nbd: server shutting down during option haggling");
+                return Negotiated::Closed;
+            }
+        }
+    }
+}
+
+/// Ends a connection that never reached transmission (a TLS stream says goodbye).
+async fn close<S: AsyncWrite + Unpin>(mut stream: S, peer: &str) {
+    if let Err(e) = stream.shutdown().await {
+        debug!(%peer, "nbd: shutdown of the connection failed: {e}");
+    }
+    info!(%peer, "nbd: connection closed");
+}
+
+/// Transmission on a connection whose handshake is over: reads requests, hands them to
+/// the backend, writes the answers.
+async fn transmit<S, B>(
+    stream: S,
+    mut conn: Connection,
+    peer: String,
+    backend: Arc<B>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -116,18 +289,19 @@ async fn run_connection<S, B>(
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
     let writer = tokio::spawn(write_out(wr, rx, peer.clone()));
-    let mut conn = Connection::new(exports, limits);
     let mut tasks: JoinSet<Vec<(Cookie, Reply)>> = JoinSet::new();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut reading = !*stop.borrow();
-    let mut export: Option<usize> = None;
+    let mut export: Option<usize> = conn.export().map(|(i, _)| i);
     'session: loop {
         let mut batch = Batch::default();
         while let Some(event) = conn.poll_event() {
             match event {
-                Event::ExportChosen { index, name } => {
-                    export = Some(index);
-                    info!(%peer, export = %name, structured = conn.structured(), "nbd: transmission starts");
+                Event::ExportChosen { index, .. } => export = Some(index),
+                Event::StartTls => {
+                    // Only during option haggling, which is over.
+                    error!(%peer, "nbd: TLS asked for during transmission; closing");
+                    break 'session;
                 }
                 Event::Request(req) => match export {
                     Some(ix) => dispatch(req, ix, &backend, &mut tasks, &mut batch),

@@ -114,9 +114,10 @@ impl Harness {
                     listener,
                     backend.clone(),
                     limits,
+                    None,
                     stopped(stop_rx.clone()),
                 ));
-                let unix_server = tokio::spawn(unix.serve(backend, limits, stopped(stop_rx)));
+                let unix_server = tokio::spawn(unix.serve(backend, limits, None, stopped(stop_rx)));
                 ready_tx
                     .send(Ready {
                         addr,

@@ -357,6 +357,8 @@ fn defaults_are_filled_in_and_given_values_kept() {
             journal_dir: PathBuf::from("/etc/tm/run/site-b/journal"),
             journal_size: 256 << 20,
             nbd_listen: None,
+            nbd_tls: None,
+            nbd_insecure: false,
             metrics_listen: None,
         }
     );
@@ -509,6 +511,131 @@ fn nbd_listen_is_kept_for_primaries_and_secondaries() {
     assert_eq!(c.systems[0].nbd_listen.as_deref(), Some("127.0.0.1:10809"));
     assert_eq!(c.systems[1].nbd_listen.as_deref(), Some("unix:/run/b.sock"));
     assert_eq!(parse(EXAMPLE).expect("example").systems[1].nbd_listen, None);
+}
+
+/// The example with extra lines for site-b (a secondary: `export` serves its NBD).
+fn site_b_with(lines: &str) -> String {
+    EXAMPLE.replacen(
+        "journal_dir = \"run/site-b/journal\"\n",
+        &format!("journal_dir = \"run/site-b/journal\"\n{lines}\n"),
+        1,
+    )
+}
+
+/// Plain NBD where other hosts can reach it is refused unless TLS is configured or
+/// `nbd_insecure = true` is said; loopback and Unix sockets are local.
+#[test]
+fn an_nbd_listen_other_hosts_reach_needs_tls_or_nbd_insecure() {
+    let tls = "nbd_tls_cert = \"tls/cert.pem\"\nnbd_tls_key = \"/keys/key.pem\"";
+    for exposed in [
+        "0.0.0.0:10809",
+        "[::]:10809",
+        "192.0.2.7:10809",
+        "[2001:db8::1]:10809",
+    ] {
+        let listen = format!("nbd_listen = {exposed:?}");
+        match parse(&site_b_with(&listen)) {
+            Err(EngineError::Config(m)) => {
+                for needle in [
+                    "system[1] (site-b).nbd_listen",
+                    "not a loopback address",
+                    "nbd_tls_cert",
+                    "nbd_insecure = true",
+                ] {
+                    assert!(m.contains(needle), "{exposed}: {m:?} lacks {needle:?}");
+                }
+            }
+            other => panic!(
+                "{exposed} without TLS was accepted: {:?}",
+                other.map(|_| ())
+            ),
+        }
+        let c = parse(&site_b_with(&format!("{listen}\nnbd_insecure = true")))
+            .unwrap_or_else(|e| panic!("{exposed} with nbd_insecure: {e}"));
+        assert!(c.systems[1].nbd_insecure && c.systems[1].nbd_tls.is_none());
+        let c = parse(&site_b_with(&format!("{listen}\n{tls}")))
+            .unwrap_or_else(|e| panic!("{exposed} with TLS: {e}"));
+        assert_eq!(
+            c.systems[1].nbd_tls,
+            Some(TlsFiles {
+                cert: PathBuf::from("/etc/tm/tls/cert.pem"),
+                key: PathBuf::from("/keys/key.pem"),
+                client_ca: None,
+            }),
+            "paths are relative to the config file's directory"
+        );
+        assert!(!c.systems[1].nbd_insecure);
+    }
+    for local in [
+        "127.0.0.1:10809",
+        "127.8.9.10:10809",
+        "[::1]:10809",
+        "[::ffff:127.0.0.1]:10809",
+        "unix:/run/b.sock",
+    ] {
+        let c = parse(&site_b_with(&format!("nbd_listen = {local:?}")))
+            .unwrap_or_else(|e| panic!("{local} is local: {e}"));
+        assert!(!c.systems[1].nbd_insecure && c.systems[1].nbd_tls.is_none());
+    }
+    // The same rule for `export --listen`, with the system's settings.
+    let c = parse(EXAMPLE).expect("example");
+    let addr = |s: &str| s.parse::<ListenAddr>().expect("address");
+    let e = c.systems[1]
+        .check_nbd_exposure("--listen", &addr("0.0.0.0:0"))
+        .expect_err("exposed");
+    assert!(
+        e.to_string()
+            .contains("--listen: 0.0.0.0:0 is not a loopback"),
+        "{e}"
+    );
+    c.systems[1]
+        .check_nbd_exposure("--listen", &addr("127.0.0.1:0"))
+        .expect("loopback");
+}
+
+#[test]
+fn nbd_tls_keys_are_checked_together() {
+    let c = parse(&site_b_with(
+        "nbd_tls_cert = \"c.pem\"\nnbd_tls_key = \"k.pem\"\nnbd_tls_client_ca = \"ca.pem\"",
+    ))
+    .expect("all three");
+    assert_eq!(
+        c.systems[1]
+            .nbd_tls
+            .as_ref()
+            .and_then(|t| t.client_ca.clone()),
+        Some(PathBuf::from("/etc/tm/ca.pem"))
+    );
+    let bad = [
+        (
+            "nbd_tls_cert = \"c.pem\"",
+            "system[1] (site-b).nbd_tls_key: needed with nbd_tls_cert",
+        ),
+        (
+            "nbd_tls_key = \"k.pem\"",
+            "system[1] (site-b).nbd_tls_cert: needed with nbd_tls_key",
+        ),
+        (
+            "nbd_tls_client_ca = \"ca.pem\"",
+            "system[1] (site-b).nbd_tls_client_ca: needs nbd_tls_cert and nbd_tls_key",
+        ),
+        (
+            "nbd_tls_cert = \"c.pem\"\nnbd_tls_key = \"k.pem\"\nnbd_insecure = true",
+            "system[1] (site-b).nbd_insecure: contradicts nbd_tls_cert",
+        ),
+        ("nbd_insecure = \"yes\"", "invalid type"),
+    ];
+    for (lines, needle) in bad {
+        match parse(&site_b_with(lines)) {
+            Err(EngineError::Config(m)) => {
+                assert!(m.contains(needle), "{lines}: {m:?} lacks {needle:?}")
+            }
+            other => panic!("{lines} was accepted: {:?}", other.map(|_| ())),
+        }
+    }
+    // nbd_insecure = false says what the default says.
+    let c = parse(&site_b_with("nbd_insecure = false")).expect("false");
+    assert!(!c.systems[1].nbd_insecure);
 }
 
 #[test]

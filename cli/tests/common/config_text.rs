@@ -37,6 +37,16 @@ pub struct SystemSpec {
     pub journal_size: Option<u64>,
     /// The TCP port of 127.0.0.1 of `metrics_listen`; `None` leaves the key out.
     pub metrics_port: Option<u16>,
+    /// `nbd_tls_cert`, `nbd_tls_key` and `nbd_tls_client_ca`; `None` leaves them out.
+    pub nbd_tls: Option<NbdTls>,
+}
+
+/// The NBD TLS files of a system (paths as written into the config).
+#[derive(Clone, Debug)]
+pub struct NbdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl SystemSpec {
@@ -52,6 +62,7 @@ impl SystemSpec {
             journal_dir: format!("run/{name}/journal"),
             journal_size: Some(64 << 20),
             metrics_port: None,
+            nbd_tls: None,
         }
     }
 
@@ -301,6 +312,13 @@ impl ConfigText {
             }
             if let Some(p) = s.metrics_port {
                 line(format!("metrics_listen = \"127.0.0.1:{p}\""));
+            }
+            if let Some(t) = &s.nbd_tls {
+                line(format!("nbd_tls_cert = {:?}", t.cert));
+                line(format!("nbd_tls_key = {:?}", t.key));
+                if let Some(ca) = &t.client_ca {
+                    line(format!("nbd_tls_client_ca = {ca:?}"));
+                }
             }
             line(format!("journal_dir = {:?}", s.journal_dir));
             if let Some(n) = s.journal_size {

@@ -708,6 +708,8 @@ pub fn wait_receiving(
     }
 }
 
+#[path = "../../../actors/tests/nbd_support/certs.rs"]
+pub mod certs;
 #[path = "../../../actors/tests/nbd_support/programs.rs"]
 mod programs;
 #[allow(unused_imports)] // not every test file uses it
