@@ -1520,10 +1520,11 @@ impl LocalUnit {
             };
             return Err(what.into());
         }
+        // No state recorded yet: a pair without a copy, whose first record says
+        // replicating (as status shows it).
         match self.state {
-            Some(PairState::Replicating) => Ok(()),
+            Some(PairState::Replicating) | None => Ok(()),
             Some(s) => Err(format!("{s:?}").to_lowercase()),
-            None => Err("starting".into()),
         }
     }
 
