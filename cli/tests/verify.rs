@@ -77,8 +77,9 @@ fn ranges(v: &serde_json::Value) -> Vec<(u64, u64)> {
         .unwrap_or_default()
 }
 
-/// fio's NBD engine writing random 4 KiB blocks to the first [`FIO_BYTES`] of export
-/// `name` for up to `runtime_s` seconds (killed earlier by the test).
+/// fio's NBD engine writing random 4 KiB blocks (8 MiB/s, 8 in flight) to the first
+/// [`FIO_BYTES`] of export `name` for up to `runtime_s` seconds (killed earlier by the
+/// test).
 fn fio(port: u16, name: &str, seed: u64, runtime_s: u64) -> Child {
     Command::new("fio")
         .args([
@@ -88,6 +89,8 @@ fn fio(port: u16, name: &str, seed: u64, runtime_s: u64) -> Child {
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=8",
+            // Bounded, so that the backlog the primary drains afterwards stays small.
+            "--rate=8m",
             "--offset=0",
             &format!("--size={FIO_BYTES}"),
             "--time_based",
