@@ -273,6 +273,9 @@ struct VerifyChunk {
     sent_at: Option<Instant>,
 }
 
+/// Regions one verify call may name (its chunks are held until answered).
+const MAX_VERIFY_REGIONS: u64 = 4096;
+
 /// A chunk's request goes again if no answer came in this long (the datagram, or the
 /// answer, may have been lost; the remote answers within its own wait of 1 s).
 const VERIFY_RESEND: Duration = Duration::from_millis(1500);
@@ -1730,9 +1733,10 @@ impl Handler<VerifyRegions> for LocalUnit {
             || !offset.is_multiple_of(512)
             || offset >= size
             || count == 0
+            || count > MAX_VERIFY_REGIONS
         {
             let e = EngineError::Config(format!(
-                "verify: region {region} (a multiple of 512 from {} to {}), offset {offset} (a multiple of 512 below the unit's {size} bytes), count {count} (at least 1)",
+                "verify: region {region} (a multiple of 512 from {} to {}), offset {offset} (a multiple of 512 below the unit's {size} bytes), count {count} (1 to {MAX_VERIFY_REGIONS})",
                 tv::MIN_REGION,
                 tv::MAX_REGION
             ));
