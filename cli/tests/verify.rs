@@ -77,7 +77,7 @@ fn ranges(v: &serde_json::Value) -> Vec<(u64, u64)> {
         .unwrap_or_default()
 }
 
-/// fio's NBD engine writing random 4 KiB blocks (8 MiB/s, 8 in flight) to the first
+/// fio's NBD engine writing random 4 KiB blocks (1000 a second, 8 in flight) to the first
 /// [`FIO_BYTES`] of export `name` for up to `runtime_s` seconds (killed earlier by the
 /// test).
 fn fio(port: u16, name: &str, seed: u64, runtime_s: u64) -> Child {
@@ -90,7 +90,7 @@ fn fio(port: u16, name: &str, seed: u64, runtime_s: u64) -> Child {
             "--bs=4k",
             "--iodepth=8",
             // Bounded, so that the backlog the primary drains afterwards stays small.
-            "--rate=8m",
+            "--rate_iops=1000",
             "--offset=0",
             &format!("--size={FIO_BYTES}"),
             "--time_based",
@@ -271,7 +271,17 @@ fn verify_finds_the_flipped_regions_while_fio_writes_repair_fixes_them() {
         }
     })
     .unwrap_or_else(|e| panic!("the primary did not drain: {e}"));
-    eprintln!("drained in {:?}", t.elapsed());
+    eprintln!(
+        "drained in {:?} (primary retransmits {}, secondary flow_dropped {}, applied {})",
+        t.elapsed(),
+        figure(&site, 1, "retransmits"),
+        site.status("site-b")
+            .and_then(|s| s["stats"]["pairs"][1]["flow_dropped"].as_u64())
+            .unwrap_or(0),
+        site.status("site-b")
+            .and_then(|s| s["stats"]["pairs"][1]["applied_seq"].as_u64())
+            .unwrap_or(0),
+    );
 
     // 4. The secondary stops: verify gives up after its timeout, exit 3, never hangs.
     let out = stop(daemons.secondary.take().expect("running"));
