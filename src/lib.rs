@@ -21,6 +21,7 @@ pub mod storage;
 pub mod timebase;
 pub mod types;
 pub mod undo;
+pub mod verify;
 pub mod wire;
 
 pub use clock::{HybridClock, WallClock};

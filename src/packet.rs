@@ -2,6 +2,7 @@
 
 use crate::journal::Epoch;
 use crate::types::{Offset, PairId, Seq, Stamp, SystemId, Timestamp};
+use crate::verify::{VerifyRequest, VerifySums};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -245,6 +246,14 @@ pub enum Message {
     /// piece arrived the receiving link decompresses them to `raw` bytes (wire
     /// version 3).
     Zipped(Zipped),
+    /// Primary's local unit -> secondary's remote unit: checksum these regions (online
+    /// verify, [`crate::verify`]). Appended after version 3's messages without a version
+    /// change: a build without verify drops a datagram that carries it as malformed
+    /// (counted, I6), so verify needs both ends at this build.
+    VerifyRequest(VerifyRequest),
+    /// Remote unit -> local unit: the checksums of a [`Message::VerifyRequest`] and the
+    /// applied point they were taken at.
+    VerifySums(VerifySums),
 }
 
 /// A [`Part`] of a compressed write: see [`Message::Zipped`].

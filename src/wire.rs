@@ -405,6 +405,60 @@ mod tests {
         assert_eq!(decode(&encode(&f), 1 << 20), Ok(f));
     }
 
+    /// The online verify's messages, appended after version 3's: their encodings are
+    /// pinned, they round-trip, and the largest reply fits the smallest datagram.
+    #[test]
+    fn verify_messages_are_pinned_and_fit_a_datagram() {
+        use crate::verify::*;
+        let req = Message::VerifyRequest(VerifyRequest {
+            pair: PairId(2),
+            id: 7,
+            offset: Offset(4096),
+            region: 1 << 20,
+            count: 3,
+            target: Seq(9),
+        });
+        // VerifyRequest = 13, pair 2, id 7, offset 4096, region 1 MiB, count 3, target 9
+        assert_eq!(
+            encode_item(&req),
+            [13, 2, 7, 0x80, 0x20, 0x80, 0x80, 0x40, 3, 9]
+        );
+        let sums = Message::VerifySums(VerifySums {
+            pair: PairId(2),
+            id: 7,
+            applied: Seq(9),
+            result: SumsResult::Sums(vec![1, 300]),
+        });
+        // VerifySums = 14, pair 2, id 7, applied 9, Sums = 0, two sums: 1, 300
+        assert_eq!(encode_item(&sums), [14, 2, 7, 9, 0, 2, 1, 0xac, 0x02]);
+        let refused = Message::VerifySums(VerifySums {
+            pair: PairId(2),
+            id: 7,
+            applied: Seq(9),
+            result: SumsResult::Refused(Refusal::Inconsistent),
+        });
+        assert_eq!(encode_item(&refused), [14, 2, 7, 9, 1, 0]);
+        let f = Frame {
+            from: SystemId(1),
+            to: SystemId(2),
+            messages: vec![req, sums, refused],
+        };
+        assert_eq!(decode(&encode(&f), 1 << 20), Ok(f));
+        let largest = Message::VerifySums(VerifySums {
+            pair: PairId(u32::MAX),
+            id: u64::MAX,
+            applied: Seq(u64::MAX),
+            result: SumsResult::Sums(vec![u64::MAX; MAX_SUMS]),
+        });
+        // What a datagram of the smallest `mtu` (576) holds for items.
+        let room = 576 - crate::seal::OVERHEAD - FRAME_OVERHEAD;
+        assert!(
+            encode_item(&largest).len() <= room,
+            "{}",
+            encode_item(&largest).len()
+        );
+    }
+
     #[test]
     fn encode_parts_equals_encode() {
         let f = sample();

@@ -68,6 +68,10 @@ pub enum EngineError {
     Failed(Failure),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The request cannot be served in the unit's present state (a pair that does not
+    /// replicate cannot be repaired); it may succeed later.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Stopping did not finish cleanly (grace period over, or a second signal).
     #[error("shutdown: {0}")]
     Shutdown(String),
@@ -148,6 +152,7 @@ mod tests {
                 false,
             ),
             (EngineError::Timeout("x".into()), false),
+            (EngineError::Busy("x".into()), false),
             (EngineError::Shutdown("x".into()), false),
             (EngineError::Stopped, false),
         ];

@@ -79,7 +79,52 @@ pub struct SyncStats {
     pub finished: bool,
 }
 
+/// Online verify: checksum `count` regions of `region` bytes from `offset` of the
+/// pair's local unit, have the remote unit do the same, and judge each region
+/// ([`tidemark::verify`]). Gives up with [`EngineError::Timeout`] if the remote unit
+/// has not answered within `timeout`.
+#[derive(Message)]
+#[rtype(result = "Result<VerifyOutcome, EngineError>")]
+pub struct VerifyRegions {
+    pub offset: u64,
+    pub region: u64,
+    pub count: u64,
+    pub timeout: std::time::Duration,
+}
+
+/// What a [`VerifyRegions`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyOutcome {
+    /// One per region asked for (fewer if the unit ends first), in order.
+    pub verdicts: Vec<tidemark::verify::Verdict>,
+    /// Why regions are busy when the pair could not be checked at all (it is not
+    /// replicating: tracking, syncing, resyncing).
+    pub busy: Option<String>,
+    /// Regions whose remote checksum was taken at exactly the local one's point.
+    pub exact: u64,
+}
+
+/// Online verify's repair: copy these byte ranges of the local unit to the remote unit
+/// through the resync path (they are marked dirty, then resynced in order, inside a
+/// resync epoch at the remote). Refused while the pair does not replicate.
+#[derive(Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct Repair(pub Vec<(tidemark::Offset, u64)>);
+
+/// Checksums from the remote unit.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VerifySumsIn(pub tidemark::verify::VerifySums);
+
 // ---- to a RemoteUnit ----
+
+/// A verify request from the primary system `from`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VerifyIn {
+    pub from: SystemId,
+    pub req: tidemark::verify::VerifyRequest,
+}
 
 #[derive(Message)]
 #[rtype(result = "()")]

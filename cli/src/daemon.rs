@@ -2,7 +2,7 @@
 //! engine start-up that `load` shares with them).
 
 use crate::config::Config;
-use crate::control::{ControlSocket, Latest};
+use crate::control::{ControlSocket, Controls, Latest};
 use crate::metrics::Metrics;
 use crate::progress::{SyncFigures, SyncProgress};
 use crate::view::{Inputs, SystemView};
@@ -386,6 +386,7 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     }
     let ops = Ops::start(cfg, here, metrics_listeners)?;
     let engine = std::sync::Arc::new(builder(cfg, here)?.start()?);
+    ops.engine_started(cfg, &engine);
     let names: Vec<&str> = here.iter().map(|&i| cfg.systems[i].name.as_str()).collect();
     tracing::info!(systems = ?names, "running");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -472,6 +473,8 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
 /// it closes the sockets (and removes the control sockets' files).
 struct Ops {
     latest: BTreeMap<usize, Latest>,
+    /// Each system's pairs for `verify` and `repair` (set once the engine started).
+    controls: BTreeMap<usize, Controls>,
     metrics: BTreeMap<usize, std::sync::Arc<Metrics>>,
     _sockets: Vec<ControlSocket>,
     servers: Vec<tokio::task::JoinHandle<()>>,
@@ -488,10 +491,13 @@ impl Ops {
     ) -> Result<Ops, EngineError> {
         let mut latest = BTreeMap::new();
         let mut sockets = Vec::new();
+        let mut control_of = BTreeMap::new();
         for &i in here {
+            let controls = Controls::default();
+            control_of.insert(i, controls.clone());
             let l = Latest::default();
             let path = cfg.systems[i].control_socket();
-            let socket = ControlSocket::serve(&path, l.clone()).map_err(
+            let socket = ControlSocket::serve(&path, l.clone(), controls.clone()).map_err(
                 |crate::control::ControlError::Io { path, source }| EngineError::Io {
                     what: format!("system {}: control socket {path}", cfg.systems[i].name),
                     source,
@@ -509,11 +515,30 @@ impl Ops {
         }
         Ok(Ops {
             latest,
+            controls: control_of,
             metrics,
             _sockets: sockets,
             servers,
             events: Default::default(),
         })
+    }
+
+    /// The engine started: each system's control socket takes `verify` and `repair`
+    /// requests for the pairs whose local units it runs.
+    fn engine_started(&self, cfg: &Config, engine: &Engine) {
+        let all = engine.controls();
+        for (i, c) in &self.controls {
+            let mine = all
+                .iter()
+                .filter(|p| {
+                    cfg.pairs
+                        .get(p.id.0 as usize)
+                        .is_some_and(|pc| pc.local == *i)
+                })
+                .cloned()
+                .collect();
+            let _ = c.set(mine);
+        }
     }
 
     /// Hands fresh status documents to the control sockets and metrics, and logs what

@@ -57,6 +57,48 @@ impl PairHandle {
     }
 }
 
+/// A pair's local unit, for an operator's requests (online verify and its repair):
+/// cheap to clone, and holding nothing of the engine but the unit's mailbox (a request
+/// to a stopped unit gets [`EngineError::Stopped`]).
+#[derive(Clone)]
+pub struct PairControl {
+    pub id: PairId,
+    pub name: String,
+    pub size: u64,
+    local: Addr<LocalUnit>,
+}
+
+impl PairControl {
+    /// Checks `count` regions of `region` bytes from `offset` against the remote unit
+    /// (see [`VerifyRegions`]).
+    pub async fn verify(
+        &self,
+        offset: u64,
+        region: u64,
+        count: u64,
+        timeout: std::time::Duration,
+    ) -> Result<VerifyOutcome, EngineError> {
+        self.local
+            .send(VerifyRegions {
+                offset,
+                region,
+                count,
+                timeout,
+            })
+            .await?
+    }
+
+    /// Resyncs these byte ranges through the resync path (see [`Repair`]).
+    pub async fn repair(&self, ranges: Vec<(tidemark::Offset, u64)>) -> Result<(), EngineError> {
+        self.local.send(Repair(ranges)).await?
+    }
+
+    /// The local unit's figures (state, dirty bytes, ...).
+    pub async fn stats(&self) -> Result<LocalStats, EngineError> {
+        Ok(self.local.send(GetLocalStats).await?)
+    }
+}
+
 /// A running consistency group.
 pub struct Engine {
     pub(super) pairs: Vec<PairHandle>,
@@ -109,6 +151,21 @@ impl Engine {
 
     pub fn pairs(&self) -> &[PairHandle] {
         &self.pairs
+    }
+
+    /// A control handle on every pair whose local unit runs here.
+    pub fn controls(&self) -> Vec<PairControl> {
+        self.pairs
+            .iter()
+            .filter_map(|p| {
+                Some(PairControl {
+                    id: p.id,
+                    name: p.name.clone(),
+                    size: p.size,
+                    local: p.local.clone()?,
+                })
+            })
+            .collect()
     }
 
     /// The thread `system`'s units run on (`None`: the caller's, or not here). Work that

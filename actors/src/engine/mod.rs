@@ -14,7 +14,7 @@ mod start;
 mod stats;
 
 pub use crate::units::local::TrackConfig;
-pub use handle::{Engine, PairHandle};
+pub use handle::{Engine, PairControl, PairHandle};
 pub use spec::{EngineBuilder, InitialSync, PairSpec, Role, StoreSpec, UdpTransport};
 pub use stats::{PairStats, Stats};
 

@@ -7,7 +7,7 @@ use crate::error::EngineError;
 use crate::health::Health;
 use crate::msg::*;
 use crate::net::route::{
-    OrdererRoute, RemoteUnitRoute, Routes, SetRoutes, SiteRoute, TimeBaseRoute,
+    LocalUnitRoute, OrdererRoute, RemoteUnitRoute, Routes, SetRoutes, SiteRoute, TimeBaseRoute,
 };
 use crate::net::sim::{Link, PairCounters, SetPeers};
 use crate::net::udp::{UdpLink, UdpStatus};
@@ -677,7 +677,7 @@ impl<'a> Startup<'a> {
                 )
             });
             if let (Some(l), Some(r)) = (&local, self.routes.get_mut(&p.local)) {
-                r.local_units.insert(id, l.clone().recipient());
+                r.local_units.insert(id, LocalUnitRoute::of(l));
             }
             if let (Some(u), Some(r)) = (&remote, self.routes.get_mut(&p.remote)) {
                 r.remote_units.insert(id, RemoteUnitRoute::of(u));

@@ -20,8 +20,8 @@ const MISROUTE_LOG_EVERY: Duration = Duration::from_secs(1);
 /// The actors of one system, by what they receive.
 #[derive(Clone, Default)]
 pub struct Routes {
-    /// Local units take acknowledgements.
-    pub local_units: BTreeMap<PairId, Recipient<AcksIn>>,
+    /// Local units take acknowledgements and verify checksums.
+    pub local_units: BTreeMap<PairId, LocalUnitRoute>,
     pub remote_units: BTreeMap<PairId, RemoteUnitRoute>,
     pub orderer: Option<OrdererRoute>,
     pub site: Option<SiteRoute>,
@@ -30,22 +30,45 @@ pub struct Routes {
     misroute_log: LogLimit,
 }
 
-/// A remote unit: data packets and heartbeats of its pair.
+/// A local unit: acknowledgements and verify checksums of its pair.
+#[derive(Clone)]
+pub struct LocalUnitRoute {
+    pub acks: Recipient<AcksIn>,
+    pub sums: Recipient<VerifySumsIn>,
+}
+
+impl LocalUnitRoute {
+    pub fn of<A>(a: &Addr<A>) -> Self
+    where
+        A: Handler<AcksIn> + Handler<VerifySumsIn>,
+        A::Context: ToEnvelope<A, AcksIn> + ToEnvelope<A, VerifySumsIn>,
+    {
+        LocalUnitRoute {
+            acks: a.clone().recipient(),
+            sums: a.clone().recipient(),
+        }
+    }
+}
+
+/// A remote unit: data packets, heartbeats and verify requests of its pair.
 #[derive(Clone)]
 pub struct RemoteUnitRoute {
     pub packets: Recipient<PacketsIn>,
     pub heartbeats: Recipient<HeartbeatsIn>,
+    pub verify: Recipient<VerifyIn>,
 }
 
 impl RemoteUnitRoute {
     pub fn of<A>(a: &Addr<A>) -> Self
     where
-        A: Handler<PacketsIn> + Handler<HeartbeatsIn>,
-        A::Context: ToEnvelope<A, PacketsIn> + ToEnvelope<A, HeartbeatsIn>,
+        A: Handler<PacketsIn> + Handler<HeartbeatsIn> + Handler<VerifyIn>,
+        A::Context:
+            ToEnvelope<A, PacketsIn> + ToEnvelope<A, HeartbeatsIn> + ToEnvelope<A, VerifyIn>,
     {
         RemoteUnitRoute {
             packets: a.clone().recipient(),
             heartbeats: a.clone().recipient(),
+            verify: a.clone().recipient(),
         }
     }
 }
@@ -188,6 +211,14 @@ impl Routes {
                 // Links reassemble parts before delivering.
                 WireMessage::Part(_) | WireMessage::Zipped(_) => miss("part"),
                 WireMessage::Number(_) | WireMessage::Receipt(_) => miss("link message"),
+                WireMessage::VerifyRequest(req) => match self.remote_units.get(&req.pair) {
+                    Some(u) => u.verify.do_send(VerifyIn { from, req }),
+                    None => miss("verify request"),
+                },
+                WireMessage::VerifySums(sums) => match self.local_units.get(&sums.pair) {
+                    Some(u) => u.sums.do_send(VerifySumsIn(sums)),
+                    None => miss("verify sums"),
+                },
             }
         }
         for (pair, ps) in data {
@@ -204,7 +235,7 @@ impl Routes {
         }
         for (pair, a) in acks {
             match self.local_units.get(&pair) {
-                Some(u) => u.do_send(AcksIn(a)),
+                Some(u) => u.acks.do_send(AcksIn(a)),
                 None => miss("ack"),
             }
         }

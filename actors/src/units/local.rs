@@ -35,6 +35,7 @@ use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
 use tidemark::timebase::{Commit, CommitGate};
+use tidemark::verify::{self as tv, LastWrites, SumsResult, Verdict, VerifyRequest};
 use tidemark::Mark;
 use tidemark::{BlockStore, HybridClock, Message as WireMessage, Packet, PairId, Payload};
 use tidemark::{Offset, Rtt, Seq, Stamp, SystemId};
@@ -227,7 +228,57 @@ pub struct LocalUnit {
     reserved: Seq,
     /// A reservation on the lane, not yet durable.
     reserving: Option<Seq>,
+    /// Online verify: the `seq` of the last write to each granule of the unit.
+    last_writes: LastWrites,
+    /// Online verify: the calls under way, and their chunks.
+    verify: VerifyState,
 }
+
+/// Online verify on the primary (see `tidemark::verify`): each call is cut into chunks
+/// of at most [`tv::MAX_SUMS`] regions and [`tv::MAX_CHUNK_BYTES`] bytes; each chunk is
+/// read on the lane (one at a time, so client writes go on between them) at the `seq`
+/// `W` stamped last when it was handed to the lane, and asked of the remote unit with
+/// `W` as its target.
+#[derive(Default)]
+struct VerifyState {
+    next_id: u64,
+    calls: std::collections::BTreeMap<u64, VerifyCall>,
+    chunks: std::collections::BTreeMap<u64, VerifyChunk>,
+    /// Chunks waiting for their lane read, in order.
+    to_read: VecDeque<u64>,
+    /// A chunk's read is on the lane.
+    reading: bool,
+}
+
+struct VerifyCall {
+    reply: Option<Reply<VerifyOutcome>>,
+    outcome: VerifyOutcome,
+    /// Chunks not judged yet.
+    left: usize,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+struct VerifyChunk {
+    call: u64,
+    /// Where its regions start in the call's verdicts.
+    first: usize,
+    req: VerifyRequest,
+    ranges: Vec<(Offset, u64)>,
+    /// The last write to each region as of `W` (`req.target`).
+    at_w: Vec<Seq>,
+    local: Option<Vec<u64>>,
+    remote: Option<(Seq, Vec<u64>)>,
+    /// When the request last went to the remote (`None`: not yet).
+    sent_at: Option<Instant>,
+}
+
+/// Regions one verify call may name (its chunks are held until answered).
+const MAX_VERIFY_REGIONS: u64 = 4096;
+
+/// A chunk's request goes again if no answer came in this long (the datagram, or the
+/// answer, may have been lost; the remote answers within its own wait of 1 s).
+const VERIFY_RESEND: Duration = Duration::from_millis(1500);
 
 /// The dirty-region map: in a file beside the journal, or in memory when the unit has
 /// no journal (tests only).
@@ -432,6 +483,9 @@ impl LocalUnit {
             }
         }
         let tracking = resume.tracking.then(now);
+        // Every write before this start has a `seq` at or below the last one recovered
+        // (or was tracked, and its region is resynced before the pair replicates again).
+        let (store_size, last_seq) = (store.size(), sender.last().seq);
         let state = if tracking.is_some() {
             Some(PairState::Tracking)
         } else {
@@ -481,6 +535,12 @@ impl LocalUnit {
             last_ack_at: now(),
             reserved: resume.reserved,
             reserving: None,
+            last_writes: LastWrites::new(store_size, last_seq),
+            verify: VerifyState {
+                // Ids of an earlier run of this process must not match new requests.
+                next_id: rand::random::<u64>() >> 1,
+                ..VerifyState::default()
+            },
         }
     }
 
@@ -795,7 +855,13 @@ impl LocalUnit {
         let mut records = Vec::new();
         for op in &ops {
             match op {
-                Op::Write(payloads, _) => stamps.push(vec![Stamp::ZERO; payloads.len()]),
+                Op::Write(payloads, _) => {
+                    // No `seq`: the remote gets these bytes only through a resync.
+                    for p in payloads {
+                        self.last_writes.record_unknown(p.offset(), p.len());
+                    }
+                    stamps.push(vec![Stamp::ZERO; payloads.len()]);
+                }
                 Op::State(state) => {
                     records.push(Record::PairState {
                         pair: self.pair,
@@ -842,6 +908,7 @@ impl LocalUnit {
                     // A placeholder until the lane reads the bytes (`Sender::fill_held`).
                     let placeholder = Payload::Zero { offset, len };
                     let stamp = self.sender.push_held(self.clock.now(), placeholder.clone());
+                    self.last_writes.record(offset, len, stamp.seq);
                     copies.push(records.len());
                     records.push(Record::Packet(Packet {
                         pair: self.pair,
@@ -852,6 +919,7 @@ impl LocalUnit {
                 (Op::Copy, Some(Piece::Hole { offset, len })) => {
                     let payload = Payload::Zero { offset, len };
                     let stamp = self.sender.push_held(self.clock.now(), payload.clone());
+                    self.last_writes.record(offset, len, stamp.seq);
                     holes.push(records.len());
                     records.push(Record::Packet(Packet {
                         pair: self.pair,
@@ -906,6 +974,8 @@ impl LocalUnit {
                         let mut last = None;
                         for part in p.clone().split(self.max_part) {
                             let stamp = self.sender.push_held(self.clock.now(), part.clone());
+                            self.last_writes
+                                .record(part.offset(), part.len(), stamp.seq);
                             last = Some(stamp);
                             records.push(Record::Packet(Packet {
                                 pair: self.pair,
@@ -1384,6 +1454,9 @@ impl LocalUnit {
         if !self.pending.is_empty() {
             self.release_replies(ctx);
         }
+        if !self.verify.calls.is_empty() {
+            self.verify_timers();
+        }
         if !self.retry.is_empty() {
             // Space in a journal shared with other units may come back from their
             // watermarks too: retry every tick while batches wait.
@@ -1425,6 +1498,411 @@ impl LocalUnit {
                 .queue
                 .iter()
                 .any(|op| matches!(op, Op::Mark(Mark::ResyncBegin | Mark::Restart, _)))
+    }
+}
+
+/// Online verify.
+impl LocalUnit {
+    /// `Ok` if the pair replicates: its remote unit then holds, at every `seq` from the
+    /// last copy's end on, what the local unit held at that `seq`. Otherwise why not.
+    fn verifiable(&self) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(format!("the local unit failed: {e}"));
+        }
+        if self.stopping {
+            return Err("the primary is stopping".into());
+        }
+        if self.tracking.is_some() {
+            return Err("tracking (the remote does not answer)".into());
+        }
+        if self.copying() || self.plan_pending {
+            let what = if self.resyncing || self.resync_open || self.plan_pending {
+                "resyncing"
+            } else {
+                "syncing"
+            };
+            return Err(what.into());
+        }
+        // No state recorded yet: a pair without a copy, whose first record says
+        // replicating (as status shows it).
+        match self.state {
+            Some(PairState::Replicating) | None => Ok(()),
+            Some(s) => Err(format!("{s:?}").to_lowercase()),
+        }
+    }
+
+    /// Hands the next chunk to the lane, if none is being read: its regions are read
+    /// after every batch stamped so far (up to `W`, the last `seq` stamped) and before
+    /// any stamped later; its request goes to the remote unit at once, with `W`.
+    fn pump_verify(&mut self, ctx: &mut Context<Self>) {
+        while !self.verify.reading {
+            let Some(id) = self.verify.to_read.pop_front() else {
+                return;
+            };
+            if !self.verify.chunks.contains_key(&id) {
+                continue;
+            }
+            // Batches a full journal refused are stamped but not written: a read now
+            // would miss writes at or below `W`. Busy this time.
+            let why = match self.verifiable() {
+                Err(why) => Some(why),
+                Ok(()) if !self.retry.is_empty() => Some("the journal is full".into()),
+                Ok(()) => None,
+            };
+            if let Some(why) = why {
+                self.chunk_busy(id, why);
+                continue;
+            }
+            let w = self.sender.last().seq;
+            let Some(chunk) = self.verify.chunks.get_mut(&id) else {
+                continue;
+            };
+            chunk.req.target = w;
+            chunk.at_w = chunk
+                .ranges
+                .iter()
+                .map(|&(o, l)| self.last_writes.last(o, l))
+                .collect();
+            chunk.sent_at = Some(now());
+            self.link.do_send(Outbound {
+                to: self.remote_system,
+                msg: WireMessage::VerifyRequest(chunk.req),
+            });
+            let ranges = chunk.ranges.clone();
+            let store = self.store.clone();
+            let stalled = self.stalled.clone();
+            self.verify.reading = true;
+            let job = self.disk.run(move || {
+                // An earlier batch of the lane found the journal full: it wrote
+                // nothing, so the unit is not at `W`.
+                if stalled.load(Ordering::Acquire) {
+                    return Ok(None);
+                }
+                crate::units::remote::read_sums(store.as_ref(), &ranges).map(Some)
+            });
+            ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+                act.verify.reading = false;
+                match res {
+                    Some(Ok(Some(sums))) => {
+                        if let Some(c) = act.verify.chunks.get_mut(&id) {
+                            c.local = Some(sums);
+                        }
+                        act.judge_chunk(id);
+                    }
+                    Some(Ok(None)) => act.chunk_busy(id, "the journal is full".into()),
+                    Some(Err(e)) => act.fail_call_of(
+                        id,
+                        EngineError::Unit(format!(
+                            "{}: verify: cannot read the local unit: {e}",
+                            act.pair
+                        )),
+                    ),
+                    None => act.fail_call_of(id, EngineError::Stopped),
+                }
+                act.pump_verify(ctx);
+            }));
+        }
+    }
+
+    /// Both checksums of chunk `id` are in: each region gets its verdict.
+    fn judge_chunk(&mut self, id: u64) {
+        let ready = self
+            .verify
+            .chunks
+            .get(&id)
+            .is_some_and(|c| c.local.is_some() && c.remote.is_some());
+        if !ready {
+            return;
+        }
+        let Some(c) = self.verify.chunks.remove(&id) else {
+            return;
+        };
+        let (Some(local), Some((applied, remote))) = (c.local, c.remote) else {
+            return;
+        };
+        let w = c.req.target;
+        let Some(call) = self.verify.calls.get_mut(&c.call) else {
+            return;
+        };
+        for (i, &(o, l)) in c.ranges.iter().enumerate() {
+            let (Some(&ls), Some(&rs), Some(&at_w)) = (local.get(i), remote.get(i), c.at_w.get(i))
+            else {
+                continue;
+            };
+            let v = tv::judge(ls, rs, w, applied, at_w, self.last_writes.last(o, l));
+            if let Some(slot) = call.outcome.verdicts.get_mut(c.first + i) {
+                *slot = v;
+            }
+            if applied == w {
+                call.outcome.exact += 1;
+            }
+        }
+        self.chunk_done(c.call);
+    }
+
+    /// Chunk `id` could not be checked this time: its regions stay busy, with `why`.
+    fn chunk_busy(&mut self, id: u64, why: String) {
+        if let Some(c) = self.verify.chunks.remove(&id) {
+            if let Some(call) = self.verify.calls.get_mut(&c.call) {
+                call.outcome.busy.get_or_insert(why);
+            }
+            self.chunk_done(c.call);
+        }
+    }
+
+    fn chunk_done(&mut self, call: u64) {
+        let Some(c) = self.verify.calls.get_mut(&call) else {
+            return;
+        };
+        c.left = c.left.saturating_sub(1);
+        if c.left == 0 {
+            if let Some(mut c) = self.verify.calls.remove(&call) {
+                if let Some(r) = c.reply.take() {
+                    let _ = r.send(Ok(std::mem::take(&mut c.outcome)));
+                }
+            }
+        }
+    }
+
+    /// The call chunk `id` belongs to fails with `e`; its other chunks are dropped.
+    fn fail_call_of(&mut self, id: u64, e: EngineError) {
+        if let Some(call) = self.verify.chunks.get(&id).map(|c| c.call) {
+            self.fail_call(call, e);
+        }
+    }
+
+    fn fail_call(&mut self, call: u64, e: EngineError) {
+        self.verify.chunks.retain(|_, c| c.call != call);
+        if let Some(mut c) = self.verify.calls.remove(&call) {
+            if let Some(r) = c.reply.take() {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+
+    /// Every tick while a call runs: resend requests not answered for a while, and give
+    /// up calls past their deadline (the remote does not answer: never a hang).
+    fn verify_timers(&mut self) {
+        let t = now();
+        for c in self.verify.chunks.values_mut() {
+            if c.remote.is_none()
+                && c.sent_at
+                    .is_some_and(|s| t.duration_since(s) > VERIFY_RESEND)
+            {
+                c.sent_at = Some(t);
+                self.link.do_send(Outbound {
+                    to: self.remote_system,
+                    msg: WireMessage::VerifyRequest(c.req),
+                });
+            }
+        }
+        let late: Vec<(u64, Duration)> = self
+            .verify
+            .calls
+            .iter()
+            .filter(|(_, c)| t >= c.deadline)
+            .map(|(id, c)| (*id, c.timeout))
+            .collect();
+        for (call, timeout) in late {
+            self.fail_call(
+                call,
+                EngineError::Timeout(format!(
+                    "{}: the secondary system {} did not answer a verify request within {} ms (is it running and reachable?)",
+                    self.pair,
+                    self.remote_system,
+                    timeout.as_millis()
+                )),
+            );
+        }
+    }
+}
+
+impl Handler<VerifyRegions> for LocalUnit {
+    type Result = ResponseFuture<Result<VerifyOutcome, EngineError>>;
+
+    fn handle(&mut self, msg: VerifyRegions, ctx: &mut Context<Self>) -> Self::Result {
+        let size = self.store.size();
+        let VerifyRegions {
+            offset,
+            region,
+            count,
+            timeout,
+        } = msg;
+        if !(tv::MIN_REGION..=tv::MAX_REGION).contains(&region)
+            || !region.is_multiple_of(512)
+            || !offset.is_multiple_of(512)
+            || offset >= size
+            || count == 0
+            || count > MAX_VERIFY_REGIONS
+        {
+            let e = EngineError::Config(format!(
+                "verify: region {region} (a multiple of 512 from {} to {}), offset {offset} (a multiple of 512 below the unit's {size} bytes), count {count} (1 to {MAX_VERIFY_REGIONS})",
+                tv::MIN_REGION,
+                tv::MAX_REGION
+            ));
+            return Box::pin(async move { Err(e) });
+        }
+        let ranges = tv::regions(Offset(offset), region, count, size);
+        let mut outcome = VerifyOutcome {
+            verdicts: vec![Verdict::Busy; ranges.len()],
+            busy: None,
+            exact: 0,
+        };
+        if let Err(why) = self.verifiable() {
+            outcome.busy = Some(why);
+            return Box::pin(async move { Ok(outcome) });
+        }
+        let per_chunk = if region >= tv::MAX_CHUNK_BYTES {
+            1
+        } else {
+            ((tv::MAX_CHUNK_BYTES / region) as usize).clamp(1, tv::MAX_SUMS)
+        };
+        let call = self.verify.next_id;
+        self.verify.next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        let mut left = 0;
+        for (n, part) in ranges.chunks(per_chunk).enumerate() {
+            let id = self.verify.next_id;
+            self.verify.next_id += 1;
+            self.verify.chunks.insert(
+                id,
+                VerifyChunk {
+                    call,
+                    first: n * per_chunk,
+                    req: VerifyRequest {
+                        pair: self.pair,
+                        id,
+                        offset: part[0].0,
+                        region,
+                        count: part.len() as u32,
+                        target: Seq::ZERO,
+                    },
+                    ranges: part.to_vec(),
+                    at_w: Vec::new(),
+                    local: None,
+                    remote: None,
+                    sent_at: None,
+                },
+            );
+            self.verify.to_read.push_back(id);
+            left += 1;
+        }
+        self.verify.calls.insert(
+            call,
+            VerifyCall {
+                reply: Some(tx),
+                outcome,
+                left,
+                deadline: now() + timeout,
+                timeout,
+            },
+        );
+        self.pump_verify(ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<VerifySumsIn> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, msg: VerifySumsIn, _: &mut Context<Self>) {
+        let s = msg.0;
+        let Some(c) = self.verify.chunks.get_mut(&s.id) else {
+            // An answer to a resent request, or to a call given up: nothing waits.
+            return;
+        };
+        if c.remote.is_some() || c.sent_at.is_none() {
+            return;
+        }
+        match s.result {
+            SumsResult::Sums(sums) if sums.len() == c.ranges.len() => {
+                c.remote = Some((s.applied, sums));
+                self.judge_chunk(s.id);
+            }
+            SumsResult::Sums(sums) => {
+                let e = EngineError::Unit(format!(
+                    "{}: verify: the secondary answered {} checksums for {} regions",
+                    self.pair,
+                    sums.len(),
+                    c.ranges.len()
+                ));
+                self.fail_call_of(s.id, e);
+            }
+            SumsResult::Refused(tv::Refusal::Inconsistent) => {
+                self.chunk_busy(s.id, tv::Refusal::Inconsistent.to_string());
+            }
+            SumsResult::Refused(r) => {
+                let e = EngineError::Unit(format!("{}: verify: {r}", self.pair));
+                self.fail_call_of(s.id, e);
+            }
+        }
+    }
+}
+
+impl Handler<Repair> for LocalUnit {
+    type Result = ResponseFuture<Result<(), EngineError>>;
+
+    /// Marks the ranges dirty (durably, on the lane, as a tracked write would), then
+    /// starts a resync of the dirty map: `ResyncBegin`, the regions copied in stamp
+    /// order, `ResyncDone`; the remote keeps its last cut recoverable meanwhile (the
+    /// resync epoch). The plan of the copy waits for the marking (it counts as a
+    /// tracking batch on the lane).
+    fn handle(&mut self, msg: Repair, ctx: &mut Context<Self>) -> Self::Result {
+        let size = self.store.size();
+        let ranges = msg.0;
+        if let Some(e) = ranges.iter().find_map(|&(o, l)| check(size, o, l).err()) {
+            return Box::pin(async move { Err(EngineError::Store(e)) });
+        }
+        let busy = match self.verifiable() {
+            Err(why) => Some(why),
+            Ok(()) if !self.retry.is_empty() => Some("the journal is full".into()),
+            // A clean-up of the map not on the lane yet would clear these regions too.
+            Ok(()) if self.queue.iter().any(|op| matches!(op, Op::Clean)) => {
+                Some("finishing a resync".into())
+            }
+            Ok(()) => None,
+        };
+        if let Some(why) = busy {
+            let e = EngineError::Busy(format!(
+                "{}: cannot repair now: the pair is {why}; try again once it replicates",
+                self.pair
+            ));
+            return Box::pin(async move { Err(e) });
+        }
+        if ranges.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+        let dirty = self.dirty.clone();
+        self.tracked_inflight += 1;
+        let marked = ranges.clone();
+        let job = self.disk.run(move || match dirty.lock() {
+            Ok(mut d) => d.mark(&marked),
+            Err(_) => Err("poisoned".into()),
+        });
+        let (tx, rx) = oneshot::channel();
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.tracked_inflight -= 1;
+            let r = match res {
+                Some(Ok(())) => {
+                    tracing::info!(pair = %act.pair, ranges = ranges.len(), bytes, "verify: repair: regions marked dirty; resync");
+                    // Tracking since, or a resync to plan: that plan covers these
+                    // regions (it waited for this marking). Otherwise a resync begins.
+                    if act.tracking.is_none() && !act.plan_pending && !act.copying() {
+                        act.begin_resync();
+                    }
+                    act.pump(ctx);
+                    Ok(())
+                }
+                Some(Err(e)) => {
+                    act.fail(format!("dirty map: {e}"));
+                    Err(EngineError::Unit(format!("{}: dirty map: {e}", act.pair)))
+                }
+                None => Err(EngineError::Stopped),
+            };
+            let _ = tx.send(r);
+        }));
+        Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
     }
 }
 

@@ -25,11 +25,14 @@ use crate::units::journaling::{Durability, SharedJournal};
 use crate::units::lag::LagSamples;
 use crate::units::undo::{UndoFile, UndoFileError};
 use actix::prelude::*;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tidemark::journal::{Epoch, JournalError, PairState, Record};
 use tidemark::run::RunTracker;
 use tidemark::undo::ResyncStatus;
+use tidemark::verify::{Refusal, SumsResult, VerifyRequest, VerifySums};
 use tidemark::Mark;
 use tidemark::{
     BlockStore, HeadReport, Heartbeat, Intake, Message as WireMessage, Packet, PairId, Resync, Seq,
@@ -91,6 +94,21 @@ pub struct RemoteWiring {
     pub undo_region: u64,
 }
 
+/// How long a verify request waits for the unit to apply up to its target before it is
+/// answered at whatever the unit applied by then (the primary then judges each region
+/// by the writes in between, `tidemark::verify::comparable`).
+const VERIFY_WAIT: Duration = Duration::from_secs(1);
+/// Verify requests queued at most; more are dropped (the primary resends).
+const VERIFY_QUEUE: usize = 16;
+
+/// A verify request waiting for its turn.
+struct QueuedVerify {
+    from: SystemId,
+    req: VerifyRequest,
+    /// Answered at whatever is applied once this passes.
+    due: Instant,
+}
+
 /// The unit's undo file as the disk jobs see it (one job in flight at a time).
 #[derive(Default)]
 struct UndoSlot {
@@ -150,6 +168,11 @@ pub struct RemoteUnit {
     undo_bytes: u64,
     /// Something found at start that stops the unit (reported once it runs).
     init_error: Option<String>,
+    /// Online verify: requests waiting, oldest first.
+    verifies: VecDeque<QueuedVerify>,
+    /// A verify read is on the disk pool: nothing is applied meanwhile, so the read sees
+    /// the unit at exactly its applied point.
+    verifying: bool,
 }
 
 impl RemoteUnit {
@@ -232,6 +255,8 @@ impl RemoteUnit {
             undo_base,
             undo_bytes,
             init_error,
+            verifies: VecDeque::new(),
+            verifying: false,
         }
     }
 
@@ -355,7 +380,7 @@ impl RemoteUnit {
 
     /// Applies what the limit allows, one batch in flight.
     fn apply(&mut self, ctx: &mut Context<Self>) {
-        if self.applying || self.failed.is_some() {
+        if self.applying || self.verifying || self.failed.is_some() {
             return;
         }
         let want_undo = match (&self.undo_dir, self.epoch) {
@@ -365,7 +390,7 @@ impl RemoteUnit {
         if self.limit <= self.applied_limit {
             if want_undo != self.undo_base {
                 // The epoch changed (closed, most often) with nothing to apply.
-                self.run_apply(ctx, self.limit, Vec::new(), want_undo);
+                self.run_apply(ctx, self.limit, Vec::new(), want_undo, false);
             }
             return;
         }
@@ -376,24 +401,39 @@ impl RemoteUnit {
             tracing::error!(pair = %self.pair, %limit, head = %self.intake.tracker().head(),
                 "commit limit beyond this unit's run head; applying only the run");
         }
-        let batch: Vec<Packet> = self.intake.tracker().select(limit).cloned().collect();
+        let mut batch: Vec<Packet> = self.intake.tracker().select(limit).cloned().collect();
+        // A verify request waiting for the unit to reach its target: stop there, so that
+        // it reads the unit at exactly the primary's point (not a cut of the group, only
+        // a pause within this application; the rest follows at once).
+        let applied = self.intake.tracker().applied().seq;
+        let partial = match self.verifies.front().map(|v| v.req.target) {
+            Some(target)
+                if target > applied && batch.last().is_some_and(|p| p.stamp.seq > target) =>
+            {
+                batch.retain(|p| p.stamp.seq <= target);
+                true
+            }
+            _ => false,
+        };
         self.applying_ts = batch.iter().map(|p| p.stamp.ts).collect();
         if batch.is_empty() && want_undo == self.undo_base {
-            self.finish(limit, None);
+            self.finish(limit, None, partial);
             return;
         }
-        self.run_apply(ctx, limit, batch, want_undo);
+        self.run_apply(ctx, limit, batch, want_undo, partial);
     }
 
     /// Applies `batch` under `limit` on the disk pool, with the undo file brought to
     /// the epoch `want_undo` first (created, replaced or removed) and the saves made
-    /// before anything above the base is applied.
+    /// before anything above the base is applied. `partial`: the batch stops short of
+    /// what `limit` allows (for a verify read): `limit` is not done yet.
     fn run_apply(
         &mut self,
         ctx: &mut Context<Self>,
         limit: Timestamp,
         batch: Vec<Packet>,
         want_undo: Option<Timestamp>,
+        partial: bool,
     ) {
         let batch_bytes: usize = batch.iter().map(|p| p.payload.wire_len()).sum();
         self.applying = true;
@@ -508,7 +548,7 @@ impl RemoteUnit {
             }
             match res {
                 Some((last, _, None, _, _)) => {
-                    act.finish(limit, last);
+                    act.finish(limit, last, partial);
                     // Applying may let a restarted stream's mark go to the journal.
                     act.journal_incoming(ctx);
                     act.unflushed = true;
@@ -526,11 +566,16 @@ impl RemoteUnit {
                 }
                 None => act.failed = Some("disk pool stopped".into()),
             }
+            // A verify read that waited for this application goes first.
+            act.run_verify(ctx);
             act.apply(ctx);
         }));
     }
 
-    fn finish(&mut self, limit: Timestamp, last: Option<Seq>) {
+    /// `partial`: applied short of `limit` (a verify read wanted the unit at a `seq`
+    /// inside this limit's packets): the rest is applied next, and the hook, which
+    /// checks cuts, is not told.
+    fn finish(&mut self, limit: Timestamp, last: Option<Seq>, partial: bool) {
         let now = (self.wall)();
         for ts in std::mem::take(&mut self.applying_ts) {
             self.lag.record(now.saturating_sub(ts.0));
@@ -539,9 +584,11 @@ impl RemoteUnit {
             self.intake.mark_applied(seq);
             self.resync.applied(seq);
         }
-        self.applied_limit = limit;
+        if !partial {
+            self.applied_limit = limit;
+        }
         self.applies += 1;
-        if let Some(hook) = &self.hook {
+        if let (Some(hook), false) = (&self.hook, partial) {
             hook(&Applied {
                 pair: self.pair,
                 limit,
@@ -557,6 +604,90 @@ impl RemoteUnit {
             let _ = tx.send(Ok(()));
         }
     }
+}
+
+impl RemoteUnit {
+    /// Answers a verify request of system `to`.
+    fn send_sums(&self, to: SystemId, id: u64, applied: Seq, result: SumsResult) {
+        self.link.do_send(Outbound {
+            to,
+            msg: WireMessage::VerifySums(VerifySums {
+                pair: self.pair,
+                id,
+                applied,
+                result,
+            }),
+        });
+    }
+
+    /// Reads the regions of the oldest verify request, if nothing is being applied or
+    /// read and the unit has applied up to the request's target (or its wait is over):
+    /// the unit is then at exactly its applied point `A`, which the answer carries.
+    /// Nothing is applied until the read is done (at most `MAX_CHUNK_BYTES`, or one
+    /// region).
+    fn run_verify(&mut self, ctx: &mut Context<Self>) {
+        if self.verifying || self.applying {
+            return;
+        }
+        if self.failed.is_some() {
+            for v in std::mem::take(&mut self.verifies) {
+                self.send_sums(
+                    v.from,
+                    v.req.id,
+                    Seq::ZERO,
+                    SumsResult::Refused(Refusal::Failed),
+                );
+            }
+            return;
+        }
+        let applied = self.intake.tracker().applied().seq;
+        let ready = self
+            .verifies
+            .front()
+            .is_some_and(|v| applied >= v.req.target || now() >= v.due);
+        if !ready {
+            return;
+        }
+        let Some(v) = self.verifies.pop_front() else {
+            return;
+        };
+        self.verifying = true;
+        let store = self.store.clone();
+        let ranges = v.req.ranges(store.size());
+        let job = self.disk.run(move || read_sums(store.as_ref(), &ranges));
+        ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            act.verifying = false;
+            let result = match res {
+                Some(Ok(sums)) => SumsResult::Sums(sums),
+                Some(Err(e)) => {
+                    tracing::error!(pair = %act.pair, "verify: cannot read the remote unit: {e}");
+                    SumsResult::Refused(Refusal::Failed)
+                }
+                None => SumsResult::Refused(Refusal::Failed),
+            };
+            act.send_sums(v.from, v.req.id, applied, result);
+            act.run_verify(ctx);
+            act.apply(ctx);
+        }));
+    }
+}
+
+/// The checksums of `ranges` of `store`, in order.
+pub(crate) fn read_sums(
+    store: &dyn BlockStore,
+    ranges: &[(tidemark::Offset, u64)],
+) -> Result<Vec<u64>, String> {
+    let mut buf = Vec::new();
+    ranges
+        .iter()
+        .map(|&(offset, len)| {
+            buf.resize(len as usize, 0);
+            store
+                .read_at(offset, &mut buf)
+                .map_err(|e| format!("read {len} bytes at {}: {e}", offset.0))?;
+            Ok(tidemark::verify::checksum(&buf))
+        })
+        .collect()
 }
 
 impl RemoteUnit {
@@ -665,6 +796,47 @@ impl Handler<LimitIn> for RemoteUnit {
         } else if changed {
             self.apply(ctx);
         }
+    }
+}
+
+impl Handler<VerifyIn> for RemoteUnit {
+    type Result = ();
+    fn handle(&mut self, msg: VerifyIn, ctx: &mut Context<Self>) {
+        let VerifyIn { from, req } = msg;
+        let applied = self.intake.tracker().applied().seq;
+        let refused = if req.pair != self.pair {
+            Some(Refusal::NoUnit)
+        } else if !req.is_valid(self.store.size()) {
+            Some(Refusal::BadRequest)
+        } else if self.failed.is_some() {
+            Some(Refusal::Failed)
+        } else if self.state == Some(PairState::Inconsistent) {
+            Some(Refusal::Inconsistent)
+        } else {
+            None
+        };
+        if let Some(r) = refused {
+            self.send_sums(from, req.id, applied, SumsResult::Refused(r));
+            return;
+        }
+        // A request resent while the first is still queued is answered once.
+        if self
+            .verifies
+            .iter()
+            .any(|v| v.from == from && v.req.id == req.id)
+            || self.verifies.len() >= VERIFY_QUEUE
+        {
+            return;
+        }
+        self.verifies.push_back(QueuedVerify {
+            from,
+            req,
+            due: now() + VERIFY_WAIT,
+        });
+        // Answered at whatever is applied once the wait is over, if the unit has not
+        // reached the target by then (a limit held back by another pair, say).
+        ctx.run_later(VERIFY_WAIT, |act, ctx| act.run_verify(ctx));
+        self.run_verify(ctx);
     }
 }
 
