@@ -39,21 +39,17 @@ pub async fn load(
         .map(|p| (p.id, p.size))
         .collect();
     let started = std::time::Instant::now();
-    let mut bytes = 0;
+    let deadline = started + timeout;
     let items: Vec<_> = crate::workload::Workload::new(seed, &pairs, max_write)
         .take(writes)
         .collect();
-    if depth <= 1 {
-        for w in items {
-            bytes += w.data.len() as u64;
-            engine.write(w.pair, w.offset, w.data).await?;
-        }
-    } else {
-        // `depth` chains of dependent writes in flight at once.
-        bytes = items.iter().map(|w| w.data.len() as u64).sum();
-        let queue = std::sync::Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let bytes: u64 = items.iter().map(|w| w.data.len() as u64).sum();
+    // `depth` chains of dependent writes in flight at once (one chain: each write waits
+    // for the one before).
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let admitted = {
         let engine_ref = &engine;
-        let chains = (0..depth).map(|_| {
+        let chains = (0..depth.max(1)).map(|_| {
             let queue = queue.clone();
             async move {
                 loop {
@@ -65,12 +61,31 @@ pub async fn load(
                 }
             }
         });
-        for r in futures_util::future::join_all(chains).await {
-            r?;
+        let writing = futures_util::future::join_all(chains);
+        tokio::pin!(writing);
+        // Admission can hold writes back for as long as the remote does not acknowledge:
+        // the writes too wait at most until the deadline, and status.json shows where they
+        // are once a second meanwhile.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut writing => {
+                    break done.into_iter().collect::<Result<Vec<()>, EngineError>>().map(drop);
+                }
+                _ = tick.tick() => {
+                    final_status(cfg, system, &engine).await;
+                    if std::time::Instant::now() > deadline {
+                        break Err(EngineError::Timeout(
+                            "the writes were not all admitted (the remote did not acknowledge enough of them)".into(),
+                        ));
+                    }
+                }
+            }
         }
-    }
+    };
+    admitted?;
     let write_ms = started.elapsed().as_millis() as u64;
-    let deadline = started + timeout;
     // While it waits, `journal_dir/status.json` shows where it is, once a second.
     let mut status_at = std::time::Instant::now();
     let stats = loop {

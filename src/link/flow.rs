@@ -54,6 +54,9 @@ const LOST_MEMORY: usize = 4096;
 const MAX_REORDER_SLACK: Duration = Duration::from_millis(20);
 /// The timer granularity below which loss delays are not cut.
 const GRANULARITY: Duration = Duration::from_millis(1);
+/// Numbered datagrams a probe timeout lets go past the window and the pacer (RFC 9002
+/// §6.2.4 sends one or two).
+pub const PROBES: u8 = 2;
 
 /// Counters of one flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -111,6 +114,9 @@ pub(crate) struct Flow {
     max_rate: u64,
     /// Consecutive probe timeouts.
     ptos: u32,
+    /// Datagrams that may still go past the window and the pacer: probes owed after a
+    /// probe timeout.
+    probes: u8,
     /// The last time data went out or a receipt came in (the probe timer's base).
     active: Option<Instant>,
     stats: FlowStats,
@@ -141,6 +147,7 @@ impl Flow {
             burst: burst.max(1) as f64,
             max_rate,
             ptos: 0,
+            probes: 0,
             active: None,
             stats: FlowStats::default(),
         }
@@ -205,9 +212,12 @@ impl Flow {
         self.refilled = Some(now);
     }
 
-    /// Whether a datagram of `len` bytes with data may leave now: the window has room
-    /// (or nothing is in flight) and the pacer has tokens.
+    /// Whether a datagram of `len` bytes with data may leave now: a probe is owed, or
+    /// the window has room (or nothing is in flight) and the pacer has tokens.
     pub fn may_send(&mut self, now: Instant, len: usize) -> bool {
+        if self.probes > 0 {
+            return true;
+        }
         if !self.cc.can_send(self.in_flight, len) {
             return false;
         }
@@ -215,14 +225,14 @@ impl Flow {
         self.tokens > 0.0
     }
 
-    /// Whether the window alone would let a datagram of `len` bytes go.
+    /// Whether the window alone (or a probe owed) would let a datagram of `len` bytes go.
     pub fn window_open(&self, len: usize) -> bool {
-        self.cc.can_send(self.in_flight, len)
+        self.probes > 0 || self.cc.can_send(self.in_flight, len)
     }
 
-    /// When the pacer has tokens again (`now` if it has).
+    /// When the pacer has tokens again (`now` if it has, or a probe is owed).
     pub fn pace_at(&self, now: Instant) -> Instant {
-        if self.tokens > 0.0 {
+        if self.tokens > 0.0 || self.probes > 0 {
             return now;
         }
         let need = -self.tokens + 1.0;
@@ -246,6 +256,7 @@ impl Flow {
     pub fn on_sent(&mut self, now: Instant, len: usize, items: Vec<Item>) {
         let n = self.next;
         self.next += 1;
+        self.probes = self.probes.saturating_sub(1);
         if self.sent.is_empty() {
             self.active = Some(now);
         }
@@ -308,6 +319,7 @@ impl Flow {
             return;
         }
         self.ptos = 0;
+        self.probes = 0;
         self.active = Some(now);
         if newest > self.largest_acked {
             self.largest_acked = newest;
@@ -387,6 +399,11 @@ impl Flow {
     /// Time-threshold losses, and the probe timeout: nothing came back for a while with
     /// data in flight, so the oldest datagram in flight is deemed lost (its items go
     /// again), the timer backs off, and after three in a row the window restarts small.
+    ///
+    /// Liveness: a probe timeout owes [`PROBES`] datagrams that go whatever the window
+    /// and the pacer say. A window shrunk below the bytes in flight (their receipts lost)
+    /// would otherwise keep the probe itself from leaving, and with nothing new numbered
+    /// the peer owes no receipt that could reopen it.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.detect_lost(now);
         let Some(active) = self.active else {
@@ -404,6 +421,7 @@ impl Flow {
         if let Some((&n, _)) = self.sent.first_key_value() {
             self.deem_lost(n);
         }
+        self.probes = PROBES;
         self.active = Some(now);
     }
 
@@ -415,6 +433,7 @@ impl Flow {
         self.in_flight = 0;
         self.largest_acked = self.next.saturating_sub(1);
         self.ptos = 0;
+        self.probes = 0;
         self.active = None;
     }
 }
@@ -506,6 +525,56 @@ mod tests {
         assert_eq!(tries, MAX_TRIES - 1);
         assert_eq!(f.stats().abandoned_items, 1);
         assert_eq!(f.in_flight(), 0);
+    }
+
+    #[test]
+    fn every_probe_timeout_lets_probes_past_a_closed_window_and_no_more() {
+        // A full window whose receipts never come back: after three probe timeouts the
+        // window is far below the bytes in flight, yet each timeout still lets
+        // PROBES datagrams go (and then no more until the next one).
+        let t0 = Instant::now();
+        let mut f = Flow::new(1 << 20, 0, 256 << 10);
+        let mut b = 0u8;
+        while f.may_send(t0, 1400) {
+            b = b.wrapping_add(1);
+            f.on_sent(t0, 1400, item(b));
+        }
+        let full = f.in_flight();
+        assert!(full + 1400 > 256 << 10, "the window filled: {full}");
+        let mut now = t0;
+        for pto in 1..=6 {
+            now = f
+                .poll_timeout()
+                .expect("a probe timer while data is in flight");
+            f.handle_timeout(now);
+            for probe in 0..PROBES {
+                assert!(
+                    f.may_send(now, 1400) && f.window_open(1400) && f.pace_at(now) == now,
+                    "timeout {pto}, probe {probe}: cwnd {} in flight {}",
+                    f.cwnd(),
+                    f.in_flight()
+                );
+                let items = f.take_resend().map_or_else(|| item(0), |i| vec![i]);
+                f.spend(now, 1400);
+                f.on_sent(now, 1400, items);
+            }
+            assert!(
+                pto <= 3 || !f.may_send(now, 1400),
+                "timeout {pto}: only the probes go past a window of {} with {} in flight",
+                f.cwnd(),
+                f.in_flight()
+            );
+        }
+        assert!(
+            f.cwnd() * 3 < f.in_flight(),
+            "the case: a window of {} far below {} in flight",
+            f.cwnd(),
+            f.in_flight()
+        );
+        // A receipt for the probes ends probing: the window rules again.
+        let last = f.next_number() - 1;
+        f.on_receipt(now, &receipt(&[(last - 1, last)]));
+        assert_eq!(f.probes, 0);
     }
 
     #[test]
