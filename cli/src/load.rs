@@ -84,7 +84,10 @@ pub async fn load(
             }
         }
     };
-    admitted?;
+    if let Err(e) = admitted {
+        stop_within(engine, Duration::from_secs(10)).await;
+        return Err(e);
+    }
     let write_ms = started.elapsed().as_millis() as u64;
     // While it waits, `journal_dir/status.json` shows where it is, once a second.
     let mut status_at = std::time::Instant::now();
@@ -112,7 +115,7 @@ pub async fn load(
         if std::time::Instant::now() > deadline {
             // What it got to, for the operator, before giving up.
             final_status(cfg, system, &engine).await;
-            engine.shutdown().await?;
+            stop_within(engine, Duration::from_secs(10)).await;
             return Err(EngineError::Timeout(
                 "the remote did not acknowledge every write".into(),
             ));
@@ -198,6 +201,19 @@ pub fn baseline(
         mb_per_s: bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9),
         retransmits: 0,
     })
+}
+
+/// Gives up on what still waits (writes not journaled fail; what is journaled stays, as
+/// after a crash) and shuts the engine down, waiting at most `grace`: a load that timed
+/// out because the remote does not answer must not then wait on the remote to stop.
+async fn stop_within(engine: tidemark_actors::Engine, grace: Duration) {
+    engine.stopping();
+    if tokio::time::timeout(grace, engine.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("tidemark: load: the engine did not stop within {grace:?}; exiting anyway");
+    }
 }
 
 /// Writes the system's `status.json` once more (a load has no status loop).

@@ -423,3 +423,57 @@ fn assert_local_holds(site: &Site, seed: u64, ops: &[Op], when: &str) {
         }
     }
 }
+
+/// A `load` whose remote never answers ends at its deadline (a wait with a way out): it
+/// exits non-zero saying it timed out, and its status file shows what it got to; its
+/// shutdown gives up on what still waits for the remote instead of waiting again.
+#[test]
+fn load_gives_up_at_its_deadline_when_no_secondary_answers() {
+    let site = Site::new(false);
+    let mut load = site.spawn(&[
+        "load",
+        "--config",
+        site.cfg(),
+        "--system",
+        "site-a",
+        "--writes",
+        "300",
+        "--timeout-s",
+        "2",
+    ]);
+    // A bound against a hung test, far above the 2 s deadline plus the 10 s grace.
+    let exited = wait_until(PATIENCE * 4, || match load.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err("load still running".into()),
+        Err(e) => Err(format!("wait: {e}")),
+    });
+    let status = match exited {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = load.kill();
+            panic!(
+                "load did not end at its deadline: {e}; logs:{}",
+                site.log_tails()
+            );
+        }
+    };
+    let out = load.wait_with_output().expect("load output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "no secondary, yet load succeeded: {err}");
+    assert!(err.contains("timed out"), "says why: {err}");
+    let st = site
+        .status("site-a")
+        .unwrap_or_else(|| panic!("load left no status.json; stderr: {err}"));
+    let written: Vec<u64> = st["stats"]["pairs"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["written_seq"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        written.iter().any(|&w| w > 0),
+        "the status shows the writes it got to: {st}"
+    );
+}
