@@ -130,6 +130,7 @@
 //! keep and still never be refused.
 
 pub mod format;
+pub(crate) mod fuzz;
 mod recovery;
 mod repair;
 mod state;
