@@ -9,6 +9,7 @@ use crate::seal::{Sealer, Session};
 use crate::types::*;
 use crate::wire::{self, Frame, VERSION};
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const ME: SystemId = SystemId(0);
@@ -141,6 +142,8 @@ pub fn link(data: &[u8]) {
     };
     peer.restart(100);
     let mut numbered_out = 0u64;
+    // Compressed packet data by (pair, seq, length): compressed once per run.
+    let mut zipped: HashMap<(u32, u64, usize), Vec<u8>> = HashMap::new();
     for _ in 0..STEPS {
         if inp.is_empty() {
             break;
@@ -171,7 +174,7 @@ pub fn link(data: &[u8]) {
                 let n = 1 + usize::from(inp.u8() % 4);
                 let mut msgs = Vec::with_capacity(n);
                 for _ in 0..n {
-                    msgs.push(part(&mut inp, op == 3));
+                    msgs.push(part(&mut inp, op == 3, &mut zipped));
                 }
                 let mut d = peer.seal_messages(PEER, msgs);
                 let fresh = peer.fresh();
@@ -312,13 +315,20 @@ pub fn link(data: &[u8]) {
 
 /// A part (or a zipped part) of a patterned write, as the input chooses: usually a
 /// piece of the packet cut at a sender's boundaries, sometimes anything.
-fn part(inp: &mut Input<'_>, zipped: bool) -> Message {
+fn part(
+    inp: &mut Input<'_>,
+    zip: bool,
+    zipped: &mut HashMap<(u32, u64, usize), Vec<u8>>,
+) -> Message {
     let pair = u32::from(inp.u8() % 4);
     let seq = u64::from(inp.u8() % 16);
     let total = 1 + usize::from(inp.u16()) % 4096;
     let raw = pattern_bytes(pair, seq, total);
-    let data = if zipped {
-        zstd::bulk::compress(&raw, 1).unwrap_or_default()
+    let data = if zip {
+        zipped
+            .entry((pair, seq, total))
+            .or_insert_with(|| zstd::bulk::compress(&raw, 1).unwrap_or_default())
+            .clone()
     } else {
         raw
     };
@@ -343,7 +353,7 @@ fn part(inp: &mut Input<'_>, zipped: bool) -> Message {
         4 => p.data = Bytes::new(),
         _ => {}
     }
-    if zipped {
+    if zip {
         Message::Zipped(Zipped {
             raw: raw_len,
             part: p,
