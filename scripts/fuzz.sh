@@ -61,6 +61,7 @@ SECONDS_EACH=${1:-60}
 [ $# -gt 0 ] && shift
 mkdir -p "$LOG_DIR"
 fuzz build --sanitizer "$SANITIZER" --target-dir "$FUZZ_TARGET_DIR"
+BIN=$FUZZ_TARGET_DIR/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
 status=0
 printf '%-14s %12s %8s %8s %8s %s\n' target executions cov ft corpus findings
 for t in $(targets "$@"); do
@@ -69,10 +70,12 @@ for t in $(targets "$@"); do
     [ -n "${RUNS:-}" ] && runs=("-runs=$RUNS")
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
     before=$(ls "fuzz/artifacts/$t" | wc -l)
+    # The binary built above, run directly (not by `cargo fuzz run`, which would rebuild
+    # it from sources edited meanwhile).
     set +e
-    fuzz run --sanitizer "$SANITIZER" --target-dir "$FUZZ_TARGET_DIR" "$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$SECONDS_EACH" -timeout=10 -print_final_stats=1 \
-        "${runs[@]}" $(options "$t") >"$log" 2>&1
+    "$BIN/$t" -artifact_prefix="fuzz/artifacts/$t/" -max_total_time="$SECONDS_EACH" \
+        -timeout=10 -print_final_stats=1 "${runs[@]}" $(options "$t") "fuzz/corpus/$t" \
+        >"$log" 2>&1
     rc=$?
     set -e
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
