@@ -8,6 +8,8 @@
 
 pub mod clock;
 pub mod dirty;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intake;
 pub mod journal;
 pub mod link;

@@ -300,6 +300,11 @@ impl LinkCore {
         })
     }
 
+    /// Bytes and packets held for reassembly (the fuzz target checks the limits).
+    pub(crate) fn reassembly_held(&self) -> (usize, usize) {
+        (self.partial_bytes, self.partial.len())
+    }
+
     /// Whether `peer` has been heard from within the timeout.
     pub fn is_up(&self, peer: SystemId) -> bool {
         self.peers.get(&peer).is_some_and(|p| p.up)

@@ -27,7 +27,8 @@
 //! counters:
 //! - a datagram that fails to open, is too short, too long or of another version is
 //!   dropped before anything is parsed;
-//! - a counter seen before, or older than the window, is a replay: dropped;
+//! - a counter seen before, or older than the window, is a replay: dropped; so is
+//!   counter 0, which no sender seals (not even as a new session's first datagram);
 //! - a session older than the peer's newest is stale (a replay from before a restart):
 //!   dropped; a newer one means the peer restarted, and is reported.
 //!
@@ -175,17 +176,28 @@ impl Sealer {
     /// `len_hint` is the expected frame length (capacity only).
     pub fn seal_with(&mut self, len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         self.counter += 1;
+        self.seal_as(self.counter, len_hint, write)
+    }
+
+    /// Seals `plain` as datagram number `counter` of this session, whatever was sealed
+    /// before: for the fuzz target's replays (a sender must never do this: a counter
+    /// sealed twice reuses a nonce).
+    pub(crate) fn seal_numbered(&self, counter: u64, plain: &[u8]) -> Vec<u8> {
+        self.seal_as(counter, plain.len(), |out| out.extend_from_slice(plain))
+    }
+
+    fn seal_as(&self, counter: u64, len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut out = Vec::with_capacity(OVERHEAD + len_hint);
         out.push(VERSION);
         out.extend_from_slice(&self.session.epoch.to_le_bytes());
         out.extend_from_slice(&self.session.nonce);
-        out.extend_from_slice(&self.counter.to_le_bytes());
+        out.extend_from_slice(&counter.to_le_bytes());
         write(&mut out);
         let (aad, body) = out.split_at_mut(AAD_LEN);
         // Sealing fails only past GCM's 64 GiB per-message limit, far above any datagram.
         let tag = self
             .key
-            .seal_in_place_separate_tag(gcm_nonce(self.counter), Aad::from(&*aad), body)
+            .seal_in_place_separate_tag(gcm_nonce(counter), Aad::from(&*aad), body)
             .expect("AES-256-GCM seals any datagram-sized buffer");
         out.extend_from_slice(tag.as_ref());
         out
@@ -342,6 +354,11 @@ impl Opener {
                 me: self.me,
             });
         }
+        if counter == 0 {
+            // Never sealed (a sender counts from 1): refused here, not only by a known
+            // session's window, so it cannot open a new session either.
+            return Err(SealError::Replay(0));
+        }
         let group = &self.group;
         let key = move || derived.unwrap_or_else(|| group.subkey(session));
         let peer = match self.peers.get_mut(&frame.from) {
@@ -393,6 +410,35 @@ mod tests {
             epoch,
             nonce: [r; 16],
         }
+    }
+
+    /// Counter 0 is never sealed (a sender counts from 1), so it never opens: not in a
+    /// known session, and not as the first datagram of a new one either (found by the
+    /// `seal` fuzz target: a new session's window took it, a known one refused it).
+    #[test]
+    fn counter_zero_never_opens() {
+        let s = Sealer::new(&KEY, session(10, 1));
+        let zero = s.seal_numbered(0, &crate::wire::encode(&frame(1, 2, 5)));
+        let mut o = Opener::new(&KEY, SystemId(2), 65_536);
+        assert_eq!(
+            o.open(&zero),
+            Err(SealError::Replay(0)),
+            "first of a session"
+        );
+        let one = s.seal_numbered(1, &crate::wire::encode(&frame(1, 2, 5)));
+        assert!(o.open(&one).is_ok());
+        assert_eq!(
+            o.open(&zero),
+            Err(SealError::Replay(0)),
+            "in a known session"
+        );
+        let restarted = Sealer::new(&KEY, session(11, 1));
+        let zero = restarted.seal_numbered(0, &crate::wire::encode(&frame(1, 2, 6)));
+        assert_eq!(
+            o.open(&zero),
+            Err(SealError::Replay(0)),
+            "first of a restart"
+        );
     }
 
     /// A datagram sealed at one generation never opens at another (the split-brain

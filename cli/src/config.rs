@@ -243,8 +243,17 @@ pub fn parse_size(key: &str, s: &str) -> Result<u64, EngineError> {
     }
 }
 
-fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, EngineError> {
-    match s.to_socket_addrs().map(|mut a| a.next()) {
+/// How `listen`, `advertise` and `metrics_listen` become addresses: the first address
+/// of the text, or none.
+pub(crate) type Lookup = fn(&str) -> std::io::Result<Option<SocketAddr>>;
+
+/// The system's resolver: an IP address and port, or a host name and port.
+fn lookup_host(s: &str) -> std::io::Result<Option<SocketAddr>> {
+    s.to_socket_addrs().map(|mut a| a.next())
+}
+
+fn parse_addr(key: &str, s: &str, lookup: Lookup) -> Result<SocketAddr, EngineError> {
+    match lookup(s) {
         Ok(Some(a)) => Ok(a),
         Ok(None) => bad(format!("{key}: {s:?} resolves to no address")),
         Err(e) => bad(format!("{key}: {s:?} is not an address ({e})")),
@@ -270,6 +279,17 @@ impl Config {
     /// file order), `orderer` (names a system), the pairs (`parse_pair`, each in file
     /// order). `key_file` is only resolved here; [`Config::read_key`] reads it.
     pub fn parse(text: &str, base: &Path, path: &Path) -> Result<Config, EngineError> {
+        Self::parse_with(text, base, path, lookup_host)
+    }
+
+    /// [`Config::parse`] with addresses looked up by `lookup` (the fuzz target takes IP
+    /// addresses only, so that it never looks a name up).
+    pub(crate) fn parse_with(
+        text: &str,
+        base: &Path,
+        path: &Path,
+        lookup: Lookup,
+    ) -> Result<Config, EngineError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
         let globals = Globals::parse(&raw)?;
@@ -278,7 +298,7 @@ impl Config {
         }
         let mut systems = Systems::default();
         for (i, s) in raw.system.iter().enumerate() {
-            parse_system(i, s, base, &mut systems)?;
+            parse_system(i, s, base, lookup, &mut systems)?;
         }
         let Some(&orderer) = systems.index.get(&raw.orderer) else {
             return bad(format!("orderer: no system is named {:?}", raw.orderer));
@@ -503,6 +523,7 @@ fn parse_system(
     i: usize,
     s: &RawSystem,
     base: &Path,
+    lookup: Lookup,
     systems: &mut Systems,
 ) -> Result<(), EngineError> {
     let key = |k: &str| format!("system[{i}] ({}).{k}", s.name);
@@ -522,7 +543,7 @@ fn parse_system(
             ))
         }
     };
-    let listen = parse_addr(&key("listen"), &s.listen)?;
+    let listen = parse_addr(&key("listen"), &s.listen, lookup)?;
     if !systems.listens.insert(listen) {
         return bad(format!(
             "{}: {listen} is used by another system",
@@ -530,7 +551,7 @@ fn parse_system(
         ));
     }
     let advertise = match &s.advertise {
-        Some(a) => parse_addr(&key("advertise"), a)?,
+        Some(a) => parse_addr(&key("advertise"), a, lookup)?,
         None => listen,
     };
     let journal_dir = resolve(base, &s.journal_dir);
@@ -550,7 +571,7 @@ fn parse_system(
     }
     let metrics_listen = match &s.metrics_listen {
         Some(m) => {
-            let a = parse_addr(&key("metrics_listen"), m)?;
+            let a = parse_addr(&key("metrics_listen"), m, lookup)?;
             if !systems.metrics.insert(a) {
                 return bad(format!(
                     "{}: {a} is used by another system",
@@ -736,7 +757,16 @@ fn parse_end(
 pub fn reversed(path: &Path, new_primary: &str) -> Result<String, EngineError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
-    let mut raw: RawConfig = toml::from_str(&text)
+    reversed_text(&text, path, new_primary)
+}
+
+/// [`reversed`] of the config text `text` read from `path` (named in errors).
+pub(crate) fn reversed_text(
+    text: &str,
+    path: &Path,
+    new_primary: &str,
+) -> Result<String, EngineError> {
+    let mut raw: RawConfig = toml::from_str(text)
         .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
     let roles: Vec<&str> = raw.system.iter().map(|s| s.role.as_str()).collect();
     if roles.len() != 2 || !roles.contains(&"primary") || !roles.contains(&"secondary") {

@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod demo;
 pub mod export;
 pub mod failover;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod load;
 pub mod metrics;
 pub mod progress;

@@ -94,7 +94,9 @@
 //! newest unflagged one, and in the header or checkpoint of any segment (durable before
 //! the segment got its name), any bad byte, or a length other than its successor's
 //! checkpoint says, is [`JournalError::Corrupt`] with segment and offset, and `open`
-//! changes nothing. (The price of sealing unsynced: media corruption in a segment sealed
+//! changes nothing; so is a checkpoint behind what the segments before it recorded (a
+//! watermark, limit or reservation lower, a pair's state missing), which the journal
+//! never writes and which would lose those once the segments before it are deleted. (The price of sealing unsynced: media corruption in a segment sealed
 //! unsynced and synced later, before the next unflagged segment, also reads as a tail.)
 //!
 //! A pair's state is the latest one recovery reads, the checkpoints included: a
@@ -130,6 +132,7 @@
 //! keep and still never be refused.
 
 pub mod format;
+pub(crate) mod fuzz;
 mod recovery;
 mod repair;
 mod state;

@@ -19,6 +19,10 @@
 //!   checkpoint, naming the new length of the one before. Those checkpoints still count
 //!   (a watermark in one may have justified deletions). [`Recovered::tail`] reports the
 //!   tail, with exactly the bytes the repairs remove.
+//! - **A checkpoint is never behind the segments before it.** One that holds a watermark,
+//!   limit or reservation behind what those recorded, or no state of a pair that had one
+//!   ([`State::behind`]), is [`JournalError::Corrupt`]: the journal never writes one, and
+//!   deleting the segments it covers would take those back.
 //! - **An error changes nothing.** Every check is made before a plan exists: a plan is
 //!   returned only when the whole directory is acceptable.
 //! - **A gap in the numbering is an interrupted reclamation, or an error.** It is
@@ -301,7 +305,15 @@ impl Scan<'_> {
     /// Folds a loaded segment into the scan: its checkpoint always, its records unless a
     /// tail was found before it. A segment that `may_tear` gets a repair: a sync, a cut
     /// (at its first bad frame, which becomes the tail) or, after the tail, a rewrite.
+    ///
+    /// A checkpoint behind what the segments before it recorded is corruption (see
+    /// [`State::behind`]): deleting those segments, as reclamation may, would take the
+    /// limit or a watermark back (found by the `journal_plan` fuzz target).
     fn segment(&mut self, loaded: Loaded, may_tear: bool) -> Result<(), JournalError> {
+        if let Some(reason) = loaded.cp.behind(&self.rebuild.state) {
+            let at = format::HEADER_LEN as u64;
+            return Err(corrupt_at(self.dir, loaded.segno, at, reason));
+        }
         self.rebuild.checkpoint(&loaded.cp);
         let scanned = match self.tail {
             Some(_) => self.drop_records(loaded),

@@ -239,6 +239,53 @@ impl State {
         self.epoch = other.epoch;
     }
 
+    /// Where this state, a segment's checkpoint, falls behind `before`: what the
+    /// checkpoints and records of the segments before it add up to. A checkpoint is
+    /// taken from a journal's state after every record before it, so it is never behind:
+    /// every watermark, limit and reservation at least as far, a state for every pair
+    /// that has one. A checkpoint that is behind (damage that kept its checksum, or a
+    /// bug) would lose what it leaves out once the segments before it are deleted.
+    pub fn behind(&self, before: &State) -> Option<String> {
+        let key = |s: &Stamp| (s.seq, s.ts);
+        for (what, mine, theirs) in [
+            ("released", &self.released, &before.released),
+            ("applied", &self.applied, &before.applied),
+        ] {
+            for (pair, s) in theirs {
+                if mine.get(pair).is_none_or(|m| key(m) < key(s)) {
+                    return Some(format!(
+                        "checkpoint holds {what} {:?} of pair {}, behind {s:?} recorded before it",
+                        mine.get(pair),
+                        pair.0
+                    ));
+                }
+            }
+        }
+        if self.limit < before.limit || self.prepared < before.prepared {
+            return Some(format!(
+                "checkpoint holds limit {} and prepared {}, behind {} and {} recorded before it",
+                self.limit.0, self.prepared.0, before.limit.0, before.prepared.0
+            ));
+        }
+        for (pair, seq) in &before.reserved {
+            if self.reserved.get(pair).is_none_or(|m| m < seq) {
+                return Some(format!(
+                    "checkpoint holds reservation {:?} of pair {}, behind {} recorded before it",
+                    self.reserved.get(pair),
+                    pair.0,
+                    seq.0
+                ));
+            }
+        }
+        if let Some(pair) = before.states.keys().find(|p| !self.states.contains_key(p)) {
+            return Some(format!(
+                "checkpoint holds no state of pair {}, recorded before it",
+                pair.0
+            ));
+        }
+        None
+    }
+
     /// Every packet of `pair` at or below this seq may be forgotten.
     pub fn watermark(&self, pair: PairId) -> Seq {
         let r = self.released.get(&pair).map_or(Seq::ZERO, |s| s.seq);

@@ -214,6 +214,9 @@ enum Damage {
     Checkpoint(u64),
     /// Segment n deleted.
     Gone(u64),
+    /// Segment n's checkpoint replaced by one of the empty state, checksum and all: it
+    /// holds less than the records before it.
+    Behind(u64),
 }
 use Damage::*;
 
@@ -227,7 +230,7 @@ impl Built {
     fn damage(&self, disk: &mut Disk, damage: Damage) {
         let n = match damage {
             TornIn(n, _) | FlipIn(n, _) | LostFrom(n, _) | Zeros(n) | Extra(n) => n,
-            ExtraCheckpoint(n) | Header(n) | Checkpoint(n) | Gone(n) => n,
+            ExtraCheckpoint(n) | Header(n) | Checkpoint(n) | Gone(n) | Behind(n) => n,
         };
         let bytes = disk
             .segments
@@ -257,6 +260,19 @@ impl Built {
             Checkpoint(_) => bytes[HEADER_LEN + 4] ^= 1,
             Gone(n) => {
                 disk.segments.remove(&n);
+            }
+            Behind(n) => {
+                let cp_end = self.ends[&n][0] as usize;
+                let prev_len = self.ends.get(&(n - 1)).and_then(|e| e.last().copied());
+                let mut out = bytes[..HEADER_LEN].to_vec();
+                let state = State::default();
+                let cp = CheckpointRef {
+                    prev_len: prev_len.unwrap_or(0),
+                    state: &state,
+                };
+                frame(&mut out, &EntryRef::Checkpoint(cp));
+                out.extend_from_slice(&bytes[cp_end..]);
+                *bytes = out;
             }
         }
     }
@@ -637,6 +653,21 @@ fn cases() -> Vec<Case> {
             &[v1(seg(&[P(1), P(2)])), v1(flagged(&[P(3)]))],
             &[FlipIn(1, 2)],
             torn(&[Cut(1, 1), Rewrite(2)], (1, 1), &[1], 2),
+        ),
+        // Found by the journal_plan fuzz target: a checkpoint (checksum intact) behind
+        // what the segments before it recorded. Deleting those (they are covered) took
+        // the limit back from one recovery to the next.
+        case(
+            "checkpoint behind a watermark recorded before it: Corrupt",
+            &[seg(&[P(1), Rel(1)]), seg(&[P(2)])],
+            &[Behind(2)],
+            Corrupt(2, At::Checkpoint),
+        ),
+        case(
+            "checkpoint without a pair state recorded before it: Corrupt",
+            &[seg(&[St(PairState::Replicating), P(1)]), flagged(&[P(2)])],
+            &[Behind(2)],
+            Corrupt(2, At::Checkpoint),
         ),
         case(
             "bad version-1 checkpoint: Corrupt",
