@@ -426,34 +426,7 @@ fn fio_loop(nbd: u16, seed: u64, halt: &AtomicBool, tally: &Tally) -> Result<(),
 /// Copies both (killed) secondaries' state under `tag` and promotes them together;
 /// returns `applied_seq` of the dependent writer's exports and their promoted images.
 fn promote_copy(dir: &Path, tag: &str) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
-    let copy = dir.join(tag);
-    std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
-    for s in ["site-b", "site-d"] {
-        let ok = Command::new("cp")
-            .arg("-a")
-            .arg(dir.join("run").join(s))
-            .arg(copy.join("run"))
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !ok.success() {
-            return Err(format!("copying {s} failed"));
-        }
-    }
-    for f in ["tidemark.toml", "cluster.key"] {
-        std::fs::copy(dir.join(f), copy.join(f)).map_err(|e| e.to_string())?;
-    }
-    let cfg = copy.join("tidemark.toml");
-    let out = run(&["promote", "--config", &cfg.to_string_lossy()]);
-    if !out.status.success() {
-        return Err(format!(
-            "promote failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    if v["consistent"] != true {
-        return Err(format!("promote says inconsistent: {v}"));
-    }
+    let (copy, v) = promote_systems_copy(dir, &["site-b", "site-d"], tag)?;
     let mut applied = Vec::new();
     for (name, _) in EXPORTS {
         let p = v["pairs"]

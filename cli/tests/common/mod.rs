@@ -423,6 +423,47 @@ impl Site {
     }
 }
 
+/// Copies the state of the stopped (or killed) `systems` of the group in `dir` under
+/// `dir/tag`, with the config and key, and runs `promote` on the copy for all of them
+/// together; returns the copy's directory and promote's report, which must say
+/// `consistent`.
+#[allow(dead_code)] // not every test file uses it
+pub fn promote_systems_copy(
+    dir: &Path,
+    systems: &[&str],
+    tag: &str,
+) -> Result<(PathBuf, serde_json::Value), String> {
+    let copy = dir.join(tag);
+    std::fs::create_dir_all(copy.join("run")).map_err(|e| e.to_string())?;
+    for s in systems {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("run").join(s))
+            .arg(copy.join("run"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !ok.success() {
+            return Err(format!("copying {s} failed"));
+        }
+    }
+    for f in ["tidemark.toml", "cluster.key"] {
+        std::fs::copy(dir.join(f), copy.join(f)).map_err(|e| e.to_string())?;
+    }
+    let cfg = copy.join("tidemark.toml");
+    let out = run(&["promote", "--config", &cfg.to_string_lossy()]);
+    if !out.status.success() {
+        return Err(format!(
+            "promote failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    if v["consistent"] != true {
+        return Err(format!("promote says inconsistent: {v}"));
+    }
+    Ok((copy, v))
+}
+
 // ---- For the NBD daemon tests (actors/tests/nbd_daemon.rs) ----
 
 /// A TCP port of 127.0.0.1 nobody listens on right now.
