@@ -455,6 +455,37 @@ struct Bottleneck {
     dropped: u64,
 }
 
+/// One step of simulated time `t`: both links' timers, what each transmits onto its path
+/// (`a` → `b` through `paths.0`, back through `paths.1`), and what arrives. Writes `b`
+/// receives are checked against `writes` (by seq) and their first arrival noted.
+fn exchange(
+    (a, b): (&mut LinkCore, &mut LinkCore),
+    (ab, ba): (&mut Bottleneck, &mut Bottleneck),
+    t: Instant,
+    rng: &mut impl rand::Rng,
+    (writes, delivered): (&[Packet], &mut [Option<Instant>]),
+    seed: u64,
+) {
+    a.handle_timeout(t);
+    b.handle_timeout(t);
+    while let Some((_, d)) = a.poll_transmit(t) {
+        ab.push(t, d, rng);
+    }
+    while let Some((_, d)) = b.poll_transmit(t) {
+        ba.push(t, d, rng);
+    }
+    for got in deliver(b, t, ab.arrivals(t)) {
+        if let Message::Data(ps) = got {
+            for p in ps {
+                let i = (p.stamp.seq.0 - 1) as usize;
+                assert_eq!(p, writes[i], "seed {seed}: delivered intact");
+                delivered[i].get_or_insert(t);
+            }
+        }
+    }
+    deliver(a, t, ba.arrivals(t));
+}
+
 impl Bottleneck {
     fn new(cap: usize, rate: f64, delay: Duration, loss: f64) -> Self {
         Bottleneck {
@@ -537,24 +568,15 @@ fn a_burst_larger_than_a_path_queue_arrives() {
             }
             next_resend = t + resend_every;
         }
-        a.handle_timeout(t);
-        b.handle_timeout(t);
-        while let Some((_, d)) = a.poll_transmit(t) {
-            ab.push(t, d, &mut rng);
-        }
-        while let Some((_, d)) = b.poll_transmit(t) {
-            ba.push(t, d, &mut rng);
-        }
-        for got in deliver(&mut b, t, ab.arrivals(t)) {
-            if let Message::Data(ps) = got {
-                for p in ps {
-                    let i = (p.stamp.seq.0 - 1) as usize;
-                    assert_eq!(p, writes[i], "seed {seed}: delivered intact");
-                    delivered[i].get_or_insert(t);
-                }
-            }
-        }
-        deliver(&mut a, t, ba.arrivals(t));
+        let paths = (&mut ab, &mut ba);
+        exchange(
+            (&mut a, &mut b),
+            paths,
+            t,
+            &mut rng,
+            (&writes, &mut delivered),
+            seed,
+        );
         t += step;
     }
     let c = a.counters();
@@ -706,24 +728,15 @@ fn receipts_lost_on_the_way_back_do_not_close_the_window_for_good() {
             }
             next_write += 50;
         }
-        a.handle_timeout(t);
-        b.handle_timeout(t);
-        while let Some((_, d)) = a.poll_transmit(t) {
-            ab.push(t, d, &mut rng);
-        }
-        while let Some((_, d)) = b.poll_transmit(t) {
-            ba.push(t, d, &mut rng);
-        }
-        for got in deliver(&mut b, t, ab.arrivals(t)) {
-            if let Message::Data(ps) = got {
-                for p in ps {
-                    let i = (p.stamp.seq.0 - 1) as usize;
-                    assert_eq!(p, writes[i], "seed {seed}: delivered intact");
-                    delivered[i].get_or_insert(t);
-                }
-            }
-        }
-        deliver(&mut a, t, ba.arrivals(t));
+        let paths = (&mut ab, &mut ba);
+        exchange(
+            (&mut a, &mut b),
+            paths,
+            t,
+            &mut rng,
+            (&writes, &mut delivered),
+            seed,
+        );
         t += step;
     }
     assert!(ba.dropped > 0, "seed {seed}: no receipt was lost: no test");
