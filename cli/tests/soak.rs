@@ -260,62 +260,22 @@ impl Epoch {
     /// sequence numbers no longer count the writes. One pass over the writes, comparing
     /// only the 4 KiB blocks each touches.
     fn cut_by_content(&self, images: &[PathBuf]) -> Result<usize, String> {
-        const BLOCK: usize = 4096;
         let sent = self.sent.load(Ordering::SeqCst);
         let got: Vec<Vec<u8>> = images
             .iter()
             .map(|i| std::fs::read(i).map_err(|e| format!("{}: {e}", i.display())))
             .collect::<Result<_, _>>()?;
-        let mut model = self.base.clone();
-        if got.iter().zip(&model).any(|(g, m)| g.len() != m.len()) {
-            return Err("a promoted image has the wrong size".into());
-        }
-        let differs = |m: &[u8], g: &[u8], b: usize| {
-            let r = b * BLOCK..((b + 1) * BLOCK).min(m.len());
-            m[r.clone()] != g[r]
-        };
-        let mut bad: Vec<Vec<bool>> = model
+        let writes = self.ops[..sent]
             .iter()
-            .zip(&got)
-            .map(|(m, g)| {
-                (0..m.len().div_ceil(BLOCK))
-                    .map(|b| differs(m, g, b))
-                    .collect()
-            })
-            .collect();
-        let mut total: usize = bad.iter().map(|v| v.iter().filter(|x| **x).count()).sum();
-        if total == 0 {
-            return Ok(0);
-        }
-        for (i, op) in self.ops[..sent].iter().enumerate() {
-            let e = op.export;
-            let at = op.offset as usize;
-            model[e][at..at + op.len as usize].copy_from_slice(&payload(self.seed, i, op));
-            let blocks = at / BLOCK..(at + op.len as usize).div_ceil(BLOCK);
-            for b in blocks {
-                let now = differs(&model[e], &got[e], b);
-                if now != bad[e][b] {
-                    if now {
-                        total += 1;
-                    } else {
-                        total -= 1;
-                    }
-                    bad[e][b] = now;
-                }
-            }
-            if total == 0 {
-                return Ok(i + 1);
-            }
-        }
-        let per_export: Vec<usize> = bad
-            .iter()
-            .map(|v| v.iter().filter(|x| **x).count())
-            .collect();
-        Err(format!(
-            "not a cut: no prefix of the epoch's {sent} writes sent, on top of its base, \
-             matches the promoted images ({per_export:?} blocks per export differ from all \
-             {sent} writes)"
-        ))
+            .enumerate()
+            .map(|(i, op)| (op.export, op.offset as usize, payload(self.seed, i, op)));
+        prefix_by_content(self.base.clone(), &got, writes).map_err(|differ| {
+            format!(
+                "not a cut: no prefix of the epoch's {sent} writes sent, on top of its \
+                 base, matches the promoted images ({differ:?} blocks per export differ \
+                 from all {sent} writes)"
+            )
+        })
     }
 }
 
