@@ -16,32 +16,6 @@ fn seed() -> u64 {
     seed_or(20261129)
 }
 
-/// `tidemark load` on site-a: `writes` dependent writes of workload `seed`, each at most
-/// `max_write` bytes; it exits once the remote acknowledged them (or after `timeout_s`).
-fn spawn_load(
-    site: &Site,
-    writes: usize,
-    seed: u64,
-    max_write: u64,
-    timeout_s: u64,
-) -> std::process::Child {
-    site.spawn(&[
-        "load",
-        "--config",
-        site.cfg(),
-        "--system",
-        "site-a",
-        "--writes",
-        &writes.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--max-write",
-        &max_write.to_string(),
-        "--timeout-s",
-        &timeout_s.to_string(),
-    ])
-}
-
 fn secondary_killed_repeatedly(proxied: bool) {
     let seed = seed();
     eprintln!("crash test seed {seed} (TIDEMARK_SEED={seed} to replay), proxied {proxied}");
@@ -62,7 +36,7 @@ fn secondary_killed_repeatedly(proxied: bool) {
     // The statuses of the secondary running now are those written after `since`.
     let mut since = SystemTime::now();
     let mut sec = site.secondary();
-    let mut load = spawn_load(&site, writes, wl_seed, max_write, 120);
+    let mut load = site.spawn_load(writes, wl_seed, max_write, 120);
     let mut cuts = Vec::new();
     for k in 0..4 {
         // The crash point: once the (restarted) secondary is seen receiving writes, a
@@ -250,7 +224,7 @@ fn secondary_killed_during_resyncs_promote_gives_cuts() {
     let (writes, wl_seed, max_write) = (4000usize, seed % 1000, 65536u64);
     let mut since = SystemTime::now();
     let mut sec = site.secondary();
-    let mut load = spawn_load(&site, writes, wl_seed, max_write, 180);
+    let mut load = site.spawn_load(writes, wl_seed, max_write, 180);
     let mut cuts = Vec::new();
     for k in 0..3 {
         let journal = site.path("run/site-b/journal");

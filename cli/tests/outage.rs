@@ -430,17 +430,7 @@ fn assert_local_holds(site: &Site, seed: u64, ops: &[Op], when: &str) {
 #[test]
 fn load_gives_up_at_its_deadline_when_no_secondary_answers() {
     let site = Site::new(false);
-    let mut load = site.spawn(&[
-        "load",
-        "--config",
-        site.cfg(),
-        "--system",
-        "site-a",
-        "--writes",
-        "300",
-        "--timeout-s",
-        "2",
-    ]);
+    let mut load = site.spawn_load(300, 1, 65536, 2);
     // A bound against a hung test, far above the 2 s deadline plus the 10 s grace.
     let exited = wait_until(PATIENCE * 4, || match load.try_wait() {
         Ok(Some(status)) => Ok(status),

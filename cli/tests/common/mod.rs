@@ -206,6 +206,33 @@ impl Site {
         c
     }
 
+    /// `tidemark load` on site-a: `writes` dependent writes of workload `seed`, each at most
+    /// `max_write` bytes; it exits once the remote acknowledged them (or after `timeout_s`).
+    #[allow(dead_code)] // not every test file uses it
+    pub fn spawn_load(
+        &self,
+        writes: usize,
+        seed: u64,
+        max_write: u64,
+        timeout_s: u64,
+    ) -> std::process::Child {
+        self.spawn(&[
+            "load",
+            "--config",
+            self.cfg(),
+            "--system",
+            "site-a",
+            "--writes",
+            &writes.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--max-write",
+            &max_write.to_string(),
+            "--timeout-s",
+            &timeout_s.to_string(),
+        ])
+    }
+
     /// The status a system wrote last.
     pub fn status(&self, system: &str) -> Option<serde_json::Value> {
         tidemark_cli::daemon::read_status(&self.path(&format!("run/{system}/journal")))
