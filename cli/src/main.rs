@@ -242,6 +242,12 @@ struct WanSimArgs {
     corrupt: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A bottleneck: at most this many bytes per second, e.g. "1MiB" (0: none).
+    #[arg(long, default_value = "0")]
+    rate: String,
+    /// The bottleneck's drop-tail queue, in ms of sending at `--rate`.
+    #[arg(long = "queue-ms", default_value_t = 100)]
+    queue_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -642,6 +648,8 @@ fn wan_sim(a: WanSimArgs) -> Result<(), EngineError> {
         },
         corrupt: a.corrupt,
         seed: a.seed,
+        rate: tidemark_cli::config::parse_size("rate", &a.rate)?,
+        queue: demo::ms(a.queue_ms),
     };
     sim.validate()?;
     let rt = tokio::runtime::Builder::new_current_thread()
