@@ -219,3 +219,76 @@ fn pacing_holds_the_lag_near_the_target_on_a_slow_link() {
     assert!(on.paced_writes > 0, "pacing never delayed a write");
     assert_eq!(off.paced_writes, 0);
 }
+
+/// The config rules of pacing: `pace_writes` needs `rpo_target_ms` (a daemon given one
+/// without the other exits 2 naming the key, having started nothing), and
+/// `pace_max_delay_ms` needs `pace_writes` and lies in 1..=10000.
+#[test]
+fn pacing_config_rules() {
+    use std::path::Path;
+    use tidemark_cli::config::Config;
+    /// Extra lines, `rpo_target_ms`, and the max delay (ms) expected, or the error.
+    type Case = (
+        &'static [&'static str],
+        Option<u64>,
+        Result<Option<u64>, &'static str>,
+    );
+    let cases: &[Case] = &[
+        (&[], Some(500), Ok(None)),
+        (&["pace_writes = false"], Some(500), Ok(None)),
+        (&["pace_writes = true"], Some(500), Ok(Some(50))),
+        (
+            &["pace_writes = true", "pace_max_delay_ms = 200"],
+            Some(500),
+            Ok(Some(200)),
+        ),
+        (
+            &["pace_writes = true"],
+            None,
+            Err("pace_writes: needs rpo_target_ms"),
+        ),
+        (
+            &["pace_max_delay_ms = 20"],
+            Some(500),
+            Err("pace_max_delay_ms: set pace_writes"),
+        ),
+        (
+            &["pace_writes = true", "pace_max_delay_ms = 0"],
+            Some(500),
+            Err("pace_max_delay_ms: 0 is outside"),
+        ),
+        (
+            &["pace_writes = true", "pace_max_delay_ms = 10001"],
+            Some(500),
+            Err("pace_max_delay_ms: 10001 is outside"),
+        ),
+    ];
+    for (extra, target, want) in cases {
+        let mut spec = Site::two_sites(false);
+        spec.rpo_target_ms = *target;
+        spec.extra = extra.iter().map(|s| s.to_string()).collect();
+        let got = Config::parse(&spec.render(), Path::new("/t"), Path::new("/t/x.toml"));
+        match (got, want) {
+            (Ok(c), Ok(ms)) => {
+                assert_eq!(
+                    c.pace.map(|r| r.max_delay.as_millis() as u64),
+                    *ms,
+                    "{extra:?}"
+                );
+                if let Some(r) = c.pace {
+                    assert_eq!(Some(r.target.as_millis() as u64), *target);
+                }
+            }
+            (Err(e), Err(m)) => assert!(e.to_string().contains(m), "{extra:?}: {e}"),
+            (got, want) => panic!("{extra:?}: {got:?}, want {want:?}"),
+        }
+    }
+    // The daemon: exit 2, with the key named.
+    let mut spec = Site::two_sites(false);
+    spec.extra.push("pace_writes = true".into());
+    let site = Site::with_config(spec);
+    let out = run(&["primary", "--config", site.cfg()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pace_writes: needs rpo_target_ms"), "{err}");
+}

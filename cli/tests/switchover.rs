@@ -3,7 +3,7 @@
 //! A writer sends dependent writes (each after the previous reply; writes, FUA writes,
 //! write-zeroes, trims, flushes) to both exports of the primary, without pause, until
 //! the primary refuses one (`ESHUTDOWN`: the switchover quiesced it). While it writes,
-//! a copy of the secondary's state is promoted and must be a cut of the writes (a
+//! a copy of the secondary's state (frozen by SIGSTOP for the copy) is promoted and must be a cut of the writes (a
 //! global prefix). `tidemark switchover` then quiesces, drains, stops both daemons and
 //! swaps the roles. Checked:
 //!
@@ -156,13 +156,32 @@ fn a_switchover_during_writes_loses_nothing_and_resends_nothing() {
         }
     })
     .unwrap_or_else(|e| panic!("seed {seed}: the writer is stuck: {e}{}", site.log_tails()));
-    let (applied, images) = site
-        .promote_copy("during")
-        .unwrap_or_else(|e| panic!("seed {seed}: promote during traffic: {e}"));
+    // The copy is a snapshot of the secondary frozen (SIGSTOP) for a moment, as after
+    // a crash: promote must find a cut in it.
+    signal("-STOP", b.id());
+    let copied = site.promote_copy("during");
+    signal("-CONT", b.id());
+    let (applied, images) =
+        copied.unwrap_or_else(|e| panic!("seed {seed}: promote during traffic: {e}"));
     let k = check_cut(seed, &ops[..sent.load(Ordering::SeqCst)], &applied, &images)
         .unwrap_or_else(|e| panic!("seed {seed}: the secondary during traffic: {e}"));
     eprintln!("during traffic: the secondary held a cut of {k} writes");
 
+    // Had the freeze been long enough for the primary to track, it resyncs while the
+    // writer goes on: the switchover needs every pair replicating.
+    wait_until(PATIENCE, || {
+        let s = site.status("site-a").ok_or("no status")?;
+        let ps = s["view"]["pairs"].as_array().cloned().unwrap_or_default();
+        if ps
+            .iter()
+            .all(|p| p["state"] == "replicating" && p["dirty_bytes"] == 0)
+        {
+            Ok(())
+        } else {
+            Err(format!("{ps:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("seed {seed}: never replicating: {e}{}", site.log_tails()));
     let new_cfg = site.path("reversed.toml");
     let (o, report) = switchover(&site, &new_cfg);
     assert!(
@@ -315,5 +334,90 @@ fn a_switchover_during_writes_loses_nothing_and_resends_nothing() {
                 panic!("seed {seed}: {system}/{name} at the end differs at byte {at}");
             }
         }
+    }
+}
+
+/// A switchover that cannot drain (the link to the secondary is frozen: its relay is
+/// stopped with SIGSTOP after a write) fails at the drain with nothing changed: exit 1,
+/// the report says so, the primary takes writes again at once, and when the link
+/// comes back everything replicates as before.
+#[test]
+fn a_switchover_that_cannot_drain_changes_nothing() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let seed = seed() + 1;
+    eprintln!(
+        "switchover drain-failure test seed {seed} (TIDEMARK_SEED={} to replay)",
+        seed - 1
+    );
+    let mut spec = Site::two_sites(true);
+    let na = free_tcp_port();
+    spec.system_mut("site-a").nbd_port = Some(na);
+    let site = Site::with_config(spec);
+    let relays = site.relays(&["--seed", &seed.to_string()]);
+    let b = site.secondary();
+    let mut a = site.primary();
+    wait_tcp(na, &mut a, PATIENCE);
+    let write = |i: u64| -> Result<(), u32> {
+        let mut c = Client::connect(na, "log");
+        let data = vec![(i & 0xff) as u8; 4096];
+        c.request(0, CMD_WRITE, i * 4096, 4096, &data);
+        let r = c.try_reply(&format!("write {i}"));
+        c.disconnect();
+        r
+    };
+    write(0).expect("a write before");
+    let converged = |what: &str| {
+        wait_until(PATIENCE, || {
+            let s = site.status("site-a").ok_or("no status")?;
+            let p = &s["view"]["pairs"][0];
+            if p["acked_seq"] == p["written_seq"] && p["written_seq"].as_u64() > Some(0) {
+                Ok(s)
+            } else {
+                Err(p.to_string())
+            }
+        })
+        .unwrap_or_else(|e| panic!("seed {seed}: {what}: {e}{}", site.log_tails()))
+    };
+    converged("before");
+    // Freeze the path to the secondary, then write: that write cannot drain.
+    let relay_b = Pid::from_raw(relays[0].id() as i32).expect("pid");
+    kill_process(relay_b, Signal::STOP).expect("SIGSTOP the relay");
+    write(1).expect("a write the secondary will not get yet");
+    let out = run(&[
+        "switchover",
+        "--config",
+        site.cfg(),
+        "--out",
+        site.path("reversed.toml").to_str().expect("utf-8"),
+        "--timeout-s",
+        "1",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let _ = kill_process(relay_b, Signal::CONT);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["failed_step"], "drain", "{report}");
+    assert_eq!(
+        report["done"],
+        serde_json::json!(["check", "quiesce"]),
+        "{report}"
+    );
+    let state = report["state"].as_str().unwrap_or("");
+    assert!(state.starts_with("nothing changed"), "{report}");
+    assert!(state.contains("takes writes again"), "{report}");
+    assert!(!site.path("reversed.toml").exists(), "no reversed config");
+    // Writes are taken again, and everything replicates once the link is back.
+    write(2).expect("a write after the failed switchover");
+    let s = converged("after");
+    assert!(
+        s["view"]["pairs"][0]["written_seq"].as_u64() >= Some(3),
+        "{}",
+        s["view"]["pairs"][0]
+    );
+    assert_eq!(s["view"]["pairs"][0]["quiesced"], false);
+    assert!(stop(a).status.success());
+    assert!(stop(b).status.success());
+    for r in relays {
+        let _ = stop(r);
     }
 }
