@@ -79,7 +79,7 @@ pub enum EngineError {
     Stopped,
     /// New writes are refused for a planned switchover (`tidemark switchover`): the
     /// pair's role moves to the other site; NBD clients get `ESHUTDOWN`.
-    #[error("pair {0}: quiesced for a planned switchover; writes are refused")]
+    #[error("{0}: quiesced for a planned switchover; writes are refused")]
     Quiesced(String),
 }
 
