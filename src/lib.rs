@@ -15,6 +15,7 @@ pub mod journal;
 pub mod link;
 pub mod nbd;
 pub mod order;
+pub mod pace;
 pub mod packet;
 pub mod run;
 pub mod seal;

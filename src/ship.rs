@@ -523,6 +523,18 @@ impl Sender {
         self.unacked.len()
     }
 
+    /// The time stamp of the oldest packet not acknowledged cumulatively, if any
+    /// (write pacing's age of the backlog, [`crate::pace`]).
+    pub fn oldest_unacked_ts(&self) -> Option<Timestamp> {
+        self.unacked.front().map(|f| f.packet.stamp.ts)
+    }
+
+    /// The best rate (bytes per second) the path delivered over the last rounds, if
+    /// measured (write pacing's drain rate, [`crate::pace`]).
+    pub fn delivery_rate(&self) -> Option<f64> {
+        self.cc.delivery_rate()
+    }
+
     pub fn unacked_bytes(&self) -> usize {
         self.unacked_bytes
     }

@@ -77,6 +77,10 @@ pub enum EngineError {
     Shutdown(String),
     #[error("the engine has stopped")]
     Stopped,
+    /// New writes are refused for a planned switchover (`tidemark switchover`): the
+    /// pair's role moves to the other site; NBD clients get `ESHUTDOWN`.
+    #[error("{0}: quiesced for a planned switchover; writes are refused")]
+    Quiesced(String),
 }
 
 impl EngineError {
@@ -155,6 +159,7 @@ mod tests {
             (EngineError::Busy("x".into()), false),
             (EngineError::Shutdown("x".into()), false),
             (EngineError::Stopped, false),
+            (EngineError::Quiesced("log".into()), false),
         ];
         for (e, usage) in cases {
             assert_eq!(e.is_usage(), usage, "{e}");

@@ -57,6 +57,32 @@ pub struct LocalStats {
     pub srtt_us: Option<u64>,
     /// Bytes in regions the remote misses (tracked, not yet resynced).
     pub dirty_bytes: u64,
+    /// Write pacing, if on.
+    pub pacing: Option<PacingStats>,
+    /// New writes are refused (a planned switchover).
+    pub quiesced: bool,
+    /// Writes taken and not yet answered: queued, on the lane, or waiting for their
+    /// reply (commit-wait, pacing).
+    pub waiting_writes: usize,
+}
+
+/// What write pacing does on one pair ([`tidemark::pace`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PacingStats {
+    /// The delay a write completing now would get.
+    pub delay_now: std::time::Duration,
+    /// The delay the last write got.
+    pub last_delay: std::time::Duration,
+    /// Writes given a delay since start, and those delays summed.
+    pub paced_writes: u64,
+    pub delay_total: std::time::Duration,
+}
+
+/// Refuse new writes until `until` (a lease), or take them again (`None`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Quiesce {
+    pub until: Option<std::time::Instant>,
 }
 
 #[derive(Message)]
@@ -171,6 +197,8 @@ pub struct RemoteStats {
     pub undo_bytes: Option<u64>,
     /// Recent commit lags (stamp to applied), nanoseconds.
     pub lag_ns: Vec<u64>,
+    /// The largest commit lag since start, nanoseconds.
+    pub lag_max_ns: u64,
 }
 
 #[derive(Message)]

@@ -49,6 +49,12 @@ struct RawConfig {
     /// flagged (status, metrics) and logged.
     #[serde(default)]
     rpo_target_ms: Option<u64>,
+    /// Hold client write acknowledgements to keep the lag near `rpo_target_ms`.
+    #[serde(default)]
+    pace_writes: bool,
+    /// The longest a write acknowledgement is held by pacing (default 50).
+    #[serde(default)]
+    pace_max_delay_ms: Option<u64>,
     /// "zstd" to compress write data on the wire; absent or "off": raw.
     #[serde(default)]
     compress: Option<String>,
@@ -225,6 +231,8 @@ pub struct Config {
     pub region: u64,
     /// `rpo_target_ms`: a pair whose commit lag exceeds it is flagged and logged.
     pub rpo_target: Option<Duration>,
+    /// `pace_writes` (with `pace_max_delay_ms`): write pacing's rule, if on.
+    pub pace: Option<tidemark::pace::PaceRule>,
     /// zstd level for write data on the wire (`None`: sent raw).
     pub compress: Option<i32>,
     pub systems: Vec<SystemConfig>,
@@ -323,6 +331,7 @@ impl Config {
             track: globals.track,
             region: globals.region,
             rpo_target: globals.rpo_target,
+            pace: globals.pace,
             compress: globals.compress,
             systems: systems.list,
             pairs: pairs.list,
@@ -386,6 +395,7 @@ struct Globals {
     track: TrackConfig,
     region: u64,
     rpo_target: Option<Duration>,
+    pace: Option<tidemark::pace::PaceRule>,
     compress: Option<i32>,
 }
 
@@ -459,6 +469,26 @@ impl Globals {
             ))
             }
         };
+        let pace =
+            match (raw.pace_writes, rpo_target, raw.pace_max_delay_ms) {
+                (false, _, None) => None,
+                (false, _, Some(_)) => {
+                    return bad("pace_max_delay_ms: set pace_writes = true to use it")
+                }
+                (true, None, _) => return bad(
+                    "pace_writes: needs rpo_target_ms (pacing holds the commit lag at that target)",
+                ),
+                (true, Some(target), ms) => {
+                    let max_delay = match ms {
+                        None => tidemark::pace::DEFAULT_MAX_DELAY,
+                        Some(ms @ 1..=10_000) => Duration::from_millis(ms),
+                        Some(ms) => {
+                            return bad(format!("pace_max_delay_ms: {ms} is outside 1..=10000"))
+                        }
+                    };
+                    Some(tidemark::pace::PaceRule { target, max_delay })
+                }
+            };
         let track = TrackConfig {
             suspend_after: (raw.suspend_after_ms > 0)
                 .then(|| Duration::from_millis(raw.suspend_after_ms)),
@@ -484,6 +514,7 @@ impl Globals {
             track,
             region,
             rpo_target,
+            pace,
             compress,
             heartbeat: Duration::from_millis(raw.heartbeat_ms),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms),

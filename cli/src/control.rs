@@ -49,7 +49,16 @@ pub struct Request {
     /// `repair`: byte ranges `[offset, len]` to resync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranges: Option<Vec<(u64, u64)>>,
+    /// `quiesce`: refuse new writes for this many ms (a lease; default 30000, 1000 to
+    /// 3600000), unless renewed or lifted by `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
+
+/// The default and the bounds of a `quiesce` lease.
+pub const QUIESCE_DEFAULT: Duration = Duration::from_secs(30);
+pub const QUIESCE_MIN: Duration = Duration::from_secs(1);
+pub const QUIESCE_MAX: Duration = Duration::from_secs(3600);
 
 /// A reply.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -189,10 +198,11 @@ async fn answer(
             }
         }
         Ok(r) if r.op == "verify" || r.op == "repair" => pair_op(&r, &controls).await,
+        Ok(r) if r.op == "quiesce" || r.op == "resume" => quiesce_op(&r, &controls).await,
         Ok(r) => refuse(
             "usage",
             format!(
-                "unknown op {:?} (known: \"status\", \"verify\", \"repair\")",
+                "unknown op {:?} (known: \"status\", \"verify\", \"repair\", \"quiesce\", \"resume\")",
                 r.op
             ),
         ),
@@ -208,6 +218,38 @@ async fn answer(
     tokio::time::timeout(REQUEST_TIMEOUT, send)
         .await
         .unwrap_or(Ok(()))
+}
+
+/// Answers `quiesce` (every local unit here refuses new writes for the lease) and
+/// `resume` (they take writes again).
+async fn quiesce_op(r: &Request, controls: &Controls) -> Reply {
+    let Some(all) = controls.get() else {
+        return refuse("busy", "starting: the engine is not running yet");
+    };
+    if all.is_empty() {
+        return refuse(
+            "usage",
+            format!("{}: no local unit runs on this system", r.op),
+        );
+    }
+    let until = if r.op == "quiesce" {
+        let lease = r
+            .lease_ms
+            .map_or(QUIESCE_DEFAULT, Duration::from_millis)
+            .clamp(QUIESCE_MIN, QUIESCE_MAX);
+        Some(std::time::Instant::now() + lease)
+    } else {
+        None
+    };
+    for pc in all {
+        if let Err(e) = pc.quiesce(until).await {
+            return refuse("failed", format!("pair {}: {e}", pc.name));
+        }
+    }
+    Reply {
+        ok: true,
+        ..Reply::default()
+    }
 }
 
 /// Answers a `verify` or `repair` request.

@@ -116,6 +116,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
         .heartbeat(cfg.heartbeat)
         .window_bytes(cfg.window as usize)
         .tracking(cfg.track)
+        .pacing(cfg.pace)
         .region_size(cfg.region)
         .time_base(tidemark::timebase::TimeBaseConfig {
             max_skew: cfg.max_clock_skew,

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod progress;
 pub mod promote;
 pub mod status;
+pub mod switchover;
 pub mod verify;
 pub mod view;
 pub mod wansim;

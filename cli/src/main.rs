@@ -67,6 +67,26 @@ enum Command {
     /// Offline: add the old primary's regions to the new primary's dirty maps; its next
     /// start resyncs only the regions that differ.
     Failback(FailbackArgs),
+    /// Planned role swap against the running daemons of this host: quiesce the primary,
+    /// drain, stop both, then promote, failover, demote and failback; writes the
+    /// reversed config. Loses nothing; reports JSON.
+    Switchover(SwitchoverArgs),
+}
+
+#[derive(clap::Args)]
+struct SwitchoverArgs {
+    /// The current config (both systems run on this host).
+    #[arg(long)]
+    config: PathBuf,
+    /// Where to write the reversed config (never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where demote writes its regions file (default: NEW.regions.json).
+    #[arg(long)]
+    regions_out: Option<PathBuf>,
+    /// Bound of the drain and of each daemon's stop, in seconds.
+    #[arg(long = "timeout-s", default_value_t = 60)]
+    timeout_s: u64,
 }
 
 #[derive(clap::Args)]
@@ -242,6 +262,12 @@ struct WanSimArgs {
     corrupt: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A bottleneck: at most this many bytes per second, e.g. "1MiB" (0: none).
+    #[arg(long, default_value = "0")]
+    rate: String,
+    /// The bottleneck's drop-tail queue, in ms of sending at `--rate`.
+    #[arg(long = "queue-ms", default_value_t = 100)]
+    queue_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -310,6 +336,7 @@ fn main() -> ExitCode {
         Command::Failover(a) => exit(failover(a)),
         Command::Demote(a) => exit(demote(a)),
         Command::Failback(a) => exit(failback(a)),
+        Command::Switchover(a) => switchover(a),
     }
 }
 
@@ -524,6 +551,44 @@ fn failback(a: FailbackArgs) -> Result<(), EngineError> {
     Ok(())
 }
 
+fn switchover(a: SwitchoverArgs) -> ExitCode {
+    use tidemark_cli::switchover::SwitchoverError;
+    let cfg = match Config::load(&a.config) {
+        Ok(c) => c,
+        Err(e) => return exit(Err(e)),
+    };
+    if a.timeout_s == 0 || a.timeout_s > 3600 {
+        eprintln!(
+            "tidemark switchover: --timeout-s: {} is outside 1..=3600",
+            a.timeout_s
+        );
+        return ExitCode::from(2);
+    }
+    let timeout = std::time::Duration::from_secs(a.timeout_s);
+    match tidemark_cli::switchover::switchover(&cfg, &a.out, a.regions_out.as_deref(), timeout) {
+        Ok(o) => {
+            println!("{}", serde_json::to_string(&o).unwrap_or_default());
+            if o.ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "tidemark switchover: failed at {}: {}\n  state: {}\n  next:\n    {}",
+                    o.failed_step.as_deref().unwrap_or("?"),
+                    o.error.as_deref().unwrap_or(""),
+                    o.state,
+                    o.next.join("\n    ")
+                );
+                ExitCode::from(1)
+            }
+        }
+        Err(SwitchoverError::Refused(m)) => {
+            eprintln!("tidemark switchover: {m} (nothing was changed)");
+            ExitCode::from(2)
+        }
+        Err(SwitchoverError::Engine(e)) => exit(Err(e)),
+    }
+}
+
 /// What `--force` took, said loudly on stderr.
 fn warn_forced(command: &str, pair: &str, system: &str) {
     eprintln!(
@@ -642,6 +707,8 @@ fn wan_sim(a: WanSimArgs) -> Result<(), EngineError> {
         },
         corrupt: a.corrupt,
         seed: a.seed,
+        rate: tidemark_cli::config::parse_size("rate", &a.rate)?,
+        queue: demo::ms(a.queue_ms),
     };
     sim.validate()?;
     let rt = tokio::runtime::Builder::new_current_thread()

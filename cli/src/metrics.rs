@@ -75,6 +75,8 @@ pub struct Metrics {
     sync_total: Family<PairLabels, Gauge>,
     sync_copied: Family<PairLabels, Gauge>,
     rpo_exceeded: Family<PairLabels, Gauge>,
+    pacing_delay: Family<PairLabels, FloatGauge>,
+    paced_writes: Family<PairLabels, Counter>,
     rpo_target: Family<SystemLabels, FloatGauge>,
     group_lag: Family<SystemLabels, FloatGauge>,
     group_rpo_exceeded: Family<SystemLabels, Gauge>,
@@ -121,6 +123,8 @@ impl Metrics {
             sync_total: Family::default(),
             sync_copied: Family::default(),
             rpo_exceeded: Family::default(),
+            pacing_delay: Family::default(),
+            paced_writes: Family::default(),
             rpo_target: Family::default(),
             group_lag: Family::default(),
             group_rpo_exceeded: Family::default(),
@@ -211,6 +215,16 @@ impl Metrics {
             "rpo_exceeded",
             "1 while the pair's commit lag exceeds rpo_target_ms",
             m.rpo_exceeded.clone(),
+        );
+        r.register(
+            "pacing_delay_seconds",
+            "Write pacing: the delay a write acknowledgement completing now is held",
+            m.pacing_delay.clone(),
+        );
+        r.register(
+            "paced_writes",
+            "Write pacing: writes whose acknowledgement was held",
+            m.paced_writes.clone(),
         );
         r.register(
             "rpo_target_seconds",
@@ -338,6 +352,12 @@ impl Metrics {
             if let Some(ms) = p.rtt_ms {
                 self.rtt.get_or_create(&l).set(ms / 1000.0);
             }
+            if let Some(ms) = p.pacing_delay_ms {
+                self.pacing_delay.get_or_create(&l).set(ms / 1000.0);
+            }
+            if let Some(n) = p.paced_writes {
+                mirror(&self.paced_writes.get_or_create(&l), n);
+            }
             if let Some(ms) = p.lag_ms {
                 let s = ms as f64 / 1000.0;
                 self.commit_lag.get_or_create(&l).observe(s);
@@ -457,6 +477,8 @@ mod tests {
                 bytes: Some(1000),
                 retransmits: Some(3),
                 written_seq: Some(7),
+                pacing_delay_ms: Some(12.5),
+                paced_writes: Some(40),
                 ..PairView::default()
             }],
             ..SystemView::default()
@@ -472,6 +494,8 @@ mod tests {
             "tidemark_journal_used_bytes{system=\"site-a\"} 4096",
             "tidemark_pair_state{system=\"site-a\",pair=\"log\",state=\"replicating\"} 1",
             "tidemark_pair_state{system=\"site-a\",pair=\"log\",state=\"tracking\"} 0",
+            "tidemark_pacing_delay_seconds{system=\"site-a\",pair=\"log\"} 0.0125",
+            "tidemark_paced_writes_total{system=\"site-a\",pair=\"log\"} 40",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

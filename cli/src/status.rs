@@ -79,6 +79,14 @@ pub struct PairRow {
     pub retransmits: Option<u64>,
     pub rpo_exceeded: Option<bool>,
     pub holds_limit: bool,
+    /// At the secondary: the largest commit lag of any write applied since it started.
+    pub lag_max_ms: Option<f64>,
+    /// At the primary, with `pace_writes`: the delay a write acknowledgement completing
+    /// now is held, and the writes held since start.
+    pub pacing_delay_ms: Option<f64>,
+    pub paced_writes: Option<u64>,
+    /// At the primary: new writes are refused (a switchover is under way).
+    pub quiesced: Option<bool>,
 }
 
 /// Asks every system of `systems` (config indices).
@@ -154,6 +162,9 @@ pub fn merge(cfg: &Config, systems: Vec<SystemEntry>) -> GroupStatus {
             row.rtt_ms = a.rtt_ms;
             row.loss_pct = a.loss_pct;
             row.retransmits = a.retransmits;
+            row.pacing_delay_ms = a.pacing_delay_ms;
+            row.paced_writes = a.paced_writes;
+            row.quiesced = a.quiesced;
         }
         if let Some(b) = end(secondary, "secondary") {
             row.remote_state = Some(b.state);
@@ -162,6 +173,7 @@ pub fn merge(cfg: &Config, systems: Vec<SystemEntry>) -> GroupStatus {
             row.commit_limit = b.commit_limit;
             row.lag_ms = b.lag_ms;
             row.rpo_exceeded = b.rpo_exceeded;
+            row.lag_max_ms = b.lag_max_ms;
         }
         pairs.push(row);
     }
@@ -347,6 +359,22 @@ pub fn render(g: &GroupStatus) -> String {
     if !notes.is_empty() {
         out += &notes.join("; ");
         out.push('\n');
+    }
+    let paced: Vec<String> = g
+        .pairs
+        .iter()
+        .filter_map(|p| Some((&p.name, p.pacing_delay_ms.filter(|d| *d > 0.0)?)))
+        .map(|(n, d)| format!("{n} {d:.1} ms"))
+        .collect();
+    if !paced.is_empty() {
+        out += &fit(&format!(
+            "pacing holds write acknowledgements: {}",
+            paced.join(", ")
+        ));
+        out.push('\n');
+    }
+    if g.pairs.iter().any(|p| p.quiesced == Some(true)) {
+        out += "quiesced: the primary refuses new writes (a switchover is under way)\n";
     }
     out
 }

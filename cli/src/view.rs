@@ -124,6 +124,20 @@ pub struct PairView {
     pub rpo_exceeded: Option<bool>,
     /// This pair's run head holds the group's limit back (at the orderer's system).
     pub holds_limit: bool,
+    /// Largest commit lag of any write applied since the secondary started, ms
+    /// (secondary).
+    pub lag_max_ms: Option<f64>,
+    /// Write pacing (`pace_writes`, primary; null when off): the delay a write completing
+    /// now gets, ms.
+    pub pacing_delay_ms: Option<f64>,
+    /// Writes whose acknowledgement pacing held since start, and those delays summed
+    /// (primary; null when pacing is off).
+    pub paced_writes: Option<u64>,
+    pub pacing_delay_total_ms: Option<f64>,
+    /// New writes are refused for a planned switchover (primary).
+    pub quiesced: Option<bool>,
+    /// Writes taken and not yet answered (primary).
+    pub waiting_writes: Option<u64>,
 }
 
 /// A copy's progress.
@@ -192,6 +206,7 @@ impl SystemView {
                     commit_limit: Some(ps.commit_limit),
                     lag_ms,
                     lag_p99_ms: Some(ps.lag_p99_us as f64 / 1000.0),
+                    lag_max_ms: Some(ps.lag_max_us as f64 / 1000.0),
                     rpo_exceeded: target.zip(lag_ms).map(|(t, l)| l > t),
                     holds_limit,
                     ..PairView::default()
@@ -257,6 +272,11 @@ fn primary_end(ps: &PairStats, fig: Option<SyncFigures>, holds_limit: bool) -> P
         }),
         rtt_ms: ps.srtt_us.map(|us| us as f64 / 1000.0),
         holds_limit,
+        pacing_delay_ms: ps.pacing.map(|p| p.delay_now.as_secs_f64() * 1000.0),
+        paced_writes: ps.pacing.map(|p| p.paced_writes),
+        pacing_delay_total_ms: ps.pacing.map(|p| p.delay_total.as_secs_f64() * 1000.0),
+        quiesced: Some(ps.quiesced),
+        waiting_writes: Some(ps.waiting_writes),
         ..PairView::default()
     }
 }

@@ -1,6 +1,8 @@
 //! `tidemark wan-sim`: a one-direction UDP impairment proxy for testing a real set-up:
 //! every datagram arriving at `listen` is forwarded to `forward`, unless the seeded
-//! network drops it; it may also be duplicated, delayed, reordered or corrupted.
+//! network drops it; it may also be duplicated, delayed, reordered or corrupted. With a
+//! rate it is also a bottleneck: datagrams leave one after another at that many bytes
+//! per second, through a drop-tail queue that holds at most `queue` worth of sending.
 
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -19,6 +21,11 @@ pub struct WanSim {
     /// Probability that a forwarded datagram has one random bit flipped.
     pub corrupt: f64,
     pub seed: u64,
+    /// Bytes per second through the bottleneck (0: no bottleneck).
+    pub rate: u64,
+    /// The bottleneck's queue: a datagram that would wait longer than this to leave is
+    /// dropped (tail drop).
+    pub queue: std::time::Duration,
 }
 
 /// Counters of the proxy.
@@ -29,6 +36,8 @@ pub struct WanCounters {
     pub dropped: AtomicU64,
     pub duplicated: AtomicU64,
     pub corrupted: AtomicU64,
+    /// Dropped by the bottleneck's full queue.
+    pub queue_dropped: AtomicU64,
 }
 
 impl WanSim {
@@ -61,46 +70,103 @@ impl WanSim {
         let mut rng = Pcg64Mcg::seed_from_u64(self.seed);
         let mut buf = vec![0u8; 65_536];
         let mut fates = Vec::new();
+        // The bottleneck: datagrams with their departure times, in order, to a task
+        // that sends each at its time (dropped with this future, so is the task).
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let mut next_free = tokio::time::Instant::now();
+        let _bottleneck = if self.rate > 0 {
+            let (sim, out, c) = (self, outbound.clone(), counters.clone());
+            Some(AbortOnDrop(tokio::spawn(async move {
+                let mut rng = Pcg64Mcg::seed_from_u64(sim.seed ^ 0xb0_77_1e);
+                let mut fates = Vec::new();
+                while let Some((at, d)) = rx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    sim.emit(d, &mut rng, &mut fates, &out, &c).await;
+                }
+            })))
+        } else {
+            None
+        };
         loop {
             let n = match inbound.recv_from(&mut buf).await {
                 Ok((n, _)) => n,
                 Err(_) => continue,
             };
             counters.received.fetch_add(1, Ordering::Relaxed);
-            self.impair.fate(&mut rng, &mut fates);
-            match fates.len() {
-                0 => {
-                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.rate > 0 {
+                let now = tokio::time::Instant::now();
+                let start = next_free.max(now);
+                if start - now > self.queue {
+                    counters.queue_dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                1 => {}
-                _ => {
-                    counters.duplicated.fetch_add(1, Ordering::Relaxed);
-                }
+                next_free = start + std::time::Duration::from_secs_f64(n as f64 / self.rate as f64);
+                let _ = tx.send((next_free, buf[..n].to_vec()));
+                continue;
             }
-            for delay in fates.iter().copied() {
-                let mut d = buf[..n].to_vec();
-                if self.corrupt > 0.0 && rng.random_bool(self.corrupt) && !d.is_empty() {
-                    let bit = rng.random_range(0..d.len() * 8);
-                    d[bit / 8] ^= 1 << (bit % 8);
-                    counters.corrupted.fetch_add(1, Ordering::Relaxed);
+            self.emit(
+                buf[..n].to_vec(),
+                &mut rng,
+                &mut fates,
+                &outbound,
+                &counters,
+            )
+            .await;
+        }
+    }
+
+    /// Drops, duplicates, delays, corrupts and sends one datagram.
+    async fn emit(
+        &self,
+        data: Vec<u8>,
+        rng: &mut Pcg64Mcg,
+        fates: &mut Vec<std::time::Duration>,
+        outbound: &Arc<UdpSocket>,
+        counters: &Arc<WanCounters>,
+    ) {
+        self.impair.fate(rng, fates);
+        match fates.len() {
+            0 => {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            1 => {}
+            _ => {
+                counters.duplicated.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for delay in fates.iter().copied() {
+            let mut d = data.clone();
+            if self.corrupt > 0.0 && rng.random_bool(self.corrupt) && !d.is_empty() {
+                let bit = rng.random_range(0..d.len() * 8);
+                d[bit / 8] ^= 1 << (bit % 8);
+                counters.corrupted.fetch_add(1, Ordering::Relaxed);
+            }
+            let out = outbound.clone();
+            let to = self.forward;
+            let c = counters.clone();
+            if delay.is_zero() {
+                if out.send_to(&d, to).await.is_ok() {
+                    c.forwarded.fetch_add(1, Ordering::Relaxed);
                 }
-                let out = outbound.clone();
-                let to = self.forward;
-                let c = counters.clone();
-                if delay.is_zero() {
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     if out.send_to(&d, to).await.is_ok() {
                         c.forwarded.fetch_add(1, Ordering::Relaxed);
                     }
-                } else {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        if out.send_to(&d, to).await.is_ok() {
-                            c.forwarded.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
-                }
+                });
             }
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -118,6 +118,13 @@ impl Congestion {
         self.undo.is_some()
     }
 
+    /// The best delivery rate of the last rounds, bytes per second (`None`: not
+    /// measured yet).
+    pub fn delivery_rate(&self) -> Option<f64> {
+        let best = self.rates.iter().copied().fold(0.0f64, f64::max);
+        (best > 0.0).then_some(best)
+    }
+
     /// The most the path delivered in a round trip lately (0: not measured yet).
     pub fn floor(&self, srtt: Option<Duration>) -> usize {
         let best = self.rates.iter().copied().fold(0.0f64, f64::max);

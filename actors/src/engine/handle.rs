@@ -94,6 +94,12 @@ impl PairControl {
     }
 
     /// The local unit's figures (state, dirty bytes, ...).
+    /// Refuses new writes to the pair until `until` (`None`: takes them again at once).
+    /// Writes taken before are carried out as usual.
+    pub async fn quiesce(&self, until: Option<std::time::Instant>) -> Result<(), EngineError> {
+        Ok(self.local.send(Quiesce { until }).await?)
+    }
+
     pub async fn stats(&self) -> Result<LocalStats, EngineError> {
         Ok(self.local.send(GetLocalStats).await?)
     }

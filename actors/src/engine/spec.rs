@@ -102,6 +102,7 @@ pub struct EngineBuilder {
     pub(super) track: TrackConfig,
     pub(super) track_from_start: bool,
     pub(super) region: u64,
+    pub(super) pace: Option<tidemark::pace::PaceRule>,
 }
 
 impl Default for EngineBuilder {
@@ -141,7 +142,15 @@ impl EngineBuilder {
             track: TrackConfig::default(),
             track_from_start: false,
             region: tidemark::dirty::DEFAULT_REGION,
+            pace: None,
         }
+    }
+
+    /// Write pacing: every local unit holds its write acknowledgements by the rule's
+    /// delay ([`tidemark::pace`]); `None` (the default): no pacing.
+    pub fn pacing(&mut self, rule: Option<tidemark::pace::PaceRule>) -> &mut Self {
+        self.pace = rule;
+        self
     }
 
     /// Where the remote units of `system` keep their undo files during a resync epoch

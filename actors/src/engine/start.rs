@@ -659,6 +659,7 @@ impl<'a> Startup<'a> {
                     rtt: b.rtt,
                     track: b.track,
                     link_recovers: b.udp.is_some(),
+                    pace: b.pace,
                 };
                 let wiring = LocalWiring {
                     remote_system: p.remote,

@@ -49,6 +49,14 @@ pub struct PairStats {
     pub resync: Option<tidemark::Resync>,
     /// Bytes of the remote unit's undo file while its system's resync epoch is open.
     pub undo_bytes: Option<u64>,
+    /// Write pacing at the primary, if on.
+    pub pacing: Option<crate::msg::PacingStats>,
+    /// The local unit refuses new writes (a planned switchover).
+    pub quiesced: bool,
+    /// Writes the local unit took and has not answered yet.
+    pub waiting_writes: u64,
+    /// The largest commit lag of any write applied since start (µs).
+    pub lag_max_us: u64,
 }
 
 /// A remote system's resync epoch (see `docs/design.md`).
@@ -138,6 +146,10 @@ impl Engine {
                 lag_p99_us: percentile(&mut r.lag_ns.clone(), 99.0) / 1000,
                 resync: r.resync,
                 undo_bytes: r.undo_bytes,
+                pacing: l.pacing,
+                quiesced: l.quiesced,
+                waiting_writes: l.waiting_writes as u64,
+                lag_max_us: r.lag_max_ns / 1000,
             });
             all_lags.extend_from_slice(&r.lag_ns);
         }

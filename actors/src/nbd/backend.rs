@@ -49,6 +49,8 @@ impl From<EngineError> for BackendError {
             EngineError::Store(StoreError::ReadOnly { .. }) => ErrorCode::Perm,
             // The client must then disconnect softly.
             EngineError::Stopped => ErrorCode::Shutdown,
+            // A planned switchover: the server goes away, the client should go elsewhere.
+            EngineError::Quiesced(_) => ErrorCode::Shutdown,
             _ => ErrorCode::Io,
         };
         BackendError::new(code, e.to_string())

@@ -11,6 +11,7 @@
 
 use crate::error::EngineError;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tidemark::journal::{Journal, JournalError, JournalOptions, Record, Recovered};
 
@@ -29,6 +30,9 @@ pub struct SharedJournal {
     /// Group commit: appends taken and appends known durable, and one syncer at a time.
     tickets: Arc<Mutex<(u64, u64)>>,
     syncer: Arc<Mutex<()>>,
+    /// `(used, capacity)` as of the last append or sync, readable on an actor thread
+    /// without the journal's lock (write pacing reads it per write).
+    fill: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl SharedJournal {
@@ -47,8 +51,13 @@ impl SharedJournal {
             tracing::warn!(segment = t.segment, offset = t.offset, dropped = t.dropped, reason = %t.reason,
                 "journal: cut a torn tail on recovery");
         }
+        let fill = Arc::new((
+            AtomicU64::new(j.used()),
+            AtomicU64::new(j.options().capacity),
+        ));
         Ok((
             SharedJournal {
+                fill,
                 inner: Arc::new(Mutex::new(j)),
                 tickets: Arc::new(Mutex::new((0, 0))),
                 syncer: Arc::new(Mutex::new(())),
@@ -61,6 +70,20 @@ impl SharedJournal {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records the journal's use for [`SharedJournal::fill`].
+    fn note_fill(&self, j: &Journal) {
+        self.fill.0.store(j.used(), Ordering::Relaxed);
+    }
+
+    /// Bytes in use and capacity as of the last append or sync: never blocks (for an
+    /// actor thread; [`SharedJournal::used`] takes the lock).
+    pub fn fill(&self) -> (u64, u64) {
+        (
+            self.fill.0.load(Ordering::Relaxed),
+            self.fill.1.load(Ordering::Relaxed),
+        )
+    }
+
     /// Appends `records` (all or none) and makes them as durable as asked. Blocking.
     /// Callers asking for `Synced` at the same time share one fdatasync (group commit):
     /// a caller whose records a concurrent sync already covered returns without its own.
@@ -71,8 +94,10 @@ impl SharedJournal {
                 // Space comes back only when a sync makes the release watermarks durable
                 // and lets covered segments go: try that once.
                 j.sync()?;
+                self.note_fill(&j);
                 j.append(records)?;
             }
+            self.note_fill(&j);
             let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
             t.0 += 1;
             if durability == Durability::Written {
@@ -87,13 +112,17 @@ impl SharedJournal {
         let mut j = self.lock();
         let upto = self.tickets.lock().unwrap_or_else(|e| e.into_inner()).0;
         j.sync()?;
+        self.note_fill(&j);
         self.tickets.lock().unwrap_or_else(|e| e.into_inner()).1 = upto;
         Ok(())
     }
 
     /// Syncs everything appended so far (and lets the journal reclaim space). Blocking.
     pub fn sync(&self) -> Result<(), JournalError> {
-        self.lock().sync()
+        let mut j = self.lock();
+        j.sync()?;
+        self.note_fill(&j);
+        Ok(())
     }
 
     /// The journal's sizes.

@@ -9,6 +9,7 @@ pub struct LagSamples {
     ring: Vec<u64>,
     next: usize,
     count: u64,
+    max: u64,
 }
 
 /// Samples kept per unit.
@@ -17,6 +18,7 @@ pub const KEEP: usize = 8192;
 impl LagSamples {
     pub fn record(&mut self, ns: u64) {
         self.count += 1;
+        self.max = self.max.max(ns);
         if self.ring.len() < KEEP {
             self.ring.push(ns);
         } else {
@@ -31,6 +33,11 @@ impl LagSamples {
 
     pub fn count(&self) -> u64 {
         self.count
+    }
+
+    /// The largest sample since start (0: none).
+    pub fn max(&self) -> u64 {
+        self.max
     }
 }
 
@@ -64,5 +71,6 @@ mod tests {
         assert_eq!(l.samples().len(), KEEP);
         assert!(l.samples().iter().all(|&x| x >= 1000 + KEEP as u64));
         assert_eq!(l.count(), 100 + 2 * KEEP as u64);
+        assert_eq!(l.max(), 1000 + 2 * KEEP as u64 - 1);
     }
 }

@@ -32,6 +32,7 @@ use std::time::Duration;
 use std::time::Instant;
 use tidemark::dirty::{DirtyFile, DirtyMap};
 use tidemark::journal::{JournalError, PairState, Record};
+use tidemark::pace::{PaceInput, PaceRule};
 use tidemark::ship::Sender;
 use tidemark::storage::check;
 use tidemark::timebase::{Commit, CommitGate};
@@ -123,10 +124,22 @@ struct InFlight {
     outcome: Option<Outcome>,
 }
 
-/// A write's reply waiting for commit-wait.
+/// What write pacing did since start.
+#[derive(Clone, Copy, Debug, Default)]
+struct PaceStats {
+    /// The delay given to the last write.
+    last: Duration,
+    /// Writes given a delay, and the delays summed.
+    paced_writes: u64,
+    total: Duration,
+}
+
+/// A write's reply waiting for commit-wait or write pacing.
 struct Pending {
     reply: Reply<Vec<Stamp>>,
     stamps: Vec<Stamp>,
+    /// Write pacing: not before this wall-clock time (ns; 0: no pacing delay).
+    not_before: u64,
 }
 
 impl Pending {
@@ -190,6 +203,12 @@ pub struct LocalUnit {
     wake_at: Option<u64>,
     /// Stopping: replies the gate holds are failed instead of kept.
     abandon_held: bool,
+    /// Write pacing (`pace_writes`), if on.
+    pace: Option<PaceRule>,
+    pace_stats: PaceStats,
+    /// A planned switchover: new writes are refused until then (a lease: the command
+    /// that asked renews it or lets it lapse).
+    quiesced_until: Option<Instant>,
     /// The initial sync, while one runs (or ran: it then says finished).
     sync: Option<InitialSync>,
     /// The pair state the journal holds (or will, once the lane wrote it).
@@ -376,6 +395,8 @@ pub struct LocalConfig {
     pub track: TrackConfig,
     /// The link recovers lost datagrams itself (UDP): see [`Sender::set_link_recovers`].
     pub link_recovers: bool,
+    /// Write pacing: hold acknowledgements to keep the lag near the RPO target.
+    pub pace: Option<PaceRule>,
 }
 
 /// Where a restarted local unit stands, from its system's journal.
@@ -519,6 +540,9 @@ impl LocalUnit {
             pending: VecDeque::new(),
             wake_at: None,
             abandon_held: false,
+            pace: cfg.pace,
+            pace_stats: PaceStats::default(),
+            quiesced_until: None,
             sync,
             state,
             sync_done: None,
@@ -742,13 +766,54 @@ impl LocalUnit {
         }
     }
 
+    /// What write pacing's rule sees now ([`tidemark::pace`]).
+    fn pace_input(&self) -> PaceInput {
+        let (journal_used, journal_size) = self.journal.as_ref().map_or((0, 0), |j| j.fill());
+        PaceInput {
+            now_ns: self.clock.wall_ns(),
+            oldest_unacked_ns: self.sender.oldest_unacked_ts().map(|t| t.0),
+            unacked_bytes: self.sender.unacked_bytes() as u64,
+            delivery_rate: self.sender.delivery_rate(),
+            journal_used,
+            journal_size,
+        }
+    }
+
+    /// Write pacing: the wall-clock time (ns) before which the reply to a write
+    /// completing now is not sent (0: at once), counted in the pacing figures.
+    fn pace_delay(&mut self) -> u64 {
+        let Some(rule) = self.pace else {
+            return 0;
+        };
+        if self.stopping {
+            return 0;
+        }
+        let input = self.pace_input();
+        let d = rule.delay(&input);
+        self.pace_stats.last = d;
+        if d.is_zero() {
+            return 0;
+        }
+        self.pace_stats.paced_writes += 1;
+        self.pace_stats.total += d;
+        input.now_ns.saturating_add(d.as_nanos() as u64)
+    }
+
     /// Sends every waiting reply the commit gate allows, in order; arranges to be woken
     /// when the first one still waiting is due (a held gate is retried every tick).
     fn release_replies(&mut self, ctx: &mut Context<Self>) {
         while let Some(p) = self.pending.front() {
+            let wall = self.clock.wall_ns();
             let verdict = match &self.gate {
                 None => Commit::Now,
-                Some(g) => g.check(p.ts(), self.clock.wall_ns()),
+                Some(g) => g.check(p.ts(), wall),
+            };
+            // Write pacing holds a reply until its time (never past stopping: the write
+            // is journaled, its client may as well hear so).
+            let verdict = match verdict {
+                Commit::Now if p.not_before > wall && !self.stopping => Commit::At(p.not_before),
+                Commit::At(due) if !self.stopping => Commit::At(due.max(p.not_before)),
+                v => v,
             };
             match verdict {
                 Commit::Now => {
@@ -1258,7 +1323,15 @@ impl LocalUnit {
                         match op {
                             Op::Write(payloads, reply) => {
                                 self.bytes += payloads.iter().map(Payload::len).sum::<u64>();
-                                self.pending.push_back(Pending { reply, stamps });
+                                // Tracked writes (zero stamps) replicate later, by a
+                                // resync: pacing them would hold nothing back.
+                                let shipped = stamps.iter().any(|s| s.seq > Seq::ZERO);
+                                let not_before = if shipped { self.pace_delay() } else { 0 };
+                                self.pending.push_back(Pending {
+                                    reply,
+                                    stamps,
+                                    not_before,
+                                });
                             }
                             // A flush covers the writes already told complete; those
                             // still in commit-wait are not (as NBD says): it need not wait.
@@ -1932,6 +2005,14 @@ impl Handler<Write> for LocalUnit {
         if self.stopping {
             return Box::pin(async { Err(EngineError::Stopped) });
         }
+        if let Some(until) = self.quiesced_until {
+            if now() < until {
+                let pair = self.pair;
+                return Box::pin(async move { Err(EngineError::Quiesced(pair.to_string())) });
+            }
+            tracing::warn!(pair = %self.pair, "quiesce lapsed: writes are taken again");
+            self.quiesced_until = None;
+        }
         let (tx, rx) = oneshot::channel();
         self.queue.push(Op::Write(msg.0, tx));
         self.pump(ctx);
@@ -2012,7 +2093,47 @@ impl Handler<GetLocalStats> for LocalUnit {
                 ..s.stats()
             }),
             dirty_bytes: self.dirty_bytes(),
+            pacing: self.pace.map(|rule| PacingStats {
+                delay_now: rule.delay(&self.pace_input()),
+                last_delay: self.pace_stats.last,
+                paced_writes: self.pace_stats.paced_writes,
+                delay_total: self.pace_stats.total,
+            }),
+            quiesced: self.quiesced_until.is_some_and(|u| now() < u),
+            waiting_writes: self
+                .queue
+                .iter()
+                .filter(|op| matches!(op, Op::Write(..)))
+                .count()
+                + self
+                    .retry
+                    .iter()
+                    .chain(self.inflight.iter().map(|f| &f.batch))
+                    .flat_map(|b| b.ops.iter())
+                    .filter(|op| matches!(op, Op::Write(..)))
+                    .count()
+                + self.pending.len(),
         })
+    }
+}
+
+impl Handler<Quiesce> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, msg: Quiesce, _: &mut Context<Self>) {
+        match msg.until {
+            Some(until) => {
+                if self.quiesced_until.is_none() {
+                    tracing::warn!(pair = %self.pair, "quiesced: new writes are refused (ESHUTDOWN) for a planned switchover");
+                }
+                self.quiesced_until = Some(until);
+            }
+            None => {
+                if self.quiesced_until.take().is_some() {
+                    tracing::info!(pair = %self.pair, "quiesce lifted: writes are taken again");
+                }
+            }
+        }
     }
 }
 

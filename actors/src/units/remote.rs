@@ -876,6 +876,7 @@ impl Handler<GetRemoteStats> for RemoteUnit {
             resync: self.resync.get(),
             undo_bytes: self.undo_base.map(|_| self.undo_bytes),
             lag_ns: self.lag.samples().to_vec(),
+            lag_max_ns: self.lag.max(),
         })
     }
 }

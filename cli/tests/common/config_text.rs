@@ -155,6 +155,8 @@ pub struct ConfigText {
     pub region_size: Option<String>,
     /// `rpo_target_ms`; default `None` (no target).
     pub rpo_target_ms: Option<u64>,
+    /// More top-level lines, as written (e.g. `pace_writes = true`).
+    pub extra: Vec<String>,
     pub systems: Vec<SystemSpec>,
     pub pairs: Vec<PairSpec>,
 }
@@ -188,6 +190,7 @@ impl ConfigText {
             suspend_after_ms: None,
             region_size: None,
             rpo_target_ms: None,
+            extra: Vec::new(),
             systems: Vec::new(),
             pairs: Vec::new(),
         }
@@ -293,6 +296,9 @@ impl ConfigText {
         }
         if let Some(ms) = self.rpo_target_ms {
             line(format!("rpo_target_ms = {ms}"));
+        }
+        for e in &self.extra {
+            line(e.clone());
         }
         for s in &self.systems {
             line(String::new());

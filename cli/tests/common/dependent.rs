@@ -293,6 +293,22 @@ impl Client {
         assert_eq!(error, 0, "{what}: NBD error {error}");
     }
 
+    /// Waits for the reply to the last request: `Err(code)` for an NBD error.
+    pub fn try_reply(&mut self, what: &str) -> Result<(), u32> {
+        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "{what}: a simple reply");
+        let error = self.u32();
+        let cookie = self.u64();
+        assert_eq!(
+            cookie, self.cookie,
+            "{what}: the reply to the request in flight"
+        );
+        if error == 0 {
+            Ok(())
+        } else {
+            Err(error)
+        }
+    }
+
     pub fn disconnect(mut self) {
         self.request(0, CMD_DISC, 0, 0, &[]);
     }
