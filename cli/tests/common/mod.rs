@@ -390,20 +390,6 @@ impl Site {
             )
         })
     }
-
-    /// Copies the secondary's state (journal, units) and the config next to it, runs
-    /// `promote` on the copy, and checks the result is a cut of the workload.
-    pub fn promote_copy_and_check(
-        &self,
-        tag: &str,
-        seed: u64,
-        planned: usize,
-        max_write: u64,
-    ) -> Result<usize, String> {
-        // Only the secondary's own state: the primary keeps running meanwhile.
-        let (applied, images) = self.promote_copy(tag)?;
-        self.check_cut(seed, planned, max_write, &applied, &images)
-    }
 }
 
 /// The smallest `k` such that the images `got` equal `base` after the first `k` of
