@@ -62,21 +62,28 @@ impl SharedJournal {
     }
 
     /// Appends `records` (all or none) and makes them as durable as asked. Blocking.
+    /// [`JournalError::NoSpace`]: the file system was full; nothing of `records` is in
+    /// the journal, which goes on (see [`Journal::append_and_write`]). Any other error
+    /// fails the journal.
     /// Callers asking for `Synced` at the same time share one fdatasync (group commit):
     /// a caller whose records a concurrent sync already covered returns without its own.
     pub fn append(&self, records: &[Record], durability: Durability) -> Result<(), JournalError> {
         let ticket = {
             let mut j = self.lock();
-            if let Err(JournalError::Full { .. }) = j.append(records) {
+            // Written under the lock, always: a batch the file system has no room for is
+            // rolled back to the written end before it (`JournalError::NoSpace`), which
+            // then holds no other caller's records.
+            let synced = durability == Durability::Synced;
+            if let Err(JournalError::Full { .. }) = j.append_and_write(records, synced) {
                 // Space comes back only when a sync makes the release watermarks durable
                 // and lets covered segments go: try that once.
                 j.sync()?;
-                j.append(records)?;
+                j.append_and_write(records, synced)?;
             }
             let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
             t.0 += 1;
-            if durability == Durability::Written {
-                return j.write();
+            if !synced {
+                return Ok(());
             }
             t.0
         };
