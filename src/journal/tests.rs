@@ -2130,7 +2130,12 @@ fn a_full_file_system_rolls_the_batch_back_and_the_journal_goes_on() {
                     let wm: Vec<Record> = g
                         .history
                         .iter()
-                        .filter_map(|(p, h)| h.last().map(|s| Record::Released { pair: *p, stamp: *s }))
+                        .filter_map(|(p, h)| {
+                            h.last().map(|s| Record::Released {
+                                pair: *p,
+                                stamp: *s,
+                            })
+                        })
                         .collect();
                     j.append_and_write(&wm, true).expect("a watermark");
                     records.extend(wm);
@@ -2151,7 +2156,10 @@ fn a_full_file_system_rolls_the_batch_back_and_the_journal_goes_on() {
         drop(j);
         let (_, rec) = open(dir.path(), o);
         check(&rec, &records, &ctx);
-        assert!(refused > 20 && accepted > 100, "{ctx}: {refused} refused, {accepted} accepted");
+        assert!(
+            refused > 20 && accepted > 100,
+            "{ctx}: {refused} refused, {accepted} accepted"
+        );
         println!("{ctx}: {refused} batches refused and rolled back, {accepted} accepted");
     }
 }
@@ -2168,10 +2176,14 @@ fn a_failed_fsync_fails_the_journal_whatever_its_errno() {
         (op == fault::IoOp::Sync).then(|| io::Error::from_raw_os_error(libc::ENOSPC))
     });
     let guard = fault::inject(dir.path(), hook);
-    j.append_and_write(&[g.packet()], false).expect("written, not synced");
+    j.append_and_write(&[g.packet()], false)
+        .expect("written, not synced");
     let err = j.sync().expect_err("fsync fails");
     assert!(matches!(err, JournalError::Sync { .. }), "{err}");
     assert!(j.is_failed());
     drop(guard);
-    assert!(matches!(j.append_and_write(&[g.packet()], false), Err(JournalError::Failed)));
+    assert!(matches!(
+        j.append_and_write(&[g.packet()], false),
+        Err(JournalError::Failed)
+    ));
 }

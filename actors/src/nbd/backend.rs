@@ -49,6 +49,7 @@ impl From<EngineError> for BackendError {
             EngineError::Store(StoreError::ReadOnly { .. }) => ErrorCode::Perm,
             // The client must then disconnect softly.
             EngineError::Stopped => ErrorCode::Shutdown,
+            EngineError::NoSpace(_) => ErrorCode::NoSpc,
             _ => ErrorCode::Io,
         };
         BackendError::new(code, e.to_string())

@@ -74,11 +74,15 @@ impl SharedJournal {
             // rolled back to the written end before it (`JournalError::NoSpace`), which
             // then holds no other caller's records.
             let synced = durability == Durability::Synced;
-            if let Err(JournalError::Full { .. }) = j.append_and_write(records, synced) {
-                // Space comes back only when a sync makes the release watermarks durable
-                // and lets covered segments go: try that once.
-                j.sync()?;
-                j.append_and_write(records, synced)?;
+            match j.append_and_write(records, synced) {
+                Ok(()) => {}
+                Err(JournalError::Full { .. }) => {
+                    // Space comes back only when a sync makes the release watermarks
+                    // durable and lets covered segments go: try that once.
+                    j.sync()?;
+                    j.append_and_write(records, synced)?;
+                }
+                Err(e) => return Err(e),
             }
             let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
             t.0 += 1;

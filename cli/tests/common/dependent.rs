@@ -281,6 +281,18 @@ impl Client {
         self.send(&v);
     }
 
+    /// Waits for the reply to the last request and returns its NBD error (0: success).
+    pub fn reply_error(&mut self, what: &str) -> u32 {
+        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "{what}: a simple reply");
+        let error = self.u32();
+        let cookie = self.u64();
+        assert_eq!(
+            cookie, self.cookie,
+            "{what}: the reply to the request in flight"
+        );
+        error
+    }
+
     /// Waits for the reply to the last request; it must be a success.
     pub fn reply(&mut self, what: &str) {
         assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "{what}: a simple reply");
