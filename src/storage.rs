@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,13 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+}
+
+impl StoreError {
+    /// The file system had no room (ENOSPC, EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if crate::journal::is_space_errno(source))
+    }
 }
 
 /// A unit's bytes. Implementations are positional; they keep no cursor.
@@ -61,6 +69,15 @@ pub trait BlockStore: Send + Sync {
     }
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Makes sure a later write of `len` bytes at `offset` will not fail for want of
+    /// space (allocates what is not allocated yet), without changing what the range
+    /// reads. A primary calls it before it journals a write, so that a full file system
+    /// refuses the write before anything of it is anywhere ([`StoreError::is_no_space`]).
+    /// Default: nothing to do (the store is not thinly provisioned).
+    fn reserve(&self, offset: Offset, len: u64) -> Result<(), StoreError> {
+        check(self.size(), offset, len)
+    }
 
     /// Applies a replicated payload (idempotent).
     fn apply(&self, payload: &Payload) -> Result<(), StoreError> {
@@ -129,6 +146,9 @@ pub struct FileStore {
     /// Opened without write access: every write fails with [`StoreError::ReadOnly`]
     /// before it reaches the file.
     read_only: bool,
+    /// The file had every block allocated when opened, and no hole was punched since:
+    /// [`BlockStore::reserve`] has nothing to do.
+    dense: AtomicBool,
 }
 
 impl FileStore {
@@ -180,11 +200,13 @@ impl FileStore {
                 want: size,
             });
         }
+        let dense = !read_only && sparse::dense(&file, size);
         Ok(FileStore {
             file,
             path: path.to_path_buf(),
             size,
             read_only,
+            dense: AtomicBool::new(dense),
         })
     }
 
@@ -244,6 +266,7 @@ impl BlockStore for FileStore {
             return Ok(());
         }
         if sparse::punch_hole(&self.file, offset.0, len).map_err(|e| self.io(e))? {
+            self.dense.store(false, Ordering::Relaxed);
             return Ok(());
         }
         fill_zeroes(self, offset, len)
@@ -265,6 +288,20 @@ impl BlockStore for FileStore {
             return Ok(());
         }
         self.file.sync_data().map_err(|e| self.io(e))
+    }
+
+    /// Allocates the range (`fallocate`, size kept) unless the file is known to have no
+    /// holes: a sparse unit on a full file system then refuses the write here, with
+    /// ENOSPC, instead of after it was journaled. File systems (and block devices) that
+    /// cannot allocate ahead are taken as they are.
+    fn reserve(&self, offset: Offset, len: u64) -> Result<(), StoreError> {
+        check(self.size, offset, len)?;
+        if self.read_only || len == 0 || self.dense.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        sparse::allocate(&self.file, offset.0, len)
+            .map(|_| ())
+            .map_err(|e| self.io(e))
     }
 }
 
@@ -375,6 +412,39 @@ mod sparse {
             return if unsupported(&e) { Ok(false) } else { Err(e) };
         }
     }
+
+    /// Allocates `len` (> 0) bytes at `offset` of `file` where they are not allocated,
+    /// keeping its size and contents. `Ok(false)` if the file system cannot.
+    pub(super) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+        let (Ok(offset), Ok(len)) = (off(offset), off(len)) else {
+            return Ok(false);
+        };
+        loop {
+            // SAFETY: as in `punch_hole`.
+            let r = unsafe {
+                libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            };
+            if r == 0 {
+                return Ok(true);
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return if unsupported(&e) { Ok(false) } else { Err(e) };
+        }
+    }
+
+    /// Whether every block of `file` (`size` bytes) is allocated: a write into it needs
+    /// no new space. A block device, or a file that cannot be examined, counts as dense.
+    pub(super) fn dense(file: &File, size: u64) -> bool {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        match file.metadata() {
+            Ok(m) if m.file_type().is_block_device() => true,
+            Ok(m) => m.blocks().saturating_mul(512) >= size,
+            Err(_) => true,
+        }
+    }
 }
 
 /// Without hole support every file is dense: whole-unit extents, zeros written.
@@ -390,6 +460,14 @@ mod sparse {
 
     pub(super) fn punch_hole(_: &File, _: u64, _: u64) -> io::Result<bool> {
         Ok(false)
+    }
+
+    pub(super) fn allocate(_: &File, _: u64, _: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    pub(super) fn dense(_: &File, _: u64) -> bool {
+        true
     }
 }
 

@@ -63,6 +63,11 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("unit failed: {0}")]
     Unit(String),
+    /// A write found no room on the primary's file system (its journal's or its unit's,
+    /// ENOSPC): nothing of it was journaled, written or shipped, and the unit goes on.
+    /// NBD clients get `NBD_ENOSPC`; the write may be retried once space is freed.
+    #[error("no space: {0}")]
+    NoSpace(String),
     /// A part of the engine stopped keeping its guarantees (see [`crate::health`]).
     #[error("{0}")]
     Failed(Failure),

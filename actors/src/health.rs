@@ -54,7 +54,7 @@ impl Health {
         });
         if first {
             tracing::error!(component = %failure.component, error = %failure.error,
-                "failed; this process stops (nothing acknowledged is lost: recovery is as after a crash)");
+                "failed; it stops that work (nothing acknowledged is lost: recovery is as after a crash)");
         }
         first
     }

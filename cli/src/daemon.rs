@@ -250,7 +250,8 @@ struct Status<'a> {
     link: Option<&'a UdpStatus>,
     /// The time base, if other processes stamp writes of the group too.
     clock: Option<&'a tidemark_actors::units::timebase::TimeStatus>,
-    /// The first fatal failure of the process (it is stopping because of it), or null.
+    /// The first fatal failure of the process, or null: a process with a primary stops
+    /// because of it; a process of secondaries stays up and reports it.
     failed: Option<&'a tidemark_actors::Failure>,
     /// The operator's view (stable; what `tidemark status` and the metrics show).
     view: &'a SystemView,
@@ -274,11 +275,29 @@ pub async fn write_status(
             continue;
         };
         let tmp = s.journal_dir.join("status.json.tmp");
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, s.journal_dir.join("status.json"));
+        let path = s.journal_dir.join("status.json");
+        if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, &path).is_ok() {
+            continue;
         }
+        // No room for a new file (a full file system is what status must report
+        // then): rewrite the old one in place, in the blocks it has.
+        let _ = std::fs::remove_file(&tmp);
+        let _ = rewrite_in_place(&path, &text);
     }
     docs
+}
+
+/// Overwrites `path` with `text` without allocating what the file already has: a
+/// shorter text is padded with spaces (still one JSON document) rather than truncated.
+fn rewrite_in_place(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let len = f.metadata()?.len() as usize;
+    let mut bytes = text.as_bytes().to_vec();
+    if bytes.len() < len {
+        bytes.resize(len, b' ');
+    }
+    f.write_all_at(&bytes, 0)
 }
 
 /// Each running system's status document (what `status.json` holds) and view.
@@ -425,14 +444,27 @@ pub async fn run_until_signal(cfg: &Config, here: &[usize]) -> Result<(), Engine
     // Initial syncs: bars on a terminal, log lines otherwise.
     let mut progress = SyncProgress::new(std::io::stderr().is_terminal());
     let mut guard = Guard::new(cfg, here);
-    let failure = loop {
+    // A process of secondaries only stays up after a disk or journal failure: the failed
+    // part applies nothing more (the remote stays the cut it was), and status, the
+    // control socket and the metrics keep saying why until the operator restarts it. A
+    // process with a primary stops (its clients get errors, and a restart recovers).
+    let stay_up = here.iter().all(|&i| !cfg.systems[i].primary);
+    let mut failure = None;
+    loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break None,
-            _ = term.recv() => break None,
-            f = health.failed() => break Some(f),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            f = health.failed(), if failure.is_none() => {
+                failure = Some(f);
+                if !stay_up {
+                    break;
+                }
+                tracing::error!(systems = ?names, "a secondary failed: it applies nothing more and reports the failure until it is restarted");
+                ops.publish(write_status(cfg, here, &engine, &mut progress, &mut guard).await);
+            }
             _ = every.tick() => ops.publish(write_status(cfg, here, &engine, &mut progress, &mut guard).await),
         }
-    };
+    }
     tracing::info!(systems = ?names, failed = failure.is_some(), "stopping");
     let _ = stop_tx.send(true);
     // No client waits any more: writes not yet journaled are failed, and so are

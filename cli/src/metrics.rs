@@ -86,6 +86,7 @@ pub struct Metrics {
     link_bytes_out: Family<SystemLabels, Counter>,
     link_bytes_in: Family<SystemLabels, Counter>,
     link_dropped: Family<SystemLabels, Counter>,
+    failed: Family<SystemLabels, Gauge>,
 }
 
 /// Sets a counter that mirrors a total kept elsewhere.
@@ -134,6 +135,7 @@ impl Metrics {
             link_bytes_out: Family::default(),
             link_bytes_in: Family::default(),
             link_dropped: Family::default(),
+            failed: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -271,6 +273,13 @@ impl Metrics {
             "Datagrams dropped on arrival (unauthenticated, replayed, malformed, ...)",
             m.link_dropped.clone(),
         );
+        r.register(
+            "failed",
+            "1 once a part of the system failed on its disk or journal (a secondary then \
+             applies nothing more and keeps reporting until restarted; the reason is in \
+             status)",
+            m.failed.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -282,6 +291,9 @@ impl Metrics {
         self.journal_used
             .get_or_create(&sys)
             .set(gauge(v.journal_used_bytes));
+        self.failed
+            .get_or_create(&sys)
+            .set(i64::from(v.failed.is_some()));
         self.journal_size
             .get_or_create(&sys)
             .set(gauge(v.journal_size_bytes));

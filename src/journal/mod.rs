@@ -131,6 +131,7 @@
 //! [`JournalOptions::admissible`] is how many bytes of unreleased packets a writer may
 //! keep and still never be refused.
 
+pub mod fault;
 pub mod format;
 pub(crate) mod fuzz;
 mod recovery;
@@ -160,6 +161,23 @@ pub enum JournalError {
         #[source]
         source: io::Error,
     },
+    /// An fsync or fdatasync failed: what the file holds can no longer be trusted (the
+    /// kernel may have dropped the dirty pages), whatever the error number.
+    #[error("{path}: fsync: {source}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file system had no room for a batch ([`Journal::append_and_write`]): the
+    /// batch was rolled back (nothing of it is on disk or in the journal) and the
+    /// journal goes on.
+    #[error("{path}: no space left for the journal (the batch was rolled back): {source}")]
+    NoSpace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("journal segment {segment} ({path}) is corrupt at offset {offset}: {reason}")]
     Corrupt {
         segment: u64,
@@ -178,6 +196,27 @@ pub enum JournalError {
     #[error("journal failed on an earlier I/O error; reopen it to recover")]
     Failed,
 }
+
+impl JournalError {
+    /// A write or a file creation (not an fsync) that the file system refused for
+    /// space (ENOSPC, EDQUOT): nothing was made durable by the failed call.
+    fn is_space(&self) -> bool {
+        matches!(self, JournalError::Io { source, .. } if is_space_errno(source))
+    }
+
+    /// [`JournalError::NoSpace`]: the batch was rolled back and the journal is usable.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, JournalError::NoSpace { .. })
+    }
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_space_errno(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Released and applied watermarks, per pair.
+type Watermarks = (BTreeMap<PairId, Stamp>, BTreeMap<PairId, Stamp>);
 
 /// Sizes of a journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,6 +300,10 @@ pub struct JournalStats {
     /// Records without packets that found no room even in the reserve: folded into the
     /// state, to be carried by the next segment's checkpoint.
     pub folded: u64,
+    /// Batches a full file system refused and [`Journal::append_and_write`] rolled back.
+    pub rollbacks: u64,
+    /// New segments a sync owed but skipped because the file system was full.
+    pub rotations_skipped: u64,
 }
 
 /// A segment's bookkeeping: its length on disk and, per pair, its highest packet seq
@@ -348,10 +391,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     }
 }
 
+fn sync_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Sync {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    let d = File::open(dir).map_err(io_err(dir))?;
+    fault::check(dir, fault::IoOp::Sync, dir).map_err(sync_err(dir))?;
+    d.sync_all().map_err(sync_err(dir))
 }
 
 /// The first bytes of segment `segno`: its header and a checkpoint of `state`, naming
@@ -574,6 +624,122 @@ impl Journal {
         Ok(())
     }
 
+    /// [`Journal::append`] and then [`Journal::write`] (with `sync`: [`Journal::sync`]),
+    /// as one step that a full file system does not break. If a write or a segment
+    /// creation of this call meets ENOSPC or EDQUOT (not an fsync: after a failed fsync
+    /// nothing can be trusted, and the journal is failed as ever), the journal is rolled
+    /// back to where it was before the call: what the call wrote is cut off and fsync'd
+    /// away, segments it created are removed, and the journal reopens from its files
+    /// (recovery, as after a crash of the process; watermarks held only in memory are
+    /// appended again). The error is then [`JournalError::NoSpace`] and the journal goes
+    /// on: once space is freed the next call succeeds. Nothing of the batch is on disk
+    /// or in the journal, so a caller may hand its sequence numbers out again.
+    ///
+    /// The rollback point is the written end of the journal, so anything appended before
+    /// the call and not yet written is written first (not rolled back: only records
+    /// without packets are ever left so by this method).
+    ///
+    /// Without `sync` the records are written, not synced, and a segment they fill is
+    /// sealed unsynced (as by `write`); with `sync` and a batch that fills a segment,
+    /// everything is synced (so a caller that syncs afterwards anyway does not make the
+    /// journal seal unsynced and start a segment again at its sync).
+    pub fn append_and_write(&mut self, records: &[Record], sync: bool) -> Result<(), JournalError> {
+        self.check()?;
+        if !self.rotated.is_empty() || !self.active.buf.is_empty() || self.active.file.is_none() {
+            self.write()?;
+        }
+        let save = (self.active.info.segno, self.active.info.len);
+        // Written now, the journal's files hold its state, except watermarks folded
+        // into it when even the reserve was full: a rollback keeps those.
+        let folded = self
+            .unframed
+            .then(|| (self.state.released.clone(), self.state.applied.clone()));
+        self.append(records)?;
+        let result = if sync && !self.rotated.is_empty() {
+            self.sync()
+        } else {
+            self.write()
+        };
+        match result {
+            Err(e) if e.is_space() => Err(self.roll_back(save, folded, e)),
+            r => r,
+        }
+    }
+
+    /// Undoes everything after `(segno, len)` (the written end before a batch) on disk,
+    /// then reopens the journal from its files. Returns the error to report: `NoSpace`,
+    /// or what made the rollback itself fail (the journal then stays failed).
+    fn roll_back(
+        &mut self,
+        (segno, len): (u64, u64),
+        folded: Option<Watermarks>,
+        cause: JournalError,
+    ) -> JournalError {
+        self.failed = true;
+        let (path, source) = match cause {
+            JournalError::Io { path, source } => (path, source),
+            other => return other,
+        };
+        let seg = self.dir.join(format::segment_name(segno));
+        let cut = OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .and_then(|f| f.set_len(len).and_then(|()| f.sync_all()));
+        if let Err(e) = cut {
+            return io_err(&seg)(e);
+        }
+        let listing = match fs::read_dir(&self.dir) {
+            Ok(l) => l,
+            Err(e) => return io_err(&self.dir)(e),
+        };
+        for entry in listing.flatten() {
+            let newer = match format::classify(&entry.file_name().to_string_lossy()) {
+                format::FileKind::Segment(n) => n > segno,
+                format::FileKind::Temp(_) => true,
+                format::FileKind::Other => false,
+            };
+            if newer {
+                if let Err(e) = fs::remove_file(entry.path()) {
+                    return io_err(&entry.path())(e);
+                }
+            }
+        }
+        if let Err(e) = fsync_dir(&self.dir) {
+            return e;
+        }
+        let (mut fresh, _) = match Journal::open(&self.dir, self.options) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        // Watermarks folded into the state before the call are in no file: keep them
+        // (a batch without packets is never refused for space).
+        let mut carried = Vec::new();
+        let (released, applied) = folded.unwrap_or_default();
+        for (pair, stamp) in &released {
+            if *stamp > fresh.released(*pair) {
+                carried.push(Record::Released {
+                    pair: *pair,
+                    stamp: *stamp,
+                });
+            }
+        }
+        for (pair, stamp) in &applied {
+            if *stamp > fresh.applied(*pair) {
+                carried.push(Record::Applied {
+                    pair: *pair,
+                    stamp: *stamp,
+                });
+            }
+        }
+        if let Err(e) = fresh.append(&carried) {
+            return e;
+        }
+        fresh.stats = self.stats;
+        fresh.stats.rollbacks += 1;
+        *self = fresh;
+        JournalError::NoSpace { path, source }
+    }
+
     /// Writes and fdatasyncs everything appended (and anything [`Journal::write`] left
     /// unsynced); then deletes the oldest segments the newest checkpoint covers. When it
     /// returns `Ok`, every record appended before it is durable. On `Err` the journal is
@@ -666,7 +832,8 @@ impl Journal {
         // Oldest first: a segment created below then has every segment before it durable.
         for (segno, file) in std::mem::take(&mut self.lazily_sealed) {
             let path = self.dir.join(format::segment_name(segno));
-            file.sync_data().map_err(io_err(&path))?;
+            fault::check(&self.dir, fault::IoOp::Sync, &path).map_err(sync_err(&path))?;
+            file.sync_data().map_err(sync_err(&path))?;
         }
         for mut seg in std::mem::take(&mut self.rotated) {
             Self::write_segment(&self.dir, &mut seg, &mut self.stats, true, 0)?;
@@ -680,7 +847,18 @@ impl Journal {
             let segno = self.active.info.segno + 1;
             let first = segment_start(segno, self.active.end(), &self.state);
             let mut next = OpenSegment::new(segno, first);
-            Self::write_segment(&self.dir, &mut next, &mut self.stats, true, 0)?;
+            match Self::write_segment(&self.dir, &mut next, &mut self.stats, true, 0) {
+                Ok(()) => {}
+                // No room for the new segment. Everything is durable already, and the
+                // segment is only owed to free space or to mark what is durable: it is
+                // started by a later sync. (Records folded into the state need it.)
+                Err(e) if e.is_space() && !self.unframed => {
+                    let _ = fs::remove_file(self.dir.join(format::temp_name(segno)));
+                    self.stats.rotations_skipped += 1;
+                    return self.reclaim();
+                }
+                Err(e) => return Err(e),
+            }
             self.used += next.info.len;
             let old = std::mem::replace(&mut self.active, next);
             self.sealed.push_back(old.info);
@@ -707,12 +885,14 @@ impl Journal {
         match &seg.file {
             Some(file) => {
                 if !seg.buf.is_empty() {
+                    fault::check(dir, fault::IoOp::Write, &path).map_err(io_err(&path))?;
                     file.write_all_at(&seg.buf, seg.info.len)
                         .map_err(io_err(&path))?;
                     seg.unsynced = true;
                 }
                 if sync && seg.unsynced {
-                    file.sync_data().map_err(io_err(&path))?;
+                    fault::check(dir, fault::IoOp::Sync, &path).map_err(sync_err(&path))?;
+                    file.sync_data().map_err(sync_err(&path))?;
                     seg.unsynced = false;
                 }
             }
@@ -724,6 +904,7 @@ impl Journal {
                     }
                 }
                 let temp = dir.join(format::temp_name(segno));
+                fault::check(dir, fault::IoOp::Create, &temp).map_err(io_err(&temp))?;
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -731,9 +912,9 @@ impl Journal {
                     .truncate(true)
                     .open(&temp)
                     .map_err(io_err(&temp))?;
-                file.write_all_at(&seg.buf, 0)
-                    .and_then(|()| file.sync_all())
-                    .map_err(io_err(&temp))?;
+                file.write_all_at(&seg.buf, 0).map_err(io_err(&temp))?;
+                fault::check(dir, fault::IoOp::Sync, &temp).map_err(sync_err(&temp))?;
+                file.sync_all().map_err(sync_err(&temp))?;
                 fs::rename(&temp, &path).map_err(io_err(&path))?;
                 fsync_dir(dir)?;
                 seg.file = Some(file);

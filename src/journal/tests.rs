@@ -2063,3 +2063,127 @@ fn a_segment_number_near_the_top_is_refused_not_overflowed() {
     // Nothing was changed.
     assert!(dir.path().join(&name).exists());
 }
+
+/// Gives back the sequence numbers of the packets of a batch the journal refused (the
+/// caller hands them out again, as a primary does).
+fn give_back(g: &mut Gen, batch: &[Record]) {
+    for r in batch.iter().rev() {
+        if let Record::Packet(p) = r {
+            if let Some(h) = g.history.get_mut(&p.pair) {
+                h.pop();
+            }
+        }
+    }
+}
+
+/// A file system that fills up: writes and segment creations fail with ENOSPC at
+/// random (seeded). Every refused batch is rolled back exactly (nothing of it is
+/// recovered, even after its sequence numbers were handed out again with other data),
+/// the journal takes the next batch, and recovery after any number of rollbacks returns
+/// exactly the batches that were accepted.
+#[test]
+fn a_full_file_system_rolls_the_batch_back_and_the_journal_goes_on() {
+    use std::sync::atomic::{AtomicU64, Ordering as O};
+    use std::sync::Arc;
+    for seed in seeds(&[11, 12, 13, 14]) {
+        println!("seed {seed}");
+        let ctx = format!("seed {seed}");
+        let dir = fast_tempdir();
+        let o = opts(8 << 10, 256 << 10);
+        let (mut j, _) = open(dir.path(), o);
+        // One draw per operation from a seeded counter: the hook fails about one write
+        // or creation in four while `full` is set.
+        let full = Arc::new(AtomicU64::new(0));
+        let draws = Arc::new(AtomicU64::new(seed));
+        let hook: fault::FaultHook = {
+            let (full, draws) = (full.clone(), draws.clone());
+            Arc::new(move |op, _path: &Path| {
+                let n = draws.fetch_add(0x9e37_79b9_7f4a_7c15, O::Relaxed);
+                let roll = (n.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 60) < 4;
+                (full.load(O::Relaxed) == 1 && op != fault::IoOp::Sync && roll)
+                    .then(|| io::Error::from_raw_os_error(libc::ENOSPC))
+            })
+        };
+        let _guard = fault::inject(dir.path(), hook);
+        let mut g = Gen::new(seed, 3, 700);
+        let mut records = Vec::new();
+        let (mut refused, mut accepted) = (0, 0);
+        for step in 0..400 {
+            full.store(u64::from(g.rng.random_bool(0.5)), O::Relaxed);
+            let n = g.rng.random_range(1..6);
+            let batch: Vec<Record> = (0..n).map(|_| g.record()).collect();
+            let sync = g.rng.random_bool(0.2);
+            match j.append_and_write(&batch, sync) {
+                Ok(()) => {
+                    accepted += 1;
+                    records.extend(batch);
+                }
+                Err(e) if e.is_no_space() => {
+                    refused += 1;
+                    give_back(&mut g, &batch);
+                    assert!(!j.is_failed(), "{ctx} step {step}: failed after a rollback");
+                }
+                Err(JournalError::Full { .. }) => {
+                    give_back(&mut g, &batch);
+                    full.store(0, O::Relaxed);
+                    // The remote acknowledged everything: release every pair.
+                    let wm: Vec<Record> = g
+                        .history
+                        .iter()
+                        .filter_map(|(p, h)| {
+                            h.last().map(|s| Record::Released {
+                                pair: *p,
+                                stamp: *s,
+                            })
+                        })
+                        .collect();
+                    j.append_and_write(&wm, true).expect("a watermark");
+                    records.extend(wm);
+                }
+                Err(e) => panic!("{ctx} step {step}: {e}"),
+            }
+            if g.rng.random_bool(0.05) {
+                // A crash of the process (written records survive it).
+                full.store(0, O::Relaxed);
+                drop(j);
+                let (j2, rec) = open(dir.path(), o);
+                check(&rec, &records, &format!("{ctx} step {step}"));
+                j = j2;
+            }
+        }
+        full.store(0, O::Relaxed);
+        j.sync().expect("sync");
+        drop(j);
+        let (_, rec) = open(dir.path(), o);
+        check(&rec, &records, &ctx);
+        assert!(
+            refused > 20 && accepted > 100,
+            "{ctx}: {refused} refused, {accepted} accepted"
+        );
+        println!("{ctx}: {refused} batches refused and rolled back, {accepted} accepted");
+    }
+}
+
+/// A failed fsync fails the journal even when its error is ENOSPC: after a failed
+/// fsync nothing written can be trusted (the kernel may have dropped the pages).
+#[test]
+fn a_failed_fsync_fails_the_journal_whatever_its_errno() {
+    use std::sync::Arc;
+    let dir = tempdir();
+    let (mut j, _) = open(dir.path(), opts(8 << 10, 256 << 10));
+    let mut g = Gen::new(7, 1, 100);
+    let hook: fault::FaultHook = Arc::new(|op, _: &Path| {
+        (op == fault::IoOp::Sync).then(|| io::Error::from_raw_os_error(libc::ENOSPC))
+    });
+    let guard = fault::inject(dir.path(), hook);
+    j.append_and_write(&[g.packet()], false)
+        .expect("written, not synced");
+    let err = j.sync().expect_err("fsync fails");
+    assert!(matches!(err, JournalError::Sync { .. }), "{err}");
+    assert!(j.is_failed());
+    drop(guard);
+    assert!(matches!(
+        j.append_and_write(&[g.packet()], false),
+        Err(JournalError::Failed)
+    ));
+}

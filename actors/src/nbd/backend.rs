@@ -51,6 +51,7 @@ impl From<EngineError> for BackendError {
             EngineError::Stopped => ErrorCode::Shutdown,
             // A planned switchover: the server goes away, the client should go elsewhere.
             EngineError::Quiesced(_) => ErrorCode::Shutdown,
+            EngineError::NoSpace(_) => ErrorCode::NoSpc,
             _ => ErrorCode::Io,
         };
         BackendError::new(code, e.to_string())

@@ -85,23 +85,34 @@ impl SharedJournal {
     }
 
     /// Appends `records` (all or none) and makes them as durable as asked. Blocking.
+    /// [`JournalError::NoSpace`]: the file system was full; nothing of `records` is in
+    /// the journal, which goes on (see [`Journal::append_and_write`]). Any other error
+    /// fails the journal.
     /// Callers asking for `Synced` at the same time share one fdatasync (group commit):
     /// a caller whose records a concurrent sync already covered returns without its own.
     pub fn append(&self, records: &[Record], durability: Durability) -> Result<(), JournalError> {
         let ticket = {
             let mut j = self.lock();
-            if let Err(JournalError::Full { .. }) = j.append(records) {
-                // Space comes back only when a sync makes the release watermarks durable
-                // and lets covered segments go: try that once.
-                j.sync()?;
-                self.note_fill(&j);
-                j.append(records)?;
+            // Written under the lock, always: a batch the file system has no room for is
+            // rolled back to the written end before it (`JournalError::NoSpace`), which
+            // then holds no other caller's records.
+            let synced = durability == Durability::Synced;
+            match j.append_and_write(records, synced) {
+                Ok(()) => {}
+                Err(JournalError::Full { .. }) => {
+                    // Space comes back only when a sync makes the release watermarks
+                    // durable and lets covered segments go: try that once.
+                    j.sync()?;
+                    self.note_fill(&j);
+                    j.append_and_write(records, synced)?;
+                }
+                Err(e) => return Err(e),
             }
             self.note_fill(&j);
             let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
             t.0 += 1;
-            if durability == Durability::Written {
-                return j.write();
+            if !synced {
+                return Ok(());
             }
             t.0
         };

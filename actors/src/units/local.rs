@@ -107,6 +107,9 @@ enum Outcome {
     Done(Vec<(Seq, Payload)>),
     /// The journal has no room: nothing was appended; retry later.
     Full,
+    /// The file system had no room (ENOSPC) for the journal or the local unit: nothing
+    /// of the batch was journaled or written. Its client ops are told so.
+    NoSpace(String),
     Failed(String),
     /// An earlier batch of the lane was full or failed: this one did nothing, so that
     /// nothing is journaled or written out of stamp order.
@@ -183,6 +186,12 @@ pub struct LocalUnit {
     stalled: Arc<AtomicBool>,
     /// Batches to submit again (in order) once the lane is empty: a full journal.
     retry: Vec<Batch>,
+    /// A batch of `retry` was refused for want of space on the file system (why): once
+    /// the lane is idle its client ops are failed with ENOSPC and the rest requeued.
+    nospace: Option<String>,
+    /// A journal or unit write met ENOSPC: nothing new goes to the lane before the next
+    /// tick (at most one refused attempt per tick while the file system is full).
+    space_wait: bool,
     failed: Option<String>,
     health: Health,
     /// The release watermark the journal holds (the remote has every packet up to it).
@@ -525,6 +534,8 @@ impl LocalUnit {
             next_id: 0,
             stalled: Arc::new(AtomicBool::new(false)),
             retry: Vec::new(),
+            nospace: None,
+            space_wait: false,
             failed: None,
             health,
             released: resume.released,
@@ -861,7 +872,7 @@ impl LocalUnit {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() {
+        if self.inflight.len() >= MAX_IN_FLIGHT || !self.retry.is_empty() || self.space_wait {
             return;
         }
         if self.tracking.is_some() {
@@ -1192,6 +1203,9 @@ impl LocalUnit {
         if let Err(e) = marked {
             return Outcome::Failed(format!("dirty map: {e}"));
         }
+        if let Err(o) = Self::reserve(store.as_ref(), writes.iter()) {
+            return o;
+        }
         for p in &writes {
             if let Err(e) = store.apply(p) {
                 return Outcome::Failed(format!("local write: {e}"));
@@ -1213,6 +1227,26 @@ impl LocalUnit {
             }
         }
         Outcome::Done(Vec::new())
+    }
+
+    /// Reserves space on the unit for the writes among `payloads` (zero ranges punch
+    /// holes: they need none): `Err(NoSpace)` if the file system is full.
+    fn reserve<'a>(
+        store: &dyn BlockStore,
+        payloads: impl Iterator<Item = &'a Payload>,
+    ) -> Result<(), Outcome> {
+        for p in payloads {
+            if let Payload::Write { offset, data } = p {
+                match store.reserve(*offset, data.len() as u64) {
+                    Ok(()) => {}
+                    Err(e) if e.is_no_space() => {
+                        return Err(Outcome::NoSpace(format!("local unit: {e}")))
+                    }
+                    Err(e) => return Err(Outcome::Failed(format!("local write: {e}"))),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The disk job of a batch: read its initial-sync pieces, journal it (I3), then write
@@ -1246,6 +1280,16 @@ impl LocalUnit {
             filled.push((p.stamp.seq, p.payload.clone()));
         }
         let records = &records[..];
+        // Space on the unit first: a full file system refuses the batch before anything
+        // of it is journaled (a journaled packet is shipped, whatever the local write
+        // does after it).
+        let local = records.iter().enumerate().filter_map(|(i, r)| match r {
+            Record::Packet(p) if !copies.contains(&i) && !holes.contains(&i) => Some(&p.payload),
+            _ => None,
+        });
+        if let Err(o) = Self::reserve(store.as_ref(), local) {
+            return o;
+        }
         if let Some(j) = &journal {
             let durability = if flush {
                 Durability::Synced
@@ -1255,6 +1299,7 @@ impl LocalUnit {
             match j.append(records, durability) {
                 Ok(()) => {}
                 Err(JournalError::Full { .. }) => return Outcome::Full,
+                Err(e) if e.is_no_space() => return Outcome::NoSpace(format!("journal: {e}")),
                 Err(e) => return Outcome::Failed(format!("journal: {e}")),
             }
         }
@@ -1343,6 +1388,15 @@ impl LocalUnit {
                     }
                     sent = true;
                 }
+                Outcome::NoSpace(e) if self.failed.is_none() => {
+                    // Nothing of it is anywhere: it and the batches skipped behind it go
+                    // round again once the lane is idle, minus its client ops (ENOSPC).
+                    tracing::warn!(pair = %self.pair, error = %e, "no space: the batch's writes are refused");
+                    self.released_sent = self.released;
+                    self.nospace.get_or_insert(e);
+                    self.space_wait = true;
+                    self.retry.push(batch);
+                }
                 Outcome::Full | Outcome::Skipped if self.failed.is_none() => {
                     // Back-pressure: writers wait until acknowledgements free journal
                     // space. The watermark this batch carried was not recorded either.
@@ -1354,7 +1408,7 @@ impl LocalUnit {
                     self.fail_batch(batch, &e);
                     self.fail(e);
                 }
-                Outcome::Full | Outcome::Skipped => {
+                Outcome::Full | Outcome::Skipped | Outcome::NoSpace(_) => {
                     let e = self.failed.clone().unwrap_or_default();
                     self.fail_batch(batch, &e);
                 }
@@ -1366,7 +1420,7 @@ impl LocalUnit {
         }
         if self.retry.is_empty() {
             self.pump(ctx);
-        } else if self.tracking.is_some() {
+        } else if self.tracking.is_some() || self.nospace.is_some() {
             // The batches a full journal refused become tracking batches once the lane
             // is done with what it holds.
             self.resubmit(ctx);
@@ -1406,6 +1460,8 @@ impl LocalUnit {
             act.marking = false;
             match res {
                 Some(Ok(())) => act.released = act.released.max(acked),
+                // Not recorded; tried again from the next tick on.
+                Some(Err(e)) if e.is_no_space() => act.space_wait = true,
                 Some(Err(e)) => act.fail(format!("journal: {e}")),
                 None => act.failed = Some("disk pool stopped".into()),
             }
@@ -1422,7 +1478,8 @@ impl LocalUnit {
             return;
         }
         self.stalled.store(false, Ordering::Release);
-        let retry = std::mem::take(&mut self.retry);
+        let mut retry = std::mem::take(&mut self.retry);
+        let nospace = self.nospace.take();
         if self.stopping && !retry.is_empty() {
             // Stamped, never journaled, written or sent: the clients are told, and the
             // sender forgets the packets (with the lane idle, every held one is theirs).
@@ -1431,6 +1488,27 @@ impl LocalUnit {
             for batch in retry {
                 self.fail_unjournaled_writes(batch.ops);
             }
+        } else if let (Some(e), None) = (&nospace, &self.failed) {
+            // The file system had no room for the first refused batch: its writes and
+            // flushes are told ENOSPC (nothing of them is anywhere: every held packet
+            // is the refused batches', their numbers are handed out again). The unit's
+            // own steps and the batches behind it are stamped again, from the next tick.
+            self.sender.drop_held();
+            self.reserving = None;
+            if let Some(first) = retry.first_mut() {
+                let err = format!("{}: {e}", self.pair);
+                first.ops = std::mem::take(&mut first.ops)
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        Op::Write(..) | Op::Flush(_) => {
+                            op.fail(EngineError::NoSpace(err.clone()));
+                            None
+                        }
+                        own => Some(own),
+                    })
+                    .collect();
+            }
+            self.requeue(retry);
         } else if self.tracking.is_some() && self.failed.is_none() {
             // Tracking began: the refused batches give their stamps back (never
             // journaled, written or sent: with the lane idle every held packet is theirs)
@@ -1529,6 +1607,14 @@ impl LocalUnit {
         }
         if !self.verify.calls.is_empty() {
             self.verify_timers();
+        }
+        if self.space_wait {
+            // The file system was full a tick ago: try again (a watermark first: it may
+            // be what frees the journal).
+            self.space_wait = false;
+            self.released_sent = self.released;
+            self.mark_released(ctx);
+            self.pump(ctx);
         }
         if !self.retry.is_empty() {
             // Space in a journal shared with other units may come back from their

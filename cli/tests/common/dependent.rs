@@ -281,6 +281,32 @@ impl Client {
         self.send(&v);
     }
 
+    /// The NBD error of the reply to the last request, or `None` if the server closed
+    /// the connection instead of answering (it stopped).
+    pub fn try_reply_error(&mut self) -> Option<u32> {
+        let mut head = [0u8; 16];
+        self.s.read_exact(&mut head).ok()?;
+        assert_eq!(
+            head[..4],
+            SIMPLE_REPLY_MAGIC.to_be_bytes(),
+            "a simple reply"
+        );
+        assert_eq!(head[8..], self.cookie.to_be_bytes(), "the reply in flight");
+        Some(u32::from_be_bytes(head[4..8].try_into().ok()?))
+    }
+
+    /// Waits for the reply to the last request and returns its NBD error (0: success).
+    pub fn reply_error(&mut self, what: &str) -> u32 {
+        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "{what}: a simple reply");
+        let error = self.u32();
+        let cookie = self.u64();
+        assert_eq!(
+            cookie, self.cookie,
+            "{what}: the reply to the request in flight"
+        );
+        error
+    }
+
     /// Waits for the reply to the last request; it must be a success.
     pub fn reply(&mut self, what: &str) {
         assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC, "{what}: a simple reply");
