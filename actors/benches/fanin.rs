@@ -154,10 +154,14 @@ fn bench_actors(c: &mut Criterion) {
             // (Only for benchmarks that ran: a filter on the command line may skip some.)
             notes.extend((round > 0).then(|| {
                 format!(
-                    "actors/{name}/{n}: {} packets applied, {} retransmitted, {} duplicates \
-                 received, {} releases (perfect network)",
+                    "actors/{name}/{n}: {} packets applied, {} retransmitted ({} timeouts, \
+                 {} deemed lost, {} found spurious), {} duplicates received, {} releases \
+                 (perfect network)",
                     s.pairs.iter().map(|p| p.applied_seq).sum::<u64>(),
                     s.retransmits(),
+                    s.pairs.iter().map(|p| p.timeouts).sum::<u64>(),
+                    s.pairs.iter().map(|p| p.lost).sum::<u64>(),
+                    s.pairs.iter().map(|p| p.spurious).sum::<u64>(),
                     s.pairs.iter().map(|p| p.duplicates_received).sum::<u64>(),
                     s.commits,
                 )

@@ -52,6 +52,11 @@ pub struct LocalStats {
     pub unacked: usize,
     pub packets: u64,
     pub retransmits: u64,
+    /// Why packets went again: retransmission timeouts, losses deemed by the
+    /// reordering-tolerant detection, and retransmissions found spurious.
+    pub timeouts: u64,
+    pub lost: u64,
+    pub spurious: u64,
     pub heartbeats: u64,
     pub bytes: u64,
     pub srtt_us: Option<u64>,

@@ -36,6 +36,12 @@ pub struct PairStats {
     /// Packets written and not yet acknowledged by the remote (the local unit's).
     pub unacked: u64,
     pub retransmits: u64,
+    /// Retransmission timeouts of the pair's sender (each resent one packet).
+    pub timeouts: u64,
+    /// Packets its sender deemed lost by the reordering-tolerant detection.
+    pub lost: u64,
+    /// Retransmissions found spurious (the earlier transmission had arrived).
+    pub spurious: u64,
     pub heartbeats: u64,
     pub dropped: u64,
     pub duplicated: u64,
@@ -135,6 +141,9 @@ impl Engine {
                 packets: l.packets,
                 unacked: l.unacked as u64,
                 retransmits: l.retransmits,
+                timeouts: l.timeouts,
+                lost: l.lost,
+                spurious: l.spurious,
                 heartbeats: l.heartbeats,
                 dropped: c.dropped.load(Ordering::Relaxed),
                 duplicated: c.duplicated.load(Ordering::Relaxed),
