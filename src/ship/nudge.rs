@@ -20,13 +20,32 @@
 //! between the nudge and the answer can make the answer wrong: it is exactly a timer
 //! heartbeat that came early.
 //!
-//! **Coalescing.** [`NudgeBox`] is one atomic per pair holding the highest `W` asked and
-//! not yet taken (0: none). [`NudgeBox::request`] raises it and says whether the caller
-//! must send the pair a nudge message (only when none was pending), so a pair has at most
-//! one nudge in its mailbox however many siblings write; [`NudgeBox::take`] empties it
-//! when the message is handled. A request made while one is pending is not lost: the
-//! pending message's `take` sees it (both are read-modify-writes of one atomic, so the
-//! request precedes the take in its modification order).
+//! **Only idle pairs are nudged; a busy pair settles.** A pair is *busy* from the batch
+//! it stamps until nothing of it is on its disk lane or waiting to be stamped; then it
+//! *settles*. [`NudgeBox`] holds an `idle` flag its own unit keeps
+//! ([`NudgeBox::set_busy`], [`NudgeBox::settle`]) and the highest `W` asked and not yet
+//! taken (0: none). A writer nudges only siblings whose flag says idle
+//! ([`NudgeBox::wants`]); a busy pair, when it settles, reads the newest stamp the clock
+//! handed out and, if it is above its own last stamp or promise, promises past it at
+//! once ([`Sender::answer_nudge`] with that stamp). So under load (every pair busy) a
+//! batch costs a fence and one relaxed load per sibling and sends no message.
+//!
+//! *No write is missed between the two.* The writer: stamps `W` (a read-modify-write of
+//! the clock), a `SeqCst` fence ([`before_nudging`]), loads the sibling's flag. The
+//! settling pair: stores its flag idle, a `SeqCst` fence, loads the clock's newest stamp.
+//! Two `SeqCst` fences forbid both loads missing the other side's store (the
+//! store-buffering pattern): either the writer sees the pair idle and nudges it, or the
+//! pair's load sees `W` (or later) and it promises past `W` itself (both: one heartbeat
+//! too many, harmless).
+//!
+//! **Coalescing.** [`NudgeBox::request`] raises the wanted stamp (`fetch_max`) and says
+//! whether the caller must send the pair a nudge message (only when none was pending), so
+//! a pair has at most one nudge in its mailbox however many siblings write;
+//! [`NudgeBox::take`] empties it when the message is handled. A request made while one is
+//! pending is not lost: the pending message's `take` sees it (both are read-modify-writes
+//! of one atomic, so the request precedes the take in its modification order). A pair
+//! busy again when the message arrives ignores it: it settles later, after the take, and
+//! then reads a clock at or past `W`.
 //!
 //! **Why the answer passes `W`.** The requester stamped `W` from the hybrid clock before
 //! its `request` (release); the answer reads the clock after its `take` (acquire) read
@@ -35,28 +54,73 @@
 //! wanted `ts` since need not answer: its head passes `W` with what it sent
 //! ([`Sender::answer_nudge`] returns `None`).
 //!
-//! **What it costs.** A busy group: one atomic `fetch_max` per sibling per stamped batch,
-//! and at most one nudge message per sibling per mailbox turn, answered only by a pair
-//! that has not stamped since the write (a pair with writes waiting to be stamped need
-//! not answer: their stamps will be later still). An idle group: nothing; the timer
-//! heartbeat still runs for a group with no traffic at all (I5).
+//! **What it costs.** A busy group: per stamped batch a fence and one relaxed load per
+//! sibling, and per busy spell of a pair at most one heartbeat when it settles. An idle
+//! group: nothing; the timer heartbeat still runs for a group with no traffic at all
+//! (I5), and catches anything this misses (a unit that stops settling, say).
 
 use super::Sender;
+use crate::clock::{HybridClock, WallClock};
 use crate::packet::Heartbeat;
 use crate::types::Timestamp;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-/// One pair's pending nudge: the highest time stamp a sibling asked it to promise past,
-/// not yet taken (see the module documentation).
-#[derive(Debug, Default)]
+/// One pair's nudge state, shared with its siblings: whether it is idle, and the highest
+/// time stamp a sibling asked it to promise past, not yet taken (see the module
+/// documentation).
+#[derive(Debug)]
 pub struct NudgeBox {
+    idle: AtomicBool,
     want: AtomicU64,
 }
 
+impl Default for NudgeBox {
+    fn default() -> Self {
+        NudgeBox {
+            idle: AtomicBool::new(true),
+            want: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A writer calls this once after stamping a batch and before [`NudgeBox::wants`] on its
+/// siblings: the fence that pairs with the one in [`NudgeBox::settle`].
+pub fn before_nudging() {
+    fence(Ordering::SeqCst);
+}
+
 impl NudgeBox {
+    /// An idle pair (it has stamped nothing yet).
     pub fn new() -> Self {
         NudgeBox::default()
+    }
+
+    /// The pair's own unit: it stamped a batch (busy until it settles).
+    pub fn set_busy(&self) {
+        self.idle.store(false, Ordering::Relaxed);
+    }
+
+    /// The pair's own unit: nothing of it is on its lane or waiting to be stamped. Marks
+    /// it idle and returns the newest stamp `clock` handed out, read after a `SeqCst`
+    /// fence: a sibling that stamped below it may have seen the pair busy and not
+    /// nudged it, so the unit answers as to a nudge for it.
+    pub fn settle<W: WallClock + ?Sized>(&self, clock: &HybridClock<W>) -> Timestamp {
+        self.idle.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        clock.last()
+    }
+
+    /// Whether the pair looks idle.
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    /// A writer that stamped `ts` (after [`before_nudging`]): if the pair is idle, asks
+    /// it to promise past `ts` and says whether to send it a nudge message
+    /// ([`NudgeBox::request`]). A busy pair is left alone: it settles later.
+    pub fn wants(&self, ts: Timestamp) -> bool {
+        self.is_idle() && self.request(ts)
     }
 
     /// Asks the pair to promise past `ts` (a stamp the caller has handed out). Returns

@@ -264,8 +264,11 @@ pub struct LocalUnit {
     /// stamp (see [`Nudge`]).
     nudge: Arc<NudgeBox>,
     /// The other local units stamping from the same hybrid clock, nudged after every
-    /// batch this unit stamps.
+    /// batch this unit stamps if they are idle.
     siblings: Vec<Sibling>,
+    /// This unit stamped a batch and has not settled since (`nudge` says so to the
+    /// siblings): see [`LocalUnit::settle`].
+    busy: bool,
 }
 
 /// Asks a local unit to promise at once, with a heartbeat from its own sender, past the
@@ -609,6 +612,7 @@ impl LocalUnit {
             },
             nudge,
             siblings: Vec::new(),
+            busy: false,
         }
     }
 
@@ -1127,36 +1131,73 @@ impl LocalUnit {
             reserve,
         };
         let stamped = batch.last.is_some();
+        if stamped && !self.busy {
+            self.busy = true;
+            self.nudge.set_busy();
+        }
         self.submit(batch, ctx);
         if stamped {
             self.nudge_siblings();
         }
     }
 
-    /// After a batch with packets was stamped: asks every sibling to promise past its
-    /// last stamp, sending a [`Nudge`] to those that have none pending.
+    /// After a batch with packets was stamped: asks every idle sibling to promise past
+    /// its last stamp, sending a [`Nudge`] to those that have none pending. (A busy one
+    /// settles later: see `tidemark::ship::nudge`.)
     fn nudge_siblings(&self) {
+        if self.siblings.is_empty() {
+            return;
+        }
         let ts = self.sender.last().ts;
+        tidemark::ship::nudge::before_nudging();
         for s in &self.siblings {
-            if s.nudge.request(ts) {
+            if s.nudge.wants(ts) {
                 s.addr.do_send(Nudge);
             }
         }
     }
 
-    /// Answers a nudge: a heartbeat now if this pair has stamped nothing since the
-    /// sibling's write and may promise (not tracking, no resync mark owed); nothing if
-    /// writes wait to be stamped (their stamps will pass it), or it is stopping or failed
-    /// (its timer heartbeats go on as before).
+    /// Whether ops wait in the queue that will be stamped as packets.
+    fn stamping_queued(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|op| matches!(op, Op::Write(..) | Op::Copy | Op::Mark(..)))
+    }
+
+    /// A busy unit whose lane holds nothing and which has nothing to stamp settles: it
+    /// tells its siblings it is idle (they nudge it from then on), and since a sibling
+    /// that stamped meanwhile saw it busy and did not nudge it, it promises past the
+    /// newest stamp of the clock at once if its own last stamp is below it.
+    fn settle(&mut self) {
+        if !self.busy || !self.inflight.is_empty() || self.stamping_queued() {
+            return;
+        }
+        self.busy = false;
+        let newest = self.nudge.settle(&self.clock);
+        self.promise_past(newest);
+    }
+
+    /// Answers a nudge. A busy unit ignores it: it settles later, and then promises past
+    /// the clock's newest stamp, at or above the nudge's.
     fn answer_nudge(&mut self) {
         let Some(want) = self.nudge.take() else {
             return;
         };
-        let waiting = self
-            .queue
-            .iter()
-            .any(|op| matches!(op, Op::Write(..) | Op::Copy | Op::Mark(..)));
-        if waiting || self.stopping || self.failed.is_some() || self.heartbeat_frozen() {
+        if !self.busy {
+            self.promise_past(want);
+        }
+    }
+
+    /// A heartbeat now if this pair's last stamp is below `want` and it may promise (not
+    /// tracking, no resync mark owed); nothing if writes wait to be stamped (their
+    /// stamps will pass it), or it is stopping or failed (its timer heartbeats go on as
+    /// before).
+    fn promise_past(&mut self, want: tidemark::Timestamp) {
+        if self.stamping_queued()
+            || self.stopping
+            || self.failed.is_some()
+            || self.heartbeat_frozen()
+        {
             return;
         }
         let clock = &self.clock;
@@ -1503,6 +1544,7 @@ impl LocalUnit {
             // free a shared journal), never at once, which would only spin.
             self.mark_released(ctx);
         }
+        self.settle();
     }
 
     /// Records the acknowledged point in the journal on its own, if no job on the lane
@@ -1695,6 +1737,7 @@ impl LocalUnit {
             self.resubmit(ctx);
         }
         self.transmit();
+        self.settle();
         let t = now();
         if let Some(after) = self.track.suspend_after {
             let waiting =
