@@ -38,7 +38,9 @@
 //! deadline is in the future.
 
 pub mod congestion;
+pub mod nudge;
 pub use congestion::{Congestion, CongestionStats};
+pub use nudge::NudgeBox;
 
 use crate::packet::{Ack, Heartbeat, Packet, Payload};
 use crate::types::{PairId, Seq, Stamp, Timestamp};

@@ -68,6 +68,60 @@ fn an_idle_pair_never_holds_the_group_back() {
     });
 }
 
+/// Issue 15: a write on one pair of a group whose other pairs are idle is applied at the
+/// remote within the round trip, not once every idle pair's next heartbeat came (10 ms
+/// here). The write's local unit nudges its idle siblings, each of which at once sends a
+/// heartbeat stamped after the write, from its own sender (see `tidemark::ship::Nudge`).
+/// Writes land at many phases of the heartbeat period; simulated time, so the bound is
+/// exact and repeatable. Without the nudge the worst lag here is close to 10 ms.
+#[test]
+fn idle_siblings_do_not_hold_a_write_back_until_their_heartbeat() {
+    for (seed, delay) in [(11, Duration::ZERO), (12, Duration::from_micros(250))] {
+        sim(|| async move {
+            let mut b = EngineBuilder::new();
+            b.simulated()
+                .seed(seed)
+                .heartbeat(Duration::from_millis(10))
+                .impairment(Impairment {
+                    delay,
+                    ..Impairment::none()
+                });
+            let a = b.primary("a");
+            let r = b.secondary("b");
+            let pairs: Vec<PairId> = (0..16)
+                .map(|i| b.mem_pair(&format!("u{i}"), a, r, 4096))
+                .collect();
+            let engine = b.start().expect("start");
+            // Every pair has reported a head (heartbeats), so the group commits.
+            tokio::time::sleep(Duration::from_millis(35)).await;
+            let mut worst = Duration::ZERO;
+            for i in 0..40u64 {
+                // Land the writes at different phases of the heartbeat period.
+                tokio::time::sleep(Duration::from_micros(730 + 1_370 * (i % 7))).await;
+                let pair = pairs[(i as usize * 5) % pairs.len()];
+                let stamp = engine
+                    .write(pair, (i * 64) % 4000, Bytes::from(vec![i as u8; 64]))
+                    .await
+                    .expect("write");
+                let t = tokio::time::Instant::now();
+                engine.wait_applied(pair, stamp.seq).await.expect("applied");
+                worst = worst.max(t.elapsed());
+            }
+            // Simulated time: the round trip is 2 x `delay`, plus no heartbeat.
+            assert!(
+                worst < Duration::from_millis(3),
+                "seed {seed}, delay {delay:?}: a write waited {worst:?} of simulated time \
+                 to be applied (heartbeat 10 ms)"
+            );
+            engine.drain().await.expect("drain");
+            for &p in &pairs {
+                assert_eq!(read_all(&engine, p, false), read_all(&engine, p, true));
+            }
+            engine.shutdown().await.expect("shutdown");
+        });
+    }
+}
+
 #[test]
 fn out_of_range_writes_fail_and_change_nothing() {
     sim(|| async {

@@ -230,9 +230,20 @@ impl Engine {
     /// resync, not as packets of their own), so this waits as long as the remote is
     /// away: bound it with a timeout where that matters.
     pub async fn drain(&self) -> Result<(), EngineError> {
+        let pairs: Vec<_> = self
+            .pairs
+            .iter()
+            .filter(|p| p.is_local() && p.is_remote())
+            .collect();
+        // Every unit is asked at once (`send` queues the message now; the replies are
+        // awaited in turn): one round trip to the actor threads, not one per pair.
+        let mut asks = Vec::with_capacity(pairs.len());
+        for p in &pairs {
+            asks.push(p.local()?.send(GetLocalStats));
+        }
         let mut targets = Vec::new();
-        for p in self.pairs.iter().filter(|p| p.is_local() && p.is_remote()) {
-            let mut s = p.local()?.send(GetLocalStats).await?;
+        for (p, ask) in pairs.into_iter().zip(asks) {
+            let mut s = ask.await?;
             while s.dirty_bytes > 0
                 || matches!(
                     s.state,
@@ -250,10 +261,14 @@ impl Engine {
             }
             targets.push((p, s.last.seq));
         }
+        let mut waits = Vec::with_capacity(targets.len());
         for (p, seq) in targets {
             if seq > Seq::ZERO {
-                p.remote()?.send(WaitApplied(seq)).await??;
+                waits.push(p.remote()?.send(WaitApplied(seq)));
             }
+        }
+        for w in waits {
+            w.await??;
         }
         Ok(())
     }

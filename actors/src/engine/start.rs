@@ -14,7 +14,9 @@ use crate::net::udp::{UdpLink, UdpStatus};
 use crate::units::disk::Disk;
 use crate::units::journaling::Durability;
 use crate::units::journaling::SharedJournal;
-use crate::units::local::{LocalConfig, LocalResume, LocalUnit, LocalWiring, ResyncStart};
+use crate::units::local::{
+    LocalConfig, LocalResume, LocalUnit, LocalWiring, ResyncStart, SetSiblings, Sibling,
+};
 use crate::units::orderer::OrdererActor;
 use crate::units::remote::{RemoteResume, RemoteUnit, RemoteWiring};
 use crate::units::site::{RemoteSite, SiteWiring};
@@ -27,6 +29,7 @@ use std::time::Duration;
 use tidemark::dirty::DirtyFile;
 use tidemark::journal::Record;
 use tidemark::journal::{PairState, Recovered, RecoveredPair};
+use tidemark::ship::NudgeBox;
 use tidemark::timebase::{CommitGate, TimeBase};
 use tidemark::{BlockStore, HybridClock, Offset, Orderer, PairId, Seq, Stamp, SystemId, Timestamp};
 use tidemark::{Mark, Packet, Payload};
@@ -606,6 +609,8 @@ impl<'a> Startup<'a> {
     ) {
         let b = self.b;
         let windows = b.windows(&self.journals);
+        // Every local unit here stamps from `self.clock`: each nudges the others.
+        let mut siblings = Vec::new();
         for (i, ((p, (ls, rs)), sync)) in b.pairs.iter().zip(stores).zip(syncs).enumerate() {
             let id = PairId(i as u32);
             let remote = rs.as_ref().map(|rs| {
@@ -641,6 +646,7 @@ impl<'a> Startup<'a> {
                 spawn(self.arbiter(p.remote), RemoteUnit::new(id, wiring, resume))
             });
             let local = ls.as_ref().map(|ls| {
+                let nudge = Arc::new(NudgeBox::new());
                 let recovered = self.recovered(p.local, id);
                 let resume = LocalResume {
                     released: recovered.map_or(Stamp::ZERO, |r| r.released),
@@ -671,11 +677,20 @@ impl<'a> Startup<'a> {
                     gate: gate.clone(),
                     health: self.health.clone(),
                     dirty: sync.dirty,
+                    nudge: nudge.clone(),
                 };
-                spawn(
+                let unit = spawn(
                     self.arbiter(p.local),
                     LocalUnit::new(id, wiring, resume, cfg),
-                )
+                );
+                siblings.push((
+                    unit.clone(),
+                    Sibling {
+                        nudge,
+                        addr: unit.clone().recipient(),
+                    },
+                ));
+                unit
             });
             if let (Some(l), Some(r)) = (&local, self.routes.get_mut(&p.local)) {
                 r.local_units.insert(id, LocalUnitRoute::of(l));
@@ -693,6 +708,15 @@ impl<'a> Startup<'a> {
                 local_store: ls,
                 remote_store: rs,
             });
+        }
+        // Sent before any client can reach a unit: the first write already nudges.
+        for (unit, _) in &siblings {
+            let others = siblings
+                .iter()
+                .filter(|(u, _)| u != unit)
+                .map(|(_, s)| s.clone())
+                .collect();
+            unit.do_send(SetSiblings(others));
         }
     }
 

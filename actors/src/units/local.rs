@@ -33,7 +33,7 @@ use std::time::Instant;
 use tidemark::dirty::{DirtyFile, DirtyMap};
 use tidemark::journal::{JournalError, PairState, Record};
 use tidemark::pace::{PaceInput, PaceRule};
-use tidemark::ship::Sender;
+use tidemark::ship::{NudgeBox, Sender};
 use tidemark::storage::check;
 use tidemark::timebase::{Commit, CommitGate};
 use tidemark::verify::{self as tv, LastWrites, SumsResult, Verdict, VerifyRequest};
@@ -260,7 +260,38 @@ pub struct LocalUnit {
     last_writes: LastWrites,
     /// Online verify: the calls under way, and their chunks.
     verify: VerifyState,
+    /// This pair's pending nudge: siblings that stamped ask it to promise past their
+    /// stamp (see [`Nudge`]).
+    nudge: Arc<NudgeBox>,
+    /// The other local units stamping from the same hybrid clock, nudged after every
+    /// batch this unit stamps if they are idle.
+    siblings: Vec<Sibling>,
+    /// This unit stamped a batch and has not settled since (`nudge` says so to the
+    /// siblings): see [`LocalUnit::settle`].
+    busy: bool,
 }
+
+/// Asks a local unit to promise at once, with a heartbeat from its own sender, past the
+/// time stamp its [`NudgeBox`] holds: a sibling stamped a write there, and the group's
+/// commit limit cannot pass that write until this idle pair's head does. At most one is
+/// in a unit's mailbox at a time (the box says when to send one). See
+/// `tidemark::ship::nudge` for why the answer keeps I1: the promise is made by the
+/// pair's own sender, exclusive with its stamping, exactly as a timer heartbeat.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Nudge;
+
+/// A local unit to nudge: its box and its mailbox.
+#[derive(Clone)]
+pub struct Sibling {
+    pub nudge: Arc<NudgeBox>,
+    pub addr: Recipient<Nudge>,
+}
+
+/// The other local units of this process (they stamp from the same hybrid clock).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetSiblings(pub Vec<Sibling>);
 
 /// Online verify on the primary (see `tidemark::verify`): each call is cut into chunks
 /// of at most [`tv::MAX_SUMS`] regions and [`tv::MAX_CHUNK_BYTES`] bytes; each chunk is
@@ -449,6 +480,8 @@ pub struct LocalWiring {
     pub health: Health,
     /// The dirty map, beside the journal (in memory when `None`; tests without one).
     pub dirty: Option<DirtyFile>,
+    /// This pair's nudge box, shared with the sibling units that nudge it.
+    pub nudge: Arc<NudgeBox>,
 }
 
 impl LocalUnit {
@@ -463,6 +496,7 @@ impl LocalUnit {
             gate,
             health,
             dirty,
+            nudge,
         } = wiring;
         let (initial, min, max) = cfg.rtt;
         let mut sender = Sender::new(
@@ -576,6 +610,9 @@ impl LocalUnit {
                 next_id: rand::random::<u64>() >> 1,
                 ..VerifyState::default()
             },
+            nudge,
+            siblings: Vec::new(),
+            busy: false,
         }
     }
 
@@ -1093,7 +1130,83 @@ impl LocalUnit {
             clear_dirty,
             reserve,
         };
+        let stamped = batch.last.is_some();
+        if stamped && !self.busy {
+            self.busy = true;
+            self.nudge.set_busy();
+        }
         self.submit(batch, ctx);
+        if stamped {
+            self.nudge_siblings();
+        }
+    }
+
+    /// After a batch with packets was stamped: asks every idle sibling to promise past
+    /// its last stamp, sending a [`Nudge`] to those that have none pending. (A busy one
+    /// settles later: see `tidemark::ship::nudge`.)
+    fn nudge_siblings(&self) {
+        if self.siblings.is_empty() {
+            return;
+        }
+        let ts = self.sender.last().ts;
+        tidemark::ship::nudge::before_nudging();
+        for s in &self.siblings {
+            if s.nudge.wants(ts) {
+                s.addr.do_send(Nudge);
+            }
+        }
+    }
+
+    /// Whether ops wait in the queue that will be stamped as packets.
+    fn stamping_queued(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|op| matches!(op, Op::Write(..) | Op::Copy | Op::Mark(..)))
+    }
+
+    /// A busy unit whose lane holds nothing and which has nothing to stamp settles: it
+    /// tells its siblings it is idle (they nudge it from then on), and since a sibling
+    /// that stamped meanwhile saw it busy and did not nudge it, it promises past the
+    /// newest stamp of the clock at once if its own last stamp is below it.
+    fn settle(&mut self) {
+        if !self.busy || !self.inflight.is_empty() || self.stamping_queued() {
+            return;
+        }
+        self.busy = false;
+        let newest = self.nudge.settle(&self.clock);
+        self.promise_past(newest);
+    }
+
+    /// Answers a nudge. A busy unit ignores it: it settles later, and then promises past
+    /// the clock's newest stamp, at or above the nudge's.
+    fn answer_nudge(&mut self) {
+        let Some(want) = self.nudge.take() else {
+            return;
+        };
+        if !self.busy {
+            self.promise_past(want);
+        }
+    }
+
+    /// A heartbeat now if this pair's last stamp is below `want` and it may promise (not
+    /// tracking, no resync mark owed); nothing if writes wait to be stamped (their
+    /// stamps will pass it), or it is stopping or failed (its timer heartbeats go on as
+    /// before).
+    fn promise_past(&mut self, want: tidemark::Timestamp) {
+        if self.stamping_queued()
+            || self.stopping
+            || self.failed.is_some()
+            || self.heartbeat_frozen()
+        {
+            return;
+        }
+        let clock = &self.clock;
+        if let Some(hb) = self.sender.answer_nudge(now(), want, || clock.now()) {
+            self.link.do_send(Outbound {
+                to: self.remote_system,
+                msg: WireMessage::Heartbeats(vec![hb]),
+            });
+        }
     }
 
     /// Hands `batch` to the lane, behind every batch handed to it before.
@@ -1431,6 +1544,7 @@ impl LocalUnit {
             // free a shared journal), never at once, which would only spin.
             self.mark_released(ctx);
         }
+        self.settle();
     }
 
     /// Records the acknowledged point in the journal on its own, if no job on the lane
@@ -1623,6 +1737,7 @@ impl LocalUnit {
             self.resubmit(ctx);
         }
         self.transmit();
+        self.settle();
         let t = now();
         if let Some(after) = self.track.suspend_after {
             let waiting =
@@ -2103,6 +2218,22 @@ impl Handler<Write> for LocalUnit {
         self.queue.push(Op::Write(msg.0, tx));
         self.pump(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(EngineError::Stopped)) })
+    }
+}
+
+impl Handler<Nudge> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, _: Nudge, _: &mut Context<Self>) {
+        self.answer_nudge();
+    }
+}
+
+impl Handler<SetSiblings> for LocalUnit {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetSiblings, _: &mut Context<Self>) {
+        self.siblings = msg.0;
     }
 }
 
