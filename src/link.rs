@@ -178,7 +178,11 @@ struct Partial {
     offset: crate::types::Offset,
     /// `Some(n)`: `buf` is compressed data that decompresses to `n` bytes.
     raw: Option<u32>,
+    /// The packet's bytes up to the end of the furthest part received (its capacity is
+    /// `total`: parts arriving in order are appended, never zero-filled first).
     buf: Vec<u8>,
+    /// The packet's length.
+    total: usize,
     /// Byte ranges received so far: sorted, disjoint, not touching.
     have: Vec<(u32, u32)>,
     /// When a part last arrived (a link-wide counter): the least recent is evicted.
@@ -206,7 +210,7 @@ impl Partial {
     }
 
     fn complete(&self) -> bool {
-        self.have.len() == 1 && self.have[0] == (0, self.buf.len() as u32)
+        self.have.len() == 1 && self.have[0] == (0, self.total as u32)
     }
 }
 
@@ -656,7 +660,7 @@ impl LinkCore {
             .collect();
         for k in keys {
             if let Some(p) = self.partial.remove(&k) {
-                self.partial_bytes -= p.buf.len();
+                self.partial_bytes -= p.total;
             }
         }
     }
@@ -672,7 +676,7 @@ impl LinkCore {
             return false;
         };
         if let Some(p) = self.partial.remove(&oldest) {
-            self.partial_bytes -= p.buf.len();
+            self.partial_bytes -= p.total;
             self.counters.reassembly_evicted += 1;
         }
         true
@@ -716,14 +720,15 @@ impl LinkCore {
                 Partial {
                     offset: part.offset,
                     raw,
-                    buf: vec![0; need],
+                    buf: Vec::with_capacity(need),
+                    total: need,
                     have: Vec::new(),
                     touched: self.touched,
                 },
             );
         }
         let p = self.partial.get_mut(&key)?;
-        if p.buf.len() != part.total as usize || p.offset != part.offset || p.raw != raw {
+        if p.total != part.total as usize || p.offset != part.offset || p.raw != raw {
             // Same identity, other shape: not a part of this packet.
             self.counters.dropped_bad_part += 1;
             return None;
@@ -734,12 +739,18 @@ impl LinkCore {
             return None; // a duplicate part
         }
         // Overlapping bytes of one packet are the same bytes: copying them again is fine.
-        p.buf[a as usize..b as usize].copy_from_slice(&part.data);
+        let (a, b) = (a as usize, b as usize);
+        if p.buf.len() < a {
+            p.buf.resize(a, 0); // a gap: later parts fill it
+        }
+        let overlap = p.buf.len().min(b) - a;
+        p.buf[a..a + overlap].copy_from_slice(&part.data[..overlap]);
+        p.buf.extend_from_slice(&part.data[overlap..]);
         if !p.complete() {
             return None;
         }
         let done = self.partial.remove(&key)?;
-        self.partial_bytes -= done.buf.len();
+        self.partial_bytes -= done.total;
         let data = match done.raw {
             None => done.buf,
             Some(raw) => match unzip(&done.buf, raw) {

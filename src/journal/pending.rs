@@ -5,7 +5,6 @@
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
 
 /// Write data at least this long is shared rather than copied into the buffer.
 pub(crate) const SHARE_FROM: usize = 512;
@@ -131,63 +130,9 @@ impl Pending {
 
     /// Writes every pending byte at `offset` of `file` (one `pwritev` per 1024 pieces,
     /// more if the kernel writes less than asked).
-    pub fn write_all_at(&self, file: &File, mut offset: u64) -> io::Result<()> {
+    pub fn write_all_at(&self, file: &File, offset: u64) -> io::Result<()> {
         let pieces: Vec<&[u8]> = self.pieces().collect();
-        let mut i = 0;
-        let mut skip = 0; // bytes of pieces[i] already written
-        while i < pieces.len() {
-            let iov: Vec<libc::iovec> = pieces[i..]
-                .iter()
-                .take(1024)
-                .enumerate()
-                .map(|(k, p)| {
-                    let p = if k == 0 { &p[skip..] } else { p };
-                    libc::iovec {
-                        iov_base: p.as_ptr() as *mut libc::c_void,
-                        iov_len: p.len(),
-                    }
-                })
-                .collect();
-            let off = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-            // SAFETY: every iovec points into a slice borrowed for this call (`pieces`,
-            // alive until the function returns); pwritev only reads them.
-            let n = unsafe {
-                libc::pwritev(
-                    file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    off,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "failed to write whole buffer",
-                ));
-            }
-            let mut n = n as usize;
-            offset += n as u64;
-            while n > 0 && i < pieces.len() {
-                let left = pieces[i].len() - skip;
-                if n >= left {
-                    n -= left;
-                    i += 1;
-                    skip = 0;
-                } else {
-                    skip += n;
-                    n = 0;
-                }
-            }
-        }
-        Ok(())
+        crate::storage::write_all_vectored_at(file, &pieces, offset)
     }
 
     /// All pending bytes in one buffer (tests).

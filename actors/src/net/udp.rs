@@ -300,9 +300,14 @@ impl Actor for UdpLink {
         // message to the actor.
         ctx.spawn(
             async move {
-                let slots = quinn_udp::BATCH_SIZE.max(1);
+                // The buffers offered to one `recvmmsg`, sized to the load: doubled (up to
+                // quinn-udp's batch) when a call fills them all, halved when a call
+                // fills a quarter or less; a new buffer is allocated only when one is
+                // handed on or the batch grows.
+                let max_slots = quinn_udp::BATCH_SIZE.max(1);
+                let mut slots = 4.min(max_slots);
                 let mut bufs = vec![vec![0u8; RECV_SLOT]; slots];
-                let mut meta = vec![quinn_udp::RecvMeta::default(); slots];
+                let mut meta = vec![quinn_udp::RecvMeta::default(); max_slots];
                 loop {
                     if let Err(e) = socket.readable().await {
                         tracing::debug!(error = %e, "udp receive error");
@@ -310,12 +315,14 @@ impl Actor for UdpLink {
                     }
                     let mut batch = Vec::new();
                     while batch.len() < 64 {
+                        bufs.resize_with(slots, || vec![0u8; RECV_SLOT]);
                         let mut io: Vec<std::io::IoSliceMut<'_>> = bufs
                             .iter_mut()
+                            .take(slots)
                             .map(|b| std::io::IoSliceMut::new(b))
                             .collect();
                         let got = socket.try_io(Interest::READABLE, || {
-                            state.recv((&*socket).into(), &mut io, &mut meta)
+                            state.recv((&*socket).into(), &mut io, &mut meta[..slots])
                         });
                         let n = match got {
                             Ok(n) => n,
@@ -327,6 +334,11 @@ impl Actor for UdpLink {
                             }
                         };
                         drop(io);
+                        if n >= slots {
+                            slots = (slots * 2).min(max_slots);
+                        } else if n <= slots / 4 {
+                            slots = (slots / 2).max(1);
+                        }
                         for (m, b) in meta.iter().zip(&mut bufs).take(n) {
                             let len = m.len.min(b.len());
                             let stride = if m.stride == 0 { len.max(1) } else { m.stride };
