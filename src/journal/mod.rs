@@ -134,7 +134,6 @@
 pub mod fault;
 pub mod format;
 pub(crate) mod fuzz;
-mod pending;
 mod recovery;
 mod repair;
 mod state;
@@ -147,11 +146,11 @@ pub use state::{Epoch, PairState, Record, Recovered, RecoveredPair, TailRepair};
 
 use crate::types::{PairId, Seq, Stamp, Timestamp};
 use format::{CheckpointRef, EntryRef};
-use pending::Pending;
 use state::State;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -323,7 +322,7 @@ struct OpenSegment {
     /// `None` until the segment is first synced (created under its temporary name).
     file: Option<File>,
     /// Bytes appended but not written; they go at `info.len`.
-    buf: Pending,
+    buf: Vec<u8>,
     /// Holds a record after its checkpoint.
     has_records: bool,
     /// Written by [`Journal::write`] and not fdatasync'd since.
@@ -341,7 +340,7 @@ impl OpenSegment {
                 max_seq: BTreeMap::new(),
             },
             file: None,
-            buf: Pending::from(first_bytes),
+            buf: first_bytes,
             has_records: false,
             unsynced: false,
             flags: 0,
@@ -374,7 +373,7 @@ pub struct Journal {
     /// Bytes of all segments, on disk and pending.
     used: u64,
     /// Scratch space for encoding a batch.
-    staging: Pending,
+    staging: Vec<u8>,
     frame_ends: Vec<usize>,
     failed: bool,
     /// An append was refused since the last new segment.
@@ -445,7 +444,7 @@ impl Journal {
                 let active = OpenSegment {
                     info: last.info,
                     file: Some(file),
-                    buf: Pending::default(),
+                    buf: Vec::new(),
                     has_records: last.has_records,
                     unsynced: false,
                     flags: last.flags,
@@ -487,7 +486,7 @@ impl Journal {
             active_cp,
             state: plan.state,
             used,
-            staging: Pending::default(),
+            staging: Vec::new(),
             frame_ends: Vec::new(),
             failed: false,
             pressure: false,
@@ -517,7 +516,7 @@ impl Journal {
         let base = self.active.buf.len();
         self.frame_ends.clear();
         for record in records {
-            match format::encode_frame_pending(&mut self.active.buf, &EntryRef::Record(record)) {
+            match format::encode_frame(&mut self.active.buf, &EntryRef::Record(record)) {
                 Some(len) if len as u64 <= segment_size => {}
                 other => {
                     let len = other.map_or(u64::MAX, |l| l as u64);
@@ -593,8 +592,7 @@ impl Journal {
         let in_place = rotations.is_empty();
         if !in_place {
             self.staging.clear();
-            let end = self.active.buf.len();
-            self.staging.append_range(&self.active.buf, base, end);
+            self.staging.extend_from_slice(&self.active.buf[base..]);
             self.active.buf.truncate(base);
         }
         let mut rotations = rotations.into_iter().peekable();
@@ -611,7 +609,7 @@ impl Journal {
             if !in_place {
                 self.active
                     .buf
-                    .append_range(&self.staging, start, frame_end);
+                    .extend_from_slice(&self.staging[start..frame_end]);
             }
             self.active.has_records = true;
             if let Record::Packet(p) = record {
@@ -888,8 +886,7 @@ impl Journal {
             Some(file) => {
                 if !seg.buf.is_empty() {
                     fault::check(dir, fault::IoOp::Write, &path).map_err(io_err(&path))?;
-                    seg.buf
-                        .write_all_at(file, seg.info.len)
+                    file.write_all_at(&seg.buf, seg.info.len)
                         .map_err(io_err(&path))?;
                     seg.unsynced = true;
                 }
@@ -902,7 +899,7 @@ impl Journal {
             None => {
                 if flags != 0 {
                     // A segment not yet created holds its header at the start of `buf`.
-                    if let Some(head) = seg.buf.head_mut(format::HEADER_LEN) {
+                    if let Some(head) = seg.buf.get_mut(..format::HEADER_LEN) {
                         head.copy_from_slice(&format::encode_header_with(segno, flags));
                     }
                 }
@@ -915,7 +912,7 @@ impl Journal {
                     .truncate(true)
                     .open(&temp)
                     .map_err(io_err(&temp))?;
-                seg.buf.write_all_at(&file, 0).map_err(io_err(&temp))?;
+                file.write_all_at(&seg.buf, 0).map_err(io_err(&temp))?;
                 fault::check(dir, fault::IoOp::Sync, &temp).map_err(sync_err(&temp))?;
                 file.sync_all().map_err(sync_err(&temp))?;
                 fs::rename(&temp, &path).map_err(io_err(&path))?;

@@ -394,8 +394,7 @@ fn parts_overlapping_differently_still_complete() {
     let mut p = Partial {
         offset: Offset(0),
         raw: None,
-        buf: Vec::new(),
-        total: 100,
+        buf: vec![0; 100],
         have: Vec::new(),
         touched: 0,
     };
