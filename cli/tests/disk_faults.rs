@@ -355,12 +355,9 @@ fn mount_for(site: &mut Site, system: &str, place: Place, eio: bool) -> Option<V
     Some(vec![mounted(first)?])
 }
 
-fn primary_enospc(place: Place) {
-    let seed = seed();
-    let (mut site, port) = Site::with_nbd();
-    let Some(mounts) = mount_for(&mut site, "site-a", place, false) else {
-        return;
-    };
+/// Starts the secondary and the primary, and makes writes 0..4 (slots 0..4) and a flush
+/// succeed through the primary's NBD export: the healthy start of the primary cells.
+fn start_healthy(site: &Site, port: u16, seed: u64) -> (Procs, Client) {
     let mut procs = Procs::default();
     procs.0.push(("b", site.secondary()));
     procs.0.push(("a", site.primary()));
@@ -370,6 +367,16 @@ fn primary_enospc(place: Place) {
         assert_eq!(write(&mut c, seed, i, i), 0, "write {i} while healthy");
     }
     assert_eq!(flush(&mut c), 0);
+    (procs, c)
+}
+
+fn primary_enospc(place: Place) {
+    let seed = seed();
+    let (mut site, port) = Site::with_nbd();
+    let Some(mounts) = mount_for(&mut site, "site-a", place, false) else {
+        return;
+    };
+    let (mut procs, mut c) = start_healthy(&site, port, seed);
     let filler = Filler::fill(&mounts[0].dir);
     // New blocks of the unit (or new journal bytes) need space now.
     let mut refused = 0;
@@ -442,15 +449,7 @@ fn primary_eio(place: Place) {
     let Some(mut mounts) = mount_for(&mut site, "site-a", place, true) else {
         return;
     };
-    let mut procs = Procs::default();
-    procs.0.push(("b", site.secondary()));
-    procs.0.push(("a", site.primary()));
-    wait_tcp(port, &mut procs.0[1].1, PATIENCE);
-    let mut c = Client::connect(port, "log");
-    for i in 0..4 {
-        assert_eq!(write(&mut c, seed, i, i), 0, "write {i} while healthy");
-    }
-    assert_eq!(flush(&mut c), 0);
+    let (mut procs, mut c) = start_healthy(&site, port, seed);
     mounts[0].shut_down();
     // The next write that reaches the dead disk fails with EIO; flushes find it at the
     // latest. The primary may meet the dead journal first on its own (a watermark it
