@@ -116,6 +116,13 @@ def watch(primary, secondary, out):
                     "applied": pair_sum(s, "applied_seq"),
                     "lag_p50_us": s["stats"].get("lag_p50_us", 0),
                     "lag_p99_us": s["stats"].get("lag_p99_us", 0),
+                    # Admission and where the lag goes, per pair (if reported).
+                    "admit": [
+                        (x.get("unacked_bytes"), x.get("admit_bytes"),
+                         x.get("sent_lag_p50_us"), x.get("sent_lag_p99_us"))
+                        for x in p["stats"]["pairs"]
+                    ],
+                    "stages": [x.get("lag_stages", []) for x in s["stats"]["pairs"]],
                 }
             )
         time.sleep(0.25)
@@ -153,7 +160,24 @@ def settle(primary, secondary, since, timeout, out):
         "lag_samples": s["stats"].get("lag_samples", 0),
         "retransmits": sum(x.get("retransmits", 0) for x in p["stats"]["pairs"]),
         "link_primary": p.get("link"),
+        # Where the lag goes (the remote units' ages of writes at each step), if reported.
+        "lag_stages": [x.get("lag_stages", []) for x in s["stats"]["pairs"]],
     }
+    for x in p["stats"]["pairs"]:
+        if "sent_lag_p99_us" in x:
+            print(
+                f"  primary: age when sent {fmt_us(x['sent_lag_p50_us'])}/"
+                f"{fmt_us(x['sent_lag_p99_us'])} (p50/p99)"
+            )
+    for stages in first["lag_stages"]:
+        if stages:
+            print(
+                "  lag by stage (p50/p99): "
+                + ", ".join(
+                    f"{x['stage']} {fmt_us(x['p50_us'])}/{fmt_us(x['p99_us'])}"
+                    for x in stages
+                )
+            )
     deadline = time.time() + float(timeout)
     caught = None
     while time.time() < deadline:

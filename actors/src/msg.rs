@@ -69,6 +69,13 @@ pub struct LocalStats {
     /// Writes taken and not yet answered: queued, on the lane, or waiting for their
     /// reply (commit-wait, pacing).
     pub waiting_writes: usize,
+    /// Recent ages (now minus stamp) of packets as the sender put them on the wire, µs.
+    pub sent_lag_p50_us: u64,
+    pub sent_lag_p99_us: u64,
+    /// Bytes stamped and not acknowledged by the remote, and how many may be before
+    /// writers wait (admission).
+    pub unacked_bytes: u64,
+    pub admit_bytes: u64,
 }
 
 /// What write pacing does on one pair ([`tidemark::pace`]).
@@ -204,6 +211,9 @@ pub struct RemoteStats {
     pub lag_ns: Vec<u64>,
     /// The largest commit lag since start, nanoseconds.
     pub lag_max_ns: u64,
+    /// Recent ages of writes at each step before they are applied, nanoseconds
+    /// ([`crate::units::lag::LagStages`]).
+    pub stage_ns: Vec<(&'static str, Vec<u64>)>,
 }
 
 #[derive(Message)]

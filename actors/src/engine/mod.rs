@@ -16,6 +16,6 @@ mod stats;
 pub use crate::units::local::TrackConfig;
 pub use handle::{Engine, PairControl, PairHandle};
 pub use spec::{EngineBuilder, InitialSync, PairSpec, Role, StoreSpec, UdpTransport};
-pub use stats::{PairStats, Stats};
+pub use stats::{PairStats, StageLag, Stats};
 
 use handle::LinkAddr;

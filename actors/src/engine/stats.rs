@@ -63,6 +63,25 @@ pub struct PairStats {
     pub waiting_writes: u64,
     /// The largest commit lag of any write applied since start (µs).
     pub lag_max_us: u64,
+    /// Where the commit lag goes, at the remote unit: recent ages of writes as they
+    /// arrived, became durable in the remote journal and were selected to be applied,
+    /// and of limits as they arrived (empty where no remote unit runs).
+    pub lag_stages: Vec<StageLag>,
+    /// At the primary: recent ages (now minus stamp) of packets as they went on the
+    /// wire, µs.
+    pub sent_lag_p50_us: u64,
+    pub sent_lag_p99_us: u64,
+    /// At the primary: bytes not yet acknowledged, and the admission bound on them.
+    pub unacked_bytes: u64,
+    pub admit_bytes: u64,
+}
+
+/// The age (now minus stamp) of recent writes at one step, at the remote unit (µs).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StageLag {
+    pub stage: &'static str,
+    pub p50_us: u64,
+    pub p99_us: u64,
 }
 
 /// A remote system's resync epoch (see `docs/design.md`).
@@ -159,6 +178,20 @@ impl Engine {
                 quiesced: l.quiesced,
                 waiting_writes: l.waiting_writes as u64,
                 lag_max_us: r.lag_max_ns / 1000,
+                lag_stages: r
+                    .stage_ns
+                    .iter()
+                    .filter(|(_, s)| !s.is_empty())
+                    .map(|(stage, s)| StageLag {
+                        stage,
+                        p50_us: percentile(&mut s.clone(), 50.0) / 1000,
+                        p99_us: percentile(&mut s.clone(), 99.0) / 1000,
+                    })
+                    .collect(),
+                sent_lag_p50_us: l.sent_lag_p50_us,
+                sent_lag_p99_us: l.sent_lag_p99_us,
+                unacked_bytes: l.unacked_bytes,
+                admit_bytes: l.admit_bytes,
             });
             all_lags.extend_from_slice(&r.lag_ns);
         }

@@ -41,6 +41,45 @@ impl LagSamples {
     }
 }
 
+/// Where a write's commit lag goes on the remote unit: its age (now minus its stamp)
+/// when it reached the unit, when it was durable in the remote journal, and when a
+/// released limit let it be applied (selected for an application), plus the age of each
+/// limit as it arrived. The applied age is the commit lag itself ([`LagSamples`]).
+#[derive(Clone, Debug, Default)]
+pub struct LagStages {
+    pub arrived: LagSamples,
+    pub durable: LagSamples,
+    pub selected: LagSamples,
+    pub limit: LagSamples,
+    /// Not ages: how long each synced journal append of the unit's packets took, and
+    /// each flush of the unit that records its applied point.
+    pub journal_sync: LagSamples,
+    pub unit_flush: LagSamples,
+    /// How long each synced journal append waited for a disk thread.
+    pub journal_queue: LagSamples,
+    /// Ages of packets as they were taken into a journal batch, and of packets that
+    /// arrived above a gap (held in memory until it closes).
+    pub batched: LagSamples,
+    pub ahead: LagSamples,
+}
+
+impl LagStages {
+    /// `(stage, recent samples)` of every stage, in the order a write passes them.
+    pub fn samples(&self) -> Vec<(&'static str, Vec<u64>)> {
+        vec![
+            ("arrived", self.arrived.samples().to_vec()),
+            ("ahead", self.ahead.samples().to_vec()),
+            ("batched", self.batched.samples().to_vec()),
+            ("durable", self.durable.samples().to_vec()),
+            ("selected", self.selected.samples().to_vec()),
+            ("limit", self.limit.samples().to_vec()),
+            ("journal_sync_time", self.journal_sync.samples().to_vec()),
+            ("unit_flush_time", self.unit_flush.samples().to_vec()),
+            ("journal_queue_time", self.journal_queue.samples().to_vec()),
+        ]
+    }
+}
+
 /// The `p`-th percentile (0..=100) of `samples`, or 0 if there are none.
 pub fn percentile(samples: &mut [u64], p: f64) -> u64 {
     if samples.is_empty() {

@@ -21,6 +21,7 @@ use crate::health::Health;
 use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
+use crate::units::lag::LagSamples;
 use crate::units::sync::{InitialSync, Piece};
 use actix::prelude::*;
 use bytes::Bytes;
@@ -173,6 +174,8 @@ pub struct LocalUnit {
     pair: PairId,
     remote_system: SystemId,
     sender: Sender,
+    /// Ages (wall clock minus stamp) of packets as they go on the wire.
+    sent_lag: LagSamples,
     clock: Arc<HybridClock>,
     store: Arc<dyn BlockStore>,
     journal: Option<SharedJournal>,
@@ -559,6 +562,7 @@ impl LocalUnit {
             pair,
             remote_system,
             sender,
+            sent_lag: LagSamples::default(),
             clock,
             store,
             disk: lane,
@@ -1708,6 +1712,10 @@ impl LocalUnit {
                 unacked = self.sender.unacked_len(), acked = %self.sender.acked(), "retransmit");
         }
         if !out.is_empty() {
+            let wall = self.clock.wall_ns();
+            for p in &out {
+                self.sent_lag.record(wall.saturating_sub(p.stamp.ts.0));
+            }
             self.link.do_send(Outbound {
                 to: self.remote_system,
                 msg: WireMessage::Data(out),
@@ -2290,6 +2298,7 @@ impl Handler<GetLocalStats> for LocalUnit {
 
     fn handle(&mut self, _: GetLocalStats, _: &mut Context<Self>) -> Self::Result {
         let s = self.sender.stats();
+        let mut sent = self.sent_lag.samples().to_vec();
         MessageResult(LocalStats {
             last: self.sender.last(),
             acked: self.sender.acked(),
@@ -2333,6 +2342,10 @@ impl Handler<GetLocalStats> for LocalUnit {
                     .filter(|op| matches!(op, Op::Write(..)))
                     .count()
                 + self.pending.len(),
+            sent_lag_p50_us: crate::units::lag::percentile(&mut sent.clone(), 50.0) / 1000,
+            sent_lag_p99_us: crate::units::lag::percentile(&mut sent, 99.0) / 1000,
+            unacked_bytes: self.sender.unacked_bytes() as u64,
+            admit_bytes: self.admit_bytes() as u64,
         })
     }
 }

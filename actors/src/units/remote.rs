@@ -22,7 +22,7 @@ use crate::health::Health;
 use crate::msg::*;
 use crate::units::disk::Disk;
 use crate::units::journaling::{Durability, SharedJournal};
-use crate::units::lag::LagSamples;
+use crate::units::lag::{LagSamples, LagStages};
 use crate::units::undo::{UndoFile, UndoFileError};
 use actix::prelude::*;
 use std::collections::VecDeque;
@@ -144,6 +144,8 @@ pub struct RemoteUnit {
     hook: Option<ApplyHook>,
     wall: Wall,
     lag: LagSamples,
+    /// The age of writes at each step before they are applied (where the lag goes).
+    stages: LagStages,
     applying_ts: Vec<Timestamp>,
     applies: u64,
     limit_violations: u64,
@@ -240,6 +242,7 @@ impl RemoteUnit {
             hook: w.hook,
             wall: w.wall,
             lag: LagSamples::default(),
+            stages: LagStages::default(),
             applying_ts: Vec::new(),
             applies: 0,
             limit_violations: 0,
@@ -318,13 +321,29 @@ impl RemoteUnit {
         let Some(batch) = self.intake.take_batch() else {
             return;
         };
+        let now = (self.wall)();
+        for p in &batch {
+            self.stages.batched.record(now.saturating_sub(p.stamp.ts.0));
+        }
         let records: Vec<Record> = batch.iter().cloned().map(Record::Packet).collect();
-        let job = self
-            .disk
-            .run(move || journal.append(&records, Durability::Synced));
+        let queued = std::time::Instant::now();
+        let job = self.disk.run(move || {
+            let t = std::time::Instant::now();
+            let r = journal.append(&records, Durability::Synced);
+            (r, t.elapsed(), t.saturating_duration_since(queued))
+        });
         ctx.spawn(job.into_actor(self).map(move |res, act, ctx| {
+            let res = res.map(|(r, took, waited)| {
+                act.stages.journal_sync.record(took.as_nanos() as u64);
+                act.stages.journal_queue.record(waited.as_nanos() as u64);
+                r
+            });
             match res {
                 Some(Ok(())) => {
+                    let now = (act.wall)();
+                    for p in &batch {
+                        act.stages.durable.record(now.saturating_sub(p.stamp.ts.0));
+                    }
                     act.intake.journaled(batch);
                     act.answer();
                     act.apply(ctx);
@@ -416,6 +435,10 @@ impl RemoteUnit {
             _ => false,
         };
         self.applying_ts = batch.iter().map(|p| p.stamp.ts).collect();
+        let now = (self.wall)();
+        for ts in &self.applying_ts {
+            self.stages.selected.record(now.saturating_sub(ts.0));
+        }
         if batch.is_empty() && want_undo == self.undo_base {
             self.finish(limit, None, partial);
             return;
@@ -710,12 +733,19 @@ impl RemoteUnit {
             stamp: self.intake.tracker().applied(),
         };
         let job = self.disk.run(move || {
-            store.flush().map_err(|e| e.to_string())?;
-            journal
-                .append(&[rec], Durability::Written)
-                .map_err(|e| e.to_string())
+            let t = std::time::Instant::now();
+            let r = store.flush().map_err(|e| e.to_string()).and_then(|()| {
+                journal
+                    .append(&[rec], Durability::Written)
+                    .map_err(|e| e.to_string())
+            });
+            (r, t.elapsed())
         });
         ctx.spawn(job.into_actor(self).map(|res, act, _| {
+            let res = res.map(|(r, took)| {
+                act.stages.unit_flush.record(took.as_nanos() as u64);
+                r
+            });
             act.recording = false;
             // A failed flush or journal write is not retried: after a failed fsync
             // neither can be trusted again.
@@ -757,8 +787,13 @@ impl Handler<PacketsIn> for RemoteUnit {
             // it; packets above a gap are held in memory, acknowledged selectively, until
             // it closes; the packet right after the head is always taken. What does not
             // fit is dropped and retransmitted later.
+            let now = (self.wall)();
             for p in msg.0 {
-                self.intake.offer(p);
+                let age = now.saturating_sub(p.stamp.ts.0);
+                self.stages.arrived.record(age);
+                if let tidemark::intake::Offer::Ahead = self.intake.offer(p) {
+                    self.stages.ahead.record(age);
+                }
             }
             // Acknowledge what is durable already (the sender may be retransmitting it),
             // and what is held above a gap.
@@ -791,6 +826,8 @@ impl Handler<LimitIn> for RemoteUnit {
         let changed = msg.epoch != self.epoch;
         self.epoch = msg.epoch;
         if msg.limit > self.limit {
+            let now = (self.wall)();
+            self.stages.limit.record(now.saturating_sub(msg.limit.0));
             self.limit = msg.limit;
             self.apply(ctx);
         } else if changed {
@@ -877,6 +914,7 @@ impl Handler<GetRemoteStats> for RemoteUnit {
             undo_bytes: self.undo_base.map(|_| self.undo_bytes),
             lag_ns: self.lag.samples().to_vec(),
             lag_max_ns: self.lag.max(),
+            stage_ns: self.stages.samples(),
         })
     }
 }
