@@ -69,6 +69,8 @@ pub struct Congestion {
     round_bytes: usize,
     /// Delivery rate (bytes per second) of each of the last rounds, newest last.
     rates: VecDeque<f64>,
+    /// Bytes delivered and seconds taken by each of the same rounds, newest last.
+    spans: VecDeque<(usize, f64)>,
     stats: CongestionStats,
 }
 
@@ -89,6 +91,7 @@ impl Congestion {
             round: None,
             round_bytes: 0,
             rates: VecDeque::with_capacity(RATE_ROUNDS + 1),
+            spans: VecDeque::with_capacity(RATE_ROUNDS + 1),
             stats: CongestionStats::default(),
         }
     }
@@ -125,6 +128,18 @@ impl Congestion {
         (best > 0.0).then_some(best)
     }
 
+    /// What the path delivered over the last rounds together (their bytes over their
+    /// time), bytes per second (`None`: not measured yet). Unlike the best round's rate
+    /// ([`Congestion::delivery_rate`]) this is what a bursty receiver (a remote journal
+    /// committing in groups) sustains, not its fastest burst.
+    pub fn sustained_rate(&self) -> Option<f64> {
+        let (bytes, secs) = self
+            .spans
+            .iter()
+            .fold((0usize, 0.0f64), |(b, t), &(x, y)| (b + x, t + y));
+        (bytes > 0 && secs > 0.0).then(|| bytes as f64 / secs)
+    }
+
     /// The most the path delivered in a round trip lately (0: not measured yet).
     pub fn floor(&self, srtt: Option<Duration>) -> usize {
         let best = self.rates.iter().copied().fold(0.0f64, f64::max);
@@ -152,6 +167,10 @@ impl Congestion {
                         self.rates.push_back(self.round_bytes as f64 / secs);
                         if self.rates.len() > RATE_ROUNDS {
                             self.rates.pop_front();
+                        }
+                        self.spans.push_back((self.round_bytes, secs));
+                        if self.spans.len() > RATE_ROUNDS {
+                            self.spans.pop_front();
                         }
                     }
                     self.round = Some((next_xmit, now));

@@ -165,11 +165,6 @@ const MIN_PART: usize = 4 << 10;
 /// this many packets of a pair; a restart after a power loss skips at most this many.
 const RESERVE_STEP: u64 = 1 << 16;
 
-/// Writers may run this many congestion windows ahead of the acknowledgements…
-const ADMIT_CWNDS: usize = 2;
-/// …and at least this much.
-const ADMIT_MIN: usize = 1 << 20;
-
 pub struct LocalUnit {
     pair: PairId,
     remote_system: SystemId,
@@ -906,10 +901,7 @@ impl LocalUnit {
     /// unstamped at the client, not stamped behind the network or the remote's disk,
     /// and commit lag stays near the path's own delay), never more than `window_bytes`.
     fn admit_bytes(&self) -> usize {
-        let cwnd = self.sender.delivery_window();
-        (cwnd.saturating_mul(ADMIT_CWNDS))
-            .max(ADMIT_MIN)
-            .min(self.window_bytes)
+        self.sender.admit_bytes(self.window_bytes)
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
