@@ -11,7 +11,7 @@
 //! most `queue_ms`) and the orderer's round, so the largest lag of any applied write
 //! stays below `target + queue + slack`, and the test asserts below twice the target.
 //! Without pacing the writer is held back only by the window's back-pressure (at least
-//! 1 MiB unacknowledged, [`ADMIT_MIN`] in the local unit), so the lag grows to about
+//! 1 MiB unacknowledged, `tidemark::ship::ADMIT_MIN`), so the lag grows to about
 //! `1 MiB / rate`, which the test makes more than twice the target.
 //!
 //! Waits poll status with deadlines; the seed is printed (`TIDEMARK_SEED` replays).
