@@ -1416,15 +1416,46 @@ impl LocalUnit {
                 Err(e) => return Outcome::Failed(format!("journal: {e}")),
             }
         }
+        // In order; a run of writes each starting where the one before ended goes down
+        // in one vectored write (one `pwritev` for a file).
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_at = 0u64;
+        let mut run_end = 0u64;
+        let flush_run = |run: &mut Vec<&[u8]>, at: u64| -> Result<(), String> {
+            if run.is_empty() {
+                return Ok(());
+            }
+            let r = store.write_vectored_at(Offset(at), run);
+            run.clear();
+            r.map_err(|e| format!("local write: {e}"))
+        };
         for (i, r) in records.iter().enumerate() {
             if let Record::Packet(p) = r {
                 if copies.contains(&i) || holes.contains(&i) {
                     continue;
                 }
+                if let Payload::Write { offset, data } = &p.payload {
+                    if run.is_empty() || offset.0 != run_end {
+                        if let Err(e) = flush_run(&mut run, run_at) {
+                            return Outcome::Failed(e);
+                        }
+                        run_at = offset.0;
+                        run_end = offset.0;
+                    }
+                    run.push(data);
+                    run_end += data.len() as u64;
+                    continue;
+                }
+                if let Err(e) = flush_run(&mut run, run_at) {
+                    return Outcome::Failed(e);
+                }
                 if let Err(e) = store.apply(&p.payload) {
                     return Outcome::Failed(format!("local write: {e}"));
                 }
             }
+        }
+        if let Err(e) = flush_run(&mut run, run_at) {
+            return Outcome::Failed(e);
         }
         if flush {
             if let Err(e) = store.flush() {
