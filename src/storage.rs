@@ -52,7 +52,9 @@ pub trait BlockStore: Send + Sync {
     fn read_at(&self, offset: Offset, buf: &mut [u8]) -> Result<(), StoreError>;
     fn write_at(&self, offset: Offset, data: &[u8]) -> Result<(), StoreError>;
     /// Writes `pieces` back to back from `offset`. Default: one [`BlockStore::write_at`]
-    /// per piece; a file store writes them with one `pwritev`.
+    /// per piece; a file store writes them with one `pwritev`. Not for merging separate
+    /// client writes into one: the page cache sizes folios by the write that creates
+    /// them, and small writes into large folios cost more (see `LocalUnit`).
     fn write_vectored_at(&self, offset: Offset, pieces: &[&[u8]]) -> Result<(), StoreError> {
         let mut at = offset.0;
         for p in pieces {

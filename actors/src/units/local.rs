@@ -1416,46 +1416,22 @@ impl LocalUnit {
                 Err(e) => return Outcome::Failed(format!("journal: {e}")),
             }
         }
-        // In order; a run of writes each starting where the one before ended goes down
-        // in one vectored write (one `pwritev` for a file).
-        let mut run: Vec<&[u8]> = Vec::new();
-        let mut run_at = 0u64;
-        let mut run_end = 0u64;
-        let flush_run = |run: &mut Vec<&[u8]>, at: u64| -> Result<(), String> {
-            if run.is_empty() {
-                return Ok(());
-            }
-            let r = store.write_vectored_at(Offset(at), run);
-            run.clear();
-            r.map_err(|e| format!("local write: {e}"))
-        };
+        // In order, one write call per client write, shaped as the client sent it (as the
+        // secondary applies them). Not merged into one vectored write per run of
+        // adjacent writes: the page cache sizes a file's folios by the write that creates
+        // them, and a later small write into a large folio costs in proportion to the
+        // folio (ext4 walks every block of it): merged 1 MiB writes made 2 MiB folios,
+        // and 4 KiB random writes into them cost the primary ~25 us more each
+        // (docs/benchmarks.md, "Cause of the random-write regression").
         for (i, r) in records.iter().enumerate() {
             if let Record::Packet(p) = r {
                 if copies.contains(&i) || holes.contains(&i) {
                     continue;
                 }
-                if let Payload::Write { offset, data } = &p.payload {
-                    if run.is_empty() || offset.0 != run_end {
-                        if let Err(e) = flush_run(&mut run, run_at) {
-                            return Outcome::Failed(e);
-                        }
-                        run_at = offset.0;
-                        run_end = offset.0;
-                    }
-                    run.push(data);
-                    run_end += data.len() as u64;
-                    continue;
-                }
-                if let Err(e) = flush_run(&mut run, run_at) {
-                    return Outcome::Failed(e);
-                }
                 if let Err(e) = store.apply(&p.payload) {
                     return Outcome::Failed(format!("local write: {e}"));
                 }
             }
-        }
-        if let Err(e) = flush_run(&mut run, run_at) {
-            return Outcome::Failed(e);
         }
         if flush {
             if let Err(e) = store.flush() {
