@@ -178,7 +178,11 @@ struct Partial {
     offset: crate::types::Offset,
     /// `Some(n)`: `buf` is compressed data that decompresses to `n` bytes.
     raw: Option<u32>,
+    /// The packet's bytes up to the end of the furthest part received (its capacity is
+    /// `total`: parts arriving in order are appended, never zero-filled first).
     buf: Vec<u8>,
+    /// The packet's length.
+    total: usize,
     /// Byte ranges received so far: sorted, disjoint, not touching.
     have: Vec<(u32, u32)>,
     /// When a part last arrived (a link-wide counter): the least recent is evicted.
@@ -206,7 +210,7 @@ impl Partial {
     }
 
     fn complete(&self) -> bool {
-        self.have.len() == 1 && self.have[0] == (0, self.buf.len() as u32)
+        self.have.len() == 1 && self.have[0] == (0, self.total as u32)
     }
 }
 
@@ -348,13 +352,9 @@ impl LinkCore {
                                 self.counters.parts_out += parts.len() as u64;
                             }
                             for part in parts {
-                                peer.data.push_back(Item {
-                                    bytes: wire::encode_item(&Message::Zipped(Zipped {
-                                        raw,
-                                        part,
-                                    })),
-                                    tries: 0,
-                                });
+                                peer.data.push_back(Item::new(wire::encode_item_split(
+                                    &Message::Zipped(Zipped { raw, part }),
+                                )));
                             }
                         }
                         None => {
@@ -378,14 +378,6 @@ impl LinkCore {
         }
     }
 
-    /// Encodes the frame straight after the seal header and seals it in place.
-    fn seal(&mut self, to: SystemId, items: &[&[u8]]) -> Vec<u8> {
-        let me = self.me;
-        let len = FRAME_OVERHEAD + items.iter().map(|i| i.len()).sum::<usize>();
-        self.sealer
-            .seal_with(len, |out| wire::encode_parts_into(out, me, to, items))
-    }
-
     /// The next datagram to send now, and to whom; `None` if nothing may leave now (see
     /// [`LinkCore::poll_timeout`]).
     ///
@@ -395,24 +387,38 @@ impl LinkCore {
     /// datagram, if the window has room and the pacer has tokens. Every datagram's
     /// bytes are taken from the pacer's tokens.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(SystemId, Vec<u8>)> {
+        let mut d = Vec::new();
+        let to = self.poll_transmit_into(now, &mut d)?;
+        Some((to, d))
+    }
+
+    /// As [`LinkCore::poll_transmit`], appending the datagram to `out` (what `out` held
+    /// stays): the frame is encoded and sealed in the buffer that is sent, and write data
+    /// is copied once, from the packet into it. Returns to whom it goes; `out` is
+    /// unchanged if nothing may leave now.
+    pub fn poll_transmit_into(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<SystemId> {
         let n = self.ids.len();
         for k in 0..n {
             let to = self.ids[(self.turn + k) % n];
-            if let Some(d) = self.datagram_for(to, now) {
+            let start = out.len();
+            if self.datagram_for(to, now, out) {
                 self.turn = (self.turn + k + 1) % n;
                 self.counters.datagrams_out += 1;
-                self.counters.bytes_out += d.len() as u64;
-                return Some((to, d));
+                self.counters.bytes_out += (out.len() - start) as u64;
+                return Some(to);
             }
         }
         None
     }
 
-    /// The next datagram for `to` that may leave now, if any.
-    fn datagram_for(&mut self, to: SystemId, now: Instant) -> Option<Vec<u8>> {
+    /// Appends the next datagram for `to` that may leave now to `out`, if any.
+    fn datagram_for(&mut self, to: SystemId, now: Instant, out: &mut Vec<u8>) -> bool {
         let budget = self.budget();
         let mtu = self.cfg.mtu;
-        let peer = self.peers.get_mut(&to)?;
+        let me = self.me;
+        let Some(peer) = self.peers.get_mut(&to) else {
+            return false;
+        };
         if let Some(r) = peer.received.poll_receipt(now) {
             self.counters.receipts_out += 1;
             peer.control
@@ -432,7 +438,7 @@ impl LinkCore {
                         None => break,
                     },
                 };
-                if !items.is_empty() && size + item.bytes.len() > budget {
+                if !items.is_empty() && size + item.len() > budget {
                     if resent {
                         peer.flow.put_back(item);
                     } else {
@@ -440,7 +446,7 @@ impl LinkCore {
                     }
                     break;
                 }
-                size += item.bytes.len();
+                size += item.len();
                 items.push(item);
             }
             let mut state: Vec<Vec<u8>> = Vec::new();
@@ -451,17 +457,24 @@ impl LinkCore {
                 size += c.len();
                 state.extend(peer.control.pop_front());
             }
-            let mut refs: Vec<&[u8]> = vec![&number];
-            refs.extend(items.iter().map(|i| i.bytes.as_slice()));
-            refs.extend(state.iter().map(Vec::as_slice));
-            let d = self.seal(to, &refs);
-            let peer = self.peers.get_mut(&to)?;
-            peer.flow.spend(now, d.len());
-            peer.flow.on_sent(now, d.len(), items);
-            return Some(d);
+            let count = 1 + items.len() + state.len();
+            out.reserve(OVERHEAD + FRAME_OVERHEAD + size);
+            let len = self.sealer.seal_into(out, |out| {
+                wire::encode_header_into(out, me, to, count);
+                out.extend_from_slice(&number);
+                for i in &items {
+                    i.write_to(out);
+                }
+                for c in &state {
+                    out.extend_from_slice(c);
+                }
+            });
+            peer.flow.spend(now, len);
+            peer.flow.on_sent(now, len, items);
+            return true;
         }
         if peer.control.is_empty() {
-            return None;
+            return false;
         }
         let mut state: Vec<Vec<u8>> = Vec::new();
         let mut size = 0;
@@ -472,12 +485,12 @@ impl LinkCore {
             size += c.len();
             state.extend(peer.control.pop_front());
         }
-        let refs: Vec<&[u8]> = state.iter().map(Vec::as_slice).collect();
-        let d = self.seal(to, &refs);
-        if let Some(peer) = self.peers.get_mut(&to) {
-            peer.flow.spend(now, d.len());
-        }
-        Some(d)
+        out.reserve(OVERHEAD + FRAME_OVERHEAD + size);
+        let len = self
+            .sealer
+            .seal_into(out, |out| wire::encode_parts_into(out, me, to, &state));
+        peer.flow.spend(now, len);
+        true
     }
 
     /// Datagrams' worth of messages waiting (for the window, the pacer, or a call).
@@ -547,7 +560,29 @@ impl LinkCore {
     ) -> Option<(SystemId, Vec<Message>)> {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += datagram.len() as u64;
-        let (frame, peer) = match self.opener.open_in_place(datagram) {
+        let opened = self.opener.open_in_place(datagram);
+        self.take_opened(now, opened)
+    }
+
+    /// As [`LinkCore::handle_datagram`], taking the datagram's buffer: the write data of
+    /// the messages returned shares it (no copy).
+    pub fn handle_datagram_owned(
+        &mut self,
+        now: Instant,
+        datagram: Vec<u8>,
+    ) -> Option<(SystemId, Vec<Message>)> {
+        self.counters.datagrams_in += 1;
+        self.counters.bytes_in += datagram.len() as u64;
+        let opened = self.opener.open_owned(datagram);
+        self.take_opened(now, opened)
+    }
+
+    fn take_opened(
+        &mut self,
+        now: Instant,
+        opened: Result<(crate::wire::Frame, Peer), SealError>,
+    ) -> Option<(SystemId, Vec<Message>)> {
+        let (frame, peer) = match opened {
             Ok(x) => x,
             Err(e) => {
                 let c = &mut self.counters;
@@ -625,7 +660,7 @@ impl LinkCore {
             .collect();
         for k in keys {
             if let Some(p) = self.partial.remove(&k) {
-                self.partial_bytes -= p.buf.len();
+                self.partial_bytes -= p.total;
             }
         }
     }
@@ -641,7 +676,7 @@ impl LinkCore {
             return false;
         };
         if let Some(p) = self.partial.remove(&oldest) {
-            self.partial_bytes -= p.buf.len();
+            self.partial_bytes -= p.total;
             self.counters.reassembly_evicted += 1;
         }
         true
@@ -685,14 +720,15 @@ impl LinkCore {
                 Partial {
                     offset: part.offset,
                     raw,
-                    buf: vec![0; need],
+                    buf: Vec::with_capacity(need),
+                    total: need,
                     have: Vec::new(),
                     touched: self.touched,
                 },
             );
         }
         let p = self.partial.get_mut(&key)?;
-        if p.buf.len() != part.total as usize || p.offset != part.offset || p.raw != raw {
+        if p.total != part.total as usize || p.offset != part.offset || p.raw != raw {
             // Same identity, other shape: not a part of this packet.
             self.counters.dropped_bad_part += 1;
             return None;
@@ -703,12 +739,18 @@ impl LinkCore {
             return None; // a duplicate part
         }
         // Overlapping bytes of one packet are the same bytes: copying them again is fine.
-        p.buf[a as usize..b as usize].copy_from_slice(&part.data);
+        let (a, b) = (a as usize, b as usize);
+        if p.buf.len() < a {
+            p.buf.resize(a, 0); // a gap: later parts fill it
+        }
+        let overlap = p.buf.len().min(b) - a;
+        p.buf[a..a + overlap].copy_from_slice(&part.data[..overlap]);
+        p.buf.extend_from_slice(&part.data[overlap..]);
         if !p.complete() {
             return None;
         }
         let done = self.partial.remove(&key)?;
-        self.partial_bytes -= done.buf.len();
+        self.partial_bytes -= done.total;
         let data = match done.raw {
             None => done.buf,
             Some(raw) => match unzip(&done.buf, raw) {
@@ -754,10 +796,10 @@ fn explode(msg: Message, out: &mut Vec<Message>) {
 /// first (that would copy up to a whole write only to measure it).
 fn push_raw(peer: &mut PeerState, counters: &mut LinkCounters, p: Packet, budget: usize) {
     let whole = (data_len(&p) < budget)
-        .then(|| wire::encode_item(&Message::Data(vec![p.clone()])))
-        .filter(|b| b.len() <= budget);
+        .then(|| wire::encode_item_split(&Message::Data(vec![p.clone()])))
+        .filter(|(head, tail)| head.len() + tail.len() <= budget);
     match whole {
-        Some(bytes) => peer.data.push_back(Item { bytes, tries: 0 }),
+        Some(encoded) => peer.data.push_back(Item::new(encoded)),
         None => {
             let data = match &p.payload {
                 Payload::Write { data, .. } => data.clone(),
@@ -765,10 +807,8 @@ fn push_raw(peer: &mut PeerState, counters: &mut LinkCounters, p: Packet, budget
             };
             for part in split_bytes(&p, data, budget) {
                 counters.parts_out += 1;
-                peer.data.push_back(Item {
-                    bytes: wire::encode_item(&Message::Part(part)),
-                    tries: 0,
-                });
+                peer.data
+                    .push_back(Item::new(wire::encode_item_split(&Message::Part(part))));
             }
         }
     }

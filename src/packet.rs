@@ -14,7 +14,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     /// Write `data` at `offset`.
-    Write { offset: Offset, data: Bytes },
+    Write {
+        offset: Offset,
+        // Shared with the datagram it arrived in, not copied (`wire::decode_shared`).
+        #[serde(deserialize_with = "crate::wire::shared_bytes")]
+        data: Bytes,
+    },
     /// Write `len` zero bytes at `offset` (write-zeroes and trim are replicated as this).
     Zero { offset: Offset, len: u64 },
     /// A mark in a pair's ordered stream. It touches no bytes of the unit; the remote
@@ -298,6 +303,7 @@ pub struct Part {
     pub offset: Offset,
     pub total: u32,
     pub at: u32,
+    #[serde(deserialize_with = "crate::wire::shared_bytes")]
     pub data: Bytes,
 }
 

@@ -51,6 +51,18 @@ pub trait BlockStore: Send + Sync {
     fn size(&self) -> u64;
     fn read_at(&self, offset: Offset, buf: &mut [u8]) -> Result<(), StoreError>;
     fn write_at(&self, offset: Offset, data: &[u8]) -> Result<(), StoreError>;
+    /// Writes `pieces` back to back from `offset`. Default: one [`BlockStore::write_at`]
+    /// per piece; a file store writes them with one `pwritev`. Not for merging separate
+    /// client writes into one: the page cache sizes folios by the write that creates
+    /// them, and small writes into large folios cost more (see `LocalUnit`).
+    fn write_vectored_at(&self, offset: Offset, pieces: &[&[u8]]) -> Result<(), StoreError> {
+        let mut at = offset.0;
+        for p in pieces {
+            self.write_at(Offset(at), p)?;
+            at += p.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes `len` bytes at `offset` read as zeros; the unit's size does not change.
     /// Whether the range stays allocated is the store's choice. Nothing is changed if the
     /// range is not inside the unit.
@@ -230,6 +242,17 @@ impl FileStore {
 impl BlockStore for FileStore {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn write_vectored_at(&self, offset: Offset, pieces: &[&[u8]]) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        check(self.size, offset, len)?;
+        write_all_vectored_at(&self.file, pieces, offset.0).map_err(|e| self.io(e))
     }
 
     fn read_at(&self, offset: Offset, buf: &mut [u8]) -> Result<(), StoreError> {
@@ -550,3 +573,65 @@ impl BlockStore for MemStore {
 
 #[cfg(test)]
 mod tests;
+
+/// Writes `pieces` back to back at `offset` of `file`: one `pwritev` per 1024 pieces (the
+/// kernel's `IOV_MAX`), more if the kernel writes less than asked.
+pub(crate) fn write_all_vectored_at(
+    file: &std::fs::File,
+    pieces: &[&[u8]],
+    mut offset: u64,
+) -> std::io::Result<()> {
+    use std::io;
+    use std::os::unix::io::AsRawFd;
+    let mut i = 0;
+    let mut skip = 0; // bytes of pieces[i] already written
+    while i < pieces.len() {
+        let iov: Vec<libc::iovec> = pieces[i..]
+            .iter()
+            .take(1024)
+            .enumerate()
+            .map(|(k, p)| {
+                let p = if k == 0 { &p[skip..] } else { p };
+                libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                }
+            })
+            .collect();
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: every iovec points into a slice of `pieces`, borrowed for the whole
+        // call; pwritev only reads them, and `iov` outlives the call.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                off,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 && iov.iter().any(|v| v.iov_len > 0) {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "failed to write whole buffer",
+            ));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        // Past what was written, and past empty pieces.
+        while i < pieces.len() && n >= pieces[i].len() - skip {
+            n -= pieces[i].len() - skip;
+            i += 1;
+            skip = 0;
+        }
+        skip += n;
+    }
+    Ok(())
+}

@@ -326,6 +326,65 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, entry: &EntryRef<'_>) -> Option<us
     Some(out.len() - start)
 }
 
+/// As [`encode_frame`], appending to pending segment bytes: the data of a write packet
+/// (at least [`SHARE_FROM`](super::pending::SHARE_FROM) bytes) is not copied but shared
+/// (written by `pwritev` with the bytes around it); the bytes written are the same.
+pub(crate) fn encode_frame_pending(
+    out: &mut super::pending::Pending,
+    entry: &EntryRef<'_>,
+) -> Option<usize> {
+    use crate::packet::{Packet, Payload};
+    let shared = match entry {
+        EntryRef::Record(Record::Packet(Packet {
+            pair,
+            stamp,
+            payload: Payload::Write { offset, data },
+        })) if data.len() >= super::pending::SHARE_FROM => Some((
+            Record::Packet(Packet {
+                pair: *pair,
+                stamp: *stamp,
+                payload: Payload::Write {
+                    offset: *offset,
+                    data: bytes::Bytes::new(),
+                },
+            }),
+            data,
+        )),
+        _ => None,
+    };
+    let Some((hollow, data)) = shared else {
+        return encode_frame(out.own_mut(), entry);
+    };
+    let own = out.own_mut();
+    let start = own.len();
+    own.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    // As in `encode_frame`: no failure mode.
+    postcard::serialize_with_flavor(&EntryRef::Record(&hollow), VecFlavor(own))
+        .expect("postcard serialisation into a Vec cannot fail");
+    // The data is the encoding's last field: its empty encoding (the varint 0) is the
+    // last byte; its length goes there, and the data follows.
+    debug_assert_eq!(own.last(), Some(&0));
+    own.pop();
+    let mut n = data.len() as u64;
+    while n >= 0x80 {
+        own.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    own.push(n as u8);
+    let body_len = own.len() - start - FRAME_HEADER_LEN + data.len();
+    let Ok(len) = u32::try_from(body_len) else {
+        own.truncate(start);
+        return None;
+    };
+    let len = len.to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &own[start + FRAME_HEADER_LEN..]);
+    let crc = crc32c::crc32c_append(crc, data);
+    own[start..start + 4].copy_from_slice(&len);
+    own[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    out.push_shared(data.clone());
+    Some(FRAME_HEADER_LEN + body_len)
+}
+
 /// Decodes the frame at the start of `bytes`, of a segment of this build's version: the
 /// entry and the frame's length, or why these bytes are not a frame this build wrote.
 #[cfg(test)]

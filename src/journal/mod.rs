@@ -134,6 +134,7 @@
 pub mod fault;
 pub mod format;
 pub(crate) mod fuzz;
+mod pending;
 mod recovery;
 mod repair;
 mod state;
@@ -146,11 +147,11 @@ pub use state::{Epoch, PairState, Record, Recovered, RecoveredPair, TailRepair};
 
 use crate::types::{PairId, Seq, Stamp, Timestamp};
 use format::{CheckpointRef, EntryRef};
+use pending::Pending;
 use state::State;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -322,7 +323,7 @@ struct OpenSegment {
     /// `None` until the segment is first synced (created under its temporary name).
     file: Option<File>,
     /// Bytes appended but not written; they go at `info.len`.
-    buf: Vec<u8>,
+    buf: Pending,
     /// Holds a record after its checkpoint.
     has_records: bool,
     /// Written by [`Journal::write`] and not fdatasync'd since.
@@ -340,7 +341,7 @@ impl OpenSegment {
                 max_seq: BTreeMap::new(),
             },
             file: None,
-            buf: first_bytes,
+            buf: Pending::from(first_bytes),
             has_records: false,
             unsynced: false,
             flags: 0,
@@ -373,7 +374,7 @@ pub struct Journal {
     /// Bytes of all segments, on disk and pending.
     used: u64,
     /// Scratch space for encoding a batch.
-    staging: Vec<u8>,
+    staging: Pending,
     frame_ends: Vec<usize>,
     failed: bool,
     /// An append was refused since the last new segment.
@@ -444,7 +445,7 @@ impl Journal {
                 let active = OpenSegment {
                     info: last.info,
                     file: Some(file),
-                    buf: Vec::new(),
+                    buf: Pending::default(),
                     has_records: last.has_records,
                     unsynced: false,
                     flags: last.flags,
@@ -486,7 +487,7 @@ impl Journal {
             active_cp,
             state: plan.state,
             used,
-            staging: Vec::new(),
+            staging: Pending::default(),
             frame_ends: Vec::new(),
             failed: false,
             pressure: false,
@@ -516,7 +517,7 @@ impl Journal {
         let base = self.active.buf.len();
         self.frame_ends.clear();
         for record in records {
-            match format::encode_frame(&mut self.active.buf, &EntryRef::Record(record)) {
+            match format::encode_frame_pending(&mut self.active.buf, &EntryRef::Record(record)) {
                 Some(len) if len as u64 <= segment_size => {}
                 other => {
                     let len = other.map_or(u64::MAX, |l| l as u64);
@@ -592,7 +593,8 @@ impl Journal {
         let in_place = rotations.is_empty();
         if !in_place {
             self.staging.clear();
-            self.staging.extend_from_slice(&self.active.buf[base..]);
+            let end = self.active.buf.len();
+            self.staging.append_range(&self.active.buf, base, end);
             self.active.buf.truncate(base);
         }
         let mut rotations = rotations.into_iter().peekable();
@@ -609,7 +611,7 @@ impl Journal {
             if !in_place {
                 self.active
                     .buf
-                    .extend_from_slice(&self.staging[start..frame_end]);
+                    .append_range(&self.staging, start, frame_end);
             }
             self.active.has_records = true;
             if let Record::Packet(p) = record {
@@ -886,7 +888,8 @@ impl Journal {
             Some(file) => {
                 if !seg.buf.is_empty() {
                     fault::check(dir, fault::IoOp::Write, &path).map_err(io_err(&path))?;
-                    file.write_all_at(&seg.buf, seg.info.len)
+                    seg.buf
+                        .write_all_at(file, seg.info.len)
                         .map_err(io_err(&path))?;
                     seg.unsynced = true;
                 }
@@ -899,7 +902,7 @@ impl Journal {
             None => {
                 if flags != 0 {
                     // A segment not yet created holds its header at the start of `buf`.
-                    if let Some(head) = seg.buf.get_mut(..format::HEADER_LEN) {
+                    if let Some(head) = seg.buf.head_mut(format::HEADER_LEN) {
                         head.copy_from_slice(&format::encode_header_with(segno, flags));
                     }
                 }
@@ -912,7 +915,7 @@ impl Journal {
                     .truncate(true)
                     .open(&temp)
                     .map_err(io_err(&temp))?;
-                file.write_all_at(&seg.buf, 0).map_err(io_err(&temp))?;
+                seg.buf.write_all_at(&file, 0).map_err(io_err(&temp))?;
                 fault::check(dir, fault::IoOp::Sync, &temp).map_err(sync_err(&temp))?;
                 file.sync_all().map_err(sync_err(&temp))?;
                 fs::rename(&temp, &path).map_err(io_err(&path))?;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
 use tempfile::TempDir;
 
 fn seeds(fixed: &[u64]) -> Vec<u64> {

@@ -75,11 +75,36 @@ pub struct FlowStats {
     pub receipts: u64,
 }
 
-/// A serialised data item and how many times it was sent.
+/// A serialised data item and how many times it was sent: its encoding is `head`
+/// followed by `tail` (the write data, shared with the packet: copied only into the
+/// datagram; see [`crate::wire::encode_item_split`]).
 #[derive(Debug)]
 pub(crate) struct Item {
-    pub bytes: Vec<u8>,
+    pub head: Vec<u8>,
+    pub tail: bytes::Bytes,
     pub tries: u8,
+}
+
+impl Item {
+    /// The item of an encoded message.
+    pub fn new((head, tail): (Vec<u8>, bytes::Bytes)) -> Item {
+        Item {
+            head,
+            tail,
+            tries: 0,
+        }
+    }
+
+    /// Bytes of its encoding.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Appends its encoding to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.tail);
+    }
 }
 
 #[derive(Debug)]
@@ -444,7 +469,8 @@ mod tests {
 
     fn item(b: u8) -> Vec<Item> {
         vec![Item {
-            bytes: vec![b; 10],
+            head: vec![b; 10],
+            tail: bytes::Bytes::new(),
             tries: 0,
         }]
     }
@@ -469,7 +495,7 @@ mod tests {
         assert_eq!(f.in_flight(), 0);
         assert_eq!(f.stats().lost, 1);
         let again = f.take_resend().expect("the lost item");
-        assert_eq!((again.bytes[0], again.tries), (2, 1));
+        assert_eq!((again.head[0], again.tries), (2, 1));
         assert!(f.take_resend().is_none());
     }
 

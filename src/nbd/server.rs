@@ -511,6 +511,29 @@ impl Connection {
         self.process();
     }
 
+    /// Lends the input buffer, so that the layer above reads from the socket straight
+    /// into it (no copy of request data between the socket and the requests): append to
+    /// it, then hand it back with [`Connection::return_input`]. It has spare room for
+    /// at least the rest of the request being parsed, or `min_room` bytes. While it is
+    /// out, the connection parses nothing.
+    pub fn lend_input(&mut self, min_room: usize) -> BytesMut {
+        let mut input = std::mem::take(&mut self.input);
+        if input.capacity() - input.len() < min_room.min(1 << 20) {
+            input.reserve(min_room);
+        }
+        input
+    }
+
+    /// Takes back the buffer [`Connection::lend_input`] lent, with the bytes read into it
+    /// since, and parses them. Input after the session ended is ignored.
+    pub fn return_input(&mut self, input: BytesMut) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.input = input;
+        self.process();
+    }
+
     /// The next thing for the layer above to do.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()

@@ -18,6 +18,23 @@ fn exercise(s: &dyn BlockStore) {
         s.write_zeroes(Offset(4000), 100),
         Err(StoreError::OutOfRange { .. })
     ));
+    // Vectored: pieces back to back (empty ones too), range checked as a whole.
+    s.write_vectored_at(Offset(100), &[b"12", b"", b"345", b"6"])
+        .expect("in range");
+    let mut buf = [0u8; 6];
+    s.read_at(Offset(100), &mut buf).expect("in range");
+    assert_eq!(&buf, b"123456");
+    let big = vec![9u8; 3000];
+    let pieces: Vec<&[u8]> = (0..1500).map(|i| &big[i..i + 1]).collect();
+    s.write_vectored_at(Offset(1000), &pieces)
+        .expect("in range");
+    let mut buf = vec![0u8; 1500];
+    s.read_at(Offset(1000), &mut buf).expect("in range");
+    assert_eq!(buf, vec![9u8; 1500]);
+    assert!(matches!(
+        s.write_vectored_at(Offset(4092), &[b"abc", b"def"]),
+        Err(StoreError::OutOfRange { .. })
+    ));
     s.flush().expect("flush");
 }
 

@@ -290,7 +290,6 @@ async fn transmit<S, B>(
     let (tx, rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
     let writer = tokio::spawn(write_out(wr, rx, peer.clone()));
     let mut tasks: JoinSet<Vec<(Cookie, Reply)>> = JoinSet::new();
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut reading = !*stop.borrow();
     let mut export: Option<usize> = conn.export().map(|(i, _)| i);
     'session: loop {
@@ -336,6 +335,10 @@ async fn transmit<S, B>(
         if hard_error || (!reading && tasks.is_empty()) {
             break;
         }
+        // The socket is read straight into the connection's input buffer, lent for the
+        // select and handed back after it (request data is not copied on its way in).
+        let want_input = reading && conn.wants_input();
+        let mut input = conn.lend_input(if want_input { READ_CHUNK } else { 0 });
         tokio::select! {
             Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
                 Ok(replies) => {
@@ -349,23 +352,23 @@ async fn transmit<S, B>(
                     break;
                 }
             },
-            read = rd.read(&mut buf), if reading && conn.wants_input() => match read {
+            read = rd.read_buf(&mut input), if want_input => match read {
                 Ok(0) => {
                     reading = false;
                     if conn.is_ended() {
                         debug!(%peer, "nbd: client closed the connection");
-                    } else if conn.in_flight() > 0 || conn.buffered_input() > 0 {
+                    } else if conn.in_flight() > 0 || !input.is_empty() {
                         info!(
                             %peer,
                             in_flight = conn.in_flight(),
-                            partial_bytes = conn.buffered_input(),
+                            partial_bytes = input.len(),
                             "nbd: client vanished mid-request"
                         );
                     } else {
                         info!(%peer, "nbd: client closed the connection without NBD_CMD_DISC");
                     }
                 }
-                Ok(n) => conn.handle_input(&buf[..n]),
+                Ok(_) => {}
                 Err(e) => {
                     info!(%peer, "nbd: read failed: {e}");
                     reading = false;
@@ -377,6 +380,7 @@ async fn transmit<S, B>(
             }
             else => break,
         }
+        conn.return_input(input);
     }
     drop(tx);
     tasks.shutdown().await;

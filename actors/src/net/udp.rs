@@ -111,17 +111,28 @@ impl UdpLink {
         };
         let t = now();
         let max_segments = state.max_gso_segments().max(1);
-        while let Some((to, d)) = self.core.poll_transmit(t) {
+        loop {
+            // The link seals the next datagram straight into the batch's buffer.
+            let start = self.gso.buf.len();
+            let Some(to) = self.core.poll_transmit_into(t, &mut self.gso.buf) else {
+                break;
+            };
+            let len = self.gso.buf.len() - start;
             let Some(addr) = self.addrs.get(&to).copied() else {
+                self.gso.buf.truncate(start);
                 self.send_errors += 1;
                 continue;
             };
-            if !self.gso.takes(addr, d.len(), max_segments) {
-                self.send_errors += self.gso.send(&socket, &state);
+            if !self.gso.takes(addr, len, max_segments) {
+                // Send the batch before it; the new datagram starts the next one.
+                self.send_errors += self.gso.send(&socket, &state, start);
             }
-            self.gso.push(addr, &d);
+            self.gso.added(addr, len);
+            if self.gso.full(max_segments) {
+                self.send_errors += self.gso.send(&socket, &state, self.gso.buf.len());
+            }
         }
-        self.send_errors += self.gso.send(&socket, &state);
+        self.send_errors += self.gso.send(&socket, &state, self.gso.buf.len());
         self.arm(ctx, t);
     }
 
@@ -178,10 +189,13 @@ impl UdpLink {
 }
 
 /// Consecutive datagrams to one address, all `segment` bytes long but the last, which may
-/// be shorter: what one `sendmsg` with UDP GSO sends as separate datagrams.
+/// be shorter: what one `sendmsg` with UDP GSO sends as separate datagrams. The link
+/// seals each datagram in `buf` itself, after the batch's earlier ones (no copy).
 #[derive(Default)]
 struct GsoBatch {
     addr: Option<SocketAddr>,
+    /// The batch's datagrams, back to back, and perhaps (at its end) one just sealed
+    /// that is not counted yet.
     buf: Vec<u8>,
     segment: usize,
     count: usize,
@@ -190,33 +204,41 @@ struct GsoBatch {
 }
 
 impl GsoBatch {
-    /// Whether a datagram of `len` bytes to `addr` can join this batch.
+    /// Whether the datagram of `len` bytes to `addr` just written at the end of `buf`
+    /// can join this batch.
     fn takes(&self, addr: SocketAddr, len: usize, max_segments: usize) -> bool {
         self.count == 0
             || (self.addr == Some(addr)
                 && !self.closed
                 && len <= self.segment
                 && self.count < max_segments
-                && self.buf.len() + len <= GSO_BYTES)
+                && self.buf.len() <= GSO_BYTES)
     }
 
-    /// Adds a datagram; the caller checked [`GsoBatch::takes`].
-    fn push(&mut self, addr: SocketAddr, d: &[u8]) {
+    /// Counts the datagram at the end of `buf` in; the caller checked
+    /// [`GsoBatch::takes`] (and sent the batch before it if not).
+    fn added(&mut self, addr: SocketAddr, len: usize) {
         if self.count == 0 {
             self.addr = Some(addr);
-            self.segment = d.len();
-        } else if d.len() < self.segment {
+            self.segment = len;
+        } else if len < self.segment {
             self.closed = true;
         }
-        self.buf.extend_from_slice(d);
         self.count += 1;
     }
 
-    /// Sends the batch (empty afterwards) and returns how many datagrams could not be
-    /// sent. A full socket buffer drops them, as the network might: the units retransmit
-    /// end to end. If the GSO send fails otherwise (quinn-udp then turns GSO off for this
-    /// socket), the datagrams are sent one by one.
-    fn send(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) -> u64 {
+    /// Whether no further datagram of the batch's size could join it: send it now,
+    /// rather than move the next datagram out of its way later.
+    fn full(&self, max_segments: usize) -> bool {
+        self.closed || self.count >= max_segments || self.buf.len() + self.segment > GSO_BYTES
+    }
+
+    /// Sends the batch, the first `upto` bytes of `buf`, and returns how many datagrams
+    /// could not be sent; what followed them in `buf` (a datagram not in the batch) moves
+    /// to its start. A full socket buffer drops them, as the network might: the units
+    /// retransmit end to end. If the GSO send fails otherwise (quinn-udp then turns GSO
+    /// off for this socket), the datagrams are sent one by one.
+    fn send(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState, upto: usize) -> u64 {
         let Some(addr) = self.addr.take() else {
             return 0;
         };
@@ -233,16 +255,16 @@ impl GsoBatch {
             };
             socket.try_io(Interest::WRITABLE, || state.try_send(socket.into(), &t))
         };
-        let failed = match one(&self.buf, (count > 1).then_some(segment)) {
+        let batch = &self.buf[..upto];
+        let failed = match one(batch, (count > 1).then_some(segment)) {
             Ok(()) => 0,
             Err(e) if count == 1 || e.kind() == std::io::ErrorKind::WouldBlock => count as u64,
-            Err(_) => self
-                .buf
+            Err(_) => batch
                 .chunks(segment.max(1))
                 .filter(|d| one(d, None).is_err())
                 .count() as u64,
         };
-        self.buf.clear();
+        self.buf.drain(..upto);
         failed
     }
 }
@@ -278,9 +300,14 @@ impl Actor for UdpLink {
         // message to the actor.
         ctx.spawn(
             async move {
-                let slots = quinn_udp::BATCH_SIZE.max(1);
+                // The buffers offered to one `recvmmsg`, sized to the load: doubled (up to
+                // quinn-udp's batch) when a call fills them all, halved when a call
+                // fills a quarter or less; a new buffer is allocated only when one is
+                // handed on or the batch grows.
+                let max_slots = quinn_udp::BATCH_SIZE.max(1);
+                let mut slots = 4.min(max_slots);
                 let mut bufs = vec![vec![0u8; RECV_SLOT]; slots];
-                let mut meta = vec![quinn_udp::RecvMeta::default(); slots];
+                let mut meta = vec![quinn_udp::RecvMeta::default(); max_slots];
                 loop {
                     if let Err(e) = socket.readable().await {
                         tracing::debug!(error = %e, "udp receive error");
@@ -288,12 +315,14 @@ impl Actor for UdpLink {
                     }
                     let mut batch = Vec::new();
                     while batch.len() < 64 {
+                        bufs.resize_with(slots, || vec![0u8; RECV_SLOT]);
                         let mut io: Vec<std::io::IoSliceMut<'_>> = bufs
                             .iter_mut()
+                            .take(slots)
                             .map(|b| std::io::IoSliceMut::new(b))
                             .collect();
                         let got = socket.try_io(Interest::READABLE, || {
-                            state.recv((&*socket).into(), &mut io, &mut meta)
+                            state.recv((&*socket).into(), &mut io, &mut meta[..slots])
                         });
                         let n = match got {
                             Ok(n) => n,
@@ -305,10 +334,24 @@ impl Actor for UdpLink {
                             }
                         };
                         drop(io);
-                        for (m, b) in meta.iter().zip(&bufs).take(n) {
+                        if n >= slots {
+                            slots = (slots * 2).min(max_slots);
+                        } else if n <= slots / 4 {
+                            slots = (slots / 2).max(1);
+                        }
+                        for (m, b) in meta.iter().zip(&mut bufs).take(n) {
                             let len = m.len.min(b.len());
                             let stride = if m.stride == 0 { len.max(1) } else { m.stride };
-                            batch.extend(b[..len].chunks(stride).map(<[u8]>::to_vec));
+                            if stride >= len && len >= RECV_SLOT / 2 {
+                                // One large datagram: hand the buffer itself on (the
+                                // link decrypts it in place and the write data in it
+                                // travels on as slices of it) and read into a new one.
+                                let mut d = std::mem::replace(b, vec![0u8; RECV_SLOT]);
+                                d.truncate(len);
+                                batch.push(d);
+                            } else {
+                                batch.extend(b[..len].chunks(stride).map(<[u8]>::to_vec));
+                            }
                         }
                     }
                     if !batch.is_empty() {
@@ -361,8 +404,8 @@ impl Handler<Datagrams> for UdpLink {
     fn handle(&mut self, msg: Datagrams, ctx: &mut Context<Self>) {
         let t = now();
         let mut by_peer: BTreeMap<SystemId, Vec<tidemark::Message>> = BTreeMap::new();
-        for mut d in msg.0 {
-            if let Some((from, msgs)) = self.core.handle_datagram(t, &mut d) {
+        for d in msg.0 {
+            if let Some((from, msgs)) = self.core.handle_datagram_owned(t, d) {
                 by_peer.entry(from).or_default().extend(msgs);
             }
         }

@@ -1412,6 +1412,13 @@ impl LocalUnit {
                 Err(e) => return Outcome::Failed(format!("journal: {e}")),
             }
         }
+        // In order, one write call per client write, shaped as the client sent it (as the
+        // secondary applies them). Not merged into one vectored write per run of
+        // adjacent writes: the page cache sizes a file's folios by the write that creates
+        // them, and a later small write into a large folio costs in proportion to the
+        // folio (ext4 walks every block of it): merged 1 MiB writes made 2 MiB folios,
+        // and 4 KiB random writes into them cost the primary ~25 us more each
+        // (docs/benchmarks.md, "Cause of the random-write regression").
         for (i, r) in records.iter().enumerate() {
             if let Record::Packet(p) = r {
                 if copies.contains(&i) || holes.contains(&i) {
