@@ -69,6 +69,9 @@ pub struct FlowStats {
     pub abandoned_items: u64,
     /// Datagrams deemed lost whose receipt came later (a loss that was reordering).
     pub spurious: u64,
+    /// Data items sent again whose first datagram turned out to have arrived (the
+    /// items of the `spurious` datagrams; needless resends the sender knows of).
+    pub spurious_items: u64,
     /// Probe timeouts (nothing received back for a while with data in flight).
     pub probe_timeouts: u64,
     /// Receipts taken.
@@ -102,8 +105,8 @@ pub(crate) struct Flow {
     /// Items of datagrams deemed lost, to go before new data.
     resend: VecDeque<Item>,
     /// Numbers deemed lost lately (the newest [`LOST_MEMORY`]), with when they were
-    /// sent.
-    lost_numbers: BTreeMap<u64, Instant>,
+    /// sent and how many items they carried.
+    lost_numbers: BTreeMap<u64, (Instant, u64)>,
     /// The packet threshold now.
     threshold: u64,
     /// How late past a round trip reordered datagrams were seen to arrive.
@@ -297,15 +300,16 @@ impl Flow {
             }
             // A number deemed lost that arrived after all: reordering, not loss. Its
             // lateness past a round trip widens the allowance; the threshold doubles.
-            let arrived: Vec<(u64, Instant)> = self
+            let arrived: Vec<(u64, (Instant, u64))> = self
                 .lost_numbers
                 .range(lo..=hi)
                 .map(|(n, at)| (*n, *at))
                 .collect();
             let spurious = arrived.len() as u64;
             let mut late = Duration::ZERO;
-            for (n, at) in arrived {
+            for (n, (at, items)) in arrived {
                 self.lost_numbers.remove(&n);
+                self.stats.spurious_items += items;
                 late = late.max(now.saturating_duration_since(at).saturating_sub(srtt));
             }
             if spurious > 0 {
@@ -369,7 +373,7 @@ impl Flow {
         self.in_flight -= s.len;
         self.stats.lost += 1;
         self.cc.on_lost(n, self.next, self.rtt.srtt());
-        self.lost_numbers.insert(n, s.at);
+        self.lost_numbers.insert(n, (s.at, s.items.len() as u64));
         if self.lost_numbers.len() > LOST_MEMORY {
             self.lost_numbers.pop_first();
         }
