@@ -764,7 +764,8 @@ fn receipts_lost_on_the_way_back_do_not_close_the_window_for_good() {
 /// again under a new number) left a hole for good: a datagram that came late, below
 /// those 32 ranges, was never receipted, so the sender deemed it lost and sent its
 /// items again although they had arrived; receipts lost on the way back lost the same
-/// numbers for good. Counted in the simulation: what the path dropped against what the
+/// numbers for good. And the packet threshold stopped doubling at 256 datagrams, less
+/// than such delays reorder at 200 MB/s. Counted in the simulation: what the path dropped against what the
 /// link resent, and numbers the receiver got but never put in a receipt.
 #[test]
 fn loss_and_reordering_cost_about_what_was_lost() {
@@ -824,7 +825,7 @@ fn loss_and_reordering_cost_about_what_was_lost() {
     );
     assert!(ab.dropped > 500, "seed {seed}: too little lost: no test");
     assert!(
-        c.items_resent <= ab.dropped * 5 / 4 + 50,
+        c.items_resent <= ab.dropped * 11 / 10,
         "seed {seed}: {} items resent for {} datagrams lost; {c:?}, never receipted \
          {unreceipted}",
         c.items_resent,
@@ -833,5 +834,13 @@ fn loss_and_reordering_cost_about_what_was_lost() {
     assert!(
         unreceipted * 100 <= ab.dropped,
         "seed {seed}: the receiver never receipted {unreceipted} numbers it got"
+    );
+    // Once the reordering is learnt, it stops costing resends (before the packet
+    // threshold was uncapped: 192 of 2,134, 9 %).
+    assert!(
+        c.spurious_items * 20 <= ab.dropped,
+        "seed {seed}: {} items resent needlessly (their datagram had arrived) for {} lost",
+        c.spurious_items,
+        ab.dropped
     );
 }
