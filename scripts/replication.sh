@@ -7,7 +7,8 @@
 #   bash scripts/replication.sh [writes] [depth]
 # PORT=N (default 17100) moves the UDP ports (N, N+1, N+100, N+101), so two runs on
 # one machine do not clash. TIDEMARK_BIN=path runs that binary as is (an older build,
-# for a peer run in the same session); CASES picks cases (default: all of
+# for a peer run in the same session); WANSIM_BIN=path runs wan-sim from that binary
+# instead (an old link through a new wan-sim, say); CASES picks cases (default: all of
 #   clean      loopback, no wan-sim
 #   loss5      wan-sim 5 % loss, 20 % reordering
 #   wan40      wan-sim 1 % loss, 40 ms delay, 5 ms jitter
@@ -91,9 +92,9 @@ sims() { # wan-sim arguments for both directions
 }
 sims2() { # $1 = wan-sim arguments towards the secondary, $2 = towards the primary
   # shellcheck disable=SC2086
-  "$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 $1 2>"$DIR/sim-b.log" & PIDS+=($!)
+  "${WANSIM_BIN:-$T}" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 $1 2>"$DIR/sim-b.log" & PIDS+=($!)
   # shellcheck disable=SC2086
-  "$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 $2 2>"$DIR/sim-a.log" & PIDS+=($!)
+  "${WANSIM_BIN:-$T}" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 $2 2>"$DIR/sim-a.log" & PIDS+=($!)
 }
 unsims() {
   local kb ka
