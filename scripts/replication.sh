@@ -7,7 +7,8 @@
 #   bash scripts/replication.sh [writes] [depth]
 # PORT=N (default 17100) moves the UDP ports (N, N+1, N+100, N+101), so two runs on
 # one machine do not clash. TIDEMARK_BIN=path runs that binary as is (an older build,
-# for a peer run in the same session); CASES picks cases (default: all of
+# for a peer run in the same session); WANSIM_BIN=path runs wan-sim from that binary
+# instead (an old link through a new wan-sim, say); CASES picks cases (default: all of
 #   clean      loopback, no wan-sim
 #   loss5      wan-sim 5 % loss, 20 % reordering
 #   wan40      wan-sim 1 % loss, 40 ms delay, 5 ms jitter
@@ -16,7 +17,12 @@
 #              acknowledgements and receipts)
 # ). LOAD_TIMEOUT=S gives up on the acknowledgements after S seconds (default 120).
 # "resent" is what the link sent again part by part, "retrans" what the units
-# retransmitted end to end.
+# retransmitted end to end. Through wan-sim, a second line per case counts datagrams:
+# what each wan-sim dropped as configured ("sim-drop") and what the kernel dropped at
+# its socket because the receive buffer was full ("kern-drop", /proc/net/udp drops of
+# the listening socket), the kernel drops at the two daemons' sockets, and the primary
+# link's datagrams deemed lost, losses found spurious (receipted later) and numbers the
+# secondary's link received but never receipted.
 set -euo pipefail
 WRITES=${1:-4000}
 DEPTH=${2:-4}
@@ -50,6 +56,7 @@ run_case() { # $1 = name, $2 = a advertise, $3 = b advertise
     echo "$1: NOT every write was acknowledged: $(tail -1 load.err)"
   fi
   sleep 1.2   # let the secondary write its status once more after the last commit
+  DROPS_B=$(udp_drops "$B")   # the primary's socket closed with `load`
   kill -TERM "$sec"; wait "$sec" || true
   python3 - "$1" base.json load.json run/site-b/journal/status.json run/site-a/journal/status.json <<'PY'
 import json, sys
@@ -68,18 +75,55 @@ print(f"{name:<28} {b['mb_per_s']:>8.1f} {l['mb_per_s']:>8.1f} {l['mb_per_s']/b[
       f"{st['lag_p50_us']/1000:>8.2f} {st['lag_p99_us']/1000:>8.2f} {l['retransmits']:>8} {resent:>8}")
 PY
 }
+udp_drops() { # kernel drops at the UDP socket bound to 127.0.0.1:$1 (/proc/net/udp)
+  python3 - "$1" <<'PY'
+import sys
+port = "0100007F:%04X" % int(sys.argv[1])
+n = 0
+for line in open("/proc/net/udp").read().splitlines()[1:]:
+    f = line.split()
+    if f[1] == port:
+        n += int(f[-1])
+print(n)
+PY
+}
 sims() { # wan-sim arguments for both directions
   sims2 "$*" "$*"
 }
 sims2() { # $1 = wan-sim arguments towards the secondary, $2 = towards the primary
   # shellcheck disable=SC2086
-  "$T" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 $1 2>/dev/null & PIDS+=($!)
+  "${WANSIM_BIN:-$T}" wan-sim --listen "127.0.0.1:$((B + 1))" --forward "127.0.0.1:$B" --seed 1 $1 2>"$DIR/sim-b.log" & PIDS+=($!)
   # shellcheck disable=SC2086
-  "$T" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 $2 2>/dev/null & PIDS+=($!)
+  "${WANSIM_BIN:-$T}" wan-sim --listen "127.0.0.1:$((A + 1))" --forward "127.0.0.1:$A" --seed 2 $2 2>"$DIR/sim-a.log" & PIDS+=($!)
 }
 unsims() {
+  local kb ka
+  kb=$(udp_drops "$((B + 1))"); ka=$(udp_drops "$((A + 1))")
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   PIDS=()
+  python3 - "$DIR/sim-b.log" "$kb" "$DIR/sim-a.log" "$ka" "$DIR/run/site-a/journal/status.json" "$DIR/run/site-b/journal/status.json" "$DROPS_B" <<'PY'
+import json, re, sys
+def sim(log):
+    m = {}
+    for k, v in re.findall(r"(\w+): (\d+)", open(log).read()):
+        m[k] = int(v)
+    return m
+def link(path):
+    try:
+        return json.load(open(path))["link"]["counters"]
+    except Exception:
+        return {}
+fwd, kfwd, ret, kret, pri, sec, db = sys.argv[1:]
+f, r, p, s = sim(fwd), sim(ret), link(pri), link(sec)
+def g(m, k):
+    return m.get(k, "-")
+print(f"  to secondary: wan-sim got {g(f,'received')} sim-drop {g(f,'dropped')} kern-drop {kfwd}"
+      f" {('sock-buf ' + str(f['recv_buffer'])) if 'recv_buffer' in f else ''} | daemon kern-drop {db}")
+print(f"  to primary:   wan-sim got {g(r,'received')} sim-drop {g(r,'dropped')} kern-drop {kret}")
+print(f"  primary link: datagrams out {g(p,'datagrams_out')} lost {g(p,'datagrams_lost')}"
+      f" spurious {g(p,'spurious_losses')} items resent {g(p,'items_resent')}"
+      f" probe timeouts {g(p,'probe_timeouts')} | secondary never receipted {g(s,'numbers_unreceipted')}")
+PY
 }
 echo "workload: $WRITES writes of 1 B..64 KiB over 2 pairs, $DEPTH chains of dependent writes"
 printf "%-28s %8s %8s %7s %8s %8s %8s %8s\n" case "file MB/s" "tm MB/s" ratio "lag p50" "lag p99" retrans resent

@@ -122,6 +122,11 @@ pub struct LinkCounters {
     pub items_abandoned: u64,
     /// Losses that turned out to be reordering.
     pub spurious_losses: u64,
+    /// Items sent again whose first datagram turned out to have arrived.
+    pub spurious_items: u64,
+    /// Numbered datagrams received from peers that went in no receipt (their senders
+    /// deem them lost and send their items again).
+    pub numbers_unreceipted: u64,
     /// Probe timeouts.
     pub probe_timeouts: u64,
     /// Receipts sent.
@@ -287,6 +292,8 @@ impl LinkCore {
             c.items_resent += f.resent_items;
             c.items_abandoned += f.abandoned_items;
             c.spurious_losses += f.spurious;
+            c.spurious_items += f.spurious_items;
+            c.numbers_unreceipted += p.received.unreceipted();
             c.probe_timeouts += f.probe_timeouts;
         }
         c

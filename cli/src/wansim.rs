@@ -38,7 +38,18 @@ pub struct WanCounters {
     pub corrupted: AtomicU64,
     /// Dropped by the bottleneck's full queue.
     pub queue_dropped: AtomicU64,
+    /// The receive buffer the kernel granted the listening socket (bytes). What
+    /// overflows it is dropped by the kernel, apart from `dropped` (the configured
+    /// loss): `/proc/net/udp` shows it in the socket's `drops` column.
+    pub recv_buffer: AtomicU64,
 }
+
+/// The socket buffers wan-sim asks for, as the daemons do (`net.core.rmem_max` and
+/// `wmem_max` may cap them): with the kernel's default of about 208 KiB, a burst the
+/// daemons' paced link sends at loopback speed overflowed the proxy's own socket and
+/// was dropped on top of the configured loss (5,634 of 130,929 datagrams in one
+/// `scripts/replication.sh` loss5 run, more than the 5 % configured loss's 6,280).
+pub const SOCKET_BUFFER: usize = 8 << 20;
 
 impl WanSim {
     pub fn validate(&self) -> Result<(), tidemark_actors::EngineError> {
@@ -52,20 +63,30 @@ impl WanSim {
         Ok(())
     }
 
-    /// Binds the listening socket (errors here are the caller's to report).
+    /// Binds the listening socket (errors here are the caller's to report) and asks for
+    /// [`SOCKET_BUFFER`] bytes of buffer on both sockets (a smaller grant is not an
+    /// error: `WanCounters::recv_buffer` shows it).
     pub async fn bind(&self) -> std::io::Result<(UdpSocket, UdpSocket)> {
         let inbound = UdpSocket::bind(self.listen).await?;
+        let _ = socket2::SockRef::from(&inbound).set_recv_buffer_size(SOCKET_BUFFER);
         let any: SocketAddr = if self.forward.is_ipv4() {
             "0.0.0.0:0".parse().map_err(std::io::Error::other)?
         } else {
             "[::]:0".parse().map_err(std::io::Error::other)?
         };
         let outbound = UdpSocket::bind(any).await?;
+        let _ = socket2::SockRef::from(&outbound).set_send_buffer_size(SOCKET_BUFFER);
         Ok((inbound, outbound))
     }
 
     /// Forwards until the task is dropped.
     pub async fn run(self, inbound: UdpSocket, outbound: UdpSocket, counters: Arc<WanCounters>) {
+        counters.recv_buffer.store(
+            socket2::SockRef::from(&inbound)
+                .recv_buffer_size()
+                .map_or(0, |n| n as u64),
+            Ordering::Relaxed,
+        );
         let outbound = Arc::new(outbound);
         let mut rng = Pcg64Mcg::seed_from_u64(self.seed);
         let mut buf = vec![0u8; 65_536];
