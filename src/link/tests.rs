@@ -491,6 +491,39 @@ fn exchange(
     deliver(a, t, ba.arrivals(t));
 }
 
+/// Steps both links and their paths every 50 µs of simulated time until every write
+/// of `writes` was delivered intact (returns when each was), calling `before(elapsed,
+/// sender, return path, delivered so far)` first at each step to send or to change the
+/// path; fails, with the seed, if that takes longer than `limit` simulated.
+fn run_until_delivered(
+    (a, b): (&mut LinkCore, &mut LinkCore),
+    (ab, ba): (&mut Bottleneck, &mut Bottleneck),
+    rng: &mut impl rand::Rng,
+    writes: &[Packet],
+    (seed, limit): (u64, Duration),
+    mut before: impl FnMut(Duration, &mut LinkCore, &mut Bottleneck, &[Option<Instant>]),
+) -> Vec<Option<Instant>> {
+    let mut delivered: Vec<Option<Instant>> = vec![None; writes.len()];
+    let t0 = Instant::now();
+    let step = Duration::from_micros(50);
+    let mut t = t0;
+    while delivered.iter().any(Option::is_none) {
+        assert!(
+            t - t0 < limit,
+            "seed {seed}: {} of {} delivered in {limit:?} simulated; {} dropped on the way; \
+             sender {:?}",
+            delivered.iter().filter(|d| d.is_some()).count(),
+            writes.len(),
+            ab.dropped,
+            a.counters()
+        );
+        before(t - t0, a, ba, &delivered);
+        exchange((a, b), (ab, ba), t, rng, (writes, &mut delivered), seed);
+        t += step;
+    }
+    delivered
+}
+
 impl Bottleneck {
     fn new(cap: usize, rate: f64, delay: Duration, loss: f64) -> Self {
         Bottleneck {
@@ -559,42 +592,27 @@ fn a_burst_larger_than_a_path_queue_arrives() {
     let mut ab = Bottleneck::new(208 << 10, 100e6, Duration::from_millis(1), 0.01);
     let mut ba = Bottleneck::new(8 << 20, 100e6, Duration::from_millis(1), 0.01);
     let writes = [write(1, 1 << 20), write(2, 64 << 10)];
-    let mut delivered: Vec<Option<Instant>> = vec![None; writes.len()];
-    let t0 = Instant::now();
-    let step = Duration::from_micros(50);
     let resend_every = Duration::from_millis(250);
     let mut resent = 0;
-    let mut next_resend = t0;
-    let mut t = t0;
-    while delivered.iter().any(Option::is_none) {
-        assert!(
-            t - t0 < Duration::from_secs(20),
-            "seed {seed}: not delivered in 20 s simulated: {delivered:?}; {} dropped on the \
-             way, {} resends; sender {:?}",
-            ab.dropped,
-            resent,
-            a.counters()
-        );
-        if t >= next_resend {
-            for (w, d) in writes.iter().zip(&delivered) {
-                if d.is_none() {
-                    a.send(B, Message::Data(vec![w.clone()]));
-                    resent += 1;
+    let mut next_resend = Duration::ZERO;
+    run_until_delivered(
+        (&mut a, &mut b),
+        (&mut ab, &mut ba),
+        &mut rng,
+        &writes,
+        (seed, Duration::from_secs(20)),
+        |elapsed, a, _, delivered| {
+            if elapsed >= next_resend {
+                for (w, d) in writes.iter().zip(delivered) {
+                    if d.is_none() {
+                        a.send(B, Message::Data(vec![w.clone()]));
+                        resent += 1;
+                    }
                 }
+                next_resend = elapsed + resend_every;
             }
-            next_resend = t + resend_every;
-        }
-        let paths = (&mut ab, &mut ba);
-        exchange(
-            (&mut a, &mut b),
-            paths,
-            t,
-            &mut rng,
-            (&writes, &mut delivered),
-            seed,
-        );
-        t += step;
-    }
+        },
+    );
     let c = a.counters();
     assert!(
         ab.dropped > 0,
@@ -718,43 +736,29 @@ fn receipts_lost_on_the_way_back_do_not_close_the_window_for_good() {
     let writes: Vec<Packet> = (1..=600)
         .map(|s| write(s, 4096 + (s as usize * 97) % 60_000))
         .collect();
-    let mut delivered: Vec<Option<Instant>> = vec![None; writes.len()];
-    let t0 = Instant::now();
-    let step = Duration::from_micros(50);
     let mut next_write = 0;
-    let mut t = t0;
-    while delivered.iter().any(Option::is_none) {
-        assert!(
-            t - t0 < Duration::from_secs(30),
-            "seed {seed}: {} of {} delivered in 30 s simulated; sender {:?}",
-            delivered.iter().filter(|d| d.is_some()).count(),
-            writes.len(),
-            a.path_stats(B)
-        );
-        // No receipt comes back from 100 ms to 1.1 s, then a fifth are lost.
-        ba.loss = if (100..1100).contains(&(t - t0).as_millis()) {
-            1.0
-        } else {
-            0.2
-        };
-        // Bursts of 50 writes every 200 ms, before, during and after the outage.
-        if next_write < writes.len() && (t - t0).as_millis() as usize >= next_write / 50 * 200 {
-            for w in &writes[next_write..next_write + 50] {
-                a.send(B, Message::Data(vec![w.clone()]));
+    run_until_delivered(
+        (&mut a, &mut b),
+        (&mut ab, &mut ba),
+        &mut rng,
+        &writes,
+        (seed, Duration::from_secs(30)),
+        |elapsed, a, ba, _| {
+            // No receipt comes back from 100 ms to 1.1 s, then a fifth are lost.
+            ba.loss = if (100..1100).contains(&elapsed.as_millis()) {
+                1.0
+            } else {
+                0.2
+            };
+            // Bursts of 50 writes every 200 ms, before, during and after the outage.
+            if next_write < writes.len() && elapsed.as_millis() as usize >= next_write / 50 * 200 {
+                for w in &writes[next_write..next_write + 50] {
+                    a.send(B, Message::Data(vec![w.clone()]));
+                }
+                next_write += 50;
             }
-            next_write += 50;
-        }
-        let paths = (&mut ab, &mut ba);
-        exchange(
-            (&mut a, &mut b),
-            paths,
-            t,
-            &mut rng,
-            (&writes, &mut delivered),
-            seed,
-        );
-        t += step;
-    }
+        },
+    );
     assert!(ba.dropped > 0, "seed {seed}: no receipt was lost: no test");
 }
 
@@ -781,35 +785,22 @@ fn loss_and_reordering_cost_about_what_was_lost() {
     let writes: Vec<Packet> = (1..=1500)
         .map(|s| write(s, rng.random_range(1..=64 << 10)))
         .collect();
-    let mut delivered: Vec<Option<Instant>> = vec![None; writes.len()];
-    let t0 = Instant::now();
     let step = Duration::from_micros(50);
     let mut next_write = 0;
-    let mut t = t0;
-    while delivered.iter().any(Option::is_none) {
-        assert!(
-            t - t0 < Duration::from_secs(30),
-            "seed {seed}: {} of {} delivered in 30 s simulated; sender {:?}",
-            delivered.iter().filter(|d| d.is_some()).count(),
-            writes.len(),
-            a.counters()
-        );
-        // A write every 250 us (about 130 MB/s offered, under the path's 200 MB/s).
-        if next_write < writes.len() && (t - t0) >= step * 5 * next_write as u32 {
-            a.send(B, Message::Data(vec![writes[next_write].clone()]));
-            next_write += 1;
-        }
-        let paths = (&mut ab, &mut ba);
-        exchange(
-            (&mut a, &mut b),
-            paths,
-            t,
-            &mut rng,
-            (&writes, &mut delivered),
-            seed,
-        );
-        t += step;
-    }
+    run_until_delivered(
+        (&mut a, &mut b),
+        (&mut ab, &mut ba),
+        &mut rng,
+        &writes,
+        (seed, Duration::from_secs(30)),
+        |elapsed, a, _, _| {
+            // A write every 250 us (about 130 MB/s offered, under the path's 200 MB/s).
+            if next_write < writes.len() && elapsed >= step * 5 * next_write as u32 {
+                a.send(B, Message::Data(vec![writes[next_write].clone()]));
+                next_write += 1;
+            }
+        },
+    );
     let c = a.counters();
     let unreceipted = b.counters().numbers_unreceipted;
     eprintln!(
