@@ -385,7 +385,7 @@ impl Flow {
         let delay = self.loss_delay();
         while let Some((&n, s)) = self.sent.first_key_value() {
             let lost = n < self.largest_acked
-                && (n + self.threshold <= self.largest_acked || s.at + delay <= now);
+                && (n.saturating_add(self.threshold) <= self.largest_acked || s.at + delay <= now);
             if !lost {
                 break;
             }
@@ -565,6 +565,29 @@ mod tests {
             f.threshold
         );
         assert!(f.stats().spurious > 0, "no reordering was seen: no test");
+    }
+
+    /// The threshold has no cap: doubled on every spurious loss it saturates at
+    /// `u64::MAX`, and the packet rule must then simply never fire (found by the `link`
+    /// fuzz corpus: `n + threshold` overflowed). Loss is still found by time.
+    #[test]
+    fn a_saturated_threshold_leaves_loss_to_the_time_rule() {
+        let t0 = Instant::now();
+        let mut f = Flow::new(1 << 20, 0, 1 << 20);
+        f.threshold = u64::MAX;
+        for b in 1..=5 {
+            f.on_sent(t0, 1000, item(b));
+        }
+        let t1 = t0 + Duration::from_millis(1);
+        f.on_receipt(t1, &receipt(&[(3, 5), (1, 1)]));
+        assert_eq!(
+            f.stats().lost,
+            0,
+            "no packet rule with a saturated threshold"
+        );
+        let due = f.poll_timeout().expect("a loss timer");
+        f.handle_timeout(due);
+        assert_eq!(f.stats().lost, 1, "2 is lost by time");
     }
 
     #[test]
