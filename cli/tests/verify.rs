@@ -84,6 +84,11 @@ fn fio(port: u16, name: &str, seed: u64, runtime_s: u64) -> Child {
     Command::new("fio")
         .args([
             "--name=verify-load",
+            // One process: fio otherwise forks the job, and killing the parent left the
+            // job writing at 1,000 writes a second for its whole runtime, so "the primary
+            // drained" (written == acked) was seen only by luck, after 8-68 s, or not in
+            // 120 s.
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri=nbd://127.0.0.1:{port}/{name}"),
             "--rw=randwrite",
