@@ -27,7 +27,8 @@ pub mod units;
 
 pub use check::{units_differ, CutChecker};
 pub use engine::{
-    Engine, EngineBuilder, InitialSync, PairSpec, PairStats, Role, Stats, StoreSpec, TrackConfig,
+    Engine, EngineBuilder, InitialSync, PairSpec, PairStats, PrimaryJournal, Role, Stats,
+    StoreSpec, TrackConfig,
 };
 pub use error::EngineError;
 pub use health::{Failure, Health};

@@ -14,10 +14,16 @@ use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::path::Path;
 use std::time::Duration;
+use tidemark::journal::Recovered;
 use tidemark::{PairId, SystemId};
+use tidemark_actors::units::journaling::SharedJournal;
 use tidemark_actors::{
-    units_differ, Engine, EngineBuilder, Impairment, InitialSync, PairSpec, StoreSpec, TrackConfig,
+    units_differ, Engine, EngineBuilder, Impairment, InitialSync, PairSpec, PrimaryJournal,
+    StoreSpec, TrackConfig,
 };
+
+/// The crash tests run with either primary journal.
+const MODES: [PrimaryJournal; 2] = [PrimaryJournal::Data, PrimaryJournal::ActivityLog];
 
 const UNIT: u64 = 8 << 20;
 
@@ -31,6 +37,14 @@ fn seeds() -> Vec<u64> {
     }
 }
 
+/// Every seed in either journal mode.
+fn cases() -> Vec<(PrimaryJournal, u64)> {
+    MODES
+        .into_iter()
+        .flat_map(|m| seeds().into_iter().map(move |s| (m, s)))
+        .collect()
+}
+
 fn track() -> TrackConfig {
     TrackConfig {
         suspend_after: Some(Duration::from_millis(200)),
@@ -40,11 +54,22 @@ fn track() -> TrackConfig {
 
 /// An engine with one pair a → b of file units in `dir`, 16 MiB journals, tracking on.
 fn start(dir: &Path, seed: u64, impair: Impairment) -> (Engine, PairId, SystemId) {
+    start_with(dir, seed, impair, PrimaryJournal::Data)
+}
+
+/// [`start`] with the primary's journal in `mode`.
+fn start_with(
+    dir: &Path,
+    seed: u64,
+    impair: Impairment,
+    mode: PrimaryJournal,
+) -> (Engine, PairId, SystemId) {
     let mut b = EngineBuilder::new();
     b.simulated()
         .seed(seed)
         .impairment(impair)
-        .tracking(track());
+        .tracking(track())
+        .primary_journal(mode);
     let a = b.primary("a");
     let r = b.secondary("b");
     let pair = b.pair(PairSpec {
@@ -225,13 +250,14 @@ fn an_outage_during_the_resync_starts_it_again() {
 /// by content.
 #[test]
 fn a_power_loss_on_the_primary_never_reuses_a_sequence_number() {
-    for seed in seeds() {
+    for (mode, seed) in cases() {
+        eprintln!("seed {seed}, primary journal {mode:?}");
         let dir = tempfile::tempdir().expect("tempdir");
         let dir = dir.path().to_path_buf();
         let d = dir.clone();
         // First run: writes reach the remote; the process dies (no clean shutdown).
         sim::run(async move {
-            let (engine, pair, _) = start(&d, seed, Impairment::none());
+            let (engine, pair, _) = start_with(&d, seed, Impairment::none(), mode);
             let mut rng = Pcg64::seed_from_u64(seed);
             write_some(&engine, pair, &mut rng, 100, seed).await;
             tokio::time::timeout(Duration::from_secs(60), engine.drain())
@@ -260,7 +286,7 @@ fn a_power_loss_on_the_primary_never_reuses_a_sequence_number() {
         std::fs::write(dir.join("ja").join("running"), "another-boot").expect("marker");
         let d = dir.clone();
         sim::run(async move {
-            let (engine, pair, _) = start(&d, seed, Impairment::none());
+            let (engine, pair, _) = start_with(&d, seed, Impairment::none(), mode);
             let mut rng = Pcg64::seed_from_u64(seed ^ 0xdead);
             write_some(&engine, pair, &mut rng, 100, seed).await;
             converged(&engine, pair, seed).await;
@@ -273,12 +299,13 @@ fn a_power_loss_on_the_primary_never_reuses_a_sequence_number() {
 /// write), resyncs it, and remote == local.
 #[test]
 fn a_primary_crash_while_tracking_forgets_no_region() {
-    for seed in seeds() {
+    for (mode, seed) in cases() {
+        eprintln!("seed {seed}, primary journal {mode:?}");
         let dir = tempfile::tempdir().expect("tempdir");
         let dir = dir.path().to_path_buf();
         let d = dir.clone();
         sim::run(async move {
-            let (engine, pair, remote) = start(&d, seed, Impairment::none());
+            let (engine, pair, remote) = start_with(&d, seed, Impairment::none(), mode);
             let mut rng = Pcg64::seed_from_u64(seed);
             write_some(&engine, pair, &mut rng, 30, seed).await;
             engine.set_link_down(remote, true);
@@ -294,7 +321,7 @@ fn a_primary_crash_while_tracking_forgets_no_region() {
         });
         let d = dir.clone();
         sim::run(async move {
-            let (engine, pair, _) = start(&d, seed, Impairment::none());
+            let (engine, pair, _) = start_with(&d, seed, Impairment::none(), mode);
             let p = until(&engine, pair, 10, "the resync", |p| {
                 p.sync.is_some_and(|s| s.resync)
             })
@@ -305,6 +332,86 @@ fn a_primary_crash_while_tracking_forgets_no_region() {
                 "seed {seed}: {p:?}"
             );
             converged(&engine, pair, seed).await;
+        });
+    }
+}
+
+/// What the primary's journal in `dir` holds now (recovery run on it, as a restart
+/// would).
+fn primary_journal_of(dir: &Path) -> Recovered {
+    let (j, recovered) = SharedJournal::open(&dir.join("ja"), 16 << 20).expect("journal");
+    drop(j);
+    recovered
+}
+
+/// A primary killed (same boot, no clean stop) while writes it acknowledged are not yet
+/// acknowledged by the remote. A data journal holds those writes with their data, and
+/// the restart resends them; an activity log holds only their regions, and the restart
+/// resyncs those regions (not the whole unit) through the consistent resync. Either way
+/// the remote ends equal to the local unit, and nothing stalls.
+#[test]
+fn a_primary_killed_with_unacknowledged_writes_ships_them_in_either_journal_mode() {
+    const UNACKED: usize = 5;
+    for (mode, seed) in cases() {
+        eprintln!("seed {seed}, primary journal {mode:?}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path().to_path_buf();
+        let d = dir.clone();
+        sim::run(async move {
+            let (engine, pair, remote) = start_with(&d, seed, Impairment::none(), mode);
+            let mut rng = Pcg64::seed_from_u64(seed);
+            write_some(&engine, pair, &mut rng, 20, seed).await;
+            tokio::time::timeout(Duration::from_secs(60), engine.drain())
+                .await
+                .unwrap_or_else(|_| panic!("seed {seed}: drain never ended"))
+                .unwrap_or_else(|e| panic!("seed {seed}: drain: {e}"));
+            // The remote stops answering; a few writes complete locally (journaled and
+            // written), none acknowledged by the remote; the process dies.
+            engine.set_link_down(remote, true);
+            write_some(&engine, pair, &mut rng, UNACKED, seed).await;
+            std::mem::forget(engine);
+        });
+        // What the journal holds of the unacknowledged writes, by mode.
+        let rp = primary_journal_of(&dir)
+            .pairs
+            .get(&PairId(0))
+            .cloned()
+            .expect("the pair is in the journal");
+        let with_data = rp
+            .live
+            .iter()
+            .filter(|p| matches!(p.payload, tidemark::Payload::Write { .. }))
+            .count();
+        match mode {
+            PrimaryJournal::Data => assert!(
+                rp.logged.is_empty() && with_data > 0,
+                "seed {seed}: a data journal holds {} logged writes and {with_data} with data",
+                rp.logged.len()
+            ),
+            PrimaryJournal::ActivityLog => assert!(
+                !rp.logged.is_empty() && with_data == 0,
+                "seed {seed}: an activity log holds {} logged writes and {with_data} with data",
+                rp.logged.len()
+            ),
+        }
+        let logged_bytes: u64 = rp.logged.iter().map(|l| l.len).sum();
+        let d = dir.clone();
+        sim::run(async move {
+            let (engine, pair, _) = start_with(&d, seed, Impairment::none(), mode);
+            converged(&engine, pair, seed).await;
+            let p = engine.stats().await.expect("stats").pairs[pair.0 as usize].clone();
+            if mode == PrimaryJournal::ActivityLog {
+                // The logged regions (and any tracked after them) resynced, rounded out
+                // to 64 KiB regions: each write of at most 64 KiB touches two. Far from
+                // the whole unit.
+                let s = p.sync.expect("a resync ran");
+                assert!(s.resync, "seed {seed}: {s:?}");
+                assert!(
+                    s.total_bytes >= logged_bytes && s.total_bytes <= UNACKED as u64 * (128 << 10),
+                    "seed {seed}: resynced {} bytes for {logged_bytes} logged",
+                    s.total_bytes
+                );
+            }
         });
     }
 }

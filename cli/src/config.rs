@@ -13,7 +13,7 @@ use std::time::Duration;
 use tidemark_actors::engine::TrackConfig;
 use tidemark_actors::error::EngineError;
 use tidemark_actors::nbd::{ListenAddr, ServerTls, TlsFile, TlsFiles};
-use tidemark_actors::InitialSync;
+use tidemark_actors::{InitialSync, PrimaryJournal};
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +58,9 @@ struct RawConfig {
     /// "zstd" to compress write data on the wire; absent or "off": raw.
     #[serde(default)]
     compress: Option<String>,
+    /// "data" (default) or "activity-log": what a primary's journal keeps of a write.
+    #[serde(default)]
+    primary_journal: Option<String>,
     /// zstd level, 1..=19 (default 3).
     #[serde(default)]
     compress_level: Option<i32>,
@@ -235,6 +238,8 @@ pub struct Config {
     pub pace: Option<tidemark::pace::PaceRule>,
     /// zstd level for write data on the wire (`None`: sent raw).
     pub compress: Option<i32>,
+    /// `primary_journal`: what a primary's journal keeps of each client write.
+    pub primary_journal: PrimaryJournal,
     pub systems: Vec<SystemConfig>,
     pub pairs: Vec<PairConfig>,
 }
@@ -333,6 +338,7 @@ impl Config {
             rpo_target: globals.rpo_target,
             pace: globals.pace,
             compress: globals.compress,
+            primary_journal: globals.primary_journal,
             systems: systems.list,
             pairs: pairs.list,
         })
@@ -397,6 +403,7 @@ struct Globals {
     rpo_target: Option<Duration>,
     pace: Option<tidemark::pace::PaceRule>,
     compress: Option<i32>,
+    primary_journal: PrimaryJournal,
 }
 
 impl Globals {
@@ -408,7 +415,8 @@ impl Globals {
     /// the defaults: `rate` 0 (unpaced), `window` 64 MiB, `on_journal_full` track,
     /// `suspend_after_ms` 2000, `region_size` 64 KiB, no RPO target. `compress` is
     /// `"off"` (the default) or `"zstd"`, `compress_level` 1..=19 (default 3) and only
-    /// with `compress = "zstd"`.
+    /// with `compress = "zstd"`. `primary_journal` is `"data"` (the default) or
+    /// `"activity-log"`.
     fn parse(raw: &RawConfig) -> Result<Globals, EngineError> {
         if raw.heartbeat_ms == 0 || raw.heartbeat_ms > 10_000 {
             return bad(format!(
@@ -510,7 +518,17 @@ impl Globals {
                 return bad(format!("compress: {other:?} is not \"off\" or \"zstd\""))
             }
         };
+        let primary_journal = match raw.primary_journal.as_deref() {
+            None | Some("data") => PrimaryJournal::Data,
+            Some("activity-log") => PrimaryJournal::ActivityLog,
+            Some(other) => {
+                return bad(format!(
+                    "primary_journal: {other:?} is neither \"data\" nor \"activity-log\""
+                ))
+            }
+        };
         Ok(Globals {
+            primary_journal,
             track,
             region,
             rpo_target,

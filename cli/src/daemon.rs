@@ -115,6 +115,7 @@ pub fn builder(cfg: &Config, here: &[usize]) -> Result<EngineBuilder, EngineErro
     b.orderer(SystemId(cfg.orderer as u32))
         .heartbeat(cfg.heartbeat)
         .window_bytes(cfg.window as usize)
+        .primary_journal(cfg.primary_journal)
         .tracking(cfg.track)
         .pacing(cfg.pace)
         .region_size(cfg.region)

@@ -440,10 +440,10 @@ pub fn demote(
     for (i, p) in cfg.pairs.iter().enumerate() {
         let id = PairId(i as u32);
         let mut ranges = Vec::new();
+        // What the old primary journaled and the remote may lack: its live packets and
+        // the writes an activity log kept without data.
         if let Some(rp) = recovered.pair(id) {
-            for pkt in rp.live.iter() {
-                ranges.push((pkt.payload.offset().0, pkt.payload.len()));
-            }
+            ranges.extend(rp.regions().into_iter().map(|(o, l)| (o.0, l)));
         }
         let map = old_segments.join(format!("dirty-{i}.map"));
         if map.exists() {

@@ -19,7 +19,10 @@
 //! Header flags: bit 0 ([`FLAG_PREV_UNSYNCED`]) says the segment was started without
 //! syncing the one before it; every other bit must be 0.
 //!
-//! Versions: this build writes [`FORMAT_VERSION`] 3 and reads 1, 2 and 3. Version 3
+//! Versions: this build writes [`FORMAT_VERSION`] 4 and reads 1 to 4. Version 4 added
+//! the record [`Record::Logged`] (a write journaled without its data, by a primary
+//! with an activity-log journal); nothing else changed, so a version-3 segment decodes
+//! as version 4, and a version-3 build refuses a version-4 segment by its header. Version 3
 //! added sequence reservations and the resync epoch to the checkpoint (after the pair
 //! states) and the records [`Record::Reserve`] and [`Record::Epoch`]; a version-2
 //! segment's checkpoint is read without them. Version 2 added
@@ -71,9 +74,10 @@ pub(crate) struct CheckpointRef<'a> {
 /// The first 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"TDMKJRNL";
 
-/// The segment format version this build writes (3: sequence reservations and resync
-/// epochs). It also reads every version from [`OLDEST_FORMAT_VERSION`] on.
-pub const FORMAT_VERSION: u32 = 3;
+/// The segment format version this build writes (4: writes logged without their data;
+/// 3: sequence reservations and resync epochs). It also reads every version from
+/// [`OLDEST_FORMAT_VERSION`] on.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The oldest segment format version this build reads (1: before pair states).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;

@@ -143,7 +143,7 @@ mod state;
 mod tests;
 
 pub use format::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
-pub use state::{Epoch, PairState, Record, Recovered, RecoveredPair, TailRepair};
+pub use state::{Epoch, Logged, PairState, Record, Recovered, RecoveredPair, TailRepair};
 
 use crate::types::{PairId, Seq, Stamp, Timestamp};
 use format::{CheckpointRef, EntryRef};
@@ -560,7 +560,7 @@ impl Journal {
             has_records = true;
             start = frame_end;
         }
-        let has_packet = records.iter().any(|r| matches!(r, Record::Packet(_)));
+        let has_packet = records.iter().any(|r| r.stamped().is_some());
         let limit = if has_packet {
             self.options.capacity
         } else {
@@ -614,9 +614,9 @@ impl Journal {
                     .append_range(&self.staging, start, frame_end);
             }
             self.active.has_records = true;
-            if let Record::Packet(p) = record {
-                let max = self.active.info.max_seq.entry(p.pair).or_default();
-                *max = (*max).max(p.stamp.seq);
+            if let Some((pair, stamp)) = record.stamped() {
+                let max = self.active.info.max_seq.entry(pair).or_default();
+                *max = (*max).max(stamp.seq);
             }
             self.state.apply(record);
             start = frame_end;

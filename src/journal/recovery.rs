@@ -37,7 +37,7 @@
 //!   no cut, no rewrite, no deletion and the same records (the tests check it).
 
 use super::format::{self, Entry, Frames, FLAG_PREV_UNSYNCED};
-use super::state::{Rebuild, Record, Recovered, State, TailRepair};
+use super::state::{Rebuild, Recovered, State, TailRepair};
 use super::{segment_start_with, JournalError, SegmentInfo};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -385,9 +385,9 @@ impl Scan<'_> {
                     return Err(corrupt_at(self.dir, segno, offset, reason));
                 }
                 Ok((_, Entry::Record(record))) => {
-                    if let Record::Packet(p) = &record {
-                        let max = info.max_seq.entry(p.pair).or_default();
-                        *max = (*max).max(p.stamp.seq);
+                    if let Some((pair, stamp)) = record.stamped() {
+                        let max = info.max_seq.entry(pair).or_default();
+                        *max = (*max).max(stamp.seq);
                     }
                     has_records = true;
                     self.rebuild.record(record);

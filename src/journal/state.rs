@@ -2,7 +2,7 @@
 //! hands to its caller.
 
 use crate::packet::Packet;
-use crate::types::{PairId, Seq, Stamp, Timestamp};
+use crate::types::{Offset, PairId, Seq, Stamp, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -46,6 +46,23 @@ pub enum Record {
     /// Remote: the resync epoch this system is in (`Some`), or that none is open any
     /// more (`None`), format version 3. The latest one appended holds, like a pair state.
     Epoch(Option<Epoch>),
+    /// Primary with an activity-log journal (format version 4): a write of `pair`,
+    /// stamped and shipped like a [`Record::Packet`] but journaled without its data. The
+    /// data stays with the sender until the remote acknowledges it, and is on the local
+    /// unit, whose write follows this record (write-ahead). Released like a packet. A
+    /// restarted primary cannot resend it: it marks the region dirty and restarts the
+    /// pair's stream, so the resync copies the region from the local unit
+    /// ([`RecoveredPair::logged`]).
+    Logged(Logged),
+}
+
+/// A write an activity-log journal recorded without its data ([`Record::Logged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logged {
+    pub pair: PairId,
+    pub stamp: Stamp,
+    pub offset: Offset,
+    pub len: u64,
 }
 
 /// A resync epoch on a remote system: from the durable limit `base` (a consistent cut)
@@ -84,12 +101,23 @@ impl Record {
     pub fn max_ts(&self) -> Timestamp {
         match self {
             Record::Packet(p) => p.stamp.ts,
+            Record::Logged(l) => l.stamp.ts,
             Record::Released { stamp, .. } | Record::Applied { stamp, .. } => stamp.ts,
             Record::Limit { ts } | Record::Prepared { ts } => *ts,
             Record::Epoch(Some(e)) => e.base.max(e.closes_at.unwrap_or(Timestamp::ZERO)),
             Record::PairState { .. } | Record::Reserve { .. } | Record::Epoch(None) => {
                 Timestamp::ZERO
             }
+        }
+    }
+
+    /// The pair and stamp of a sequenced record (a packet, or a write logged without its
+    /// data): what a watermark of its pair releases.
+    pub fn stamped(&self) -> Option<(PairId, Stamp)> {
+        match self {
+            Record::Packet(p) => Some((p.pair, p.stamp)),
+            Record::Logged(l) => Some((l.pair, l.stamp)),
+            _ => None,
         }
     }
 }
@@ -182,7 +210,7 @@ impl State {
     /// Folds in one record; returns the pair whose watermark moved, if any.
     pub fn apply(&mut self, record: &Record) -> Option<PairId> {
         match record {
-            Record::Packet(_) => None,
+            Record::Packet(_) | Record::Logged(_) => None,
             Record::Released { pair, stamp } => {
                 advance(&mut self.released, *pair, *stamp).then_some(*pair)
             }
@@ -319,6 +347,11 @@ pub struct RecoveredPair {
     /// The packets not covered by either watermark, in `seq` order, one per `seq` (the
     /// last one journaled wins). On a remote there may be gaps between them.
     pub live: Vec<Packet>,
+    /// Primary with an activity-log journal: the writes not covered by the watermark that
+    /// were journaled without their data ([`Record::Logged`]), in `seq` order, one per
+    /// `seq`; no `seq` is both here and in `live`. They cannot be resent: their regions
+    /// are to be resynced from the local unit.
+    pub logged: Vec<Logged>,
     /// The latest [`Record::PairState`] of the pair durable in the journal (`None`: never
     /// recorded).
     pub state: Option<PairState>,
@@ -341,10 +374,32 @@ impl RecoveredPair {
         } else {
             self.applied
         };
-        match self.live.last() {
-            Some(p) if p.stamp.seq > wm.seq => p.stamp,
+        let newest = match (self.live.last(), self.logged.last()) {
+            (Some(p), Some(l)) if l.stamp.seq > p.stamp.seq => Some(l.stamp),
+            (Some(p), _) => Some(p.stamp),
+            (None, l) => l.map(|l| l.stamp),
+        };
+        match newest {
+            Some(s) if s.seq > wm.seq => s,
             _ => wm,
         }
+    }
+
+    /// The regions of the unit the live packets and logged writes touch (marks and empty
+    /// writes touch none), in `seq` order of each kind: where the remote may differ
+    /// from the local unit once they are given up.
+    pub fn regions(&self) -> Vec<(Offset, u64)> {
+        self.live
+            .iter()
+            .filter(|p| !p.payload.is_empty())
+            .map(|p| (p.payload.offset(), p.payload.len()))
+            .chain(
+                self.logged
+                    .iter()
+                    .filter(|l| l.len > 0)
+                    .map(|l| (l.offset, l.len)),
+            )
+            .collect()
     }
 }
 
@@ -386,9 +441,12 @@ impl Recovered {
         self.pairs.get(&pair)
     }
 
-    /// Live packets over all pairs.
+    /// Live packets over all pairs, with the writes logged without their data.
     pub fn live_packets(&self) -> usize {
-        self.pairs.values().map(|p| p.live.len()).sum()
+        self.pairs
+            .values()
+            .map(|p| p.live.len() + p.logged.len())
+            .sum()
     }
 }
 
@@ -398,6 +456,7 @@ impl Recovered {
 pub(crate) struct Rebuild {
     pub state: State,
     packets: BTreeMap<PairId, BTreeMap<Seq, Packet>>,
+    logged: BTreeMap<PairId, BTreeMap<Seq, Logged>>,
     max_ts: Timestamp,
 }
 
@@ -405,6 +464,9 @@ impl Rebuild {
     fn prune(&mut self, pair: PairId) {
         let wm = self.state.watermark(pair);
         if let Some(held) = self.packets.get_mut(&pair) {
+            *held = held.split_off(&wm.next());
+        }
+        if let Some(held) = self.logged.get_mut(&pair) {
             *held = held.split_off(&wm.next());
         }
     }
@@ -421,12 +483,27 @@ impl Rebuild {
     pub fn record(&mut self, record: Record) {
         self.max_ts = self.max_ts.max(record.max_ts());
         match record {
+            // One record per seq: the last one journaled wins, of either kind.
             Record::Packet(p) => {
                 if p.stamp.seq > self.state.watermark(p.pair) {
+                    if let Some(l) = self.logged.get_mut(&p.pair) {
+                        l.remove(&p.stamp.seq);
+                    }
                     self.packets
                         .entry(p.pair)
                         .or_default()
                         .insert(p.stamp.seq, p);
+                }
+            }
+            Record::Logged(l) => {
+                if l.stamp.seq > self.state.watermark(l.pair) {
+                    if let Some(p) = self.packets.get_mut(&l.pair) {
+                        p.remove(&l.stamp.seq);
+                    }
+                    self.logged
+                        .entry(l.pair)
+                        .or_default()
+                        .insert(l.stamp.seq, l);
                 }
             }
             other => {
@@ -448,6 +525,11 @@ impl Rebuild {
         for (pair, held) in self.packets {
             if !held.is_empty() {
                 pairs.entry(pair).or_default().live = held.into_values().collect();
+            }
+        }
+        for (pair, held) in self.logged {
+            if !held.is_empty() {
+                pairs.entry(pair).or_default().logged = held.into_values().collect();
             }
         }
         for (&pair, &state) in &self.state.states {

@@ -163,6 +163,16 @@ impl Gen {
                     len: self.rng.random_range(1..1u64 << 20),
                 };
             }
+        } else if self.rng.random_bool(0.15) {
+            // An activity-log write: the same stamp and region, no data.
+            if let Record::Packet(p) = &r {
+                r = Record::Logged(crate::journal::Logged {
+                    pair: p.pair,
+                    stamp: p.stamp,
+                    offset: p.payload.offset(),
+                    len: p.payload.len(),
+                });
+            }
         }
         r
     }
@@ -237,6 +247,7 @@ struct Model {
     limit: Timestamp,
     prepared: Timestamp,
     packets: BTreeMap<PairId, BTreeMap<Seq, Packet>>,
+    logged: BTreeMap<PairId, BTreeMap<Seq, crate::journal::Logged>>,
     /// The latest state of each pair.
     states: BTreeMap<PairId, PairState>,
     reserved: BTreeMap<PairId, Seq>,
@@ -259,10 +270,19 @@ impl Model {
         match r {
             Record::Packet(p) => {
                 self.max_ts = self.max_ts.max(p.stamp.ts);
+                self.logged.entry(p.pair).or_default().remove(&p.stamp.seq);
                 self.packets
                     .entry(p.pair)
                     .or_default()
                     .insert(p.stamp.seq, p.clone());
+            }
+            Record::Logged(l) => {
+                self.max_ts = self.max_ts.max(l.stamp.ts);
+                self.packets.entry(l.pair).or_default().remove(&l.stamp.seq);
+                self.logged
+                    .entry(l.pair)
+                    .or_default()
+                    .insert(l.stamp.seq, *l);
             }
             Record::Released { pair, stamp } => {
                 self.max_ts = self.max_ts.max(stamp.ts);
@@ -313,6 +333,13 @@ impl Model {
             let live: Vec<Packet> = held.range(wm.next()..).map(|(_, p)| p.clone()).collect();
             if !live.is_empty() {
                 pairs.entry(p).or_default().live = live;
+            }
+        }
+        for (&p, held) in &self.logged {
+            let wm = pairs.get(&p).map_or(Seq::ZERO, |x| x.watermark());
+            let logged: Vec<_> = held.range(wm.next()..).map(|(_, l)| *l).collect();
+            if !logged.is_empty() {
+                pairs.entry(p).or_default().logged = logged;
             }
         }
         for (&p, &state) in &self.states {
@@ -1430,7 +1457,7 @@ fn on_disk_format_is_pinned() {
     assert_eq!(
         format::encode_header(7)[..28],
         [
-            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 3, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
+            b'T', b'D', b'M', b'K', b'J', b'R', b'N', b'L', 4, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0,
             0, 0, 0, 0, 0, 0, 0
         ]
     );
@@ -1511,6 +1538,17 @@ fn on_disk_format_is_pinned() {
             vec![1, 7, 1, 5, 1, 8],
         ),
         (Record::Epoch(None), vec![1, 7, 0]),
+        // Format version 4: Record::Logged = 8, pair 1, stamp (ts 300, seq 2), offset
+        // 4096, len 512.
+        (
+            Record::Logged(crate::journal::Logged {
+                pair: PairId(1),
+                stamp: Stamp::new(Timestamp(300), Seq(2)),
+                offset: Offset(4096),
+                len: 512,
+            }),
+            vec![1, 8, 1, 0xac, 0x02, 2, 0x80, 0x20, 0x80, 0x04],
+        ),
         // Primary states of format version 3: Tracking = 4, Resyncing = 5.
         (
             Record::PairState {
@@ -1604,8 +1642,16 @@ fn on_disk_format_is_pinned() {
     assert!(frames.next().is_none());
     // A version-2 checkpoint in a version-1 segment is not one (trailing bytes).
     assert!(format::decode_frame_version(&out, 1).is_err());
-    // Versions other than 1, 2 and 3 are refused.
-    for v in [0, 4, u32::MAX] {
+    // A version-3 segment (as that build wrote it) decodes as version 4: a version-3
+    // checkpoint and records read the same.
+    let (entry, _) = format::decode_frame_version(&out3, 3).unwrap();
+    assert!(matches!(entry, format::Entry::Checkpoint(c) if c.state == st3));
+    assert_eq!(
+        format::check_header(&format::encode_header_version(7, 0, 3), 7),
+        Ok(0)
+    );
+    // Versions other than 1 to 4 are refused.
+    for v in [0, 5, u32::MAX] {
         let h = format::encode_header_version(7, 0, v);
         assert_eq!(
             format::check_header(&h, 7),

@@ -15,7 +15,9 @@ mod stats;
 
 pub use crate::units::local::TrackConfig;
 pub use handle::{Engine, PairControl, PairHandle};
-pub use spec::{EngineBuilder, InitialSync, PairSpec, Role, StoreSpec, UdpTransport};
+pub use spec::{
+    EngineBuilder, InitialSync, PairSpec, PrimaryJournal, Role, StoreSpec, UdpTransport,
+};
 pub use stats::{PairStats, StageLag, Stats};
 
 use handle::LinkAddr;

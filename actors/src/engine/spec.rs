@@ -66,6 +66,23 @@ pub enum InitialSync {
     None,
 }
 
+/// What a primary's journal keeps of each client write of a replicating pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrimaryJournal {
+    /// The write's data. A restarted primary resends what the remote had not
+    /// acknowledged, from the journal: the stream goes on where it stopped.
+    #[default]
+    Data,
+    /// Only its stamp, offset and length (an activity log, as DRBD keeps one): one
+    /// page-cache write and one checksum pass per byte less. The sender holds the data
+    /// until the remote acknowledges it, as in either mode. A restart cannot resend a
+    /// logged write: it marks the logged regions dirty and restarts the pair's stream,
+    /// and the consistent resync copies those regions (the remote's resync epoch keeps
+    /// its last cut recoverable meanwhile). Writes of an initial sync are journaled
+    /// with their data in either mode.
+    ActivityLog,
+}
+
 /// A remote copy pair: a local unit on a primary system mirrored to a remote unit on a
 /// secondary system (claims 13, 16, 17: any primary to any secondary).
 #[derive(Clone, Debug)]
@@ -103,6 +120,7 @@ pub struct EngineBuilder {
     pub(super) track_from_start: bool,
     pub(super) region: u64,
     pub(super) pace: Option<tidemark::pace::PaceRule>,
+    pub(super) primary_journal: PrimaryJournal,
 }
 
 impl Default for EngineBuilder {
@@ -143,7 +161,15 @@ impl EngineBuilder {
             track_from_start: false,
             region: tidemark::dirty::DEFAULT_REGION,
             pace: None,
+            primary_journal: PrimaryJournal::Data,
         }
+    }
+
+    /// What primaries' journals keep of each client write (default
+    /// [`PrimaryJournal::Data`]).
+    pub fn primary_journal(&mut self, mode: PrimaryJournal) -> &mut Self {
+        self.primary_journal = mode;
+        self
     }
 
     /// Write pacing: every local unit holds its write acknowledgements by the rule's

@@ -2,7 +2,7 @@
 //! starts and wires the actors of every system of this process, in named phases that
 //! share one [`Startup`] context.
 
-use super::{Engine, EngineBuilder, InitialSync, LinkAddr, PairHandle};
+use super::{Engine, EngineBuilder, InitialSync, LinkAddr, PairHandle, PrimaryJournal};
 use crate::error::EngineError;
 use crate::health::Health;
 use crate::msg::*;
@@ -40,6 +40,16 @@ type Stores = (Option<Arc<dyn BlockStore>>, Option<Arc<dyn BlockStore>>);
 type SyncPlans = Vec<CopyPlan>;
 
 /// What a local unit copies when it starts.
+/// Why a pair's stream restarts at start ([`EngineBuilder::restart_stream`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Restart {
+    /// The machine went down with the process: the journal's unsynced tail may be gone,
+    /// with packets the remote holds.
+    Lost,
+    /// The activity log holds writes without their data, which cannot be resent.
+    Logged,
+}
+
 #[derive(Default)]
 struct CopyPlan {
     /// The initial sync: where the unit's data lies.
@@ -171,9 +181,12 @@ impl EngineBuilder {
     ///
     /// Not for a pair whose dirty map is not clean: it tracked since, so its local unit
     /// may hold writes newer than its live packets (tracked writes are not journaled),
-    /// which a redo would overwrite with older data. Its live packets' regions are marked
-    /// dirty instead: the resync copies them from the local unit, which holds every
-    /// write that was acknowledged.
+    /// which a redo would overwrite with older data. Nor for a pair with writes logged
+    /// without their data (an activity log): a later logged write may lie over an older
+    /// live packet. The regions of such a pair's live packets and logged writes are
+    /// marked dirty instead (synced, before its stream restarts: `plan_syncs`): the
+    /// resync copies them from the local unit, which holds every write that was
+    /// acknowledged.
     fn redo_journals(
         &self,
         stores: &[Stores],
@@ -185,14 +198,9 @@ impl EngineBuilder {
                 .get(&p.local)
                 .and_then(|(_, r)| r.pairs.get(&PairId(i as u32)));
             if let (Some(store), Some(rp)) = (local, live) {
-                if let Some(map) = map.as_mut().filter(|m| !m.map().is_clean()) {
-                    let ranges: Vec<(Offset, u64)> = rp
-                        .live
-                        .iter()
-                        .filter(|pkt| !pkt.payload.is_empty())
-                        .map(|pkt| (pkt.payload.offset(), pkt.payload.len()))
-                        .collect();
-                    map.mark(&ranges)
+                let resync = !rp.logged.is_empty();
+                if let Some(map) = map.as_mut().filter(|m| resync || !m.map().is_clean()) {
+                    map.mark(&rp.regions())
                         .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?;
                     continue;
                 }
@@ -230,13 +238,22 @@ impl EngineBuilder {
             let recovered = journals.get(&p.local).and_then(|(_, r)| r.pairs.get(&id));
             let lost =
                 unclean.contains(&p.local) && recovered.is_some_and(|r| r.reserved > r.last().seq);
+            // Writes an activity log holds without data: never resent, so the stream
+            // restarts above them and their regions (marked by `redo_journals`) resync.
+            let logged = recovered.is_some_and(|r| !r.logged.is_empty());
+            let syncing = recovered.is_some_and(|r| r.state == Some(PairState::Syncing));
             let mut plan = CopyPlan::default();
-            if lost {
-                if let Some(d) = &mut dirty {
-                    d.mark_all()
-                        .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?;
+            if lost || logged {
+                // A pair that may have lost journaled packets, or that was copying the
+                // whole unit, copies the whole unit.
+                if lost || syncing {
+                    if let Some(d) = &mut dirty {
+                        d.mark_all()
+                            .map_err(|e| EngineError::Config(format!("pair {}: {e}", p.name)))?;
+                    }
                 }
-                self.restart_stream(id, &p.local, journals)?;
+                let why = if lost { Restart::Lost } else { Restart::Logged };
+                self.restart_stream(id, &p.local, journals, why)?;
                 plan.resync = ResyncStart::Continue;
             } else {
                 match recovered.map(|r| r.state) {
@@ -264,15 +281,17 @@ impl EngineBuilder {
     }
 
     /// Restarts pair `id`'s stream after its journal may have lost packets the remote
-    /// saw: every sequence number up to the pair's reservation is given up (the journal
-    /// forgets its packets: the full resync copies their regions), and a `Restart` mark
-    /// takes the next one — journaled, synced, before anything else, so that a crash now
-    /// still restarts above the reservation. The pair is resyncing from here.
+    /// saw, or holds writes without their data: every sequence number up to the pair's
+    /// reservation is given up (the journal forgets its packets and logged writes: the
+    /// resync copies their regions, marked dirty before this), and a `Restart` mark takes
+    /// the next one — journaled, synced, before anything else, so that a crash now still
+    /// restarts above the reservation. The pair is resyncing from here.
     fn restart_stream(
         &self,
         id: PairId,
         system: &SystemId,
         journals: &mut Journals,
+        why: Restart,
     ) -> Result<(), EngineError> {
         let Some((journal, recovered)) = journals.get_mut(system) else {
             return Ok(());
@@ -287,8 +306,15 @@ impl EngineBuilder {
             stamp: Stamp::new(ts, rp.reserved.next()),
             payload: Payload::Mark(Mark::Restart),
         };
-        tracing::warn!(pair = %id, last = %rp.last().seq, reserved = %rp.reserved,
-            "the journal may have lost packets the remote holds: restarting the stream above the reservation, with a full resync");
+        match why {
+            Restart::Lost => {
+                tracing::warn!(pair = %id, last = %rp.last().seq, reserved = %rp.reserved,
+                "the journal may have lost packets the remote holds: restarting the stream above the reservation, with a full resync")
+            }
+            Restart::Logged => tracing::info!(pair = %id, logged = rp.logged.len(),
+                last = %rp.last().seq, reserved = %rp.reserved,
+                "the activity log holds writes the remote may lack: restarting the stream above the reservation, resyncing their regions"),
+        }
         let records = [
             Record::Released {
                 pair: id,
@@ -314,6 +340,7 @@ impl EngineBuilder {
         if let Some(rp) = recovered.pairs.get_mut(&id) {
             rp.released = given_up;
             rp.live = vec![restart];
+            rp.logged.clear();
             rp.state = Some(PairState::Resyncing);
         }
         Ok(())
@@ -666,6 +693,7 @@ impl<'a> Startup<'a> {
                     track: b.track,
                     link_recovers: b.udp.is_some(),
                     pace: b.pace,
+                    activity_log: b.primary_journal == PrimaryJournal::ActivityLog,
                 };
                 let wiring = LocalWiring {
                     remote_system: p.remote,

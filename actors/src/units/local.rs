@@ -32,7 +32,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 use tidemark::dirty::{DirtyFile, DirtyMap};
-use tidemark::journal::{JournalError, PairState, Record};
+use tidemark::journal::{JournalError, Logged, PairState, Record};
 use tidemark::pace::{PaceInput, PaceRule};
 use tidemark::ship::{NudgeBox, Sender};
 use tidemark::storage::check;
@@ -89,6 +89,9 @@ struct Batch {
     /// Indices in `records` of initial-sync hole packets (zero ranges, nothing to read).
     /// Like the data pieces they are not written to the local unit: it is their source.
     holes: Arc<Vec<usize>>,
+    /// Indices in `records` of client writes the journal records without their data (an
+    /// activity-log journal, [`LocalConfig::activity_log`]).
+    logged: Arc<Vec<usize>>,
     /// Its last packet, if it has any: the lane having written it lets it go on the wire.
     last: Option<Seq>,
     /// The copy pieces its `Copy` ops took from the plan (given back if the batch is).
@@ -212,6 +215,8 @@ pub struct LocalUnit {
     abandon_held: bool,
     /// Write pacing (`pace_writes`), if on.
     pace: Option<PaceRule>,
+    /// The journal logs replicating writes without their data ([`LocalConfig::activity_log`]).
+    activity_log: bool,
     pace_stats: PaceStats,
     /// A planned switchover: new writes are refused until then (a lease: the command
     /// that asked renews it or lets it lapse).
@@ -435,6 +440,11 @@ pub struct LocalConfig {
     pub link_recovers: bool,
     /// Write pacing: hold acknowledgements to keep the lag near the RPO target.
     pub pace: Option<PaceRule>,
+    /// The journal records a replicating pair's client writes without their data (an
+    /// activity log): the sender holds the data until the remote acknowledges it, and a
+    /// restart resyncs the regions logged instead of resending them. Writes of an
+    /// initial sync (and the copy's pieces) are journaled with their data as ever.
+    pub activity_log: bool,
 }
 
 /// Where a restarted local unit stands, from its system's journal.
@@ -585,6 +595,7 @@ impl LocalUnit {
             wake_at: None,
             abandon_held: false,
             pace: cfg.pace,
+            activity_log: cfg.activity_log,
             pace_stats: PaceStats::default(),
             quiesced_until: None,
             sync,
@@ -987,6 +998,7 @@ impl LocalUnit {
             records: Arc::new(records),
             copies: Arc::new(Vec::new()),
             holes: Arc::new(Vec::new()),
+            logged: Arc::new(Vec::new()),
             last: None,
             pieces: Vec::new(),
             tracked: true,
@@ -1001,6 +1013,16 @@ impl LocalUnit {
         let mut records = Vec::new();
         let mut copies = Vec::new();
         let mut holes = Vec::new();
+        let mut logged = Vec::new();
+        // Logged only where a restart may resync the regions instead: not while the
+        // initial sync runs (a restart then copies again, and resends what it journaled).
+        // (No state yet and no copy: the pair replicates from its first record on.)
+        let log = self.activity_log
+            && match self.state {
+                Some(PairState::Replicating | PairState::Tracking | PairState::Resyncing) => true,
+                None => self.sync.is_none(),
+                Some(_) => false,
+            };
         let mut stamps = Vec::with_capacity(ops.len());
         let mut pieces = Vec::new();
         let mut clear_dirty = false;
@@ -1086,6 +1108,9 @@ impl LocalUnit {
                             self.last_writes
                                 .record(part.offset(), part.len(), stamp.seq);
                             last = Some(stamp);
+                            if log && matches!(part, Payload::Write { .. }) {
+                                logged.push(records.len());
+                            }
                             records.push(Record::Packet(Packet {
                                 pair: self.pair,
                                 stamp,
@@ -1121,6 +1146,7 @@ impl LocalUnit {
             records: Arc::new(records),
             copies: Arc::new(copies),
             holes: Arc::new(holes),
+            logged: Arc::new(logged),
             pieces,
             tracked: false,
             clear_dirty,
@@ -1226,7 +1252,11 @@ impl LocalUnit {
             .iter()
             .any(|o| matches!(o, Op::Flush(_) | Op::Mark(..) | Op::State(_) | Op::Clean))
             || batch.reserve.is_some();
-        let (copies, holes) = (batch.copies.clone(), batch.holes.clone());
+        let (copies, holes, logged) = (
+            batch.copies.clone(),
+            batch.holes.clone(),
+            batch.logged.clone(),
+        );
         let dirty = self.dirty.clone();
         let (tracked, clear_dirty) = (batch.tracked, batch.clear_dirty);
         let writes: Vec<Payload> = if tracked {
@@ -1256,13 +1286,13 @@ impl LocalUnit {
                     .map_err(|_| "poisoned".to_string())
                     .and_then(|mut d| d.clear())
                 {
-                    Ok(()) => {
-                        Self::journal_and_write(journal, store, records, &copies, &holes, flush)
-                    }
+                    Ok(()) => Self::journal_and_write(
+                        journal, store, records, &copies, &holes, &logged, flush,
+                    ),
                     Err(e) => Outcome::Failed(format!("dirty map: {e}")),
                 }
             } else {
-                Self::journal_and_write(journal, store, records, &copies, &holes, flush)
+                Self::journal_and_write(journal, store, records, &copies, &holes, &logged, flush)
             };
             if !matches!(outcome, Outcome::Done(_)) {
                 stalled.store(true, Ordering::Release);
@@ -1360,12 +1390,16 @@ impl LocalUnit {
 
     /// The disk job of a batch: read its initial-sync pieces, journal it (I3), then write
     /// it to the local unit (the pieces excepted, data and holes: they came from it).
+    /// The writes at `logged` are journaled without their data ([`Record::Logged`]),
+    /// before the local write all the same: a region the local unit may hold newer than
+    /// the remote is always in the journal (or in the dirty map).
     fn journal_and_write(
         journal: Option<SharedJournal>,
         store: Arc<dyn BlockStore>,
         mut records: Vec<Record>,
         copies: &[usize],
         holes: &[usize],
+        logged: &[usize],
         flush: bool,
     ) -> Outcome {
         let mut filled = Vec::with_capacity(copies.len());
@@ -1405,7 +1439,8 @@ impl LocalUnit {
             } else {
                 Durability::Written
             };
-            match j.append(records, durability) {
+            let activity = (!logged.is_empty()).then(|| log_without_data(records, logged));
+            match j.append(activity.as_deref().unwrap_or(records), durability) {
                 Ok(()) => {}
                 Err(JournalError::Full { .. }) => return Outcome::Full,
                 Err(e) if e.is_no_space() => return Outcome::NoSpace(format!("journal: {e}")),
@@ -1996,6 +2031,28 @@ impl LocalUnit {
             );
         }
     }
+}
+
+/// What the journal records of a batch whose writes at `logged` (indices of write
+/// packets in `records`) it keeps without their data: each such packet becomes a
+/// [`Record::Logged`] with the same pair, stamp and region; every other record is kept.
+fn log_without_data(records: &[Record], logged: &[usize]) -> Vec<Record> {
+    let mut out = records.to_vec();
+    for &i in logged {
+        if let Some(r @ Record::Packet(_)) = out.get_mut(i) {
+            if let Record::Packet(p) = &*r {
+                if let Payload::Write { offset, data } = &p.payload {
+                    *r = Record::Logged(Logged {
+                        pair: p.pair,
+                        stamp: p.stamp,
+                        offset: *offset,
+                        len: data.len() as u64,
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Handler<VerifyRegions> for LocalUnit {

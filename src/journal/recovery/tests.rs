@@ -6,7 +6,7 @@
 use super::*;
 use crate::journal::format::{CheckpointRef, EntryRef, FORMAT_VERSION, HEADER_LEN};
 use crate::journal::segment_start;
-use crate::journal::PairState;
+use crate::journal::{PairState, Record};
 use crate::packet::{Packet, Payload};
 use crate::types::{Offset, PairId, Seq, Stamp, Timestamp};
 use bytes::Bytes;
