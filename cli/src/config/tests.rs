@@ -221,6 +221,11 @@ const BAD: &[(&str, &str, &str)] = &[
         "heartbeat_ms = 10\nwindow = \"big\"",
         "window: \"big\" is not a size",
     ),
+    (
+        "heartbeat_ms = 10",
+        "heartbeat_ms = 10\nprimary_journal = \"metadata\"",
+        "primary_journal: \"metadata\" is neither \"data\" nor \"activity-log\"",
+    ),
     // Systems.
     (
         "name = \"site-a\"",
@@ -344,6 +349,7 @@ fn defaults_are_filled_in_and_given_values_kept() {
     assert_eq!(c.mtu, 1400);
     assert_eq!(c.rate, 0, "unpaced");
     assert_eq!(c.window, 64 << 20);
+    assert_eq!(c.primary_journal, PrimaryJournal::Data, "data by default");
     assert_eq!(c.max_clock_skew, Duration::from_millis(20));
     assert_eq!(c.rpo_target, None, "no RPO target unless given");
     let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
@@ -379,7 +385,7 @@ fn defaults_are_filled_in_and_given_values_kept() {
         .replacen(
             "heartbeat_ms = 10",
             "heartbeat_ms = 5\npeer_timeout_ms = 10\nmtu = 9000\nrate = \"1GiB\"\n\
-             window = \"8MiB\"\nmax_clock_skew_ms = 7",
+             window = \"8MiB\"\nmax_clock_skew_ms = 7\nprimary_journal = \"activity-log\"",
             1,
         )
         .replacen(
@@ -407,6 +413,7 @@ fn defaults_are_filled_in_and_given_values_kept() {
     assert_eq!(c.rate, 1 << 30);
     assert_eq!(c.window, 8 << 20);
     assert_eq!(c.max_clock_skew, Duration::from_millis(7));
+    assert_eq!(c.primary_journal, PrimaryJournal::ActivityLog);
     assert_eq!(c.systems[1].advertise, addr("127.0.0.2:7201"));
     assert_eq!(c.systems[0].journal_size, 4 << 20, "4 MiB is allowed");
     // Absolute paths stay as they are.
