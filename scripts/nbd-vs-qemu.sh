@@ -14,6 +14,8 @@
 #                           two; MTU defaults to the loopback interface's, less IP and
 #                           UDP headers, at most 65000, as an operator would set `mtu`
 #                           for the path; MTU=1400 gives tidemark's WAN default),
+#                           PRIMARY_JOURNAL=activity-log (or data, the default) sets
+#                           `primary_journal`,
 #                           OUT (default: nbd-bench-last in the target directory, so
 #                           checkouts do not overwrite each other's) keeps the
 #                           fio JSON, status samples, logs and perf reports;
@@ -151,7 +153,7 @@ print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))")
 
 echo "work directory $WORK; size $SIZE, $RUNTIME s per job after ${RAMP} s ramp, QD 16"
 echo "machine: $(nproc) CPUs, $(uname -r); $(qemu-nbd --version | head -1); $(fio --version)"
-echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg); tidemark mtu $MTU"
+echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg); tidemark mtu $MTU, primary_journal ${PRIMARY_JOURNAL:-data}"
 
 # ---------------------------------------------------------------- (a) qemu-nbd
 QPORT=$(free_port)
@@ -179,6 +181,7 @@ EDITS=(-log data.size="$BYTES" mtu="$MTU"
     site-b.listen="127.0.0.1:$BPORT" site-b.advertise= site-b.nbd_listen=)
 [ -n "${WINDOW:-}" ] && EDITS+=(window="$WINDOW")
 [ -n "${JOURNAL:-}" ] && EDITS+=(site-a.journal_size="$JOURNAL" site-b.journal_size="$JOURNAL")
+[ -n "${PRIMARY_JOURNAL:-}" ] && EDITS+=(primary_journal="$PRIMARY_JOURNAL")
 example_config "$TM/tidemark.toml" "${EDITS[@]}"
 
 "$TIDEMARK_BIN" secondary --config "$TM/tidemark.toml" >"$WORK/secondary.log" 2>&1 &
