@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +161,56 @@ pub struct FileStore {
     /// The file had every block allocated when opened, and no hole was punched since:
     /// [`BlockStore::reserve`] has nothing to do.
     dense: AtomicBool,
+    /// Of a file that is not dense: the granules `reserve` allocated since (no hole
+    /// punched in them since), which it does not allocate again.
+    reserved: Granules,
+}
+
+/// Bytes per granule of [`Granules`].
+const GRANULE: u64 = 1 << 20;
+
+/// One bit per [`GRANULE`] of a unit: set once the granule is known allocated, so that
+/// [`BlockStore::reserve`] costs a `fallocate` per granule, not per write (it was one
+/// per write for ever on a unit created sparse). Exact for one writer at a time, as a
+/// primary's lane is; with racing writers and hole punches a bit may outlive its
+/// allocation, and a write then meets a full file system only after it was journaled, as
+/// on a file system that cannot allocate ahead.
+#[derive(Debug)]
+struct Granules(Vec<AtomicU64>);
+
+impl Granules {
+    fn new(size: u64) -> Granules {
+        let n = size.div_ceil(GRANULE).div_ceil(64);
+        Granules((0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The granules `len` (> 0) bytes at `offset` touch.
+    fn span(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        offset / GRANULE..=(offset + len - 1) / GRANULE
+    }
+
+    fn word(&self, g: u64) -> Option<(&AtomicU64, u64)> {
+        self.0.get((g / 64) as usize).map(|w| (w, 1u64 << (g % 64)))
+    }
+
+    fn all(&self, span: std::ops::RangeInclusive<u64>) -> bool {
+        span.into_iter().all(|g| {
+            self.word(g)
+                .is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)
+        })
+    }
+
+    fn set(&self, span: std::ops::RangeInclusive<u64>, on: bool) {
+        for g in span {
+            if let Some((w, bit)) = self.word(g) {
+                if on {
+                    w.fetch_or(bit, Ordering::Relaxed);
+                } else {
+                    w.fetch_and(!bit, Ordering::Relaxed);
+                }
+            }
+        }
+    }
 }
 
 impl FileStore {
@@ -219,6 +269,7 @@ impl FileStore {
             size,
             read_only,
             dense: AtomicBool::new(dense),
+            reserved: Granules::new(if dense { 0 } else { size }),
         })
     }
 
@@ -229,6 +280,12 @@ impl FileStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether `reserve` holds every granule of `len` bytes at `offset` allocated.
+    #[cfg(test)]
+    pub(crate) fn reserved_granules(&self, offset: u64, len: u64) -> bool {
+        self.reserved.all(Granules::span(offset, len))
     }
 
     fn io(&self, source: io::Error) -> StoreError {
@@ -289,6 +346,7 @@ impl BlockStore for FileStore {
             return Ok(());
         }
         if sparse::punch_hole(&self.file, offset.0, len).map_err(|e| self.io(e))? {
+            self.reserved.set(Granules::span(offset.0, len), false);
             self.dense.store(false, Ordering::Relaxed);
             return Ok(());
         }
@@ -314,17 +372,33 @@ impl BlockStore for FileStore {
     }
 
     /// Allocates the range (`fallocate`, size kept) unless the file is known to have no
-    /// holes: a sparse unit on a full file system then refuses the write here, with
-    /// ENOSPC, instead of after it was journaled. File systems (and block devices) that
-    /// cannot allocate ahead are taken as they are.
+    /// holes there: a sparse unit on a full file system then refuses the write here,
+    /// with ENOSPC, instead of after it was journaled. Allocates whole granules (1 MiB,
+    /// reads unchanged) and remembers them, so a granule costs one `fallocate`, not one
+    /// per write. File systems (and block devices) that cannot allocate ahead are taken
+    /// as they are (and not asked again).
     fn reserve(&self, offset: Offset, len: u64) -> Result<(), StoreError> {
         check(self.size, offset, len)?;
         if self.read_only || len == 0 || self.dense.load(Ordering::Relaxed) {
             return Ok(());
         }
-        sparse::allocate(&self.file, offset.0, len)
-            .map(|_| ())
-            .map_err(|e| self.io(e))
+        let span = Granules::span(offset.0, len);
+        if self.reserved.all(span.clone()) {
+            return Ok(());
+        }
+        let start = span.start() * GRANULE;
+        let end = ((span.end() + 1) * GRANULE).min(self.size);
+        match sparse::allocate(&self.file, start, end - start) {
+            Ok(true) => {
+                self.reserved.set(span, true);
+                Ok(())
+            }
+            Ok(false) => {
+                self.dense.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(self.io(e)),
+        }
     }
 }
 

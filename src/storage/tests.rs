@@ -532,3 +532,45 @@ fn the_defaults_are_the_whole_unit_and_written_zeros() {
     want[5..(size - 5) as usize].fill(0);
     assert!(d.0.snapshot() == want);
 }
+
+/// `reserve` on a sparse unit allocates whole 1 MiB granules, once each: a write into a
+/// granule reserved before costs no allocation (it was one `fallocate` per write), a
+/// punched hole makes its granules be allocated again, and reads never change.
+#[test]
+fn reserve_allocates_each_granule_once_and_again_after_a_hole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let holes = probe(dir.path());
+    let p = dir.path().join("u.img");
+    let size = 4 * MIB;
+    let s = FileStore::open_or_create(&p, size).expect("create");
+    if !holes.punch || written_bytes(&p) > 0 {
+        eprintln!("no hole support here: nothing to check");
+        return;
+    }
+    s.reserve(Offset(MIB + 4096), 4096).expect("reserve");
+    let one = written_bytes(&p);
+    assert!(
+        (MIB..2 * MIB).contains(&one),
+        "one granule allocated: {one} bytes"
+    );
+    // Within the same granule: known allocated, nothing new.
+    s.reserve(Offset(MIB), MIB).expect("reserve");
+    assert_eq!(written_bytes(&p), one, "the granule was allocated again");
+    assert!(s.reserved_granules(MIB, MIB));
+    // Across into the next granule: both granules allocated.
+    s.reserve(Offset(2 * MIB - 4096), 8192).expect("reserve");
+    assert!(s.reserved_granules(MIB, 2 * MIB));
+    assert!(written_bytes(&p) >= 2 * MIB);
+    // A hole punched through the store forgets the granules it touched.
+    s.write_zeroes(Offset(MIB + 8192), 4096).expect("zero");
+    assert!(!s.reserved_granules(MIB, MIB));
+    assert!(s.reserved_granules(2 * MIB, MIB));
+    s.reserve(Offset(MIB + 8192), 4096).expect("reserve");
+    assert!(s.reserved_granules(MIB, 2 * MIB));
+    let mut got = vec![1u8; size as usize];
+    s.read_at(Offset(0), &mut got).expect("read");
+    assert!(
+        got.iter().all(|b| *b == 0),
+        "reserving changed what the unit reads"
+    );
+}
