@@ -193,6 +193,8 @@ fn sigterm_stops_a_primary_whose_writers_wait_on_an_unreachable_secondary() {
     let mut fio = Command::new("fio")
         .args([
             "--name=blocked",
+            // The job as a thread of this process, so that killing it stops the job.
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri=nbd://127.0.0.1:{port}/data"),
             "--rw=write",
