@@ -127,6 +127,14 @@ async fn until(
     }
 }
 
+/// Waits until the remote applied everything; fails after `secs` simulated seconds.
+async fn drained(engine: &Engine, secs: u64, seed: u64) {
+    tokio::time::timeout(Duration::from_secs(secs), engine.drain())
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: drain never ended"))
+        .unwrap_or_else(|e| panic!("seed {seed}: drain: {e}"));
+}
+
 /// The remote applied everything and both units are equal.
 async fn converged(engine: &Engine, pair: PairId, seed: u64) {
     until(engine, pair, 120, "the resync's end", |p| {
@@ -134,10 +142,7 @@ async fn converged(engine: &Engine, pair: PairId, seed: u64) {
     })
     .await
     .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-    tokio::time::timeout(Duration::from_secs(120), engine.drain())
-        .await
-        .unwrap_or_else(|_| panic!("seed {seed}: drain never ended"))
-        .unwrap_or_else(|e| panic!("seed {seed}: drain: {e}"));
+    drained(engine, 120, seed).await;
     let differ = units_differ(engine).expect("compare");
     if !differ.is_empty() {
         let (l, r) = (
@@ -260,10 +265,7 @@ fn a_power_loss_on_the_primary_never_reuses_a_sequence_number() {
             let (engine, pair, _) = start_with(&d, seed, Impairment::none(), mode);
             let mut rng = Pcg64::seed_from_u64(seed);
             write_some(&engine, pair, &mut rng, 100, seed).await;
-            tokio::time::timeout(Duration::from_secs(60), engine.drain())
-                .await
-                .unwrap_or_else(|_| panic!("seed {seed}: drain never ended"))
-                .unwrap_or_else(|e| panic!("seed {seed}: drain: {e}"));
+            drained(&engine, 60, seed).await;
             std::mem::forget(engine);
         });
         // The power loss: the journal's last segment loses its tail (none of it was
@@ -361,10 +363,7 @@ fn a_primary_killed_with_unacknowledged_writes_ships_them_in_either_journal_mode
             let (engine, pair, remote) = start_with(&d, seed, Impairment::none(), mode);
             let mut rng = Pcg64::seed_from_u64(seed);
             write_some(&engine, pair, &mut rng, 20, seed).await;
-            tokio::time::timeout(Duration::from_secs(60), engine.drain())
-                .await
-                .unwrap_or_else(|_| panic!("seed {seed}: drain never ended"))
-                .unwrap_or_else(|e| panic!("seed {seed}: drain: {e}"));
+            drained(&engine, 60, seed).await;
             // The remote stops answering; a few writes complete locally (journaled and
             // written), none acknowledged by the remote; the process dies.
             engine.set_link_down(remote, true);
