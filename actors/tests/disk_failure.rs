@@ -2,12 +2,13 @@
 //! names it, whoever waits on it is told (no wait without a way out, I5), and nothing is
 //! retried in a loop.
 
+mod common;
 mod sim;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tidemark::{BlockStore, MemStore, Offset, PairId, StoreError};
-use tidemark_actors::{EngineBuilder, EngineError, PairSpec, StoreSpec};
+use tidemark_actors::{EngineError, StoreSpec};
 
 /// A unit in memory whose writes fail with EIO once `broken` is set.
 struct FailingStore {
@@ -58,24 +59,13 @@ fn sim<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) {
 
 /// One pair a → b whose remote (or local) unit is `store`.
 fn start(store: Arc<FailingStore>, remote: bool) -> (tidemark_actors::Engine, PairId) {
-    let mut b = EngineBuilder::new();
-    b.simulated().seed(5);
-    let a = b.primary("a");
-    let r = b.secondary("b");
     let shared = StoreSpec::Shared(store);
     let (local_store, remote_store) = if remote {
         (StoreSpec::Memory, shared)
     } else {
         (shared, StoreSpec::Memory)
     };
-    let pair = b.pair(PairSpec {
-        name: "p".into(),
-        local: a,
-        remote: r,
-        size: 1 << 16,
-        local_store,
-        remote_store,
-    });
+    let (b, _, _, pair) = common::one_pair(5, "p", 1 << 16, local_store, remote_store);
     (b.start().expect("start"), pair)
 }
 

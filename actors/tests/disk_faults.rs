@@ -16,6 +16,7 @@
 //! Actors run on one thread on tokio's paused clock with disk work inline: each test
 //! replays exactly (seed 5).
 
+mod common;
 mod sim;
 use bytes::Bytes;
 use std::path::Path;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidemark::journal::fault::{self, FaultHook, IoOp};
 use tidemark::{BlockStore, MemStore, Offset, PairId, StoreError};
-use tidemark_actors::{Engine, EngineBuilder, EngineError, PairSpec, StoreSpec};
+use tidemark_actors::{Engine, EngineError, StoreSpec};
 
 const ENOSPC: i32 = 28;
 const EIO: i32 = 5;
@@ -125,20 +126,8 @@ struct Setup {
 
 /// One pair a → b with journals in `dir`; `local`/`remote` are the units.
 fn start(dir: &Path, local: StoreSpec, remote: StoreSpec) -> Setup {
-    let mut b = EngineBuilder::new();
-    b.simulated().seed(5);
-    let a = b.primary("a");
-    let r = b.secondary("b");
-    let pair = b.pair(PairSpec {
-        name: "p".into(),
-        local: a,
-        remote: r,
-        size: SIZE,
-        local_store: local,
-        remote_store: remote,
-    });
-    b.journal(a, dir.join("ja"), 8 << 20)
-        .journal(r, dir.join("jb"), 8 << 20);
+    let (mut b, a, r, pair) = common::one_pair(5, "p", SIZE, local, remote);
+    common::journals(&mut b, a, r, dir, 8 << 20);
     Setup {
         engine: b.start().expect("start"),
         pair,

@@ -17,6 +17,7 @@
 //! replays exactly; a stall is caught by a deadline in simulated time (not wall-clock),
 //! which fails with the engine's state. `TIDEMARK_SEED=<seed>` replays one seed.
 
+mod common;
 mod sim;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
@@ -24,7 +25,7 @@ use rand_pcg::Pcg64;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::{Offset, PairId};
-use tidemark_actors::{Engine, EngineBuilder, Impairment, PairSpec, StoreSpec};
+use tidemark_actors::{Engine, Impairment, StoreSpec};
 
 /// How long (simulated) the whole workload may take before it counts as a stall.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -50,20 +51,15 @@ fn run(case: &Case, seed: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path().to_path_buf();
     sim::run(async move {
-        let mut b = EngineBuilder::new();
-        b.simulated().seed(seed).impairment(case.impair);
-        let a = b.primary("a");
-        let r = b.secondary("b");
-        let pair = b.pair(PairSpec {
-            name: "u".into(),
-            local: a,
-            remote: r,
-            size: UNIT,
-            local_store: StoreSpec::File(dir.join("local.img")),
-            remote_store: StoreSpec::File(dir.join("remote.img")),
-        });
-        b.journal(a, dir.join("ja"), case.journal)
-            .journal(r, dir.join("jb"), case.journal);
+        let (mut b, a, r, pair) = common::one_pair(
+            seed,
+            "u",
+            UNIT,
+            StoreSpec::File(dir.join("local.img")),
+            StoreSpec::File(dir.join("remote.img")),
+        );
+        b.impairment(case.impair);
+        common::journals(&mut b, a, r, &dir, case.journal);
         let engine = Arc::new(b.start().expect("start"));
         let mut rng = Pcg64::seed_from_u64(seed);
         let slots = UNIT as usize / case.block;

@@ -7,6 +7,7 @@
 //!
 //! Seeded: `TIDEMARK_SEED=<n>` replays a run; every failure names its seed.
 
+mod common;
 mod sim;
 
 use bytes::Bytes;
@@ -18,8 +19,7 @@ use tidemark::journal::Recovered;
 use tidemark::{PairId, SystemId};
 use tidemark_actors::units::journaling::SharedJournal;
 use tidemark_actors::{
-    units_differ, Engine, EngineBuilder, Impairment, InitialSync, PairSpec, PrimaryJournal,
-    StoreSpec, TrackConfig,
+    units_differ, Engine, Impairment, InitialSync, PrimaryJournal, StoreSpec, TrackConfig,
 };
 
 /// The crash tests run with either primary journal.
@@ -64,25 +64,18 @@ fn start_with(
     impair: Impairment,
     mode: PrimaryJournal,
 ) -> (Engine, PairId, SystemId) {
-    let mut b = EngineBuilder::new();
-    b.simulated()
-        .seed(seed)
-        .impairment(impair)
+    let (mut b, a, r, pair) = common::one_pair(
+        seed,
+        "u",
+        UNIT,
+        StoreSpec::File(dir.join("local.img")),
+        StoreSpec::File(dir.join("remote.img")),
+    );
+    b.impairment(impair)
         .tracking(track())
-        .primary_journal(mode);
-    let a = b.primary("a");
-    let r = b.secondary("b");
-    let pair = b.pair(PairSpec {
-        name: "u".into(),
-        local: a,
-        remote: r,
-        size: UNIT,
-        local_store: StoreSpec::File(dir.join("local.img")),
-        remote_store: StoreSpec::File(dir.join("remote.img")),
-    });
-    b.initial_sync(pair, InitialSync::None);
-    b.journal(a, dir.join("ja"), 16 << 20)
-        .journal(r, dir.join("jb"), 16 << 20);
+        .primary_journal(mode)
+        .initial_sync(pair, InitialSync::None);
+    common::journals(&mut b, a, r, dir, 16 << 20);
     (b.start().expect("start"), pair, r)
 }
 

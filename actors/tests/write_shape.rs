@@ -8,11 +8,12 @@
 //!
 //! Actors run on one thread on tokio's paused clock (seed 5).
 
+mod common;
 mod sim;
 use bytes::Bytes;
 use std::sync::{Arc, Mutex};
 use tidemark::{BlockStore, MemStore, Offset, Payload, StoreError};
-use tidemark_actors::{EngineBuilder, PairSpec, StoreSpec};
+use tidemark_actors::StoreSpec;
 
 const SIZE: u64 = 1 << 20;
 const BLOCK: usize = 4096;
@@ -79,20 +80,9 @@ fn adjacent_writes_of_one_batch_reach_the_unit_one_by_one() {
     });
     let u = unit.clone();
     sim::run(async move {
-        let mut b = EngineBuilder::new();
-        b.simulated().seed(5);
-        let a = b.primary("a");
-        let r = b.secondary("b");
-        let pair = b.pair(PairSpec {
-            name: "p".into(),
-            local: a,
-            remote: r,
-            size: SIZE,
-            local_store: StoreSpec::Shared(u),
-            remote_store: StoreSpec::Memory,
-        });
-        b.journal(a, dir.path().join("ja"), 8 << 20)
-            .journal(r, dir.path().join("jb"), 8 << 20);
+        let (mut b, a, r, pair) =
+            common::one_pair(5, "p", SIZE, StoreSpec::Shared(u), StoreSpec::Memory);
+        common::journals(&mut b, a, r, dir.path(), 8 << 20);
         let e = b.start().expect("start");
         // Eight adjacent writes in one call (one batch), then eight more in flight at
         // once.
