@@ -181,8 +181,10 @@ EDITS=(-log data.size="$BYTES" mtu="$MTU"
     site-b.listen="127.0.0.1:$BPORT" site-b.advertise= site-b.nbd_listen=)
 [ -n "${WINDOW:-}" ] && EDITS+=(window="$WINDOW")
 [ -n "${JOURNAL:-}" ] && EDITS+=(site-a.journal_size="$JOURNAL" site-b.journal_size="$JOURNAL")
-[ -n "${PRIMARY_JOURNAL:-}" ] && EDITS+=(primary_journal="$PRIMARY_JOURNAL")
 example_config "$TM/tidemark.toml" "${EDITS[@]}"
+# A top-level key, so before the first table; left out by default (builds from before
+# the key refuse it).
+[ -n "${PRIMARY_JOURNAL:-}" ] && sed -i "1i primary_journal = \"$PRIMARY_JOURNAL\"" "$TM/tidemark.toml"
 
 "$TIDEMARK_BIN" secondary --config "$TM/tidemark.toml" >"$WORK/secondary.log" 2>&1 &
 SPID=$!

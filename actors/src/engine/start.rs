@@ -636,6 +636,13 @@ impl<'a> Startup<'a> {
     ) {
         let b = self.b;
         let windows = b.windows(&self.journals);
+        if b.primary_journal == PrimaryJournal::ActivityLog
+            && b.pairs.iter().any(|p| b.runs(p.local) && b.journals.contains_key(&p.local))
+        {
+            tracing::info!(
+                "primary journal: activity log (replicating writes journaled without their data; a restart resyncs the regions the remote had not acknowledged)"
+            );
+        }
         // Every local unit here stamps from `self.clock`: each nudges the others.
         let mut siblings = Vec::new();
         for (i, ((p, (ls, rs)), sync)) in b.pairs.iter().zip(stores).zip(syncs).enumerate() {
