@@ -70,11 +70,14 @@ def run_fio(out, pids, fio_args):
     wall = time.time() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy1, _ = machine_ticks()
-    server = sum(ticks(p) for p in pids) - sum(before)
+    each = [ticks(p) - b for p, b in zip(pids, before)]
+    server = sum(each)
     fio_cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     cpu = {
         "wall_s": wall,
         "server_cpus": server / hz / wall,
+        # Per server process, in the order given (tidemark: primary, secondary).
+        "each_cpus": [t / hz / wall for t in each],
         "fio_cpus": fio_cpu / wall,
         "other_cpus": max(0.0, (busy1 - busy0 - server) / hz - fio_cpu) / wall,
         "machine_cpus": os.cpu_count(),
@@ -255,6 +258,13 @@ def table(results_dir, jobs):
                 f"{fmt_us(r['p99_us']):>9} {ratio:>7} {lat:>6} {sc:>11.2f} {per_gb:>9.2f} "
                 f"{cpu.get('other_cpus', 0):>10.2f}"
             )
+            each = cpu.get("each_cpus", [])
+            if server == "tidemark" and len(each) == 2 and r["mbps"]:
+                gb = r["mbps"] / 1000
+                print(
+                    f"{'':<18} {'':<9} CPU s/GB: primary {each[0] / gb:.2f}, "
+                    f"secondary {each[1] / gb:.2f}"
+                )
         rows.append((job, q, med["tidemark"][0], med["tidemark"][2]))
     print()
     print("Replication during the tidemark write jobs (median round; secondary's status.json):")
