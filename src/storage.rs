@@ -573,12 +573,17 @@ mod sparse {
 #[derive(Clone, Debug)]
 pub struct MemStore {
     bytes: Arc<Mutex<Vec<u8>>>,
+    /// The length of `bytes`, which never changes: `size` (asked per write, to reserve
+    /// space) takes no lock.
+    size: u64,
 }
 
 impl MemStore {
     pub fn new(size: u64) -> Self {
+        let bytes = vec![0; size as usize];
         MemStore {
-            bytes: Arc::new(Mutex::new(vec![0; size as usize])),
+            size: bytes.len() as u64,
+            bytes: Arc::new(Mutex::new(bytes)),
         }
     }
 
@@ -596,7 +601,7 @@ impl MemStore {
 
 impl BlockStore for MemStore {
     fn size(&self) -> u64 {
-        self.lock().len() as u64
+        self.size
     }
 
     fn read_at(&self, offset: Offset, buf: &mut [u8]) -> Result<(), StoreError> {

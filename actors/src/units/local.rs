@@ -1010,7 +1010,15 @@ impl LocalUnit {
 
     /// Stamps `ops` and hands them to the lane as one batch.
     fn submit_ops(&mut self, ops: Vec<Op>, ctx: &mut Context<Self>) {
-        let mut records = Vec::new();
+        // About one record per payload (plus a reservation): no regrowing per batch.
+        let records_hint = ops
+            .iter()
+            .map(|op| match op {
+                Op::Write(ps, _) => ps.len(),
+                _ => 2,
+            })
+            .sum::<usize>();
+        let mut records = Vec::with_capacity(records_hint + 1);
         let mut copies = Vec::new();
         let mut holes = Vec::new();
         let mut logged = Vec::new();
@@ -1103,7 +1111,18 @@ impl LocalUnit {
                         // A client learns the stamp of the last piece: its write is complete
                         // as of that stamp.
                         let mut last = None;
-                        for part in p.clone().split(self.max_part) {
+                        // One part, the common case, without the `Vec` of `split` (an
+                        // allocation per packet).
+                        let (mut split, mut whole);
+                        let parts: &mut dyn Iterator<Item = Payload> =
+                            if p.len() as usize > self.max_part {
+                                split = p.clone().split(self.max_part).into_iter();
+                                &mut split
+                            } else {
+                                whole = std::iter::once(p.clone());
+                                &mut whole
+                            };
+                        for part in parts {
                             let stamp = self.sender.push_held(self.clock.now(), part.clone());
                             self.last_writes
                                 .record(part.offset(), part.len(), stamp.seq);
