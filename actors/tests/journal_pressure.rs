@@ -25,7 +25,7 @@ use rand_pcg::Pcg64;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::{Offset, PairId};
-use tidemark_actors::{Engine, Impairment, StoreSpec};
+use tidemark_actors::{Engine, Impairment};
 
 /// How long (simulated) the whole workload may take before it counts as a stall.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -51,15 +51,8 @@ fn run(case: &Case, seed: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path().to_path_buf();
     sim::run(async move {
-        let (mut b, a, r, pair) = common::one_pair(
-            seed,
-            "u",
-            UNIT,
-            StoreSpec::File(dir.join("local.img")),
-            StoreSpec::File(dir.join("remote.img")),
-        );
+        let (mut b, _, _, pair) = common::file_pair(seed, &dir, UNIT, case.journal);
         b.impairment(case.impair);
-        common::journals(&mut b, a, r, &dir, case.journal);
         let engine = Arc::new(b.start().expect("start"));
         let mut rng = Pcg64::seed_from_u64(seed);
         let slots = UNIT as usize / case.block;

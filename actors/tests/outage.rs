@@ -18,9 +18,7 @@ use std::time::Duration;
 use tidemark::journal::Recovered;
 use tidemark::{PairId, SystemId};
 use tidemark_actors::units::journaling::SharedJournal;
-use tidemark_actors::{
-    units_differ, Engine, Impairment, InitialSync, PrimaryJournal, StoreSpec, TrackConfig,
-};
+use tidemark_actors::{units_differ, Engine, Impairment, InitialSync, PrimaryJournal, TrackConfig};
 
 /// The crash tests run with either primary journal.
 const MODES: [PrimaryJournal; 2] = [PrimaryJournal::Data, PrimaryJournal::ActivityLog];
@@ -64,18 +62,11 @@ fn start_with(
     impair: Impairment,
     mode: PrimaryJournal,
 ) -> (Engine, PairId, SystemId) {
-    let (mut b, a, r, pair) = common::one_pair(
-        seed,
-        "u",
-        UNIT,
-        StoreSpec::File(dir.join("local.img")),
-        StoreSpec::File(dir.join("remote.img")),
-    );
+    let (mut b, _, r, pair) = common::file_pair(seed, dir, UNIT, 16 << 20);
     b.impairment(impair)
         .tracking(track())
         .primary_journal(mode)
         .initial_sync(pair, InitialSync::None);
-    common::journals(&mut b, a, r, dir, 16 << 20);
     (b.start().expect("start"), pair, r)
 }
 

@@ -637,7 +637,9 @@ impl<'a> Startup<'a> {
         let b = self.b;
         let windows = b.windows(&self.journals);
         if b.primary_journal == PrimaryJournal::ActivityLog
-            && b.pairs.iter().any(|p| b.runs(p.local) && b.journals.contains_key(&p.local))
+            && b.pairs
+                .iter()
+                .any(|p| b.runs(p.local) && b.journals.contains_key(&p.local))
         {
             tracing::info!(
                 "primary journal: activity log (replicating writes journaled without their data; a restart resyncs the regions the remote had not acknowledged)"

@@ -31,6 +31,25 @@ pub fn one_pair(
     (b, a, r, pair)
 }
 
+/// [`one_pair`] "u" of file units `dir/local.img` and `dir/remote.img`, with journals of
+/// `journal` bytes each in `dir` ([`journals`]).
+pub fn file_pair(
+    seed: u64,
+    dir: &Path,
+    size: u64,
+    journal: u64,
+) -> (EngineBuilder, SystemId, SystemId, PairId) {
+    let (mut b, a, r, pair) = one_pair(
+        seed,
+        "u",
+        size,
+        StoreSpec::File(dir.join("local.img")),
+        StoreSpec::File(dir.join("remote.img")),
+    );
+    journals(&mut b, a, r, dir, journal);
+    (b, a, r, pair)
+}
+
 /// Journals of `bytes` each for both systems, in `dir/ja` (primary) and `dir/jb`.
 pub fn journals(b: &mut EngineBuilder, a: SystemId, r: SystemId, dir: &Path, bytes: u64) {
     b.journal(a, dir.join("ja"), bytes)
