@@ -252,24 +252,7 @@ fn a_power_loss_on_the_primary_never_reuses_a_sequence_number() {
             drained(&engine, 60, seed).await;
             std::mem::forget(engine);
         });
-        // The power loss: the journal's last segment loses its tail (none of it was
-        // synced), and the machine booted again (the run marker names another boot).
-        let segs = dir.join("ja");
-        let mut names: Vec<_> = std::fs::read_dir(&segs)
-            .expect("segments")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-            .collect();
-        names.sort();
-        let last = names.last().expect("a segment");
-        let len = std::fs::metadata(last).expect("meta").len();
-        let keep = (len * 2 / 3).max(64);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(last)
-            .and_then(|f| f.set_len(keep))
-            .expect("tear the tail");
-        std::fs::write(dir.join("ja").join("running"), "another-boot").expect("marker");
+        power_loss(&dir);
         let d = dir.clone();
         sim::run(async move {
             let (engine, pair, _) = start_with(&d, seed, Impairment::none(), mode);
@@ -395,6 +378,75 @@ fn a_primary_killed_with_unacknowledged_writes_ships_them_in_either_journal_mode
                     s.total_bytes
                 );
             }
+        });
+    }
+}
+
+/// A power loss on the primary of `dir`: its journal's last segment loses a third (none
+/// of it was synced), and the machine booted again (the run marker names another boot).
+fn power_loss(dir: &Path) {
+    let mut names: Vec<_> = std::fs::read_dir(dir.join("ja"))
+        .expect("segments")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    names.sort();
+    let last = names.last().expect("a segment");
+    let len = std::fs::metadata(last).expect("meta").len();
+    let keep = (len * 2 / 3).max(64);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .and_then(|f| f.set_len(keep))
+        .expect("tear the tail");
+    std::fs::write(dir.join("ja").join("running"), "another-boot").expect("marker");
+}
+
+/// A power loss on the primary while its initial sync runs: the restart gives up the
+/// stream above its reservation and copies the whole unit again; once that copy is done
+/// the remote unit must be equal to the local one and part of a cut again (`consistent`:
+/// promote refuses an `inconsistent` pair).
+#[test]
+fn a_power_loss_during_the_initial_sync_ends_consistent() {
+    for seed in seeds() {
+        eprintln!("seed {seed}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path().to_path_buf();
+        // The local unit holds data before the pair exists: the initial sync copies it.
+        let mut rng = Pcg64::seed_from_u64(seed);
+        let mut data = vec![0u8; UNIT as usize];
+        rng.fill(&mut data[..]);
+        std::fs::write(dir.join("local.img"), &data).expect("local unit");
+        let build = |d: &Path| {
+            let (mut b, _, _, pair) = common::file_pair(seed, d, UNIT, 16 << 20);
+            b.tracking(track())
+                .window_bytes(256 << 10)
+                .initial_sync(pair, InitialSync::Full);
+            (b.start().expect("start"), pair)
+        };
+        let d = dir.clone();
+        sim::run(async move {
+            let (engine, pair) = build(&d);
+            let p = until(&engine, pair, 60, "the copy under way", |p| {
+                p.sync.is_some_and(|s| s.copied_bytes > 0 && !s.finished)
+                    && p.secondary_state == Some("inconsistent")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            eprintln!("seed {seed}: power loss at {:?}", p.sync);
+            std::mem::forget(engine);
+        });
+        power_loss(&dir);
+        let d = dir.clone();
+        sim::run(async move {
+            let (engine, pair) = build(&d);
+            converged(&engine, pair, seed).await;
+            let p = engine.stats().await.expect("stats").pairs[pair.0 as usize].clone();
+            assert_eq!(
+                p.secondary_state,
+                Some("consistent"),
+                "seed {seed}: every region was copied again, yet the remote is not a cut: {p:?}"
+            );
         });
     }
 }
