@@ -2058,17 +2058,18 @@ impl LocalUnit {
 fn log_without_data(records: &[Record], logged: &[usize]) -> Vec<Record> {
     let mut out = records.to_vec();
     for &i in logged {
-        if let Some(r @ Record::Packet(_)) = out.get_mut(i) {
-            if let Record::Packet(p) = &*r {
-                if let Payload::Write { offset, data } = &p.payload {
-                    *r = Record::Logged(Logged {
-                        pair: p.pair,
-                        stamp: p.stamp,
-                        offset: *offset,
-                        len: data.len() as u64,
-                    });
-                }
-            }
+        if let Some(Record::Packet(Packet {
+            pair,
+            stamp,
+            payload: Payload::Write { offset, data },
+        })) = records.get(i)
+        {
+            out[i] = Record::Logged(Logged {
+                pair: *pair,
+                stamp: *stamp,
+                offset: *offset,
+                len: data.len() as u64,
+            });
         }
     }
     out
