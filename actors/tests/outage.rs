@@ -385,20 +385,7 @@ fn a_primary_killed_with_unacknowledged_writes_ships_them_in_either_journal_mode
 /// A power loss on the primary of `dir`: its journal's last segment loses a third (none
 /// of it was synced), and the machine booted again (the run marker names another boot).
 fn power_loss(dir: &Path) {
-    let mut names: Vec<_> = std::fs::read_dir(dir.join("ja"))
-        .expect("segments")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    names.sort();
-    let last = names.last().expect("a segment");
-    let len = std::fs::metadata(last).expect("meta").len();
-    let keep = (len * 2 / 3).max(64);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(last)
-        .and_then(|f| f.set_len(keep))
-        .expect("tear the tail");
+    tidemark::journal::fault::tear_last_segment(&dir.join("ja")).expect("tear the tail");
     std::fs::write(dir.join("ja").join("running"), "another-boot").expect("marker");
 }
 

@@ -340,24 +340,11 @@ fn a_power_loss_on_the_primary_restarts_the_stream_and_resyncs() {
 
     // The power loss: the last segment loses its last third, the marker another boot.
     let journal = site.path(A_SEGMENTS);
-    let mut segs: Vec<_> = std::fs::read_dir(&journal)
-        .expect("journal dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
-    let last = segs.last().expect("a segment");
-    let len = std::fs::metadata(last).expect("segment").len();
-    let keep = (len * 2 / 3).max(64);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(last)
-        .and_then(|f| f.set_len(keep))
-        .expect("tear the tail");
+    let (last, len, keep, segs) =
+        tidemark::journal::fault::tear_last_segment(&journal).expect("tear the tail");
     eprintln!(
-        "torn {}: {len} -> {keep} bytes ({} segments)",
-        last.display(),
-        segs.len()
+        "torn {}: {len} -> {keep} bytes ({segs} segments)",
+        last.display()
     );
     let marker = journal.join("running");
     assert!(

@@ -69,3 +69,28 @@ pub(super) fn check(dir: &Path, op: IoOp, path: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A torn journal, as a power loss leaves one whose last segment was never synced: the
+/// last segment (by name) of the journal in `dir` loses its last third, keeping at least
+/// 64 bytes. Returns that segment, its length before and after, and how many segments
+/// there are. `NotFound` if `dir` holds no segment.
+pub fn tear_last_segment(dir: &Path) -> io::Result<(PathBuf, u64, u64, usize)> {
+    let mut segs = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "seg") {
+            segs.push(path);
+        }
+    }
+    segs.sort();
+    let last = segs
+        .last()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no segment"))?;
+    let len = std::fs::metadata(last)?.len();
+    let keep = (len * 2 / 3).max(64);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)?
+        .set_len(keep)?;
+    Ok((last.clone(), len, keep, segs.len()))
+}
